@@ -1,0 +1,556 @@
+//! Configuration: the policy file (`-p conf/policy.yaml`) loaded, checked and turned into the
+//! validated [`Config`] the rest of the crate uses.
+//!
+//! Two stages, as in River: [`file`] holds the serde types that mirror the YAML exactly (unknown keys
+//! are errors), and [`load`]/[`Config::from_file`] validate them into internal types with defaults
+//! filled in. Every error names the offending field by its path (`pools[1].endpoints[0]: …`).
+
+pub mod file;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use file::{EndpointFile, LbConfigFile, OneOrMany, PolicyFile, PoolFile};
+
+/// Default `max_body_bytes`: 32 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Default admin listener (loopback only).
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9091";
+/// Default listener.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+
+/// A problem in the policy file, located by its field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Issue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a policy file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<Issue>),
+}
+
+/// The validated policy file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub max_body_bytes: usize,
+    pub h2c: bool,
+    /// Upstream attempts per request (first try + retries on other endpoints).
+    pub max_attempts: usize,
+    /// Add `x-llm-lb-endpoint` / `x-llm-lb-policy` to responses (off: it reveals internal addresses).
+    pub expose_endpoint_header: bool,
+    pub upstream: UpstreamConfig,
+    pub pools: Vec<PoolConfig>,
+    /// Accepted but ignored settings, reported once at start.
+    pub warnings: Vec<Issue>,
+}
+
+/// Timeouts towards inference servers.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub connect_timeout: Duration,
+    /// Longest silence between two reads, including time to first byte (prefill).
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    /// How long an idle pooled connection is kept; below the backends' keep-alive timeout.
+    pub idle_timeout: Duration,
+}
+
+/// One pool of endpoints.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub models: Vec<String>,
+    pub endpoints: Vec<EndpointConfig>,
+    pub health_check: Option<HealthCheckConfig>,
+    pub metrics: MetricsConfig,
+    pub policy: PolicyKind,
+    pub lb_config: LbConfigFile,
+}
+
+impl PoolConfig {
+    /// Whether this pool serves `model` (`"*"` matches any model).
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == "*" || m == model)
+    }
+}
+
+/// One inference server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointConfig {
+    pub addr: SocketAddr,
+    pub weight: usize,
+}
+
+/// Active health checking of a pool's endpoints.
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: usize,
+    pub unhealthy_threshold: usize,
+}
+
+/// Engine-metrics scraping settings.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub path: String,
+    pub interval: Duration,
+}
+
+/// The load-balancing policies (`lb_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    RoundRobin,
+    Random,
+}
+
+impl PolicyKind {
+    pub const NAMES: &'static [&'static str] = &["round_robin", "random"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "round_robin" => Some(Self::RoundRobin),
+            "random" => Some(Self::Random),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round_robin",
+            Self::Random => "random",
+        }
+    }
+}
+
+/// Read and validate the policy file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Config::from_yaml(&text)
+}
+
+impl Config {
+    /// Parse and validate a policy file's text.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let file: PolicyFile =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Parse {
+                path: match e.path().to_string().as_str() {
+                    "." => "(top level)".to_string(),
+                    p => p.to_string(),
+                },
+                message: e.inner().to_string(),
+            })?;
+        Config::from_file(file)
+    }
+
+    /// Validate the file types, collecting every issue.
+    pub fn from_file(file: PolicyFile) -> Result<Config, ConfigError> {
+        let mut v = Validator::default();
+        let listen = file
+            .listen
+            .unwrap_or(OneOrMany::One(DEFAULT_LISTEN.to_string()))
+            .into_vec()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| v.socket_addr(&format!("listen[{i}]"), a))
+            .collect::<Vec<_>>();
+        if listen.is_empty() {
+            v.issue("listen", "at least one address is required");
+        }
+        let admin = match file.admin.as_deref() {
+            None => v.socket_addr("admin", DEFAULT_ADMIN),
+            Some("off") | Some("none") => None,
+            Some(a) => v.socket_addr("admin", a),
+        };
+        let max_body_bytes = file
+            .max_body_bytes
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            v.issue("max_body_bytes", "must be greater than 0");
+        }
+        let max_attempts = file.max_attempts.unwrap_or(3);
+        if max_attempts == 0 {
+            v.issue("max_attempts", "must be at least 1");
+        }
+        let up = file.upstream.unwrap_or(file::UpstreamFile {
+            connect_timeout_ms: None,
+            read_timeout_ms: None,
+            write_timeout_ms: None,
+            idle_timeout_ms: None,
+        });
+        let upstream = UpstreamConfig {
+            connect_timeout: v.millis("upstream.connect_timeout_ms", up.connect_timeout_ms, 1_000),
+            read_timeout: v.millis("upstream.read_timeout_ms", up.read_timeout_ms, 600_000),
+            write_timeout: v.millis("upstream.write_timeout_ms", up.write_timeout_ms, 60_000),
+            idle_timeout: v.millis("upstream.idle_timeout_ms", up.idle_timeout_ms, 4_000),
+        };
+        if file.pools.is_empty() {
+            v.issue("pools", "at least one pool is required");
+        }
+        let mut pools = Vec::with_capacity(file.pools.len());
+        for (i, p) in file.pools.into_iter().enumerate() {
+            if let Some(pool) = v.pool(&format!("pools[{i}]"), p) {
+                pools.push(pool);
+            }
+        }
+        for (i, p) in pools.iter().enumerate() {
+            if pools[..i].iter().any(|q| q.name == p.name) {
+                v.issue(
+                    &format!("pools[{i}].name"),
+                    &format!("duplicate pool name '{}'", p.name),
+                );
+            }
+        }
+        if !v.issues.is_empty() {
+            return Err(ConfigError::Invalid(v.issues));
+        }
+        Ok(Config {
+            listen,
+            admin,
+            max_body_bytes,
+            h2c: file.h2c.unwrap_or(true),
+            max_attempts,
+            expose_endpoint_header: file.expose_endpoint_header.unwrap_or(false),
+            upstream,
+            pools,
+            warnings: v.warnings,
+        })
+    }
+
+    /// The pool for a request: the first pool serving `model`; a request without a model goes to
+    /// the first pool that serves `"*"`, else the first pool.
+    pub fn pool_index(&self, model: Option<&str>) -> Option<usize> {
+        match model {
+            Some(m) => self.pools.iter().position(|p| p.serves(m)),
+            None => self
+                .pools
+                .iter()
+                .position(|p| p.models.iter().any(|m| m == "*"))
+                .or(if self.pools.is_empty() { None } else { Some(0) }),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    issues: Vec<Issue>,
+    warnings: Vec<Issue>,
+}
+
+impl Validator {
+    fn issue(&mut self, path: &str, message: &str) {
+        self.issues.push(Issue {
+            path: path.to_string(),
+            message: message.to_string(),
+        });
+    }
+
+    fn warn(&mut self, path: &str, message: &str) {
+        self.warnings.push(Issue {
+            path: path.to_string(),
+            message: message.to_string(),
+        });
+    }
+
+    fn socket_addr(&mut self, path: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.issue(path, &format!("'{value}' is not an IP:port address"));
+                None
+            }
+        }
+    }
+
+    fn millis(&mut self, path: &str, value: Option<u64>, default: u64) -> Duration {
+        let ms = value.unwrap_or(default);
+        if ms == 0 {
+            self.issue(path, "must be greater than 0");
+        }
+        Duration::from_millis(ms)
+    }
+
+    /// An endpoint address: `IP:port`, or `host:port` resolved once now (every address it
+    /// resolves to becomes an endpoint).
+    fn endpoint_addrs(&mut self, path: &str, value: &str) -> Vec<SocketAddr> {
+        if let Ok(a) = value.parse::<SocketAddr>() {
+            return vec![a];
+        }
+        if !value.contains(':') {
+            self.issue(path, &format!("'{value}' needs a port (host:port)"));
+            return vec![];
+        }
+        match value.to_socket_addrs() {
+            Ok(addrs) => {
+                let mut out: Vec<SocketAddr> = Vec::new();
+                for a in addrs {
+                    if !out.contains(&a) {
+                        out.push(a);
+                    }
+                }
+                if out.is_empty() {
+                    self.issue(path, &format!("'{value}' resolves to no address"));
+                }
+                out
+            }
+            Err(e) => {
+                self.issue(path, &format!("cannot resolve '{value}': {e}"));
+                vec![]
+            }
+        }
+    }
+
+    fn pool(&mut self, path: &str, p: PoolFile) -> Option<PoolConfig> {
+        let before = self.issues.len();
+        if p.name.is_empty() {
+            self.issue(&format!("{path}.name"), "must not be empty");
+        }
+        if p.models.is_empty() {
+            self.issue(
+                &format!("{path}.models"),
+                "list at least one model (or \"*\")",
+            );
+        }
+        if p.endpoints.is_empty() {
+            self.issue(&format!("{path}.endpoints"), "list at least one endpoint");
+        }
+        let mut endpoints: Vec<EndpointConfig> = Vec::new();
+        for (j, e) in p.endpoints.iter().enumerate() {
+            let epath = format!("{path}.endpoints[{j}]");
+            let (address, weight) = match e {
+                EndpointFile::Address(a) => (a.as_str(), 1),
+                EndpointFile::Detailed(d) => (d.address.as_str(), d.weight.unwrap_or(1)),
+            };
+            if weight == 0 {
+                self.issue(&format!("{epath}.weight"), "must be at least 1");
+            }
+            for addr in self.endpoint_addrs(&epath, address) {
+                if endpoints.iter().any(|x| x.addr == addr) {
+                    self.issue(&epath, &format!("duplicate endpoint {addr}"));
+                } else {
+                    endpoints.push(EndpointConfig { addr, weight });
+                }
+            }
+        }
+        let health_check = match p.health_check {
+            Some(h) if h.enabled == Some(false) => None,
+            h => {
+                let h = h.unwrap_or(file::HealthCheckFile {
+                    enabled: None,
+                    path: None,
+                    interval_ms: None,
+                    timeout_ms: None,
+                    healthy_threshold: None,
+                    unhealthy_threshold: None,
+                });
+                let hpath = format!("{path}.health_check");
+                let check_path = h.path.unwrap_or_else(|| "/health".to_string());
+                if !check_path.starts_with('/') {
+                    self.issue(&format!("{hpath}.path"), "must start with '/'");
+                }
+                let healthy_threshold = h.healthy_threshold.unwrap_or(1);
+                let unhealthy_threshold = h.unhealthy_threshold.unwrap_or(2);
+                if healthy_threshold == 0 {
+                    self.issue(&format!("{hpath}.healthy_threshold"), "must be at least 1");
+                }
+                if unhealthy_threshold == 0 {
+                    self.issue(
+                        &format!("{hpath}.unhealthy_threshold"),
+                        "must be at least 1",
+                    );
+                }
+                Some(HealthCheckConfig {
+                    path: check_path,
+                    interval: self.millis(&format!("{hpath}.interval_ms"), h.interval_ms, 1_000),
+                    timeout: self.millis(&format!("{hpath}.timeout_ms"), h.timeout_ms, 500),
+                    healthy_threshold,
+                    unhealthy_threshold,
+                })
+            }
+        };
+        let metrics = {
+            let m = p.metrics.unwrap_or(file::MetricsFile {
+                path: None,
+                interval_ms: None,
+            });
+            let mpath = m.path.unwrap_or_else(|| "/metrics".to_string());
+            if !mpath.starts_with('/') {
+                self.issue(&format!("{path}.metrics.path"), "must start with '/'");
+            }
+            MetricsConfig {
+                path: mpath,
+                interval: self.millis(&format!("{path}.metrics.interval_ms"), m.interval_ms, 200),
+            }
+        };
+        let policy = PolicyKind::parse(&p.lb_policy);
+        if policy.is_none() {
+            self.issue(
+                &format!("{path}.lb_policy"),
+                &format!(
+                    "unknown policy '{}' (supported: {})",
+                    p.lb_policy,
+                    PolicyKind::NAMES.join(", ")
+                ),
+            );
+        }
+        let lb_config = p.lb_config.unwrap_or_default();
+        if let Some(kind) = policy {
+            self.ignored_lb_keys(&format!("{path}.lb_config"), kind, &lb_config);
+        }
+        if self.issues.len() > before {
+            return None;
+        }
+        Some(PoolConfig {
+            name: p.name,
+            models: p.models,
+            endpoints,
+            health_check,
+            metrics,
+            policy: policy?,
+            lb_config,
+        })
+    }
+
+    /// Warn about Higress keys that the chosen policy does not use.
+    fn ignored_lb_keys(&mut self, path: &str, kind: PolicyKind, c: &LbConfigFile) {
+        let set: [(&str, bool); 11] = [
+            ("serviceFQDN", c.serviceFQDN.is_some()),
+            ("servicePort", c.servicePort.is_some()),
+            ("username", c.username.is_some()),
+            ("password", c.password.is_some()),
+            ("timeout", c.timeout.is_some()),
+            ("database", c.database.is_some()),
+            ("redisKeyTTL", c.redisKeyTTL.is_some()),
+            ("maxRequestCount", c.maxRequestCount.is_some()),
+            ("criticalModels", c.criticalModels.is_some()),
+            ("cleanInterval", c.cleanInterval.is_some()),
+            ("enableDetailLog", c.enableDetailLog.is_some()),
+        ];
+        for (key, present) in set {
+            if present {
+                self.warn(
+                    &format!("{path}.{key}"),
+                    &format!("ignored: not used by lb_policy {}", kind.name()),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_text(yaml: &str) -> String {
+        match Config::from_yaml(yaml) {
+            Ok(_) => panic!("expected an error for:\n{yaml}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const MIN: &str = "pools:\n  - name: p\n    models: ['*']\n    endpoints: ['127.0.0.1:8001']\n    lb_policy: round_robin\n";
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = Config::from_yaml(MIN).expect("valid");
+        assert_eq!(c.listen, vec!["0.0.0.0:8080".parse().expect("addr")]);
+        assert_eq!(c.admin, Some("127.0.0.1:9091".parse().expect("addr")));
+        assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(c.max_attempts, 3);
+        let p = &c.pools[0];
+        assert_eq!(p.policy, PolicyKind::RoundRobin);
+        let hc = p.health_check.as_ref().expect("on by default");
+        assert_eq!(hc.path, "/health");
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let t = err_text(&MIN.replace("lb_policy", "lb_polcy"));
+        assert!(t.contains("pools[0]") && t.contains("lb_polcy"), "{t}");
+        let t = err_text(&format!("{MIN}    health_check: {{pathh: /x}}\n"));
+        assert!(
+            t.contains("pools[0].health_check") && t.contains("pathh"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let t = err_text(&MIN.replace("round_robin", "fastest"));
+        assert!(
+            t.contains("pools[0].lb_policy: unknown policy 'fastest'"),
+            "{t}"
+        );
+        let t = err_text(&MIN.replace("127.0.0.1:8001", "127.0.0.1"));
+        assert!(t.contains("pools[0].endpoints[0]"), "{t}");
+        let t = err_text(&format!("admin: nowhere\n{MIN}"));
+        assert!(t.starts_with("admin: "), "{t}");
+    }
+
+    #[test]
+    fn higress_keys_are_accepted_and_unused_ones_warned() {
+        let c = Config::from_yaml(&format!(
+            "{MIN}    lb_config: {{serviceFQDN: redis.static, servicePort: 6379, timeout: 50, redisKeyTTL: 60}}\n"
+        ))
+        .expect("valid");
+        let w: Vec<String> = c.warnings.iter().map(|i| i.path.clone()).collect();
+        assert!(
+            w.contains(&"pools[0].lb_config.serviceFQDN".to_string()),
+            "{w:?}"
+        );
+        let t = err_text(&format!("{MIN}    lb_config: {{redisHost: x}}\n"));
+        assert!(
+            t.contains("pools[0].lb_config") && t.contains("redisHost"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn weights_lists_and_routing() {
+        let c = Config::from_yaml(
+            "listen: ['127.0.0.1:1', '127.0.0.1:2']\nadmin: off\npools:\n  - name: a\n    models: [m1]\n    endpoints: ['127.0.0.1:1', {address: '127.0.0.1:2', weight: 3}]\n    lb_policy: random\n  - name: b\n    models: ['*']\n    endpoints: ['127.0.0.1:3']\n    health_check: {enabled: false}\n    lb_policy: round_robin\n",
+        )
+        .expect("valid");
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.admin, None);
+        assert_eq!(c.pools[0].endpoints[1].weight, 3);
+        assert!(c.pools[1].health_check.is_none());
+        assert_eq!(c.pool_index(Some("m1")), Some(0));
+        assert_eq!(c.pool_index(Some("other")), Some(1));
+        assert_eq!(c.pool_index(None), Some(1));
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let t =
+            err_text(&MIN.replace("['127.0.0.1:8001']", "['127.0.0.1:8001', '127.0.0.1:8001']"));
+        assert!(t.contains("duplicate endpoint"), "{t}");
+    }
+}

@@ -1,0 +1,132 @@
+//! Load-balancing policies: the [`Policy`] trait every `lb_policy` implements, and [`build`].
+//!
+//! Pingora's `BackendSelection` is synchronous and hash-keyed; our policies need the request
+//! summary and (for shared-state policies) an async store round trip, so they implement this async
+//! trait and are called from `ProxyHttp::upstream_peer`. The proxy hands a policy only candidates
+//! that are healthy and not yet tried for this request; the policy returns one of them and,
+//! optionally, a [`Lease`] that the proxy releases exactly once when the attempt ends (success,
+//! error, retry on another endpoint, client abort, or the request context being dropped).
+
+mod random;
+mod round_robin;
+
+pub use random::Random;
+pub use round_robin::RoundRobin;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::{PolicyKind, PoolConfig};
+use crate::pool::{EndpointId, EndpointView};
+use crate::request::LlmRequest;
+
+/// Everything a policy may look at for one pick.
+pub struct PickInput<'a> {
+    pub request: &'a LlmRequest,
+    /// Every endpoint of the pool, indexed by [`EndpointId`].
+    pub endpoints: &'a [EndpointView],
+    /// Healthy endpoints not yet tried for this request; never empty.
+    pub candidates: &'a [EndpointId],
+}
+
+/// A policy's choice.
+pub struct Pick {
+    pub endpoint: EndpointId,
+    /// Why this endpoint (bounded label set, e.g. `round_robin`, `prefix_hit`).
+    pub reason: &'static str,
+    /// Accounting to release when the attempt ends.
+    pub lease: Option<Box<dyn Lease>>,
+}
+
+/// How an attempt ended, passed to [`Lease::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered (any status) and the response was relayed.
+    Completed,
+    /// The attempt failed (connect error, upstream error, timeout); the request may be retried.
+    Failed,
+    /// The client went away.
+    Aborted,
+    /// The request context was dropped without a verdict (e.g. shutdown).
+    Dropped,
+}
+
+/// Per-attempt accounting held by a policy (e.g. an in-flight count in the state store).
+pub trait Lease: Send + Sync {
+    /// Called exactly once.
+    fn release(self: Box<Self>, outcome: Outcome);
+}
+
+/// Why a policy could not pick.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// Every endpoint is at capacity; the request should be refused with 429.
+    #[error("all endpoints are at capacity")]
+    Saturated,
+    /// No candidate could be chosen.
+    #[error("no endpoint available: {0}")]
+    Unavailable(String),
+}
+
+/// A load-balancing policy.
+#[async_trait]
+pub trait Policy: Send + Sync {
+    /// The `lb_policy` name.
+    fn name(&self) -> &'static str;
+
+    /// Choose one of `input.candidates`.
+    async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError>;
+}
+
+/// Build the policy a pool's configuration asks for.
+pub fn build(pool: &PoolConfig) -> Arc<dyn Policy> {
+    let weights: Vec<usize> = pool.endpoints.iter().map(|e| e.weight).collect();
+    match pool.policy {
+        PolicyKind::RoundRobin => Arc::new(RoundRobin::new(&weights)),
+        PolicyKind::Random => Arc::new(Random::new()),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub fn views(weights: &[usize]) -> Vec<EndpointView> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                EndpointView::new(format!("127.0.0.1:{}", 9000 + i).parse().expect("addr"), *w)
+            })
+            .collect()
+    }
+
+    pub fn ids(n: usize) -> Vec<EndpointId> {
+        (0..n).map(EndpointId::new).collect()
+    }
+
+    /// Pick `n` times and count how often each endpoint was chosen.
+    pub async fn histogram(
+        policy: &dyn Policy,
+        weights: &[usize],
+        candidates: &[EndpointId],
+        n: usize,
+    ) -> Vec<usize> {
+        let endpoints = views(weights);
+        let request = LlmRequest::empty();
+        let mut counts = vec![0; weights.len()];
+        for _ in 0..n {
+            let pick = policy
+                .pick(PickInput {
+                    request: &request,
+                    endpoints: &endpoints,
+                    candidates,
+                })
+                .await
+                .expect("pick");
+            counts[pick.endpoint.index()] += 1;
+        }
+        counts
+    }
+}

@@ -1,0 +1,179 @@
+//! A pool: its endpoints, their health and in-flight counts, its policy and its fallback.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use pingora::lb::Backend;
+
+use crate::config::PoolConfig;
+use crate::health::{self, HealthView};
+use crate::policy::{self, Policy, RoundRobin};
+use crate::telemetry;
+
+/// Index of an endpoint within its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointId(u32);
+
+impl EndpointId {
+    pub fn new(index: usize) -> Self {
+        EndpointId(u32::try_from(index).unwrap_or(u32::MAX))
+    }
+
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// One endpoint as policies see it.
+#[derive(Debug)]
+pub struct EndpointView {
+    pub addr: SocketAddr,
+    pub weight: usize,
+    /// `addr` as text, the endpoint's metric label.
+    pub label: String,
+    /// Requests this replica has in flight to the endpoint.
+    inflight: AtomicI64,
+    backend: Backend,
+}
+
+impl EndpointView {
+    pub fn new(addr: SocketAddr, weight: usize) -> Self {
+        let backend = Backend {
+            addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+            weight,
+            ext: Default::default(),
+        };
+        EndpointView {
+            addr,
+            weight,
+            label: addr.to_string(),
+            inflight: AtomicI64::new(0),
+            backend,
+        }
+    }
+
+    /// Requests this replica has in flight to the endpoint.
+    pub fn inflight(&self) -> u64 {
+        self.inflight.load(Ordering::Relaxed).max(0) as u64
+    }
+}
+
+/// A pool of interchangeable endpoints.
+pub struct Pool {
+    pub config: PoolConfig,
+    pub endpoints: Vec<EndpointView>,
+    pub policy: Arc<dyn Policy>,
+    /// Routes requests the policy cannot judge (no body, not JSON, no prompt).
+    pub fallback: RoundRobin,
+    health: Option<HealthView>,
+}
+
+/// What [`Pool::new`] returns besides the pool: the health-check service to run.
+pub type HealthService = pingora::services::background::GenBackgroundService<
+    pingora::lb::LoadBalancer<pingora::lb::selection::RoundRobin>,
+>;
+
+impl Pool {
+    /// Build a pool and, when health checks are on, the background service that feeds it.
+    pub fn new(config: PoolConfig) -> Result<(Arc<Pool>, Option<HealthService>), pingora::BError> {
+        let endpoints: Vec<EndpointView> = config
+            .endpoints
+            .iter()
+            .map(|e| EndpointView::new(e.addr, e.weight))
+            .collect();
+        let weights: Vec<usize> = endpoints.iter().map(|e| e.weight).collect();
+        let (health, service) = match &config.health_check {
+            Some(hc) => {
+                let set: BTreeSet<Backend> = endpoints.iter().map(|e| e.backend.clone()).collect();
+                let svc = health::service(&config.name, set, hc)?;
+                (Some(svc.task()), Some(svc))
+            }
+            None => (None, None),
+        };
+        for e in &endpoints {
+            telemetry::add_inflight(&config.name, &e.label, 0);
+            telemetry::set_endpoint_health(&config.name, &e.label, true);
+        }
+        let pool = Pool {
+            policy: policy::build(&config),
+            fallback: RoundRobin::new(&weights),
+            endpoints,
+            health,
+            config,
+        };
+        Ok((Arc::new(pool), service))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn endpoint(&self, id: EndpointId) -> Option<&EndpointView> {
+        self.endpoints.get(id.index())
+    }
+
+    /// Whether the health check currently passes (always true without health checks).
+    pub fn is_healthy(&self, id: EndpointId) -> bool {
+        match (&self.health, self.endpoint(id)) {
+            (None, Some(_)) => true,
+            (Some(h), Some(e)) => h.backends().ready(&e.backend),
+            (_, None) => false,
+        }
+    }
+
+    /// Endpoints a request may try next: healthy ones not yet tried. When none is healthy, every
+    /// untried endpoint (health checks may lag; trying beats refusing) — `panic` is then true.
+    pub fn candidates(&self, tried: &[EndpointId]) -> Candidates {
+        let untried = (0..self.endpoints.len())
+            .map(EndpointId::new)
+            .filter(|id| !tried.contains(id));
+        let healthy: Vec<EndpointId> = untried.clone().filter(|id| self.is_healthy(*id)).collect();
+        if healthy.is_empty() {
+            Candidates {
+                ids: untried.collect(),
+                panic: true,
+            }
+        } else {
+            Candidates {
+                ids: healthy,
+                panic: false,
+            }
+        }
+    }
+
+    /// Count one request in flight to `id` until the guard drops.
+    pub fn inflight_guard(self: &Arc<Self>, id: EndpointId) -> InflightGuard {
+        if let Some(e) = self.endpoint(id) {
+            e.inflight.fetch_add(1, Ordering::Relaxed);
+            telemetry::add_inflight(self.name(), &e.label, 1);
+        }
+        InflightGuard {
+            pool: self.clone(),
+            id,
+        }
+    }
+}
+
+/// Result of [`Pool::candidates`].
+pub struct Candidates {
+    pub ids: Vec<EndpointId>,
+    /// No endpoint is healthy; these are unhealthy ones tried as a last resort.
+    pub panic: bool,
+}
+
+/// Holds one in-flight count; releases it on drop (exactly once).
+pub struct InflightGuard {
+    pool: Arc<Pool>,
+    id: EndpointId,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if let Some(e) = self.pool.endpoint(self.id) {
+            e.inflight.fetch_sub(1, Ordering::Relaxed);
+            telemetry::add_inflight(self.pool.name(), &e.label, -1);
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Per-request state (Pingora's CTX) and the attempt bookkeeping that is released exactly once.
+//!
+//! An [`Attempt`] owns everything taken when an endpoint was picked: the local in-flight count and
+//! the policy's [`Lease`]. It is finished explicitly (retry, `logging`) or, on any other path, by
+//! being dropped with the CTX — so every path releases exactly once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::policy::{Lease, Outcome};
+use crate::pool::{EndpointId, InflightGuard, Pool};
+use crate::request::LlmRequest;
+
+/// Where a request goes: its pool and what we understood of it.
+#[derive(Clone)]
+pub struct Route {
+    pub pool: Arc<Pool>,
+    pub request: Arc<LlmRequest>,
+}
+
+/// How this CTX takes part in serving the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Proxied by this session itself (body replayed from Pingora's retry buffer).
+    Direct,
+    /// Body too large for Pingora's retry buffer: proxied by a subrequest with a preset body.
+    Parent,
+    /// The subrequest doing the proxying for a `Parent`.
+    Sub,
+}
+
+/// Facts about the request shared between a parent and its subrequest(s), for retries across
+/// subrequests and for the single access-log line the parent writes.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Endpoints tried so far, in order.
+    pub tried: Vec<EndpointId>,
+    /// The last endpoint picked.
+    pub endpoint: Option<SocketAddr>,
+    pub policy: &'static str,
+    pub reason: &'static str,
+    /// A subrequest failed in a way that is safe to retry on another endpoint.
+    pub retry_elsewhere: bool,
+    /// Response body bytes sent to the client, and time to first response byte.
+    pub response_bytes: usize,
+    pub first_byte: Option<Duration>,
+}
+
+/// Handed from a parent to its subrequest through Pingora's subrequest user context.
+#[derive(Clone)]
+pub struct SubrequestInput {
+    pub route: Route,
+    pub shared: Arc<Mutex<Shared>>,
+    pub started: Instant,
+}
+
+/// One upstream attempt's accounting.
+pub struct Attempt {
+    pub endpoint: EndpointId,
+    lease: Option<Box<dyn Lease>>,
+    _inflight: InflightGuard,
+}
+
+impl Attempt {
+    pub fn new(
+        endpoint: EndpointId,
+        lease: Option<Box<dyn Lease>>,
+        inflight: InflightGuard,
+    ) -> Self {
+        Attempt {
+            endpoint,
+            lease,
+            _inflight: inflight,
+        }
+    }
+
+    /// Release with a verdict.
+    pub fn finish(mut self, outcome: Outcome) {
+        if let Some(lease) = self.lease.take() {
+            lease.release(outcome);
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release(Outcome::Dropped);
+        }
+    }
+}
+
+/// Pingora CTX of llm-lb.
+pub struct RequestCtx {
+    pub started: Instant,
+    pub role: Role,
+    pub route: Option<Route>,
+    pub shared: Arc<Mutex<Shared>>,
+    pub attempt: Option<Attempt>,
+    pub request_bytes: usize,
+}
+
+impl RequestCtx {
+    pub fn new() -> Self {
+        RequestCtx {
+            started: Instant::now(),
+            role: Role::Direct,
+            route: None,
+            shared: Arc::default(),
+            attempt: None,
+            request_bytes: 0,
+        }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        Self::new()
+    }
+}

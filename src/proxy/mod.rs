@@ -1,0 +1,446 @@
+//! The Pingora `ProxyHttp` implementation: read the body, route to a pool, let its policy pick an
+//! endpoint, stream the answer back, retry elsewhere when that is safe, release exactly once.
+//!
+//! ```text
+//! request_filter   read body (≤ max_body_bytes, 413) → LlmRequest → pool by model (404)
+//!                  body > 64 KiB: hand over to a subrequest with the body preset (see below)
+//! upstream_peer    finish the previous attempt (retry) → candidates (healthy, untried)
+//!                  → policy.pick (or the round-robin fallback) → Attempt {lease, in-flight}
+//! fail_to_connect  retry on another endpoint while attempts and candidates remain
+//! error_while_proxy  stale pooled connection and nothing sent yet → retry elsewhere
+//! response_*       stream through chunk by chunk (SSE), count bytes and time to first byte
+//! fail_to_proxy    OpenAI-style JSON error unless the response already started
+//! logging          finish the attempt (exactly once; CTX drop covers every other path), access log
+//! ```
+//!
+//! **Bodies.** Pingora calls `request_body_filter` only after `upstream_peer`, so the body is read in
+//! `request_filter`. Pingora 0.9 replays an already-read body only from its retry buffer, which
+//! holds 64 KiB. Bodies up to that size are replayed by Pingora itself (also on retries). Larger ones
+//! are proxied by a Pingora subrequest whose body is preset from memory, so they arrive byte-exact
+//! with their original Content-Length. A subrequest cannot replay its body for a second attempt,
+//! so for those the parent runs a new subrequest when a retry is due.
+
+mod body;
+mod ctx;
+pub mod errors;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::subrequest::pipe::{pipe_subrequest, InputBody, InputBodyType};
+use pingora::proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use ctx::{Attempt, SubrequestInput};
+pub use ctx::{RequestCtx, Role, Route};
+
+use crate::config::Config;
+use crate::policy::{Outcome, Pick, PickInput, PolicyError};
+use crate::pool::Pool;
+use crate::request::LlmRequest;
+use crate::telemetry;
+
+/// The routing table: validated configuration and the pools built from it.
+pub struct Routes {
+    pub config: Config,
+    pub pools: Vec<Arc<Pool>>,
+}
+
+/// llm-lb's proxy application.
+pub struct LbProxy {
+    routes: Arc<Routes>,
+}
+
+impl LbProxy {
+    pub fn new(routes: Arc<Routes>) -> Self {
+        LbProxy { routes }
+    }
+
+    /// Whether another attempt may be made for this request.
+    fn may_retry(&self, ctx: &RequestCtx) -> bool {
+        let Some(route) = ctx.route.as_ref() else {
+            return false;
+        };
+        let tried = ctx.shared.lock().tried.clone();
+        tried.len() < self.routes.config.max_attempts
+            && !route.pool.candidates(&tried).ids.is_empty()
+    }
+
+    /// Proxy a body too large for Pingora's retry buffer through subrequests with a preset body.
+    async fn forward_via_subrequest(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        body: Bytes,
+    ) -> Result<bool> {
+        let route = ctx
+            .route
+            .clone()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
+        // The subrequest re-parses the header as HTTP/1.1: make an HTTP/2 request look like one.
+        if session.req_header().version == http::Version::HTTP_2 {
+            let host = session.req_header().uri.authority().map(|a| a.to_string());
+            let req = session.req_header_mut();
+            req.set_version(http::Version::HTTP_11);
+            if let Some(h) = host {
+                req.insert_header(http::header::HOST, h)?;
+            }
+        }
+        ctx.role = Role::Parent;
+        loop {
+            let input = SubrequestInput {
+                route: route.clone(),
+                shared: ctx.shared.clone(),
+                started: ctx.started,
+            };
+            let sub_ctx = SubrequestCtx::builder()
+                .body_mode(BodyMode::ExpectBody)
+                .user_ctx(Box::new(input))
+                .build();
+            let spawner = session.subrequest_spawner.as_ref().ok_or_else(|| {
+                Error::explain(ErrorType::InternalError, "subrequests are not enabled")
+            })?;
+            let (prepared, handle) = spawner.create_subrequest(session.as_downstream(), sub_ctx);
+            let preset = InputBodyType::Preset(InputBody::Bytes(vec![body.clone()]));
+            match pipe_subrequest(session, prepared, handle, |t| Ok(Some(t)), preset).await {
+                Ok(mut state) => {
+                    if let Some(join) = state.join_handle.take() {
+                        let _ = join.await;
+                    }
+                    return Ok(true);
+                }
+                Err(failed) => {
+                    let again = std::mem::take(&mut ctx.shared.lock().retry_elsewhere);
+                    if again && !failed.state.header_received {
+                        telemetry::count_retry(route.pool.name());
+                        continue;
+                    }
+                    return Err(failed.error);
+                }
+            }
+        }
+    }
+
+    fn peer(&self, addr: std::net::SocketAddr) -> HttpPeer {
+        let up = &self.routes.config.upstream;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(up.connect_timeout);
+        peer.options.total_connection_timeout = Some(up.connect_timeout);
+        peer.options.read_timeout = Some(up.read_timeout);
+        peer.options.write_timeout = Some(up.write_timeout);
+        peer.options.idle_timeout = Some(up.idle_timeout);
+        peer
+    }
+}
+
+fn outcome_of(e: Option<&Error>) -> Outcome {
+    match e {
+        None => Outcome::Completed,
+        Some(e) if *e.esource() == ErrorSource::Downstream => Outcome::Aborted,
+        Some(_) => Outcome::Failed,
+    }
+}
+
+fn policy_error(pool: &str, e: PolicyError) -> Box<Error> {
+    match e {
+        PolicyError::Saturated => Error::explain(
+            ErrorType::HTTPStatus(429),
+            format!("every endpoint of pool '{pool}' is at capacity; retry later"),
+        ),
+        PolicyError::Unavailable(why) => Error::explain(
+            ErrorType::HTTPStatus(503),
+            format!("no endpoint of pool '{pool}' is available: {why}"),
+        ),
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for LbProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    fn allow_spawning_subrequest(&self, _session: &Session, _ctx: &RequestCtx) -> bool {
+        true
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // A subrequest: the parent already read and routed the request.
+        if let Some(input) = session
+            .subrequest_ctx
+            .as_ref()
+            .and_then(|s| s.user_ctx())
+            .and_then(|u| u.downcast_ref::<SubrequestInput>())
+            .cloned()
+        {
+            ctx.role = Role::Sub;
+            ctx.route = Some(input.route);
+            ctx.shared = input.shared;
+            ctx.started = input.started;
+            return Ok(false);
+        }
+
+        // Record the body in Pingora's retry buffer (≤ 64 KiB) so it is replayed upstream.
+        session.as_downstream_mut().enable_retry_buffering();
+        let body = body::read(session, self.routes.config.max_body_bytes).await?;
+        ctx.request_bytes = body.len();
+        let request = if body.is_empty() {
+            LlmRequest::empty()
+        } else {
+            LlmRequest::parse(&body)
+        };
+        let Some(index) = self.routes.config.pool_index(request.model.as_deref()) else {
+            let model = request.model.as_deref().unwrap_or_default();
+            return Error::e_explain(
+                ErrorType::HTTPStatus(404),
+                format!("The model `{model}` does not exist."),
+            );
+        };
+        let pool = self.routes.pools[index].clone();
+        ctx.route = Some(Route {
+            pool,
+            request: Arc::new(request),
+        });
+        if !body.is_empty() && session.as_downstream().retry_buffer_truncated() {
+            return self.forward_via_subrequest(session, ctx, body).await;
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let route = ctx
+            .route
+            .clone()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
+        let pool = &route.pool;
+        if let Some(previous) = ctx.attempt.take() {
+            previous.finish(Outcome::Failed);
+            telemetry::count_retry(pool.name());
+        }
+        let tried = ctx.shared.lock().tried.clone();
+        if tried.len() >= self.routes.config.max_attempts {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(502),
+                format!("gave up after {} attempts", tried.len()),
+            );
+        }
+        let candidates = pool.candidates(&tried);
+        if candidates.ids.is_empty() {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(503),
+                format!("no endpoint of pool '{}' is available", pool.name()),
+            );
+        }
+        if candidates.panic {
+            telemetry::count_fallback(pool.name(), "no_healthy_endpoint");
+        }
+        let pick = match route.request.fallback_reason() {
+            Some(reason) => {
+                telemetry::count_fallback(pool.name(), reason);
+                Pick {
+                    endpoint: pool
+                        .fallback
+                        .pick_sync(&candidates.ids)
+                        .map_err(|e| policy_error(pool.name(), e))?,
+                    reason: "fallback",
+                    lease: None,
+                }
+            }
+            None => pool
+                .policy
+                .pick(PickInput {
+                    request: &route.request,
+                    endpoints: &pool.endpoints,
+                    candidates: &candidates.ids,
+                })
+                .await
+                .map_err(|e| policy_error(pool.name(), e))?,
+        };
+        let endpoint = pool
+            .endpoint(pick.endpoint)
+            .filter(|_| candidates.ids.contains(&pick.endpoint))
+            .ok_or_else(|| {
+                Error::explain(ErrorType::InternalError, "policy picked a non-candidate")
+            })?;
+        let addr = endpoint.addr;
+        telemetry::count_pick(pool.name(), pool.policy.name(), pick.reason);
+        {
+            let mut shared = ctx.shared.lock();
+            shared.tried.push(pick.endpoint);
+            shared.endpoint = Some(addr);
+            shared.policy = pool.policy.name();
+            shared.reason = pick.reason;
+        }
+        ctx.attempt = Some(Attempt::new(
+            pick.endpoint,
+            pick.lease,
+            pool.inflight_guard(pick.endpoint),
+        ));
+        Ok(Box::new(self.peer(addr)))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        log::debug!("connect to {peer} failed: {e}");
+        if self.may_retry(ctx) {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // Retryable only when a reused (stale keep-alive) connection failed before any answer.
+        e.retry.decide_reuse(client_reused);
+        let retry = e.retry() && session.response_written().is_none() && self.may_retry(ctx);
+        match ctx.role {
+            Role::Sub => {
+                // A subrequest cannot send its body twice; the parent runs a fresh one.
+                if retry {
+                    ctx.shared.lock().retry_elsewhere = true;
+                }
+                e.set_retry(false);
+            }
+            Role::Direct | Role::Parent => {
+                e.set_retry(retry && !session.as_downstream().retry_buffer_truncated());
+            }
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The body was read (and any 100-continue answered) before the upstream was chosen.
+        upstream_request.remove_header(&http::header::EXPECT);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let elapsed = ctx.started.elapsed();
+        let mut shared = ctx.shared.lock();
+        shared.first_byte.get_or_insert(elapsed);
+        if self.routes.config.expose_endpoint_header {
+            if let Some(addr) = shared.endpoint {
+                upstream_response.insert_header("x-llm-lb-endpoint", addr.to_string())?;
+            }
+            if !shared.policy.is_empty() {
+                upstream_response.insert_header("x-llm-lb-policy", shared.policy)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(b) = body {
+            ctx.shared.lock().response_bytes += b.len();
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let (status, message) = errors::classify(e);
+        let client_gone = *e.esource() == ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::WriteError
+                    | ErrorType::ReadError
+                    | ErrorType::ConnectionClosed
+                    | ErrorType::H2Error
+            );
+        // A subrequest leaves the answer to its parent (which may still retry elsewhere).
+        if ctx.role != Role::Sub && !client_gone && session.response_written().is_none() {
+            if let Err(write_err) = errors::respond(session, status, &message).await {
+                log::debug!("could not send the error response: {write_err}");
+            }
+        }
+        FailToProxy {
+            error_code: if client_gone { 0 } else { status },
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        // Subrequest failures are reported by the parent; HTTP statuses we chose are not errors.
+        ctx.role == Role::Sub || matches!(e.etype(), ErrorType::HTTPStatus(_))
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(attempt) = ctx.attempt.take() {
+            attempt.finish(outcome_of(e));
+        }
+        if ctx.role == Role::Sub {
+            return;
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        let shared = ctx.shared.lock();
+        let pool = ctx.route.as_ref().map(|r| r.pool.name().to_string());
+        let endpoint = shared.endpoint.map(|a| a.to_string());
+        telemetry::count_request(
+            pool.as_deref().unwrap_or("-"),
+            endpoint.as_deref().unwrap_or("-"),
+            status,
+        );
+        let error = e.map(|e| e.etype().as_str());
+        telemetry::AccessLog {
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            model: ctx.route.as_ref().and_then(|r| r.request.model.as_deref()),
+            pool: pool.as_deref(),
+            endpoint: shared.endpoint,
+            policy: shared.policy,
+            reason: shared.reason,
+            status,
+            attempts: shared.tried.len(),
+            duration: ctx.started.elapsed(),
+            ttfb: shared.first_byte,
+            request_bytes: ctx.request_bytes,
+            response_bytes: shared.response_bytes,
+            error,
+        }
+        .emit();
+    }
+}

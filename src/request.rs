@@ -1,0 +1,127 @@
+//! What llm-lb understands of a request: an OpenAI-style body parsed tolerantly into a summary.
+//!
+//! Nothing here rejects a request: a body that is not JSON, lacks a model or messages, or has
+//! fields of the wrong type still yields an [`LlmRequest`] and is proxied unchanged; it just carries
+//! no prefix blocks, so policies route it by their fallback.
+
+use serde_json::Value;
+
+use crate::prefix::{self, BlockKey};
+
+/// How the request body looked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// No body (GET, or Content-Length 0).
+    Empty,
+    /// A body that is not a JSON object.
+    NotJson,
+    /// A JSON object.
+    Json,
+}
+
+/// The summary of one request that routing needs.
+#[derive(Debug, Clone)]
+pub struct LlmRequest {
+    pub body: BodyKind,
+    /// `model`, when it is a string.
+    pub model: Option<String>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// Ordered chain of prefix block keys (DESIGN §3.5); empty without messages or prompt.
+    pub blocks: Vec<BlockKey>,
+}
+
+impl LlmRequest {
+    /// A request without a body.
+    pub fn empty() -> Self {
+        LlmRequest {
+            body: BodyKind::Empty,
+            model: None,
+            stream: false,
+            blocks: Vec::new(),
+        }
+    }
+
+    /// Summarise a request body. Never fails.
+    pub fn parse(body: &[u8]) -> Self {
+        if body.is_empty() {
+            return Self::empty();
+        }
+        let v: Value = match serde_json::from_slice(body) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                return LlmRequest {
+                    body: BodyKind::NotJson,
+                    ..Self::empty()
+                }
+            }
+        };
+        let model = v.get("model").and_then(Value::as_str).map(str::to_owned);
+        let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let model_key = model.as_deref().unwrap_or("");
+        let blocks = if let Some(messages) = v.get("messages") {
+            prefix::chat_blocks(model_key, messages)
+        } else if let Some(prompt) = v.get("prompt") {
+            prefix::prompt_blocks(model_key, prompt)
+        } else {
+            Vec::new()
+        };
+        LlmRequest {
+            body: BodyKind::Json,
+            model,
+            stream,
+            blocks,
+        }
+    }
+
+    /// Why this request must be routed by the fallback rather than the pool's policy, if it must.
+    pub fn fallback_reason(&self) -> Option<&'static str> {
+        match self.body {
+            BodyKind::Empty => Some("no_body"),
+            BodyKind::NotJson => Some("not_json"),
+            BodyKind::Json if self.blocks.is_empty() => Some("no_prompt"),
+            BodyKind::Json => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_request() {
+        let r = LlmRequest::parse(
+            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        assert_eq!(r.model.as_deref(), Some("m"));
+        assert!(r.stream);
+        assert_eq!(r.blocks.len(), 1);
+        assert_eq!(r.fallback_reason(), None);
+    }
+
+    #[test]
+    fn tolerant_of_anything() {
+        assert_eq!(LlmRequest::parse(b"").fallback_reason(), Some("no_body"));
+        assert_eq!(
+            LlmRequest::parse(b"not json").fallback_reason(),
+            Some("not_json")
+        );
+        assert_eq!(
+            LlmRequest::parse(b"[1,2]").fallback_reason(),
+            Some("not_json")
+        );
+        assert_eq!(
+            LlmRequest::parse(b"{\"model\":\"m\"").fallback_reason(),
+            Some("not_json")
+        );
+        let r = LlmRequest::parse(br#"{"model":5,"stream":"yes","messages":7}"#);
+        assert_eq!(r.model, None);
+        assert!(!r.stream);
+        assert_eq!(r.fallback_reason(), Some("no_prompt"));
+        let r = LlmRequest::parse(br#"{"model":"m","input":"embed me"}"#);
+        assert_eq!(r.fallback_reason(), Some("no_prompt"));
+        let r = LlmRequest::parse(br#"{"model":"m","prompt":"once upon"}"#);
+        assert_eq!(r.blocks.len(), 1);
+    }
+}

@@ -1,0 +1,172 @@
+//! Logging set-up, the access log, and the Prometheus metrics llm-lb exports.
+//!
+//! Metric labels are bounded: pool, endpoint, policy, reason, status class — never prompts, models
+//! from clients that match no pool, or request ids.
+
+use std::sync::LazyLock;
+
+use pingora_prometheus::prometheus::{
+    register_int_counter_vec, register_int_gauge_vec, IntCounterVec, IntGaugeVec,
+};
+
+/// Initialise `log` output: `RUST_LOG` if set, else info (Pingora's own chatter at warn).
+pub fn init_logging() {
+    let env = env_logger::Env::default().default_filter_or(
+        "info,pingora=warn,pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=warn",
+    );
+    let _ = env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .try_init();
+}
+
+static REQUESTS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_requests_total",
+        "Requests answered, by pool, endpoint and status class",
+        &["pool", "endpoint", "class"]
+    )
+    .ok()
+});
+
+static PICKS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_picks_total",
+        "Endpoint picks, by pool, policy and reason",
+        &["pool", "policy", "reason"]
+    )
+    .ok()
+});
+
+static FALLBACKS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_fallback_total",
+        "Requests routed by a fallback instead of the pool's policy, by reason",
+        &["pool", "reason"]
+    )
+    .ok()
+});
+
+static RETRIES: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_retries_total",
+        "Upstream attempts retried on another endpoint",
+        &["pool"]
+    )
+    .ok()
+});
+
+static HEALTH: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_endpoint_healthy",
+        "1 if the endpoint passes its health check",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
+static INFLIGHT: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_endpoint_inflight",
+        "Requests this replica has in flight to the endpoint",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
+/// Create every family so it is exported before the first request.
+pub fn touch() {
+    LazyLock::force(&REQUESTS);
+    LazyLock::force(&PICKS);
+    LazyLock::force(&FALLBACKS);
+    LazyLock::force(&RETRIES);
+    LazyLock::force(&HEALTH);
+    LazyLock::force(&INFLIGHT);
+}
+
+pub fn count_request(pool: &str, endpoint: &str, status: u16) {
+    let class = match status {
+        0 => "none",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    if let Some(m) = REQUESTS.as_ref() {
+        m.with_label_values(&[pool, endpoint, class]).inc();
+    }
+}
+
+pub fn count_pick(pool: &str, policy: &str, reason: &str) {
+    if let Some(m) = PICKS.as_ref() {
+        m.with_label_values(&[pool, policy, reason]).inc();
+    }
+}
+
+pub fn count_fallback(pool: &str, reason: &str) {
+    log::debug!("pool {pool}: fallback routing ({reason})");
+    if let Some(m) = FALLBACKS.as_ref() {
+        m.with_label_values(&[pool, reason]).inc();
+    }
+}
+
+pub fn count_retry(pool: &str) {
+    if let Some(m) = RETRIES.as_ref() {
+        m.with_label_values(&[pool]).inc();
+    }
+}
+
+pub fn set_endpoint_health(pool: &str, endpoint: &str, healthy: bool) {
+    if let Some(m) = HEALTH.as_ref() {
+        m.with_label_values(&[pool, endpoint])
+            .set(i64::from(healthy));
+    }
+}
+
+pub fn add_inflight(pool: &str, endpoint: &str, delta: i64) {
+    if let Some(m) = INFLIGHT.as_ref() {
+        m.with_label_values(&[pool, endpoint]).add(delta);
+    }
+}
+
+/// One access-log line (target `llm_lb::access`, level info).
+pub struct AccessLog<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub model: Option<&'a str>,
+    pub pool: Option<&'a str>,
+    pub endpoint: Option<std::net::SocketAddr>,
+    pub policy: &'a str,
+    pub reason: &'a str,
+    pub status: u16,
+    pub attempts: usize,
+    pub duration: std::time::Duration,
+    pub ttfb: Option<std::time::Duration>,
+    pub request_bytes: usize,
+    pub response_bytes: usize,
+    pub error: Option<&'a str>,
+}
+
+impl AccessLog<'_> {
+    pub fn emit(&self) {
+        let dash = |s: Option<&str>| s.unwrap_or("-").to_string();
+        log::info!(
+            target: "llm_lb::access",
+            "method={} path={} model={} pool={} endpoint={} policy={} reason={} status={} attempts={} duration_ms={:.1} ttfb_ms={} req_bytes={} resp_bytes={} error={}",
+            self.method,
+            self.path,
+            dash(self.model),
+            dash(self.pool),
+            self.endpoint.map_or_else(|| "-".to_string(), |e| e.to_string()),
+            if self.policy.is_empty() { "-" } else { self.policy },
+            if self.reason.is_empty() { "-" } else { self.reason },
+            self.status,
+            self.attempts,
+            self.duration.as_secs_f64() * 1000.0,
+            self.ttfb.map_or_else(|| "-".to_string(), |t| format!("{:.1}", t.as_secs_f64() * 1000.0)),
+            self.request_bytes,
+            self.response_bytes,
+            dash(self.error),
+        );
+    }
+}

@@ -1,0 +1,419 @@
+//! Test harness: a recording HTTP backend (axum) and the real `llm-lb` binary started as a child
+//! process on free loopback ports.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::Response;
+use axum::Router;
+use sha2::{Digest, Sha256};
+
+/// A free loopback port (bound and released; fine for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What the backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub body_len: usize,
+    pub body_sha256: String,
+    pub content_length: Option<String>,
+    pub expect: Option<String>,
+}
+
+pub struct BackendState {
+    pub seen: Mutex<Vec<Seen>>,
+    pub unhealthy: AtomicBool,
+    /// SSE responses wait here after their first event until released.
+    pub sse_gate: tokio::sync::Semaphore,
+    /// SSE streams that finished (all events sent) and streams dropped early (client gone).
+    pub sse_finished: AtomicUsize,
+    pub sse_dropped: AtomicUsize,
+    pub health_checks: AtomicUsize,
+}
+
+/// A recording OpenAI-ish backend.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub state: Arc<BackendState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn start() -> Backend {
+        let state = Arc::new(BackendState {
+            seen: Mutex::default(),
+            unhealthy: AtomicBool::new(false),
+            sse_gate: tokio::sync::Semaphore::new(0),
+            sse_finished: AtomicUsize::new(0),
+            sse_dropped: AtomicUsize::new(0),
+            health_checks: AtomicUsize::new(0),
+        });
+        let app = Router::new()
+            .fallback(handle)
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Backend { addr, state, task }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("lock").clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.seen.lock().expect("lock").len()
+    }
+}
+
+struct DropFlag(Arc<BackendState>, bool);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.sse_dropped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn handle(
+    State(state): State<Arc<BackendState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    if path == "/health" {
+        state.health_checks.fetch_add(1, Ordering::SeqCst);
+        let code = if state.unhealthy.load(Ordering::SeqCst) {
+            503
+        } else {
+            200
+        };
+        return Response::builder()
+            .status(code)
+            .body(Body::from("ok"))
+            .expect("resp");
+    }
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    state.seen.lock().expect("lock").push(Seen {
+        method: method.to_string(),
+        path: path.clone(),
+        body_len: body.len(),
+        body_sha256: sha256_hex(&body),
+        content_length: h("content-length"),
+        expect: h("expect"),
+    });
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if json.get("long_stream").and_then(|v| v.as_bool()) == Some(true) {
+        // One event every 20 ms for 10 s: long enough that only a client abort ends it early.
+        let flag = DropFlag(state.clone(), false);
+        let stream = futures_util::stream::unfold((0u32, flag), |(i, mut flag)| async move {
+            if i == 500 {
+                flag.1 = true;
+                flag.0.sse_finished.fetch_add(1, Ordering::SeqCst);
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            Some((
+                Ok::<_, std::io::Error>(Bytes::from(format!("data: {{\"n\":{i}}}\n\n"))),
+                (i + 1, flag),
+            ))
+        });
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(stream))
+            .expect("resp");
+    }
+    if json.get("stream").and_then(|v| v.as_bool()) == Some(true) {
+        let st = state.clone();
+        let stream =
+            futures_util::stream::unfold((0u32, DropFlag(st, false)), |(i, mut flag)| async move {
+                match i {
+                    0 => Some((
+                        Ok::<_, std::io::Error>(Bytes::from("data: {\"n\":0}\n\n")),
+                        (1, flag),
+                    )),
+                    1..=3 => {
+                        // wait for the test to allow the rest
+                        let permit = flag.0.sse_gate.acquire().await.ok()?;
+                        permit.forget();
+                        Some((
+                            Ok(Bytes::from(format!("data: {{\"n\":{i}}}\n\n"))),
+                            (i + 1, flag),
+                        ))
+                    }
+                    4 => {
+                        flag.1 = true;
+                        flag.0.sse_finished.fetch_add(1, Ordering::SeqCst);
+                        Some((Ok(Bytes::from("data: [DONE]\n\n")), (5, flag)))
+                    }
+                    _ => None,
+                }
+            });
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(stream))
+            .expect("resp");
+    }
+    let reply = serde_json::json!({
+        "object": if path == "/v1/models" { "list" } else { "chat.completion" },
+        "backend": state_addr_marker(),
+        "received_sha256": sha256_hex(&body),
+        "received_len": body.len(),
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Body::from(reply.to_string()))
+        .expect("resp")
+}
+
+fn state_addr_marker() -> &'static str {
+    "test-backend"
+}
+
+/// A running `llm-lb` process.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    child: Child,
+    pub dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_llm-lb")
+}
+
+/// Write a pingora.yaml for a test in `dir`.
+pub fn write_pingora_conf(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("pingora.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "---\nversion: 1\nthreads: 2\npid_file: {d}/pid\nupgrade_sock: {d}/upgrade.sock\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n",
+            d = dir.display()
+        ),
+    )
+    .expect("write pingora.yaml");
+    path
+}
+
+impl Proxy {
+    /// Start llm-lb with `pools_yaml` (the `pools:` list and any other keys except listen/admin).
+    pub fn start(rest_yaml: &str) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let admin_port = free_port();
+        let policy = dir.path().join("policy.yaml");
+        std::fs::write(
+            &policy,
+            format!("listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin_port}\n{rest_yaml}"),
+        )
+        .expect("write policy");
+        let conf = write_pingora_conf(dir.path());
+        let log = dir.path().join("llm-lb.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(binary())
+            .args([
+                "-c",
+                conf.to_str().expect("utf8"),
+                "-p",
+                policy.to_str().expect("utf8"),
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn llm-lb");
+        let p = Proxy {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            child,
+            dir,
+            log,
+        };
+        p.wait_listening();
+        p
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if TcpStream::connect(self.addr).is_ok() && TcpStream::connect(self.admin).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("llm-lb did not start listening; log:\n{}", self.log_text());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Access-log lines written so far.
+    pub fn access_lines(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("llm_lb::access"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Fetch the admin `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The value of one sample line of `/metrics` whose text starts with `prefix`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let text = self.metrics().await;
+        parse_metric(&text, name, labels)
+    }
+}
+
+/// Find a sample `name{...}` having all `labels` and return its value.
+pub fn parse_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name {
+            return None;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
+            value.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// A pool YAML block.
+pub fn pool_yaml(
+    name: &str,
+    models: &str,
+    endpoints: &[SocketAddr],
+    policy: &str,
+    extra: &str,
+) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "  - name: {name}\n    models: {models}\n    endpoints: [{}]\n    lb_policy: {policy}\n{extra}",
+        eps.join(", ")
+    )
+}
+
+/// Send raw bytes on a fresh connection and read the response head (status line + headers).
+pub fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(timeout)).expect("timeout");
+    s.write_all(request).expect("write");
+    read_head(&mut s)
+}
+
+/// Read one response head from a stream.
+pub fn read_head(s: &mut TcpStream) -> String {
+    let mut reader = BufReader::new(s.try_clone().expect("clone"));
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                head.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+        }
+    }
+    head
+}
+
+/// Read exactly `n` bytes.
+pub fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    s.read_exact(&mut buf).expect("read body");
+    buf
+}
+
+/// A chat body of about `size` bytes.
+pub fn chat_body(model: &str, size: usize, stream: bool) -> Vec<u8> {
+    chat_body_with(model, size, stream, false)
+}
+
+/// A chat body; `long_stream` asks the test backend for a 10-second event stream.
+pub fn chat_body_with(model: &str, size: usize, stream: bool, long_stream: bool) -> Vec<u8> {
+    let filler: String = (0..size).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    serde_json::to_vec(&serde_json::json!({
+        "model": model,
+        "stream": stream,
+        "long_stream": long_stream,
+        "messages": [
+            {"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": filler},
+        ],
+    }))
+    .expect("json")
+}
