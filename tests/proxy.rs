@@ -523,3 +523,96 @@ async fn nothing_can_serve_gives_a_clear_json_error() {
     );
     wait_inflight_zero(&proxy).await;
 }
+
+/// A raw HTTP/1.1 backend that answers the first request of each connection with keep-alive, then
+/// reads the next request on that connection and closes it unanswered: the race of a pooled
+/// connection that the server closes just as the proxy reuses it.
+fn start_closing_keepalive_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)
+{
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                for nth in 0.. {
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() || nth > 0 {
+                        return; // second request on this connection: close unanswered
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let reply = format!("{{\"received_sha256\":\"{}\"}}", sha256_hex(&body));
+                    let _ = conn.write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: keep-alive\r\n\r\n{reply}",
+                            reply.len()
+                        )
+                        .as_bytes(),
+                    );
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_keepalive_connections_do_not_fail_posts() {
+    let (a, served_a) = start_closing_keepalive_backend();
+    let b = Backend::start().await;
+    let proxy = Proxy::start(&format!(
+        "max_body_bytes: 4194304\npools:\n{}",
+        pool_yaml(
+            "main",
+            "[\"*\"]",
+            &[a, b.addr],
+            "round_robin",
+            "    health_check: {enabled: false}\n"
+        )
+    ));
+    let c = h1();
+    for i in 0..12 {
+        let size = if i % 4 < 2 { 100 } else { 200 * 1024 };
+        let body = chat_body(MODEL, size, false);
+        let sha = sha256_hex(&body);
+        let (status, text) = post(&c, &proxy.url("/v1/chat/completions"), body).await;
+        assert_eq!(status, 200, "request {i}: {text}\n{}", proxy.log_text());
+        assert!(text.contains(&sha), "byte-exact after the retry");
+    }
+    assert_eq!(served_a.load(Ordering::SeqCst) + b.count(), 12);
+    let retries = proxy
+        .metric("llmlb_retries_total", &[])
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        retries >= 2.0,
+        "stale connections were met and retried elsewhere: {retries}"
+    );
+    let lines = proxy.access_lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("attempts=2") && l.contains("req_bytes=2")),
+        "a large body was retried:\n{}",
+        lines.join("\n")
+    );
+}

@@ -121,3 +121,62 @@ impl Default for RequestCtx {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::config::Config;
+
+    struct Counting(Arc<Mutex<Vec<Outcome>>>);
+    impl Lease for Counting {
+        fn release(self: Box<Self>, outcome: Outcome) {
+            self.0.lock().push(outcome);
+        }
+    }
+
+    fn pool() -> Arc<Pool> {
+        let c = Config::from_yaml(
+            "pools:\n  - name: p\n    models: ['*']\n    endpoints: ['127.0.0.1:1']\n    health_check: {enabled: false}\n    lb_policy: round_robin\n",
+        )
+        .expect("config");
+        let (pool, _) = Pool::new(c.pools[0].clone()).expect("pool");
+        pool
+    }
+
+    #[test]
+    fn an_attempt_releases_exactly_once_on_every_path() {
+        let pool = pool();
+        let id = EndpointId::new(0);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let calls = AtomicUsize::new(0);
+        let attempt = |log: &Arc<Mutex<Vec<Outcome>>>| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Attempt::new(
+                id,
+                Some(Box::new(Counting(log.clone()))),
+                pool.inflight_guard(id),
+            )
+        };
+        // finished explicitly
+        attempt(&log).finish(Outcome::Completed);
+        // dropped (e.g. CTX dropped at shutdown)
+        drop(attempt(&log));
+        // in a CTX that is dropped
+        let mut ctx = RequestCtx::new();
+        ctx.attempt = Some(attempt(&log));
+        assert_eq!(pool.endpoints[0].inflight(), 1);
+        drop(ctx);
+        assert_eq!(
+            *log.lock(),
+            vec![Outcome::Completed, Outcome::Dropped, Outcome::Dropped]
+        );
+        assert_eq!(calls.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            pool.endpoints[0].inflight(),
+            0,
+            "in-flight count back to zero"
+        );
+    }
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what is missing (cmake for Pingora's build, redis-server for the
+# state-store tests, a C compiler), then checks formatting and lints and runs every test.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+source "$ROOT/scripts/lib.sh"
+
+ensure_packages
+ensure_rust
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (unit + integration: real processes over loopback)"
+cargo test --workspace
+
+step "vllm-sim against real OpenAI and benchmark clients"
+"$ROOT/scripts/sim-clients.sh"
+
+step "all tests passed"
