@@ -393,21 +393,7 @@ async fn dead_endpoint_is_retried_then_marked_unhealthy_and_skipped() {
         assert!(text.contains(&sha), "byte-exact after retry");
     }
     // The health check marks the dead endpoint unhealthy ...
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let dead_label = dead.to_string();
-    loop {
-        let h = proxy
-            .metric(
-                "llmlb_endpoint_healthy",
-                &[("endpoint", dead_label.as_str())],
-            )
-            .await;
-        if h == Some(0.0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never marked unhealthy: {h:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_metric(&proxy, "llmlb_endpoint_healthy", &dead.to_string(), 0.0).await;
     assert!(proxy
         .log_text()
         .contains(&format!("endpoint {dead} is unhealthy")));
