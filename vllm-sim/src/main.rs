@@ -1,0 +1,136 @@
+//! `vllm-sim` binary: parses flags into a [`SimConfig`], starts the server and runs until
+//! SIGINT or SIGTERM.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+
+use clap::Parser;
+use vllm_sim::SimConfig;
+
+/// A simulated vLLM server: OpenAI-compatible API, vLLM V1 prefix caching, continuous
+/// batching, vLLM metrics and fault injection. Durations are model milliseconds, multiplied
+/// by --time-scale. Faults can be changed at run time with GET|PUT|DELETE /admin/faults.
+#[derive(Debug, Parser)]
+#[command(name = "vllm-sim", version)]
+struct Cli {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Served model name.
+    #[arg(long, default_value_t = SimConfig::default().model)]
+    model: String,
+    /// Most requests in the running batch.
+    #[arg(long, default_value_t = SimConfig::default().max_num_seqs)]
+    max_num_seqs: usize,
+    /// Most requests waiting beyond the free batch seats; more are refused with HTTP 429.
+    #[arg(long, default_value_t = SimConfig::default().max_waiting)]
+    max_waiting: usize,
+    /// KV-cache capacity in blocks (one is vLLM's reserved null block).
+    #[arg(long, default_value_t = SimConfig::default().kv_blocks)]
+    kv_blocks: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = SimConfig::default().block_size)]
+    block_size: usize,
+    /// Fixed prefill cost of a request, ms.
+    #[arg(long, default_value_t = SimConfig::default().prefill_overhead_ms)]
+    prefill_overhead_ms: f64,
+    /// Prefill cost per prompt token not served from the prefix cache, ms.
+    #[arg(long, default_value_t = SimConfig::default().prefill_ms_per_token)]
+    prefill_ms_per_token: f64,
+    /// Inter-token latency: cost of one decode step, ms.
+    #[arg(long, default_value_t = SimConfig::default().itl_ms)]
+    itl_ms: f64,
+    /// Slow-down of a step at a full batch (llm-d's time-factor-under-load); grows linearly
+    /// from 1 with one running request.
+    #[arg(long, default_value_t = SimConfig::default().load_factor)]
+    load_factor: f64,
+    /// Multiplies every simulated duration; 0 answers instantly.
+    #[arg(long, default_value_t = SimConfig::default().time_scale)]
+    time_scale: f64,
+    /// LoRA adapters served as extra model names: `name` or `name=path`, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    lora_modules: Vec<String>,
+    /// Most distinct LoRA adapters in the running batch.
+    #[arg(long, default_value_t = SimConfig::default().max_loras)]
+    max_loras: usize,
+    /// Expose vLLM V0 metric names (vllm:gpu_cache_usage_perc, no engine label).
+    #[arg(long)]
+    legacy_metrics: bool,
+    /// Fraction (0-1) of completion requests answered with --fail-status.
+    #[arg(long, default_value_t = SimConfig::default().fail_rate)]
+    fail_rate: f64,
+    /// HTTP status of injected failures.
+    #[arg(long, default_value_t = SimConfig::default().fail_status)]
+    fail_status: u16,
+    /// Seed of the generated text, output lengths and injected failures.
+    #[arg(long, default_value_t = SimConfig::default().seed)]
+    seed: u64,
+    /// Context window in tokens (prompt + completion).
+    #[arg(long, default_value_t = SimConfig::default().max_model_len)]
+    max_model_len: usize,
+    /// Token budget of one engine step (chunked prefill).
+    #[arg(long, default_value_t = SimConfig::default().max_num_batched_tokens)]
+    max_num_batched_tokens: usize,
+}
+
+impl Cli {
+    fn config(self) -> (SimConfig, SocketAddr) {
+        let addr = SocketAddr::new(self.host, self.port);
+        let cfg = SimConfig {
+            model: self.model,
+            max_num_seqs: self.max_num_seqs,
+            max_waiting: self.max_waiting,
+            kv_blocks: self.kv_blocks,
+            block_size: self.block_size,
+            prefill_overhead_ms: self.prefill_overhead_ms,
+            prefill_ms_per_token: self.prefill_ms_per_token,
+            itl_ms: self.itl_ms,
+            load_factor: self.load_factor,
+            time_scale: self.time_scale,
+            lora_modules: self.lora_modules,
+            max_loras: self.max_loras,
+            legacy_metrics: self.legacy_metrics,
+            fail_rate: self.fail_rate,
+            fail_status: self.fail_status,
+            seed: self.seed,
+            max_model_len: self.max_model_len,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+        };
+        (cfg, addr)
+    }
+}
+
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let (cfg, addr) = Cli::parse().config();
+    let model = cfg.model.clone();
+    let sim = match vllm_sim::spawn(cfg, addr).await {
+        Ok(sim) => sim,
+        Err(e) => {
+            eprintln!("vllm-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("vllm-sim: serving model {model} on http://{}", sim.addr());
+    stop_signal().await;
+    sim.shutdown().await;
+    ExitCode::SUCCESS
+}

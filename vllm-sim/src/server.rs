@@ -1,0 +1,103 @@
+//! HTTP plumbing: the shared handler state, the router and an accept loop that owns every
+//! connection, so stopping the server really closes its sockets (kept-alive ones included).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::config::{LoraModule, SimConfig};
+use crate::faults::{self, FaultControl};
+use crate::metrics::ExpositionInfo;
+use crate::openai;
+use crate::scheduler::EngineClient;
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The configuration.
+    pub cfg: Arc<SimConfig>,
+    /// LoRA adapters served.
+    pub loras: Arc<Vec<LoraModule>>,
+    /// The engine.
+    pub engine: EngineClient,
+    /// Faults in force.
+    pub faults: FaultControl,
+    /// Static facts for `/metrics`.
+    pub exposition: Arc<ExpositionInfo>,
+}
+
+impl FromRef<AppState> for FaultControl {
+    fn from_ref(st: &AppState) -> FaultControl {
+        st.faults.clone()
+    }
+}
+
+/// The routes of the simulator.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .route("/tokenize", post(openai::tokenize))
+        .route("/health", get(openai::health))
+        .route("/version", get(openai::version))
+        .route("/metrics", get(openai::metrics))
+        .route(
+            "/admin/faults",
+            get(faults::get_faults)
+                .put(faults::put_faults)
+                .post(faults::put_faults)
+                .delete(faults::delete_faults),
+        )
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Largest request body accepted (vLLM has no limit; long prompts must fit).
+const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// Unknown paths: FastAPI's 404 body, as vLLM answers.
+async fn not_found() -> (StatusCode, Json<serde_json::Value>) {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({"detail": "Not Found"})),
+    )
+}
+
+/// Accepts connections until the task is dropped or aborted; every connection task lives in
+/// a [`JoinSet`] owned here, so they all end with it.
+pub async fn serve(listener: TcpListener, app: Router) {
+    let mut conns: JoinSet<()> = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer): (tokio::net::TcpStream, SocketAddr) = match accepted {
+                    Ok(a) => a,
+                    Err(_) => {
+                        // e.g. too many open files: back off briefly instead of spinning
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let svc = TowerToHyperService::new(app.clone());
+                conns.spawn(async move {
+                    let _ = Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
