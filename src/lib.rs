@@ -14,4 +14,5 @@ pub mod pool;
 pub mod prefix;
 pub mod proxy;
 pub mod request;
+pub mod store;
 pub mod telemetry;

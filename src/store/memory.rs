@@ -1,0 +1,299 @@
+//! Embedded, in-process [`InflightStore`]: the default when no Redis is configured.
+//!
+//! It keeps exactly the data model of the Redis store (per-replica contributions, per-endpoint
+//! totals, heartbeats; see the parent module) in process memory, with the same reaping and
+//! clamping rules, so the conformance suite runs unchanged against both. One gateway process is one
+//! replica; [`MemoryStore::replica`] makes another handle on the same state with its own replica
+//! id, which is how tests exercise the multi-replica rules without Redis.
+//!
+//! Locking: a `parking_lot` read-write lock maps pool names to per-pool mutexes; every call takes
+//! the pool's mutex for a few map operations and never holds it across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+
+use super::{
+    check_call, heartbeat_interval_for, new_replica_id, pick_least, validate_dead_after,
+    validate_replica_id, Acquired, InflightStore, StoreConfigError, StoreError,
+    DEFAULT_DEAD_REPLICA_AFTER,
+};
+
+/// The embedded store. Cheap to clone; clones are the same replica.
+#[derive(Clone)]
+pub struct MemoryStore {
+    pools: Arc<RwLock<HashMap<String, Arc<Mutex<PoolState>>>>>,
+    replica: Arc<str>,
+    dead_after: Duration,
+}
+
+/// One pool's state; the same three collections as the Redis keys.
+#[derive(Default)]
+struct PoolState {
+    /// replica → endpoint → in-flight count (> 0; zero entries are removed).
+    contributions: HashMap<String, HashMap<String, u64>>,
+    /// endpoint → sum of live contributions (> 0; zero entries are removed).
+    totals: HashMap<String, u64>,
+    /// replica → last time it spoke.
+    heartbeats: HashMap<String, Instant>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// A fresh store with a fresh replica id and the default dead-replica timeout.
+    pub fn new() -> Self {
+        MemoryStore {
+            pools: Arc::default(),
+            replica: new_replica_id().into(),
+            dead_after: DEFAULT_DEAD_REPLICA_AFTER,
+        }
+    }
+
+    /// Set the dead-replica timeout of this handle (more than 0, at most 15 s).
+    pub fn with_dead_replica_after(mut self, d: Duration) -> Result<Self, StoreConfigError> {
+        validate_dead_after(d)?;
+        self.dead_after = d;
+        Ok(self)
+    }
+
+    /// Set this handle's replica id (no `|`, no whitespace).
+    pub fn with_replica_id(mut self, id: &str) -> Result<Self, StoreConfigError> {
+        validate_replica_id(id)?;
+        self.replica = id.into();
+        Ok(self)
+    }
+
+    /// Another replica on the same state: a new replica id, the same dead-replica timeout.
+    pub fn replica(&self) -> Self {
+        MemoryStore {
+            pools: self.pools.clone(),
+            replica: new_replica_id().into(),
+            dead_after: self.dead_after,
+        }
+    }
+
+    fn pool(&self, name: &str) -> Arc<Mutex<PoolState>> {
+        if let Some(p) = self.pools.read().get(name) {
+            return p.clone();
+        }
+        self.pools
+            .write()
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+impl PoolState {
+    /// Refresh `me`, then reap every replica silent for longer than `dead_after`.
+    fn touch_and_reap(&mut self, me: &str, now: Instant, dead_after: Duration) {
+        match self.heartbeats.get_mut(me) {
+            Some(t) => *t = now,
+            None => {
+                self.heartbeats.insert(me.to_owned(), now);
+            }
+        }
+        let dead: Vec<String> = self
+            .heartbeats
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) > dead_after)
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in dead {
+            self.heartbeats.remove(&r);
+            if let Some(eps) = self.contributions.remove(&r) {
+                for (ep, n) in eps {
+                    self.sub_total(&ep, n);
+                }
+            }
+        }
+    }
+
+    fn sub_total(&mut self, ep: &str, n: u64) {
+        if let Some(t) = self.totals.get_mut(ep) {
+            if *t > n {
+                *t -= n;
+            } else {
+                self.totals.remove(ep);
+            }
+        }
+    }
+
+    fn total(&self, ep: &str) -> u64 {
+        self.totals.get(ep).copied().unwrap_or(0)
+    }
+
+    /// Drop contributions of replicas without a heartbeat and recompute every total.
+    fn reconcile(&mut self) {
+        let heartbeats = &self.heartbeats;
+        self.contributions.retain(|r, _| heartbeats.contains_key(r));
+        let mut totals: HashMap<String, u64> = HashMap::new();
+        for eps in self.contributions.values() {
+            for (ep, n) in eps {
+                *totals.entry(ep.clone()).or_default() += n;
+            }
+        }
+        totals.retain(|_, n| *n > 0);
+        self.totals = totals;
+    }
+}
+
+#[async_trait]
+impl InflightStore for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn replica_id(&self) -> &str {
+        &self.replica
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        heartbeat_interval_for(self.dead_after)
+    }
+
+    async fn acquire_least(
+        &self,
+        pool: &str,
+        candidates: &[&str],
+        max: Option<u64>,
+    ) -> Result<Acquired, StoreError> {
+        check_call(pool, candidates.len())?;
+        let random = rand::random::<u32>();
+        let pool = self.pool(pool);
+        let mut st = pool.lock();
+        st.touch_and_reap(&self.replica, Instant::now(), self.dead_after);
+        let counts: Vec<u64> = candidates.iter().map(|c| st.total(c)).collect();
+        let (index, least) = pick_least(&counts, random);
+        if max.is_some_and(|m| least >= m) {
+            return Err(StoreError::Saturated);
+        }
+        let ep = candidates[index];
+        match st.contributions.get_mut(&*self.replica) {
+            Some(mine) => match mine.get_mut(ep) {
+                Some(n) => *n += 1,
+                None => {
+                    mine.insert(ep.to_owned(), 1);
+                }
+            },
+            None => {
+                let mine = HashMap::from([(ep.to_owned(), 1)]);
+                st.contributions.insert(self.replica.to_string(), mine);
+            }
+        }
+        let inflight = match st.totals.get_mut(ep) {
+            Some(t) => {
+                *t += 1;
+                *t
+            }
+            None => {
+                st.totals.insert(ep.to_owned(), 1);
+                1
+            }
+        };
+        Ok(Acquired { index, inflight })
+    }
+
+    async fn release(&self, pool: &str, endpoint: &str) -> Result<(), StoreError> {
+        check_call(pool, 1)?;
+        let pool = self.pool(pool);
+        let mut st = pool.lock();
+        let Some(mine) = st.contributions.get_mut(&*self.replica) else {
+            return Ok(());
+        };
+        match mine.get_mut(endpoint) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                mine.remove(endpoint);
+            }
+            None => return Ok(()),
+        }
+        if mine.is_empty() {
+            st.contributions.remove(&*self.replica);
+        }
+        st.sub_total(endpoint, 1);
+        Ok(())
+    }
+
+    async fn inflight(&self, pool: &str, endpoints: &[&str]) -> Result<Vec<u64>, StoreError> {
+        check_call(pool, 1)?;
+        if endpoints.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pool = self.pool(pool);
+        let mut st = pool.lock();
+        st.touch_and_reap(&self.replica, Instant::now(), self.dead_after);
+        Ok(endpoints.iter().map(|e| st.total(e)).collect())
+    }
+
+    async fn heartbeat(&self, pool: &str) -> Result<(), StoreError> {
+        check_call(pool, 1)?;
+        let pool = self.pool(pool);
+        let mut st = pool.lock();
+        st.touch_and_reap(&self.replica, Instant::now(), self.dead_after);
+        st.reconcile();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reaping_subtracts_only_the_dead_replicas_share() {
+        let a = MemoryStore::new()
+            .with_dead_replica_after(Duration::from_millis(50))
+            .expect("timeout");
+        let b = a.replica();
+        a.acquire_least("p", &["x"], None).await.expect("a");
+        b.acquire_least("p", &["x"], None).await.expect("b");
+        b.acquire_least("p", &["x"], None).await.expect("b");
+        assert_eq!(a.inflight("p", &["x"]).await.expect("read"), vec![3]);
+        // b goes silent; a keeps speaking.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            a.heartbeat("p").await.expect("hb");
+        }
+        assert_eq!(a.inflight("p", &["x"]).await.expect("read"), vec![1]);
+        // b's late release finds nothing of its own: a's count is untouched.
+        b.release("p", "x").await.expect("release");
+        assert_eq!(a.inflight("p", &["x"]).await.expect("read"), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn a_lone_replica_never_reaps_itself() {
+        let a = MemoryStore::new()
+            .with_dead_replica_after(Duration::from_millis(20))
+            .expect("timeout");
+        a.acquire_least("p", &["x"], None).await.expect("a");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        a.heartbeat("p").await.expect("hb");
+        assert_eq!(a.inflight("p", &["x"]).await.expect("read"), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn reconcile_repairs_drifted_totals() {
+        let a = MemoryStore::new();
+        a.acquire_least("p", &["x"], None).await.expect("a");
+        {
+            let pool = a.pool("p");
+            let mut st = pool.lock();
+            st.totals.insert("x".into(), 7);
+            st.totals.insert("ghost".into(), 2);
+        }
+        a.heartbeat("p").await.expect("hb");
+        assert_eq!(
+            a.inflight("p", &["x", "ghost"]).await.expect("read"),
+            vec![1, 0]
+        );
+    }
+}

@@ -1,0 +1,304 @@
+//! Shared state for policies that must agree across gateway replicas: in-flight request counts.
+//!
+//! [`InflightStore`] is what `global_least_request` (and `prefix_cache`'s miss path) needs: pick the
+//! candidate endpoint with the fewest requests in flight *summed over every live gateway replica*
+//! and count one more for it, atomically; later release that count exactly once. Two
+//! implementations have identical semantics and pass one conformance suite
+//! (`tests/store_conformance.rs`):
+//!
+//! - [`MemoryStore`] — embedded, in-process; the default when `lb_config` has no Redis keys.
+//! - [`RedisStore`] — Redis or Redis Cluster, shared by every replica pointing at it.
+//!
+//! # Data model
+//!
+//! Each gateway process is a *replica* with an id unique per process (`<host>-<pid>-<random>`, see
+//! [`new_replica_id`]). Per pool, the store keeps:
+//!
+//! - **contributions** — for each (replica, endpoint), the requests that replica has in flight to
+//!   that endpoint. In Redis: HASH `<ns>:{<pool>}:inflight`, field `<replica>|<endpoint>` → count.
+//! - **totals** — for each endpoint, the sum of the live contributions. In Redis: HASH
+//!   `<ns>:{<pool>}:total`, field `<endpoint>` → count. Picks read only this, so a pick costs
+//!   O(candidates), not O(replicas × candidates).
+//! - **heartbeats** — for each replica, when it last spoke. In Redis: ZSET `<ns>:{<pool>}:replicas`,
+//!   member `<replica>` → milliseconds from the Redis server's `TIME` (so gateway clocks do not
+//!   matter).
+//!
+//! `<ns>` is the namespace, `llmlb` by default, so several deployments can share one Redis. The
+//! pool name in braces is the Redis Cluster hash tag: all keys of a pool live in one slot, and every
+//! script declares every key it touches in `KEYS`.
+//!
+//! # Rules every implementation follows
+//!
+//! - Every call refreshes the caller's heartbeat except [`InflightStore::release`]; a replica whose
+//!   heartbeat is older than the *dead-replica timeout* (default 10 s, at most 15 s) is reaped by
+//!   the next survivor that acquires, reads or heart-beats: its contributions are subtracted from the
+//!   totals and removed. A replica never reaps itself (it refreshes itself first). So a gateway that
+//!   is SIGKILLed leaves its counts behind for at most the timeout plus one heartbeat interval.
+//! - [`InflightStore::heartbeat`] must therefore be called every
+//!   [`InflightStore::heartbeat_interval`] by a background service while the gateway runs. It also
+//!   recomputes the totals from the live contributions (self-healing after partial data loss).
+//! - Counts never go negative: releasing a count that is not there (Redis restarted empty, or this
+//!   replica was reaped while partitioned) is a no-op.
+//! - Only the candidates passed in are eligible; a candidate the store has never seen counts 0, so
+//!   new endpoints are eligible at once. Ties are broken uniformly at random with a random number
+//!   drawn by the caller (the Lua RNG is never used).
+//! - In Redis, pick + increment is one `EVALSHA` round trip and release is one more; scripts are
+//!   sent by SHA and reloaded automatically when Redis answers `NOSCRIPT`. Keys expire after
+//!   [`KEY_TTL`] without any write, so pools nobody serves any more do not linger.
+
+mod memory;
+mod redis;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisConfig, RedisMode, RedisStore};
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// Dead-replica timeout used unless configured otherwise.
+pub const DEFAULT_DEAD_REPLICA_AFTER: Duration = Duration::from_secs(10);
+/// Largest accepted dead-replica timeout (issue #4: survivors forget a dead replica within 15 s).
+pub const MAX_DEAD_REPLICA_AFTER: Duration = Duration::from_secs(15);
+/// Redis keys of a pool expire after this long without any write (heartbeats write every second).
+pub const KEY_TTL: Duration = Duration::from_secs(3600);
+
+/// The result of a successful [`InflightStore::acquire_least`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acquired {
+    /// Index into the `candidates` slice of the chosen endpoint.
+    pub index: usize,
+    /// In-flight requests to the chosen endpoint over all live replicas, this one included.
+    pub inflight: u64,
+}
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Every candidate already has at least `max` requests in flight; nothing was counted.
+    #[error("every candidate is at the in-flight cap")]
+    Saturated,
+    /// The call did not complete within the configured timeout. It may still have taken effect.
+    #[error("state store call timed out")]
+    Timeout,
+    /// The store cannot be reached (connection refused or lost, cluster down, authentication).
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered something unexpected.
+    #[error("state store protocol error: {0}")]
+    Protocol(String),
+    /// The call itself was malformed (no candidates, empty pool name).
+    #[error("invalid state store call: {0}")]
+    InvalidInput(&'static str),
+}
+
+impl StoreError {
+    /// Whether this is a failure of the store (timeout, unreachable, bad reply) — what a breaker
+    /// should count — rather than a verdict ([`StoreError::Saturated`]) or a caller bug.
+    pub fn is_store_failure(&self) -> bool {
+        match self {
+            StoreError::Timeout | StoreError::Unavailable(_) | StoreError::Protocol(_) => true,
+            StoreError::Saturated | StoreError::InvalidInput(_) => false,
+        }
+    }
+}
+
+/// Why a store configuration was rejected. Never contains a password.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreConfigError {
+    /// A setting has an unusable value; `key` is the `lb_config` key (or builder setting).
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl StoreConfigError {
+    fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
+        StoreConfigError::Invalid {
+            key,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// In-flight request counts shared by all gateway replicas. See the module docs for the model.
+#[async_trait]
+pub trait InflightStore: Send + Sync {
+    /// Short name of the implementation (`embedded`, `redis`), for logs and metric labels.
+    fn kind(&self) -> &'static str;
+
+    /// This replica's id.
+    fn replica_id(&self) -> &str;
+
+    /// How often [`InflightStore::heartbeat`] should be called for each pool in use.
+    fn heartbeat_interval(&self) -> Duration;
+
+    /// One atomic round trip: among `candidates` (endpoint labels, e.g. `"10.0.0.1:8000"`) choose
+    /// the one with the fewest in-flight requests summed over all live replicas (ties uniformly at
+    /// random) and count one more for it on behalf of this replica.
+    ///
+    /// With `max = Some(n)`, when every candidate already has `>= n` in flight nothing is counted
+    /// and the result is [`StoreError::Saturated`]. Empty `candidates` is
+    /// [`StoreError::InvalidInput`].
+    async fn acquire_least(
+        &self,
+        pool: &str,
+        candidates: &[&str],
+        max: Option<u64>,
+    ) -> Result<Acquired, StoreError>;
+
+    /// One round trip: this replica's count for `endpoint` minus one; nothing when it is already
+    /// zero or unknown (never negative). Call exactly once per successful acquire.
+    async fn release(&self, pool: &str, endpoint: &str) -> Result<(), StoreError>;
+
+    /// In-flight requests per endpoint (same order as `endpoints`), summed over live replicas.
+    async fn inflight(&self, pool: &str, endpoints: &[&str]) -> Result<Vec<u64>, StoreError>;
+
+    /// Refresh this replica's heartbeat for `pool`, remove the contribution of replicas whose
+    /// heartbeat is older than the dead-replica timeout, and recompute the totals from the live
+    /// contributions.
+    async fn heartbeat(&self, pool: &str) -> Result<(), StoreError>;
+}
+
+/// A replica id unique per process and start: `<hostname>-<pid>-<8 random hex digits>`.
+///
+/// Contains no `|` (the separator in contribution field names) and no whitespace.
+pub fn new_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let host = if host.is_empty() { "host".into() } else { host };
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// Check a caller-chosen replica id.
+fn validate_replica_id(id: &str) -> Result<(), StoreConfigError> {
+    if id.is_empty() || id.len() > 200 || id.contains('|') || id.chars().any(char::is_whitespace) {
+        return Err(StoreConfigError::invalid(
+            "replica_id",
+            "must be 1..=200 characters without '|' or whitespace",
+        ));
+    }
+    Ok(())
+}
+
+/// Check a dead-replica timeout: more than zero and at most [`MAX_DEAD_REPLICA_AFTER`].
+fn validate_dead_after(d: Duration) -> Result<(), StoreConfigError> {
+    if d.is_zero() || d > MAX_DEAD_REPLICA_AFTER {
+        return Err(StoreConfigError::invalid(
+            "dead_replica_after",
+            format!(
+                "must be more than 0 and at most {} s, got {d:?}",
+                MAX_DEAD_REPLICA_AFTER.as_secs()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Heartbeat period for a dead-replica timeout: a quarter of it, at most one second.
+fn heartbeat_interval_for(dead_after: Duration) -> Duration {
+    (dead_after / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+fn check_call(pool: &str, n_candidates: usize) -> Result<(), StoreError> {
+    if pool.is_empty() {
+        return Err(StoreError::InvalidInput("empty pool name"));
+    }
+    if n_candidates == 0 {
+        return Err(StoreError::InvalidInput("no candidates"));
+    }
+    Ok(())
+}
+
+/// The selection rule both implementations follow (the Lua script mirrors it line by line): the
+/// minimum count; among the `k` candidates that have it, the `(random mod k)`-th in order.
+/// Returns (index, minimum). `counts` must not be empty.
+fn pick_least(counts: &[u64], random: u32) -> (usize, u64) {
+    let min = counts.iter().copied().min().unwrap_or(0);
+    let ties = counts.iter().filter(|c| **c == min).count().max(1);
+    let want = random as usize % ties;
+    let index = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c == min)
+        .nth(want)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    (index, min)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pick_least_takes_the_minimum() {
+        assert_eq!(pick_least(&[3, 1, 2], 0), (1, 1));
+        assert_eq!(pick_least(&[3, 1, 2], 7), (1, 1));
+        assert_eq!(pick_least(&[0], 12345), (0, 0));
+    }
+
+    #[test]
+    fn pick_least_spreads_ties_by_the_random_value() {
+        let counts = [1, 0, 5, 0, 0];
+        let picks: Vec<usize> = (0..6).map(|r| pick_least(&counts, r).0).collect();
+        assert_eq!(picks, vec![1, 3, 4, 1, 3, 4]);
+    }
+
+    #[test]
+    fn replica_ids_are_unique_and_safe() {
+        let a = new_replica_id();
+        let b = new_replica_id();
+        assert_ne!(a, b);
+        assert!(validate_replica_id(&a).is_ok(), "{a}");
+        assert!(a.contains(&format!("-{}-", std::process::id())));
+    }
+
+    #[test]
+    fn dead_after_bounds() {
+        assert!(validate_dead_after(Duration::from_secs(10)).is_ok());
+        assert!(validate_dead_after(Duration::from_secs(15)).is_ok());
+        assert!(validate_dead_after(Duration::from_secs(16)).is_err());
+        assert!(validate_dead_after(Duration::ZERO).is_err());
+        assert_eq!(
+            heartbeat_interval_for(Duration::from_secs(10)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            heartbeat_interval_for(Duration::from_secs(1)),
+            Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn bad_replica_ids_are_rejected() {
+        for id in ["", "a|b", "a b", &"x".repeat(201)] {
+            assert!(validate_replica_id(id).is_err(), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn only_store_failures_count_for_a_breaker() {
+        assert!(StoreError::Timeout.is_store_failure());
+        assert!(StoreError::Unavailable("x".into()).is_store_failure());
+        assert!(!StoreError::Saturated.is_store_failure());
+        assert!(!StoreError::InvalidInput("no candidates").is_store_failure());
+    }
+}

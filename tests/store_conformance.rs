@@ -1,0 +1,681 @@
+//! One behaviour suite for every [`InflightStore`]: the embedded store, a real standalone
+//! `redis-server` and a real 3-master Redis Cluster, all started by the tests themselves.
+//!
+//! `cases` holds each behaviour once, written against `&dyn InflightStore` handles made by an
+//! [`Env`]; `conformance!` instantiates every case for the three backends (`embedded::…`,
+//! `single_redis::…`, `redis_cluster::…`). The `redis_only` module covers what exists only with a
+//! server: key layout, `NOSCRIPT` recovery, a server killed or restarted empty, authentication.
+
+mod redis_harness;
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use llm_lb::store::{InflightStore, MemoryStore, RedisConfig, RedisStore, StoreError};
+use redis_harness::{RedisCluster, RedisServer};
+
+/// Per-call timeout for the Redis stores in behaviour tests: generous, the machine may be busy.
+const CALL_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// One standalone server and one cluster per test process, shared by the behaviour cases (each
+/// case uses its own pool). The harness kills them when the process exits.
+fn shared_server() -> &'static RedisServer {
+    static S: OnceLock<RedisServer> = OnceLock::new();
+    S.get_or_init(|| RedisServer::start().expect("start redis-server"))
+}
+
+fn shared_cluster() -> &'static RedisCluster {
+    static C: OnceLock<RedisCluster> = OnceLock::new();
+    C.get_or_init(|| RedisCluster::start().expect("start a Redis Cluster"))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Embedded,
+    Single,
+    Cluster,
+}
+
+/// Makes store handles ("replicas") on one backend.
+struct Env {
+    backend: Backend,
+    url: String,
+    /// Embedded: one shared state per namespace (a namespace = a deployment).
+    memory: Mutex<Vec<(String, MemoryStore)>>,
+}
+
+impl Env {
+    fn embedded() -> Env {
+        Env::new(Backend::Embedded, String::new())
+    }
+
+    fn single() -> Env {
+        Env::new(Backend::Single, shared_server().url())
+    }
+
+    fn cluster() -> Env {
+        Env::new(Backend::Cluster, shared_cluster().url())
+    }
+
+    fn new(backend: Backend, url: String) -> Env {
+        Env {
+            backend,
+            url,
+            memory: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A new replica with the default dead-replica timeout in the default namespace.
+    fn replica(&self) -> Arc<dyn InflightStore> {
+        self.replica_with(Duration::from_secs(10), "llmlb")
+    }
+
+    /// A new replica (own replica id) with this dead-replica timeout, in `namespace`.
+    fn replica_with(&self, dead_after: Duration, namespace: &str) -> Arc<dyn InflightStore> {
+        match self.backend {
+            Backend::Embedded => {
+                let mut states = self.memory.lock().expect("lock");
+                let base = match states.iter().find(|(ns, _)| ns == namespace) {
+                    Some((_, s)) => s.clone(),
+                    None => {
+                        let s = MemoryStore::new();
+                        states.push((namespace.to_owned(), s.clone()));
+                        s
+                    }
+                };
+                Arc::new(
+                    base.replica()
+                        .with_dead_replica_after(dead_after)
+                        .expect("dead_after"),
+                )
+            }
+            Backend::Single | Backend::Cluster => {
+                let config = RedisConfig::from_url(&self.url)
+                    .expect("url")
+                    .with_timeout(CALL_TIMEOUT)
+                    .expect("timeout")
+                    .with_dead_replica_after(dead_after)
+                    .expect("dead_after")
+                    .with_namespace(namespace)
+                    .expect("namespace");
+                Arc::new(RedisStore::new(config))
+            }
+        }
+    }
+}
+
+/// A pool name unique to this test run (the shared servers outlive single tests).
+fn pool(case: &str) -> String {
+    format!("{case}-{:08x}", rand::random::<u32>())
+}
+
+async fn acquire(s: &dyn InflightStore, pool: &str, candidates: &[&str]) -> (usize, u64) {
+    let a = s
+        .acquire_least(pool, candidates, None)
+        .await
+        .unwrap_or_else(|e| panic!("acquire_least({candidates:?}): {e}"));
+    (a.index, a.inflight)
+}
+
+/// Acquire `n` times with `endpoint` as the only candidate.
+async fn load(s: &dyn InflightStore, pool: &str, endpoint: &str, n: usize) {
+    for _ in 0..n {
+        acquire(s, pool, &[endpoint]).await;
+    }
+}
+
+async fn counts(s: &dyn InflightStore, pool: &str, endpoints: &[&str]) -> Vec<u64> {
+    s.inflight(pool, endpoints).await.expect("inflight")
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn least_loaded_is_chosen(env: &Env) {
+        let s = env.replica();
+        let p = pool("least");
+        load(&*s, &p, "a", 3).await;
+        load(&*s, &p, "b", 1).await;
+        load(&*s, &p, "c", 2).await;
+        assert_eq!(acquire(&*s, &p, &["a", "b", "c"]).await, (1, 2));
+        // Now b = c = 2: either may be chosen, never a.
+        let (i, n) = acquire(&*s, &p, &["a", "b", "c"]).await;
+        assert!(i == 1 || i == 2, "picked {i}");
+        assert_eq!(n, 3);
+        let mut expect = vec![3, 2, 2];
+        expect[i] += 1;
+        assert_eq!(counts(&*s, &p, &["a", "b", "c"]).await, expect);
+    }
+
+    pub async fn ties_are_broken_uniformly(env: &Env) {
+        let s = env.replica();
+        let p = pool("ties");
+        let eps = ["a", "b", "c"];
+        let mut hist = [0usize; 3];
+        for _ in 0..300 {
+            let (i, n) = acquire(&*s, &p, &eps).await;
+            assert_eq!(n, 1);
+            hist[i] += 1;
+            s.release(&p, eps[i]).await.expect("release");
+        }
+        // Expected 100 each, standard deviation ~8.2: [55, 145] is beyond 5 sigma.
+        for h in hist {
+            assert!((55..=145).contains(&h), "histogram {hist:?}");
+        }
+        // Ties among a subset: only the minima are eligible, and both of them get picked.
+        load(&*s, &p, "a", 1).await;
+        let mut seen = [0usize; 3];
+        for _ in 0..60 {
+            let (i, _) = acquire(&*s, &p, &eps).await;
+            seen[i] += 1;
+            s.release(&p, eps[i]).await.expect("release");
+        }
+        assert_eq!(seen[0], 0, "{seen:?}");
+        assert!(seen[1] >= 10 && seen[2] >= 10, "{seen:?}");
+    }
+
+    pub async fn release_never_goes_below_zero(env: &Env) {
+        let s = env.replica();
+        let p = pool("release");
+        s.release(&p, "never-acquired").await.expect("release");
+        s.release("pool-never-used", "x").await.expect("release");
+        assert_eq!(counts(&*s, &p, &["never-acquired"]).await, vec![0]);
+        load(&*s, &p, "a", 1).await;
+        for _ in 0..3 {
+            s.release(&p, "a").await.expect("release");
+        }
+        assert_eq!(counts(&*s, &p, &["a"]).await, vec![0]);
+        // A negative count would make this 0 again.
+        assert_eq!(acquire(&*s, &p, &["a"]).await, (0, 1));
+        s.heartbeat(&p).await.expect("heartbeat");
+        assert_eq!(counts(&*s, &p, &["a"]).await, vec![1]);
+    }
+
+    pub async fn max_saturates_and_counts_nothing(env: &Env) {
+        let s = env.replica();
+        let p = pool("max");
+        let eps = ["a", "b"];
+        for _ in 0..4 {
+            s.acquire_least(&p, &eps, Some(2)).await.expect("room left");
+        }
+        assert_eq!(counts(&*s, &p, &eps).await, vec![2, 2]);
+        for _ in 0..3 {
+            match s.acquire_least(&p, &eps, Some(2)).await {
+                Err(StoreError::Saturated) => {}
+                other => panic!("expected Saturated, got {other:?}"),
+            }
+        }
+        assert_eq!(counts(&*s, &p, &eps).await, vec![2, 2]);
+        // A higher cap (or none) still admits; after a release the freed endpoint is chosen.
+        s.release(&p, "b").await.expect("release");
+        let a = s.acquire_least(&p, &eps, Some(2)).await.expect("room");
+        assert_eq!((a.index, a.inflight), (1, 2));
+        // max 0: always saturated, nothing counted, also on a fresh pool.
+        let fresh = pool("max0");
+        assert!(matches!(
+            s.acquire_least(&fresh, &eps, Some(0)).await,
+            Err(StoreError::Saturated)
+        ));
+        assert_eq!(counts(&*s, &fresh, &eps).await, vec![0, 0]);
+    }
+
+    pub async fn only_candidates_are_chosen(env: &Env) {
+        let s = env.replica();
+        let p = pool("candidates");
+        load(&*s, &p, "a", 2).await;
+        load(&*s, &p, "b", 1).await;
+        // "idle" is known to be free but is not a candidate.
+        for _ in 0..5 {
+            let (i, _) = acquire(&*s, &p, &["a", "b"]).await;
+            assert!(i < 2);
+        }
+        // A single, busier candidate is still the one chosen.
+        assert_eq!(acquire(&*s, &p, &["a"]).await.0, 0);
+        assert_eq!(counts(&*s, &p, &["idle"]).await, vec![0]);
+        assert_eq!(
+            s.acquire_least(&p, &[], None)
+                .await
+                .err()
+                .map(|e| e.to_string()),
+            Some(StoreError::InvalidInput("no candidates").to_string())
+        );
+        assert!(matches!(
+            s.acquire_least("", &["a"], None).await,
+            Err(StoreError::InvalidInput(_))
+        ));
+    }
+
+    pub async fn unknown_endpoints_count_zero(env: &Env) {
+        let s = env.replica();
+        let p = pool("unknown");
+        load(&*s, &p, "a", 2).await;
+        load(&*s, &p, "b", 2).await;
+        assert_eq!(acquire(&*s, &p, &["a", "b", "new:1"]).await, (2, 1));
+        assert_eq!(counts(&*s, &p, &["new:1", "other"]).await, vec![1, 0]);
+    }
+
+    pub async fn pools_and_namespaces_are_isolated(env: &Env) {
+        let s = env.replica();
+        let (p1, p2) = (pool("iso1"), pool("iso2"));
+        load(&*s, &p1, "a", 3).await;
+        assert_eq!(counts(&*s, &p2, &["a"]).await, vec![0]);
+        assert_eq!(acquire(&*s, &p2, &["a", "b"]).await.1, 1);
+        s.release(&p2, "a").await.expect("release");
+        s.release(&p2, "b").await.expect("release");
+        assert_eq!(counts(&*s, &p1, &["a"]).await, vec![3]);
+        // Another deployment (namespace) on the same store sees nothing of ours.
+        let other = env.replica_with(Duration::from_secs(10), "tenant2");
+        assert_eq!(counts(&*other, &p1, &["a"]).await, vec![0]);
+        load(&*other, &p1, "a", 1).await;
+        assert_eq!(counts(&*s, &p1, &["a"]).await, vec![3]);
+    }
+
+    pub async fn replicas_see_each_others_counts(env: &Env) {
+        let r1 = env.replica();
+        let r2 = env.replica();
+        assert_ne!(r1.replica_id(), r2.replica_id());
+        let p = pool("replicas");
+        load(&*r1, &p, "a", 2).await;
+        assert_eq!(acquire(&*r2, &p, &["a", "b"]).await, (1, 1));
+        assert_eq!(counts(&*r2, &p, &["a", "b"]).await, vec![2, 1]);
+        // r2 has nothing in flight to a: its release must not take r1's count.
+        r2.release(&p, "a").await.expect("release");
+        assert_eq!(counts(&*r1, &p, &["a", "b"]).await, vec![2, 1]);
+        r1.release(&p, "a").await.expect("release");
+        r2.release(&p, "b").await.expect("release");
+        assert_eq!(counts(&*r2, &p, &["a", "b"]).await, vec![1, 0]);
+        // Heart-beats recompute totals without changing correct ones.
+        r1.heartbeat(&p).await.expect("heartbeat");
+        r2.heartbeat(&p).await.expect("heartbeat");
+        assert_eq!(counts(&*r1, &p, &["a", "b"]).await, vec![1, 0]);
+    }
+
+    pub async fn silent_replica_is_reaped(env: &Env) {
+        let dead_after = Duration::from_secs(1);
+        let live = env.replica_with(dead_after, "llmlb");
+        let doomed = env.replica_with(dead_after, "llmlb");
+        let p = pool("reap");
+        load(&*doomed, &p, "a", 3).await;
+        load(&*live, &p, "a", 1).await;
+        let silent_since = Instant::now();
+        assert_eq!(counts(&*live, &p, &["a"]).await, vec![4]);
+        // Within the timeout the silent replica still counts.
+        tokio::time::sleep(dead_after / 2).await;
+        live.heartbeat(&p).await.expect("heartbeat");
+        assert_eq!(counts(&*live, &p, &["a"]).await, vec![4]);
+        // Then it disappears, while the live replica's count stays.
+        let reaped_at = loop {
+            live.heartbeat(&p).await.expect("heartbeat");
+            if counts(&*live, &p, &["a"]).await == vec![1] {
+                break silent_since.elapsed();
+            }
+            assert!(
+                silent_since.elapsed() < dead_after + Duration::from_secs(1),
+                "silent replica still counted after {:?}",
+                silent_since.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            reaped_at >= dead_after / 2,
+            "reaped too early: {reaped_at:?}"
+        );
+        // Its late releases find nothing; when it speaks again it starts from zero.
+        doomed.release(&p, "a").await.expect("release");
+        assert_eq!(counts(&*live, &p, &["a"]).await, vec![1]);
+        assert_eq!(acquire(&*doomed, &p, &["a"]).await, (0, 2));
+        // A replica alone never reaps itself, however long it was silent.
+        tokio::time::sleep(dead_after + dead_after / 2).await;
+        doomed.heartbeat(&p).await.expect("heartbeat");
+        assert_eq!(counts(&*doomed, &p, &["a"]).await, vec![1]);
+    }
+
+    pub async fn concurrent_acquires_are_atomic(env: &Env) {
+        let replicas: Vec<Arc<dyn InflightStore>> = (0..4).map(|_| env.replica()).collect();
+        let p = pool("atomic");
+        let eps = ["a", "b", "c", "d"];
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = replicas[i % replicas.len()].clone();
+            let p = p.clone();
+            tasks.push(tokio::spawn(async move {
+                let a = s.acquire_least(&p, &eps, None).await.expect("acquire");
+                (i % 4, eps[a.index])
+            }));
+        }
+        let mut held = Vec::new();
+        for t in tasks {
+            held.push(t.await.expect("task"));
+        }
+        // Every pick took a minimum atomically, so the counts never differ by more than one:
+        // 200 picks over 4 endpoints leave exactly 50 each.
+        assert_eq!(counts(&*replicas[0], &p, &eps).await, vec![50; 4]);
+        let mut tasks = Vec::new();
+        for (r, ep) in held {
+            let s = replicas[r].clone();
+            let p = p.clone();
+            tasks.push(tokio::spawn(async move { s.release(&p, ep).await }));
+        }
+        for t in tasks {
+            t.await.expect("task").expect("release");
+        }
+        assert_eq!(counts(&*replicas[1], &p, &eps).await, vec![0; 4]);
+    }
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::cases::$case(&super::Env::embedded()).await;
+                }
+            )*
+        }
+        mod single_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::cases::$case(&super::Env::single()).await;
+                }
+            )*
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::cases::$case(&super::Env::cluster()).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    least_loaded_is_chosen,
+    ties_are_broken_uniformly,
+    release_never_goes_below_zero,
+    max_saturates_and_counts_nothing,
+    only_candidates_are_chosen,
+    unknown_endpoints_count_zero,
+    pools_and_namespaces_are_isolated,
+    replicas_see_each_others_counts,
+    silent_replica_is_reaped,
+    concurrent_acquires_are_atomic,
+);
+
+/// Behaviour that only exists with a server.
+mod redis_only {
+    use super::*;
+
+    fn store(url: &str, timeout: Duration) -> RedisStore {
+        RedisStore::new(
+            RedisConfig::from_url(url)
+                .expect("url")
+                .with_timeout(timeout)
+                .expect("timeout"),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn detects_standalone_and_cluster() {
+        let single = store(&shared_server().url(), CALL_TIMEOUT);
+        single.connect().await.expect("connect");
+        assert_eq!(single.is_cluster(), Some(false));
+        let cluster = store(&shared_cluster().url(), CALL_TIMEOUT);
+        cluster.connect().await.expect("connect");
+        assert_eq!(cluster.is_cluster(), Some(true));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_layout_is_namespaced_with_the_pool_hash_tag() {
+        let server = shared_server();
+        let s = RedisStore::new(
+            RedisConfig::from_url(&server.url())
+                .expect("url")
+                .with_timeout(CALL_TIMEOUT)
+                .expect("timeout")
+                .with_replica_id("gw-1")
+                .expect("id"),
+        );
+        let p = pool("layout");
+        acquire(&s, &p, &["10.0.0.1:8000"]).await;
+        let [inflight, total, replicas] = s.keys(&p);
+        assert_eq!(inflight, format!("llmlb:{{{p}}}:inflight"));
+        assert_eq!(
+            server.cli(&["HGETALL", &inflight]).expect("cli"),
+            "gw-1|10.0.0.1:8000\n1\n"
+        );
+        assert_eq!(
+            server.cli(&["HGETALL", &total]).expect("cli"),
+            "10.0.0.1:8000\n1\n"
+        );
+        let score = server.cli(&["ZSCORE", &replicas, "gw-1"]).expect("cli");
+        let ms: f64 = score.trim().parse().expect("heartbeat score");
+        let time = server.cli(&["TIME"]).expect("cli");
+        let secs: f64 = time.lines().next().expect("secs").parse().expect("secs");
+        assert!(
+            (secs * 1000.0 - ms).abs() < 5000.0,
+            "score {ms} vs TIME {secs}"
+        );
+        for k in [&inflight, &total, &replicas] {
+            let ttl: i64 = server
+                .cli(&["PTTL", k])
+                .expect("cli")
+                .trim()
+                .parse()
+                .expect("ttl");
+            assert!(ttl > 0, "{k} has no TTL");
+        }
+        // All keys of a pool share one cluster slot.
+        let cluster = shared_cluster();
+        let slots: Vec<String> = [&inflight, &total, &replicas]
+            .iter()
+            .map(|k| {
+                cluster.nodes[0]
+                    .cli(&["CLUSTER", "KEYSLOT", k])
+                    .expect("keyslot")
+            })
+            .collect();
+        assert!(slots.iter().all(|s| *s == slots[0]), "{slots:?}");
+        s.release(&p, "10.0.0.1:8000").await.expect("release");
+        assert_eq!(server.cli(&["HLEN", &inflight]).expect("cli").trim(), "0");
+    }
+
+    async fn survives_script_flush(s: &RedisStore, flush: impl Fn()) {
+        let p = pool("noscript");
+        load(s, &p, "a", 1).await;
+        s.heartbeat(&p).await.expect("heartbeat");
+        flush();
+        // Every script reloads itself on NOSCRIPT, transparently.
+        assert_eq!(acquire(s, &p, &["a", "b"]).await, (1, 1));
+        flush();
+        s.release(&p, "a").await.expect("release after flush");
+        flush();
+        s.heartbeat(&p).await.expect("heartbeat after flush");
+        flush();
+        assert_eq!(counts(s, &p, &["a", "b"]).await, vec![0, 1]);
+    }
+
+    /// How many `SCRIPT LOAD`s the server has executed.
+    fn script_loads(server: &RedisServer) -> u64 {
+        let stats = server.cli(&["INFO", "commandstats"]).expect("info");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_script|load:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map(|n| n.parse().expect("calls"))
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn noscript_is_recovered_single() {
+        // A server of its own: the shared one's SCRIPT LOAD count moves with other tests.
+        let server = RedisServer::start().expect("redis");
+        let s = store(&server.url(), CALL_TIMEOUT);
+        let warm = pool("warm");
+        load(&s, &warm, "a", 2).await;
+        s.release(&warm, "a").await.expect("release");
+        let before = script_loads(&server);
+        // Loaded once, then called by SHA: repeated calls load nothing more.
+        load(&s, &warm, "a", 5).await;
+        assert_eq!(script_loads(&server), before);
+        survives_script_flush(&s, || {
+            assert_eq!(
+                server.cli(&["SCRIPT", "FLUSH"]).expect("flush").trim(),
+                "OK"
+            );
+        })
+        .await;
+        // Each call after a flush reloaded its script (acquire, release, heartbeat, inflight).
+        assert!(script_loads(&server) >= before + 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn noscript_is_recovered_cluster() {
+        let cluster = shared_cluster();
+        let s = store(&cluster.url(), CALL_TIMEOUT);
+        survives_script_flush(&s, || {
+            for out in cluster.cli_all(&["SCRIPT", "FLUSH"]).expect("flush") {
+                assert_eq!(out.trim(), "OK");
+            }
+        })
+        .await;
+    }
+
+    /// After the server dies every call fails, as a store failure, within the timeout (+ slack).
+    async fn fails_fast(s: &RedisStore, timeout: Duration) {
+        let p = pool("dead");
+        for i in 0..5 {
+            let start = Instant::now();
+            let r = match i % 4 {
+                0 => s.acquire_least(&p, &["a", "b"], None).await.map(|_| ()),
+                1 => s.release(&p, "a").await,
+                2 => s.inflight(&p, &["a"]).await.map(|_| ()),
+                _ => s.heartbeat(&p).await,
+            };
+            let took = start.elapsed();
+            let e = r.expect_err("server is dead");
+            assert!(e.is_store_failure(), "{e}");
+            assert!(
+                took < timeout + Duration::from_secs(1),
+                "call {i} took {took:?}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn killed_server_fails_within_the_timeout() {
+        let mut server = RedisServer::start().expect("redis");
+        let timeout = Duration::from_millis(300);
+        let s = store(&server.url(), timeout);
+        let p = pool("kill");
+        load(&s, &p, "a", 1).await;
+        server.kill();
+        fails_fast(&s, timeout).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn killed_cluster_fails_within_the_timeout() {
+        let mut cluster = RedisCluster::start().expect("cluster");
+        let timeout = Duration::from_millis(300);
+        let s = store(&cluster.url(), timeout);
+        let p = pool("kill");
+        load(&s, &p, "a", 1).await;
+        assert_eq!(s.is_cluster(), Some(true));
+        cluster.kill_all();
+        fails_fast(&s, timeout).await;
+    }
+
+    /// Retry `f` until it succeeds (the connection manager reconnects in the background).
+    async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match f().await {
+                Ok(v) => return v,
+                Err(e) if Instant::now() < deadline => {
+                    assert!(e.is_store_failure(), "{what}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{what} never recovered: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restart_that_lost_data_never_goes_negative() {
+        let mut server = RedisServer::start().expect("redis");
+        let s = store(&server.url(), CALL_TIMEOUT);
+        let other = store(&server.url(), CALL_TIMEOUT);
+        let p = pool("restart");
+        load(&s, &p, "a", 2).await;
+        load(&other, &p, "b", 1).await;
+        server.restart().expect("restart");
+        assert_eq!(server.cli(&["DBSIZE"]).expect("cli").trim(), "0");
+        // The two in-flight requests finish after the restart: their releases are no-ops.
+        eventually("release", || s.release(&p, "a")).await;
+        s.release(&p, "a").await.expect("release");
+        eventually("release", || other.release(&p, "b")).await;
+        assert_eq!(counts(&s, &p, &["a", "b"]).await, vec![0, 0]);
+        let [inflight, total, _] = s.keys(&p);
+        for k in [&inflight, &total] {
+            let dump = server.cli(&["HGETALL", k]).expect("cli");
+            assert!(!dump.contains('-'), "negative count in {k}: {dump}");
+        }
+        // Picks work again and count from zero.
+        let a = eventually("acquire", || s.acquire_least(&p, &["a", "b"], None)).await;
+        assert_eq!(a.inflight, 1);
+        let b = eventually("acquire", || other.acquire_least(&p, &["a", "b"], None)).await;
+        assert_eq!(b.inflight, 1);
+        assert_ne!(a.index, b.index);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn down_at_start_then_connects() {
+        let mut server = RedisServer::start().expect("redis");
+        let url = server.url();
+        server.kill();
+        let s = store(&url, Duration::from_millis(300));
+        let p = pool("late");
+        let start = Instant::now();
+        assert!(s.acquire_least(&p, &["a"], None).await.is_err());
+        assert!(start.elapsed() < Duration::from_millis(1300));
+        assert_eq!(s.is_cluster(), None);
+        server.restart().expect("start");
+        let a = eventually("acquire", || s.acquire_least(&p, &["a"], None)).await;
+        assert_eq!(a.inflight, 1);
+        assert_eq!(s.is_cluster(), Some(false));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn higress_keys_with_password() {
+        let server = RedisServer::start_with(&["--requirepass", "s3cret-pw"]).expect("redis");
+        let lb = |password: &str| {
+            let yaml = format!(
+                "{{serviceFQDN: 127.0.0.1, servicePort: {}, password: '{password}', timeout: 1000}}",
+                server.port()
+            );
+            let file: llm_lb::config::file::LbConfigFile =
+                serde_yaml::from_str(&yaml).expect("yaml");
+            RedisConfig::from_lb_config(&file)
+                .expect("config")
+                .expect("redis")
+        };
+        let good = RedisStore::new(lb("s3cret-pw"));
+        let p = pool("auth");
+        assert_eq!(acquire(&good, &p, &["a"]).await, (0, 1));
+        let bad = RedisStore::new(lb("wrong-pw"));
+        let e = bad
+            .acquire_least(&p, &["a"], None)
+            .await
+            .expect_err("wrong password");
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+        let text = format!("{e} {e:?} {bad:?}");
+        assert!(!text.contains("wrong-pw"), "{text}");
+    }
+}
