@@ -191,19 +191,20 @@ impl ProxyHttp for LbProxy {
         session.as_downstream_mut().enable_retry_buffering();
         let body = body::read(session, self.routes.config.max_body_bytes).await?;
         ctx.request_bytes = body.len();
-        let request = if body.is_empty() {
-            LlmRequest::empty()
-        } else {
-            LlmRequest::parse(&body)
-        };
-        let Some(index) = self.routes.config.pool_index(request.model.as_deref()) else {
+        let request = LlmRequest::parse(&body);
+        let Some(pool) = self
+            .routes
+            .config
+            .pool_index(request.model.as_deref())
+            .and_then(|i| self.routes.pools.get(i))
+            .cloned()
+        else {
             let model = request.model.as_deref().unwrap_or_default();
             return Error::e_explain(
                 ErrorType::HTTPStatus(404),
                 format!("The model `{model}` does not exist."),
             );
         };
-        let pool = self.routes.pools[index].clone();
         ctx.route = Some(Route {
             pool,
             request: Arc::new(request),
