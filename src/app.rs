@@ -6,12 +6,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::Server;
+use pingora::services::background::background_service;
 use pingora::services::Service as _;
 
 use crate::cli::Cli;
 use crate::config::{self, Config};
 use crate::pool::Pool;
 use crate::proxy::{LbProxy, Routes};
+use crate::store::CountsService;
 use crate::{admin, telemetry};
 
 /// Build the pools and routing table from a validated configuration, plus the health services.
@@ -60,6 +62,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         health_handles.push(server.add_service(svc));
     }
 
+    let counts: Vec<_> = routes
+        .pools
+        .iter()
+        .filter_map(|p| p.counts.clone())
+        .collect();
+    if !counts.is_empty() {
+        for c in &counts {
+            log::info!(
+                "pool {}: in-flight counts in the {} state store (replica {})",
+                c.pool(),
+                c.store().kind(),
+                c.store().replica_id()
+            );
+        }
+        server.add_service(background_service(
+            "state store heartbeat",
+            CountsService::new(counts),
+        ));
+    }
     let mut options = pingora::apps::HttpServerOptions::default();
     options.h2c = h2c;
     let mut proxy = ProxyServiceBuilder::new(&server.configuration, LbProxy::new(routes))

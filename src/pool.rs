@@ -10,6 +10,7 @@ use pingora::lb::Backend;
 use crate::config::PoolConfig;
 use crate::health::{self, HealthView};
 use crate::policy::{self, Policy, RoundRobin};
+use crate::store::PoolCounts;
 use crate::telemetry;
 
 /// Index of an endpoint within its pool.
@@ -65,6 +66,8 @@ pub struct Pool {
     pub config: PoolConfig,
     pub endpoints: Vec<EndpointView>,
     pub policy: Arc<dyn Policy>,
+    /// The policy's shared in-flight counts, when it keeps them in a store.
+    pub counts: Option<Arc<PoolCounts>>,
     /// Routes requests the policy cannot judge (no body, not JSON, no prompt).
     pub fallback: RoundRobin,
     health: Option<HealthView>,
@@ -96,8 +99,10 @@ impl Pool {
             telemetry::add_inflight(&config.name, &e.label, 0);
             telemetry::set_endpoint_health(&config.name, &e.label, true);
         }
+        let (policy, counts) = policy::build(&config);
         let pool = Pool {
-            policy: policy::build(&config),
+            policy,
+            counts,
             fallback: RoundRobin::new(&weights),
             endpoints,
             health,

@@ -6,7 +6,8 @@
 use std::sync::LazyLock;
 
 use pingora_prometheus::prometheus::{
-    register_int_counter_vec, register_int_gauge_vec, IntCounterVec, IntGaugeVec,
+    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec,
+    IntCounterVec, IntGaugeVec,
 };
 
 /// Initialise `log` output: `RUST_LOG` if set, else info (Pingora's own chatter at warn).
@@ -73,6 +74,34 @@ static INFLIGHT: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
     .ok()
 });
 
+static STORE_CALLS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_store_calls_total",
+        "State-store calls, by pool, operation (acquire, release, heartbeat, restore) and result (ok, saturated, timeout, error)",
+        &["pool", "op", "result"]
+    )
+    .ok()
+});
+
+static STORE_SECONDS: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "llmlb_store_call_seconds",
+        "State-store call latency, by operation",
+        &["op"],
+        vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+    )
+    .ok()
+});
+
+static STORE_BREAKER: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_store_breaker_open",
+        "1 while requests skip the pool's state store after repeated failures",
+        &["pool"]
+    )
+    .ok()
+});
+
 /// Create every family so it is exported before the first request.
 pub fn touch() {
     LazyLock::force(&REQUESTS);
@@ -81,6 +110,24 @@ pub fn touch() {
     LazyLock::force(&RETRIES);
     LazyLock::force(&HEALTH);
     LazyLock::force(&INFLIGHT);
+    LazyLock::force(&STORE_CALLS);
+    LazyLock::force(&STORE_SECONDS);
+    LazyLock::force(&STORE_BREAKER);
+}
+
+pub fn store_call(pool: &str, op: &str, result: &str, took: std::time::Duration) {
+    if let Some(m) = STORE_CALLS.as_ref() {
+        m.with_label_values(&[pool, op, result]).inc();
+    }
+    if let Some(m) = STORE_SECONDS.as_ref() {
+        m.with_label_values(&[op]).observe(took.as_secs_f64());
+    }
+}
+
+pub fn set_store_breaker(pool: &str, open: bool) {
+    if let Some(m) = STORE_BREAKER.as_ref() {
+        m.with_label_values(&[pool]).set(i64::from(open));
+    }
 }
 
 pub fn count_request(pool: &str, endpoint: &str, status: u16) {

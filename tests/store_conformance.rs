@@ -330,6 +330,32 @@ mod cases {
         assert_eq!(counts(&*doomed, &p, &["a"]).await, vec![1]);
     }
 
+    pub async fn restore_replaces_only_the_callers_share(env: &Env) {
+        let r1 = env.replica();
+        let r2 = env.replica();
+        let p = pool("restore");
+        let eps = ["a", "b", "c"];
+        load(&*r1, &p, "a", 2).await;
+        load(&*r1, &p, "b", 1).await;
+        load(&*r2, &p, "a", 1).await;
+        // r1 really holds one on a and two on c (e.g. a timed-out acquire did count on b).
+        r1.restore(&p, &[("a", 1), ("c", 2), ("b", 0)])
+            .await
+            .expect("restore");
+        assert_eq!(counts(&*r2, &p, &eps).await, vec![2, 0, 2]);
+        // r1's releases now apply to what it holds: b has nothing of r1's left.
+        r1.release(&p, "b").await.expect("release");
+        r1.release(&p, "c").await.expect("release");
+        assert_eq!(counts(&*r2, &p, &eps).await, vec![2, 0, 1]);
+        // Restoring nothing withdraws r1 entirely; r2's share stays.
+        r1.restore(&p, &[]).await.expect("restore");
+        assert_eq!(counts(&*r2, &p, &eps).await, vec![1, 0, 0]);
+        // Restoring after the store lost everything brings the share back.
+        r2.restore(&p, &[("a", 1)]).await.expect("restore");
+        r1.restore(&p, &[("b", 3)]).await.expect("restore");
+        assert_eq!(counts(&*r1, &p, &eps).await, vec![1, 3, 0]);
+    }
+
     pub async fn concurrent_acquires_are_atomic(env: &Env) {
         let replicas: Vec<Arc<dyn InflightStore>> = (0..4).map(|_| env.replica()).collect();
         let p = pool("atomic");
@@ -402,6 +428,7 @@ conformance!(
     pools_and_namespaces_are_isolated,
     replicas_see_each_others_counts,
     silent_replica_is_reaped,
+    restore_replaces_only_the_callers_share,
     concurrent_acquires_are_atomic,
 );
 

@@ -109,6 +109,12 @@ pub struct LbConfigFile {
     pub redisKeyTTL: Option<i64>,
     pub maxRequestCount: Option<u64>,
     pub criticalModels: Option<Vec<String>>,
+    /// llm-lb's addition: Redis key namespace (default `llmlb`), so deployments sharing one Redis
+    /// never collide.
+    pub keyPrefix: Option<String>,
+    /// llm-lb's addition: ms without a heartbeat after which a replica's in-flight counts are
+    /// removed by the survivors (default 10000, at most 15000).
+    pub replicaTimeout: Option<u64>,
     /// Higress's own knobs that have no meaning here (accepted, warned about).
     pub cleanInterval: Option<serde_yaml::Value>,
     pub enableDetailLog: Option<serde_yaml::Value>,

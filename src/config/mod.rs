@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use file::{EndpointFile, LbConfigFile, OneOrMany, PolicyFile, PoolFile};
 
+use crate::store::{RedisConfig, StoreConfigError};
+
 /// Default `max_body_bytes`: 32 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// Default admin listener (loopback only).
@@ -85,6 +87,19 @@ pub struct PoolConfig {
     pub metrics: MetricsConfig,
     pub policy: PolicyKind,
     pub lb_config: LbConfigFile,
+    /// Where the policy keeps shared state; `None` for policies without state.
+    pub store: Option<StoreConfig>,
+    /// `maxRequestCount`: refuse with 429 when every endpoint has this many in flight.
+    pub max_inflight: Option<u64>,
+}
+
+/// The state store a pool's policy uses.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// In-process (no Redis keys in `lb_config`): correct for a single gateway replica.
+    Embedded,
+    /// Redis or Redis Cluster, shared by every replica configured with it.
+    Redis(Box<RedisConfig>),
 }
 
 impl PoolConfig {
@@ -123,23 +138,31 @@ pub struct MetricsConfig {
 pub enum PolicyKind {
     RoundRobin,
     Random,
+    GlobalLeastRequest,
 }
 
 impl PolicyKind {
-    pub const NAMES: &'static [&'static str] = &["round_robin", "random"];
+    pub const NAMES: &'static [&'static str] = &["round_robin", "random", "global_least_request"];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "round_robin" => Some(Self::RoundRobin),
             "random" => Some(Self::Random),
+            "global_least_request" => Some(Self::GlobalLeastRequest),
             _ => None,
         }
+    }
+
+    /// Whether the policy keeps state in a store (embedded or Redis).
+    pub fn uses_store(self) -> bool {
+        matches!(self, Self::GlobalLeastRequest)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Self::RoundRobin => "round_robin",
             Self::Random => "random",
+            Self::GlobalLeastRequest => "global_least_request",
         }
     }
 }
@@ -328,8 +351,14 @@ impl Validator {
 
     fn pool(&mut self, path: &str, p: PoolFile) -> Option<PoolConfig> {
         let before = self.issues.len();
-        if p.name.is_empty() {
-            self.issue(&format!("{path}.name"), "must not be empty");
+        if p.name.is_empty()
+            || p.name.contains(['{', '}', '|'])
+            || p.name.chars().any(char::is_whitespace)
+        {
+            self.issue(
+                &format!("{path}.name"),
+                "must be non-empty, without braces, '|' or whitespace (it names state-store keys)",
+            );
         }
         if p.models.is_empty() {
             self.issue(
@@ -420,8 +449,20 @@ impl Validator {
             );
         }
         let lb_config = p.lb_config.unwrap_or_default();
+        let lb_path = format!("{path}.lb_config");
+        let mut store = None;
         if let Some(kind) = policy {
-            self.ignored_lb_keys(&format!("{path}.lb_config"), kind, &lb_config);
+            self.ignored_lb_keys(&lb_path, kind, &lb_config);
+            if kind.uses_store() {
+                store = match RedisConfig::from_lb_config(&lb_config) {
+                    Ok(Some(redis)) => Some(StoreConfig::Redis(Box::new(redis))),
+                    Ok(None) => Some(StoreConfig::Embedded),
+                    Err(StoreConfigError::Invalid { key, reason }) => {
+                        self.issue(&format!("{lb_path}.{key}"), &reason);
+                        None
+                    }
+                };
+            }
         }
         if self.issues.len() > before {
             return None;
@@ -433,31 +474,56 @@ impl Validator {
             health_check,
             metrics,
             policy: policy?,
+            max_inflight: lb_config.maxRequestCount.filter(|n| *n > 0),
             lb_config,
+            store,
         })
     }
 
-    /// Warn about Higress keys that the chosen policy does not use.
+    /// Warn about `lb_config` keys that the chosen policy (or store) does not use.
     fn ignored_lb_keys(&mut self, path: &str, kind: PolicyKind, c: &LbConfigFile) {
-        let set: [(&str, bool); 11] = [
-            ("serviceFQDN", c.serviceFQDN.is_some()),
-            ("servicePort", c.servicePort.is_some()),
-            ("username", c.username.is_some()),
-            ("password", c.password.is_some()),
-            ("timeout", c.timeout.is_some()),
-            ("database", c.database.is_some()),
-            ("redisKeyTTL", c.redisKeyTTL.is_some()),
-            ("maxRequestCount", c.maxRequestCount.is_some()),
-            ("criticalModels", c.criticalModels.is_some()),
-            ("cleanInterval", c.cleanInterval.is_some()),
-            ("enableDetailLog", c.enableDetailLog.is_some()),
+        let redis = c.serviceFQDN.is_some();
+        // (key, present, used by this policy, why not)
+        let store = kind.uses_store();
+        let redis_only = "ignored: only used with a Redis store (serviceFQDN)";
+        let set: [(&str, bool, bool, &str); 13] = [
+            ("serviceFQDN", redis, store, ""),
+            (
+                "servicePort",
+                c.servicePort.is_some(),
+                store && redis,
+                redis_only,
+            ),
+            ("username", c.username.is_some(), store && redis, redis_only),
+            ("password", c.password.is_some(), store && redis, redis_only),
+            ("timeout", c.timeout.is_some(), store && redis, redis_only),
+            ("database", c.database.is_some(), store && redis, redis_only),
+            (
+                "keyPrefix",
+                c.keyPrefix.is_some(),
+                store && redis,
+                redis_only,
+            ),
+            (
+                "replicaTimeout",
+                c.replicaTimeout.is_some(),
+                store && redis,
+                redis_only,
+            ),
+            ("redisKeyTTL", c.redisKeyTTL.is_some(), false, ""),
+            ("maxRequestCount", c.maxRequestCount.is_some(), store, ""),
+            ("criticalModels", c.criticalModels.is_some(), false, ""),
+            ("cleanInterval", c.cleanInterval.is_some(), false, ""),
+            ("enableDetailLog", c.enableDetailLog.is_some(), false, ""),
         ];
-        for (key, present) in set {
-            if present {
-                self.warn(
-                    &format!("{path}.{key}"),
-                    &format!("ignored: not used by lb_policy {}", kind.name()),
-                );
+        for (key, present, used, why) in set {
+            if present && !used {
+                let message = if why.is_empty() || !store {
+                    format!("ignored: not used by lb_policy {}", kind.name())
+                } else {
+                    why.to_owned()
+                };
+                self.warn(&format!("{path}.{key}"), &message);
             }
         }
     }

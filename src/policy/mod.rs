@@ -7,9 +7,11 @@
 //! optionally, a [`Lease`] that the proxy releases exactly once when the attempt ends (success,
 //! error, retry on another endpoint, client abort, or the request context being dropped).
 
+mod global_least_request;
 mod random;
 mod round_robin;
 
+pub use global_least_request::GlobalLeastRequest;
 pub use random::Random;
 pub use round_robin::RoundRobin;
 
@@ -17,9 +19,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::{PolicyKind, PoolConfig};
+use crate::config::{PolicyKind, PoolConfig, StoreConfig};
 use crate::pool::{EndpointId, EndpointView};
 use crate::request::LlmRequest;
+use crate::store::{InflightStore, MemoryStore, PoolCounts, RedisConfig, RedisStore};
 
 /// Everything a policy may look at for one pick.
 pub struct PickInput<'a> {
@@ -79,13 +82,29 @@ pub trait Policy: Send + Sync {
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError>;
 }
 
-/// Build the policy a pool's configuration asks for.
-pub fn build(pool: &PoolConfig) -> Arc<dyn Policy> {
+/// Build the policy a pool's configuration asks for, and the shared in-flight counts it keeps
+/// (for policies that use a store; they need [`crate::store::CountsService`] running).
+pub fn build(pool: &PoolConfig) -> (Arc<dyn Policy>, Option<Arc<PoolCounts>>) {
     let weights: Vec<usize> = pool.endpoints.iter().map(|e| e.weight).collect();
     match pool.policy {
-        PolicyKind::RoundRobin => Arc::new(RoundRobin::new(&weights)),
-        PolicyKind::Random => Arc::new(Random::new()),
+        PolicyKind::RoundRobin => (Arc::new(RoundRobin::new(&weights)), None),
+        PolicyKind::Random => (Arc::new(Random::new()), None),
+        PolicyKind::GlobalLeastRequest => {
+            let counts = pool_counts(pool);
+            let policy = GlobalLeastRequest::new(counts.clone(), pool.max_inflight);
+            (Arc::new(policy), Some(counts))
+        }
     }
+}
+
+/// The pool's counts in the store its configuration names (embedded when none).
+fn pool_counts(pool: &PoolConfig) -> Arc<PoolCounts> {
+    let store: Arc<dyn InflightStore> = match &pool.store {
+        Some(StoreConfig::Redis(redis)) => Arc::new(RedisStore::new(RedisConfig::clone(redis))),
+        Some(StoreConfig::Embedded) | None => Arc::new(MemoryStore::new()),
+    };
+    let labels = pool.endpoints.iter().map(|e| e.addr.to_string()).collect();
+    Arc::new(PoolCounts::new(store, &pool.name, labels))
 }
 
 #[cfg(test)]

@@ -242,6 +242,25 @@ impl InflightStore for MemoryStore {
         st.reconcile();
         Ok(())
     }
+
+    async fn restore(&self, pool: &str, held: &[(&str, u64)]) -> Result<(), StoreError> {
+        check_call(pool, 1)?;
+        let pool = self.pool(pool);
+        let mut st = pool.lock();
+        st.touch_and_reap(&self.replica, Instant::now(), self.dead_after);
+        let mine: HashMap<String, u64> = held
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(ep, n)| ((*ep).to_owned(), *n))
+            .collect();
+        if mine.is_empty() {
+            st.contributions.remove(&*self.replica);
+        } else {
+            st.contributions.insert(self.replica.to_string(), mine);
+        }
+        st.reconcile();
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -37,6 +37,8 @@
 //! - [`InflightStore::heartbeat`] must therefore be called every
 //!   [`InflightStore::heartbeat_interval`] by a background service while the gateway runs. It also
 //!   recomputes the totals from the live contributions (self-healing after partial data loss).
+//! - [`InflightStore::restore`] sets this replica's contributions to what it really holds, so a
+//!   replica can undo the effect of calls it could not observe (timeouts, a restart of the store).
 //! - Counts never go negative: releasing a count that is not there (Redis restarted empty, or this
 //!   replica was reaped while partitioned) is a no-op.
 //! - Only the candidates passed in are eligible; a candidate the store has never seen counts 0, so
@@ -46,11 +48,17 @@
 //!   sent by SHA and reloaded automatically when Redis answers `NOSCRIPT`. Keys expire after
 //!   [`KEY_TTL`] without any write, so pools nobody serves any more do not linger.
 
+mod breaker;
 mod memory;
+mod pool_counts;
 mod redis;
+mod service;
 
+pub use self::breaker::TRIP_AFTER;
 pub use self::memory::MemoryStore;
+pub use self::pool_counts::{PoolCounts, Skip};
 pub use self::redis::{RedisConfig, RedisMode, RedisStore};
+pub use self::service::CountsService;
 
 use std::time::Duration;
 
@@ -112,6 +120,13 @@ pub enum StoreConfigError {
 }
 
 impl StoreConfigError {
+    /// The same error reported under the configuration key the user wrote.
+    fn rekey(self, key: &'static str) -> Self {
+        match self {
+            StoreConfigError::Invalid { reason, .. } => StoreConfigError::Invalid { key, reason },
+        }
+    }
+
     fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
         StoreConfigError::Invalid {
             key,
@@ -157,6 +172,12 @@ pub trait InflightStore: Send + Sync {
     /// heartbeat is older than the dead-replica timeout, and recompute the totals from the live
     /// contributions.
     async fn heartbeat(&self, pool: &str) -> Result<(), StoreError>;
+
+    /// [`InflightStore::heartbeat`], but first replace this replica's contributions for `pool`
+    /// with exactly `held` (endpoint, count); endpoints not listed count 0. A replica that knows
+    /// what it really has in flight uses this to repair the store after calls whose effect is
+    /// unknown (timeouts) or lost (a Redis restart, releases skipped while the store was down).
+    async fn restore(&self, pool: &str, held: &[(&str, u64)]) -> Result<(), StoreError>;
 }
 
 /// A replica id unique per process and start: `<hostname>-<pid>-<8 random hex digits>`.
@@ -230,7 +251,7 @@ fn check_call(pool: &str, n_candidates: usize) -> Result<(), StoreError> {
 /// The selection rule both implementations follow (the Lua script mirrors it line by line): the
 /// minimum count; among the `k` candidates that have it, the `(random mod k)`-th in order.
 /// Returns (index, minimum). `counts` must not be empty.
-fn pick_least(counts: &[u64], random: u32) -> (usize, u64) {
+pub(crate) fn pick_least(counts: &[u64], random: u32) -> (usize, u64) {
     let min = counts.iter().copied().min().unwrap_or(0);
     let ties = counts.iter().filter(|c| **c == min).count().max(1);
     let want = random as usize % ties;

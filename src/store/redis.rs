@@ -12,6 +12,8 @@
 //! | `username`, `password` | ACL user and password (empty = none) |
 //! | `database` | database number, default 0 (Redis Cluster has only 0) |
 //! | `timeout` | ms per Redis call, default 50 (0 = default); a call that takes longer fails with [`StoreError::Timeout`] |
+//! | `keyPrefix` | (llm-lb) key namespace, default `llmlb` |
+//! | `replicaTimeout` | (llm-lb) ms without heartbeat before a replica's counts are removed, default 10000, at most 15000 |
 //!
 //! `serviceFQDN` may be a URL: `redis://[user[:password]@]host[:port][/db]`, `rediss://…` (TLS) or
 //! `redis+unix:///path/redis.sock[?db=N]`. Percent-encode special characters of the user and
@@ -46,7 +48,8 @@
 //!   positive, decrement it and the total (removing fields that reach 0); otherwise nothing.
 //! - **inflight** (`KEYS` as acquire; `ARGV` … endpoints…): refresh, reap, `HMGET` the totals.
 //! - **heartbeat** (`KEYS` as acquire): refresh, reap, then drop fields of replicas that have no
-//!   heartbeat and recompute every total from the remaining fields.
+//!   heartbeat and recompute every total from the remaining fields. With `ARGV[4] = "restore"`
+//!   it first replaces this replica's fields with the (endpoint, count) pairs that follow.
 
 use std::fmt;
 use std::sync::Arc;
@@ -197,6 +200,16 @@ impl RedisConfig {
             if ms > 0 {
                 config = config.with_timeout(Duration::from_millis(ms))?;
             }
+        }
+        if let Some(prefix) = c.keyPrefix.as_deref() {
+            config = config
+                .with_namespace(prefix)
+                .map_err(|e| e.rekey("keyPrefix"))?;
+        }
+        if let Some(ms) = c.replicaTimeout {
+            config = config
+                .with_dead_replica_after(Duration::from_millis(ms))
+                .map_err(|e| e.rekey("replicaTimeout"))?;
         }
         Ok(Some(config))
     }
@@ -454,11 +467,24 @@ return out
 "#
 );
 
-/// Refresh, reap, drop fields of replicas without a heartbeat, recompute all totals.
+/// Refresh, reap; with ARGV[4] = "restore", replace this replica's fields with the pairs
+/// ARGV[5], ARGV[6], … (endpoint, count); then drop fields of replicas without a heartbeat and
+/// recompute all totals.
 const HEARTBEAT_LUA: &str = concat!(
     prelude!(),
     r#"
 touch_and_reap()
+if ARGV[4] == 'restore' then
+  local mine = me .. '|'
+  local fields = redis.call('HKEYS', inflight)
+  for _, f in ipairs(fields) do
+    if string.sub(f, 1, #mine) == mine then redis.call('HDEL', inflight, f) end
+  end
+  for i = 5, #ARGV - 1, 2 do
+    local n = tonumber(ARGV[i + 1]) or 0
+    if n > 0 then redis.call('HSET', inflight, mine .. ARGV[i], n) end
+  end
+end
 local live = {}
 for _, r in ipairs(redis.call('ZRANGE', replicas, 0, -1)) do live[r] = true end
 local sums = {}
@@ -798,6 +824,18 @@ impl InflightStore for RedisStore {
         check_call(pool, 1)?;
         let keys = self.pool_keys(pool);
         let inv = self.touching(&self.scripts.heartbeat, &keys);
+        let _: i64 = self.invoke(&inv).await?;
+        Ok(())
+    }
+
+    async fn restore(&self, pool: &str, held: &[(&str, u64)]) -> Result<(), StoreError> {
+        check_call(pool, 1)?;
+        let keys = self.pool_keys(pool);
+        let mut inv = self.touching(&self.scripts.heartbeat, &keys);
+        inv.arg("restore");
+        for (endpoint, n) in held {
+            inv.arg(*endpoint).arg(*n);
+        }
         let _: i64 = self.invoke(&inv).await?;
         Ok(())
     }

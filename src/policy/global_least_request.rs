@@ -1,0 +1,184 @@
+//! `global_least_request`: the endpoint with the fewest requests in flight summed over every
+//! gateway replica, chosen and counted in one atomic store round trip ([`PoolCounts::acquire`]);
+//! ties broken uniformly at random; weights are not used (as in Higress). The count is released
+//! by the attempt's [`Lease`], exactly once.
+//!
+//! When the store cannot answer (timeout, error, breaker open) the request is not refused: the
+//! endpoint with the fewest requests in flight *from this replica* is chosen instead, and the
+//! fallback is counted in `llmlb_fallback_total{reason}`. With `maxRequestCount`, a request finds
+//! every candidate at the cap → [`PolicyError::Saturated`] (429); the local fallback applies the
+//! same cap to local counts.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{Lease, Outcome, Pick, PickInput, Policy, PolicyError};
+use crate::pool::EndpointId;
+use crate::store::{pick_least, PoolCounts, Skip};
+use crate::telemetry;
+
+/// The policy of one pool.
+pub struct GlobalLeastRequest {
+    counts: Arc<PoolCounts>,
+    max: Option<u64>,
+}
+
+impl GlobalLeastRequest {
+    pub fn new(counts: Arc<PoolCounts>, max: Option<u64>) -> Self {
+        GlobalLeastRequest { counts, max }
+    }
+}
+
+/// One count held in the store for one attempt.
+struct StoreLease {
+    counts: Arc<PoolCounts>,
+    endpoint: usize,
+}
+
+impl Lease for StoreLease {
+    fn release(self: Box<Self>, _outcome: Outcome) {
+        self.counts.release(self.endpoint);
+    }
+}
+
+#[async_trait]
+impl Policy for GlobalLeastRequest {
+    fn name(&self) -> &'static str {
+        "global_least_request"
+    }
+
+    async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
+        let indices: Vec<usize> = input.candidates.iter().map(|c| c.index()).collect();
+        match self.counts.acquire(&indices, self.max).await {
+            Ok((endpoint, _inflight)) => Ok(Pick {
+                endpoint: EndpointId::new(endpoint),
+                reason: "least_request",
+                lease: Some(Box::new(StoreLease {
+                    counts: self.counts.clone(),
+                    endpoint,
+                })),
+            }),
+            Err(Skip::Saturated) => Err(PolicyError::Saturated),
+            Err(Skip::Fallback(reason)) => {
+                telemetry::count_fallback(self.counts.pool(), reason);
+                local_least(&input, self.max)
+            }
+        }
+    }
+}
+
+/// The candidate with the fewest requests in flight from this replica (ties at random).
+fn local_least(input: &PickInput<'_>, max: Option<u64>) -> Result<Pick, PolicyError> {
+    let counts: Vec<u64> = input
+        .candidates
+        .iter()
+        .map(|c| {
+            input
+                .endpoints
+                .get(c.index())
+                .map_or(u64::MAX, |e| e.inflight())
+        })
+        .collect();
+    if counts.is_empty() {
+        return Err(PolicyError::Unavailable("no candidates".into()));
+    }
+    let (i, least) = pick_least(&counts, rand::random());
+    if max.is_some_and(|m| least >= m) {
+        return Err(PolicyError::Saturated);
+    }
+    Ok(Pick {
+        endpoint: input.candidates[i],
+        reason: "local_least_request",
+        lease: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{ids, views};
+    use super::*;
+    use crate::request::LlmRequest;
+    use crate::store::MemoryStore;
+
+    fn policy(n: usize, max: Option<u64>) -> (GlobalLeastRequest, Arc<PoolCounts>) {
+        let labels = (0..n).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect();
+        let counts = Arc::new(PoolCounts::new(Arc::new(MemoryStore::new()), "p", labels));
+        (GlobalLeastRequest::new(counts.clone(), max), counts)
+    }
+
+    async fn pick(
+        p: &GlobalLeastRequest,
+        n: usize,
+        candidates: &[EndpointId],
+    ) -> Result<Pick, PolicyError> {
+        let endpoints = views(&vec![1; n]);
+        let request = LlmRequest::empty();
+        p.pick(PickInput {
+            request: &request,
+            endpoints: &endpoints,
+            candidates,
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn held_picks_spread_evenly_and_leases_release() {
+        let (p, counts) = policy(3, None);
+        let mut leases = Vec::new();
+        let mut hist = [0; 3];
+        for _ in 0..9 {
+            let pick = pick(&p, 3, &ids(3)).await.expect("pick");
+            assert_eq!(pick.reason, "least_request");
+            hist[pick.endpoint.index()] += 1;
+            leases.push(pick.lease.expect("lease"));
+        }
+        assert_eq!(hist, [3, 3, 3]);
+        for l in leases {
+            l.release(Outcome::Completed);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let totals = counts
+            .store()
+            .inflight("p", &["127.0.0.1:9000", "127.0.0.1:9001", "127.0.0.1:9002"])
+            .await
+            .expect("inflight");
+        assert_eq!(totals, vec![0, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn only_candidates_and_the_cap() {
+        let (p, _counts) = policy(3, Some(1));
+        let only = [EndpointId::new(2)];
+        let first = pick(&p, 3, &only).await.expect("pick");
+        assert_eq!(first.endpoint, EndpointId::new(2));
+        assert!(matches!(
+            pick(&p, 3, &only).await,
+            Err(PolicyError::Saturated)
+        ));
+        assert!(pick(&p, 3, &ids(3)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_sick_store_falls_back_to_local_counts() {
+        let (p, counts) = policy(3, None);
+        for _ in 0..crate::store::TRIP_AFTER {
+            counts.trip_for_test();
+        }
+        let pick = pick(&p, 3, &ids(3)).await.expect("pick");
+        assert_eq!(pick.reason, "local_least_request");
+        assert!(pick.lease.is_none());
+        let endpoints = views(&[1, 1, 1]);
+        let request = LlmRequest::empty();
+        let input = PickInput {
+            request: &request,
+            endpoints: &endpoints,
+            candidates: &ids(3)[1..],
+        };
+        assert!(local_least(&input, None).expect("pick").endpoint.index() >= 1);
+        assert!(matches!(
+            local_least(&input, Some(0)),
+            Err(PolicyError::Saturated)
+        ));
+    }
+}
