@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,10 @@ pub struct BackendState {
     pub sse_finished: AtomicUsize,
     pub sse_dropped: AtomicUsize,
     pub health_checks: AtomicUsize,
+    /// Requests being answered right now (held ones included), all paths but `/health`.
+    pub active: AtomicI64,
+    /// Requests with `"hold": true` wait for a permit here before they finish.
+    pub hold_gate: tokio::sync::Semaphore,
 }
 
 /// A recording OpenAI-ish backend.
@@ -77,6 +81,8 @@ impl Backend {
             sse_finished: AtomicUsize::new(0),
             sse_dropped: AtomicUsize::new(0),
             health_checks: AtomicUsize::new(0),
+            active: AtomicI64::new(0),
+            hold_gate: tokio::sync::Semaphore::new(0),
         });
         let app = Router::new()
             .fallback(handle)
@@ -99,6 +105,79 @@ impl Backend {
     pub fn count(&self) -> usize {
         self.state.seen.lock().expect("lock").len()
     }
+}
+
+/// Counts one request in `BackendState::active` while alive.
+struct Active(Arc<BackendState>);
+impl Active {
+    fn new(state: &Arc<BackendState>) -> Self {
+        state.active.fetch_add(1, Ordering::SeqCst);
+        Active(state.clone())
+    }
+}
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Backend {
+    /// Requests being answered right now.
+    pub fn active(&self) -> i64 {
+        self.state.active.load(Ordering::SeqCst)
+    }
+
+    /// Let `n` held requests finish.
+    pub fn release_held(&self, n: usize) {
+        self.state.hold_gate.add_permits(n);
+    }
+}
+
+/// Answer a `"hold": true` request: JSON after the gate opens, or (streaming) a first event at
+/// once and the rest after the gate opens. Counted in `active` until done or dropped.
+fn held_response(state: &Arc<BackendState>, stream: bool) -> Response {
+    let active = Active::new(state);
+    let wait = {
+        let state = state.clone();
+        async move {
+            if let Ok(permit) = state.hold_gate.acquire().await {
+                permit.forget();
+            }
+        }
+    };
+    if stream {
+        let events = futures_util::stream::unfold(
+            (0u32, Some(Box::pin(wait)), active),
+            |(i, wait, active)| async move {
+                match i {
+                    0 => Some((
+                        Ok::<_, std::io::Error>(Bytes::from("data: {\"n\":0}\n\n")),
+                        (1, wait, active),
+                    )),
+                    1 => {
+                        if let Some(w) = wait {
+                            w.await;
+                        }
+                        Some((Ok(Bytes::from("data: [DONE]\n\n")), (2, None, active)))
+                    }
+                    _ => None,
+                }
+            },
+        );
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(events))
+            .expect("resp");
+    }
+    let body = futures_util::stream::once(async move {
+        wait.await;
+        drop(active);
+        Ok::<_, std::io::Error>(Bytes::from("{\"object\":\"chat.completion\",\"held\":true}"))
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from_stream(body))
+        .expect("resp")
 }
 
 struct DropFlag(Arc<BackendState>, bool);
@@ -145,6 +224,10 @@ async fn handle(
         expect: h("expect"),
     });
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let streaming = json.get("stream").and_then(|v| v.as_bool()) == Some(true);
+    if json.get("hold").and_then(|v| v.as_bool()) == Some(true) {
+        return held_response(&state, streaming);
+    }
     if json.get("long_stream").and_then(|v| v.as_bool()) == Some(true) {
         // One event every 20 ms for 10 s: long enough that only a client abort ends it early.
         let flag = DropFlag(state.clone(), false);
@@ -294,6 +377,17 @@ impl Proxy {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("llm-lb did not start listening; log:\n{}", self.log_text());
+    }
+
+    /// SIGKILL the process (a crash) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn url(&self, path: &str) -> String {

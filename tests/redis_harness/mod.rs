@@ -173,6 +173,25 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP the server: connections stay open, nothing is answered (a hung Redis).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT a paused server.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(r) = &self.running {
+            let _ = Command::new("kill")
+                .args([sig, &r.pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
     /// Kill (if running) and start again on the same port, with no data (scripts, keys: gone).
     pub fn restart(&mut self) -> io::Result<()> {
         self.kill();
