@@ -133,7 +133,9 @@ where
     loop {
         match check().await {
             Ok(()) => return,
-            Err(last) if Instant::now() > deadline => panic!("{what}: still {last} after {within:?}"),
+            Err(last) if Instant::now() > deadline => {
+                panic!("{what}: still {last} after {within:?}")
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -239,7 +241,10 @@ async fn two_replicas_balance_and_drain(redis_url: &str, view: impl Fn() -> View
     let samples = sampler.stop();
     let mut view = view();
     assert_eq!(view.totals(&bs), vec![8, 8, 8], "store");
-    assert_eq!(local_inflight(&[&a, &b], &bs).await.iter().sum::<f64>(), 24.0);
+    assert_eq!(
+        local_inflight(&[&a, &b], &bs).await.iter().sum::<f64>(),
+        24.0
+    );
     assert!(samples.len() > 10, "only {} samples", samples.len());
     for s in &samples {
         assert!(spread(s) <= 1, "spread > 1 in sample {s:?}");
@@ -270,7 +275,10 @@ async fn two_replicas_balance_and_drain(redis_url: &str, view: impl Fn() -> View
         let picks = p
             .metric(
                 "llmlb_picks_total",
-                &[("policy", "global_least_request"), ("reason", "least_request")],
+                &[
+                    ("policy", "global_least_request"),
+                    ("reason", "least_request"),
+                ],
             )
             .await;
         assert_eq!(picks, Some(12.0), "{}", p.log_text());
@@ -324,18 +332,30 @@ async fn a_replica_sees_the_other_replicas_load() {
                 backend.release_held(1);
             }
         }
-        eventually("two of A's requests finished", Duration::from_secs(5), async || {
-            let mut want = vec![0; 3];
-            want[busy] = 1;
-            let now = actives(&bs);
-            if now == want { Ok(()) } else { Err(format!("{now:?}")) }
-        })
+        eventually(
+            "two of A's requests finished",
+            Duration::from_secs(5),
+            async || {
+                let mut want = vec![0; 3];
+                want[busy] = 1;
+                let now = actives(&bs);
+                if now == want {
+                    Ok(())
+                } else {
+                    Err(format!("{now:?}"))
+                }
+            },
+        )
         .await;
         let mut on_b = Vec::new();
         for _ in 0..2 {
             on_b.push(start_held(&client, &b, false, 64).await);
         }
-        assert_eq!(actives(&bs), vec![1, 1, 1], "round {round}: B ignored A's load");
+        assert_eq!(
+            actives(&bs),
+            vec![1, 1, 1],
+            "round {round}: B ignored A's load"
+        );
         for backend in &backends {
             backend.release_held(1);
         }
@@ -373,10 +393,18 @@ async fn a_killed_replicas_share_disappears() {
     let killed = Instant::now();
     drop(held_b);
     // B's connections died with it: the backends see only A's two requests.
-    eventually("backends lose B's requests", Duration::from_secs(5), async || {
-        let now = actives(&bs);
-        if now == vec![1, 1] { Ok(()) } else { Err(format!("{now:?}")) }
-    })
+    eventually(
+        "backends lose B's requests",
+        Duration::from_secs(5),
+        async || {
+            let now = actives(&bs);
+            if now == vec![1, 1] {
+                Ok(())
+            } else {
+                Err(format!("{now:?}"))
+            }
+        },
+    )
     .await;
     // Redis still counts B until the survivor reaps it.
     let mut reaped = None;
@@ -388,7 +416,11 @@ async fn a_killed_replicas_share_disappears() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let reaped = reaped.unwrap_or_else(|| {
-        panic!("B's share still counted: {:?} {:?}", view.totals(&bs), view.contributions())
+        panic!(
+            "B's share still counted: {:?} {:?}",
+            view.totals(&bs),
+            view.contributions()
+        )
     });
     // Bound: the timeout plus one heartbeat interval (≤ 1 s), with slack for a busy machine.
     assert!(
@@ -415,4 +447,266 @@ async fn a_killed_replicas_share_disappears() {
         finish(r).await;
     }
     assert_drained(&[&a], &bs, &mut view).await;
+}
+
+/// One finished request of a load run.
+struct Sample {
+    at: Instant,
+    latency: Duration,
+    status: u16,
+}
+
+/// Closed-loop load: `workers` clients per proxy sending short requests until `stop`.
+fn load(
+    proxies: &[&Proxy],
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<Sample>>> {
+    let mut tasks = Vec::new();
+    for p in proxies {
+        for _ in 0..workers {
+            let url = p.url("/v1/chat/completions");
+            let stop = stop.clone();
+            let client = client();
+            tasks.push(tokio::spawn(async move {
+                let mut samples = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let at = Instant::now();
+                    let status = match client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body(false, false, 512))
+                        .send()
+                        .await
+                    {
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            let _ = r.bytes().await;
+                            s
+                        }
+                        Err(_) => 0,
+                    };
+                    samples.push(Sample {
+                        at,
+                        latency: at.elapsed(),
+                        status,
+                    });
+                }
+                samples
+            }));
+        }
+    }
+    tasks
+}
+
+async fn metric_or_zero(p: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
+    p.metric(name, labels).await.unwrap_or(0.0)
+}
+
+/// Store calls on the request path that failed (error or timeout) so far.
+async fn failed_acquires(p: &Proxy) -> f64 {
+    let mut n = 0.0;
+    for result in ["error", "timeout"] {
+        n += metric_or_zero(
+            p,
+            "llmlb_store_calls_total",
+            &[("op", "acquire"), ("result", result)],
+        )
+        .await;
+    }
+    n
+}
+
+async fn breaker_closed(proxies: &[&Proxy]) -> Result<(), String> {
+    for p in proxies {
+        let open = p
+            .metric("llmlb_store_breaker_open", &[("pool", POOL)])
+            .await;
+        if open != Some(0.0) {
+            return Err(format!("breaker gauge {open:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Redis dies in the middle of a load run through two replicas: no client request fails, the
+/// breaker stops the store calls after a few failures (not one per request), no request waits
+/// longer than the timeout beyond normal latency, and when Redis is back (empty) the replicas
+/// share counts again by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_during_load() {
+    let mut redis = RedisServer::start().expect("redis-server");
+    let backends = [
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    ];
+    let bs: Vec<&Backend> = backends.iter().collect();
+    let timeout = Duration::from_millis(100);
+    let lb = format!(", timeout: {}", timeout.as_millis());
+    let a = Proxy::start(&config(&bs, &redis.url(), &lb));
+    let b = Proxy::start(&config(&bs, &redis.url(), &lb));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(&[&a, &b], 2, stop.clone());
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.kill();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let failed_while_down = [failed_acquires(&a).await, failed_acquires(&b).await];
+    redis.restart().expect("restart redis");
+    let restarted = Instant::now();
+    eventually(
+        "breakers close after the restart",
+        Duration::from_secs(10),
+        async || breaker_closed(&[&a, &b]).await,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut samples = Vec::new();
+    for t in tasks {
+        samples.extend(t.await.expect("worker"));
+    }
+
+    // Zero failed client requests.
+    let failed: Vec<u16> = samples
+        .iter()
+        .map(|s| s.status)
+        .filter(|s| *s != 200)
+        .collect();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    let before: Vec<&Sample> = samples.iter().filter(|s| s.at < killed).collect();
+    let down: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.at > killed && s.at < restarted)
+        .collect();
+    assert!(
+        before.len() > 20 && down.len() > 50,
+        "{} / {}",
+        before.len(),
+        down.len()
+    );
+    // The breaker: a handful of store calls failed, not one per request.
+    for (p, n) in [&a, &b].iter().zip(failed_while_down) {
+        assert!(n >= 1.0, "no store failure seen: {}", p.log_text());
+        assert!(
+            n <= 10.0,
+            "{n} failed store calls for {} requests while Redis was down",
+            down.len()
+        );
+        let skipped = metric_or_zero(
+            p,
+            "llmlb_fallback_total",
+            &[("reason", "store_breaker_open")],
+        )
+        .await;
+        assert!(skipped >= 10.0, "breaker skips counted: {skipped}");
+    }
+    // Latency: nothing waits on the dead store beyond one timeout (slack for a busy machine).
+    let normal = before.iter().map(|s| s.latency).max().unwrap_or_default();
+    let worst = down.iter().map(|s| s.latency).max().unwrap_or_default();
+    eprintln!(
+        "requests before/down/total {}/{}/{}, failed store calls while down {failed_while_down:?}, \
+         worst latency before {normal:?}, while down {worst:?}",
+        before.len(),
+        down.len(),
+        samples.len()
+    );
+    assert!(
+        worst <= normal + timeout + Duration::from_millis(400),
+        "worst latency with Redis down {worst:?}, before {normal:?}"
+    );
+
+    // Shared counting resumed on the fresh, empty Redis.
+    let mut view = View::single(&redis.url());
+    let client = client();
+    let mut held = Vec::new();
+    for i in 0..6 {
+        held.push(start_held(&client, if i % 2 == 0 { &a } else { &b }, true, 64).await);
+    }
+    assert_eq!(view.totals(&bs), vec![2, 2, 2]);
+    assert_eq!(actives(&bs), vec![2, 2, 2]);
+    for backend in &backends {
+        backend.release_held(2);
+    }
+    for r in held {
+        finish(r).await;
+    }
+    assert_drained(&[&a, &b], &bs, &mut view).await;
+}
+
+/// A hung Redis (SIGSTOP: connections open, no answers) costs a few requests one timeout each,
+/// then nothing while the breaker is open; when it resumes, the calls that timed out are executed
+/// late, and the replica's restore undoes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_redis_costs_a_timeout_now_and_then() {
+    let redis = RedisServer::start().expect("redis-server");
+    let backends = [Backend::start().await, Backend::start().await];
+    let bs: Vec<&Backend> = backends.iter().collect();
+    let a = Proxy::start(&config(&bs, &redis.url(), ", timeout: 100"));
+    let client = client();
+    let send = async || {
+        let r = client
+            .post(a.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body(false, false, 64))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), 200);
+        let _ = r.bytes().await;
+    };
+    for _ in 0..5 {
+        send().await;
+    }
+    redis.pause();
+    for _ in 0..40 {
+        send().await;
+    }
+    let timed_out = metric_or_zero(
+        &a,
+        "llmlb_store_calls_total",
+        &[("op", "acquire"), ("result", "timeout")],
+    )
+    .await;
+    assert!(
+        (1.0..=3.0).contains(&timed_out),
+        "{timed_out} acquires waited for the timeout"
+    );
+    let skipped = metric_or_zero(
+        &a,
+        "llmlb_fallback_total",
+        &[("reason", "store_breaker_open")],
+    )
+    .await;
+    assert!(skipped >= 37.0, "{skipped} requests skipped the store");
+
+    redis.resume();
+    let mut view = View::single(&redis.url());
+    eprintln!("right after resume: totals {:?}", view.totals(&bs));
+    eventually("breaker closes", Duration::from_secs(10), async || {
+        breaker_closed(&[&a]).await
+    })
+    .await;
+    // The late acquires landed in Redis; the restores remove them.
+    assert_drained(&[&a], &bs, &mut view).await;
+    let restores = metric_or_zero(
+        &a,
+        "llmlb_store_calls_total",
+        &[("op", "restore"), ("result", "ok")],
+    )
+    .await;
+    assert!(restores >= 1.0);
+    for _ in 0..5 {
+        send().await;
+    }
+    let picks = a
+        .metric("llmlb_picks_total", &[("reason", "least_request")])
+        .await;
+    assert_eq!(
+        picks,
+        Some(10.0),
+        "5 before and 5 after the pause went through Redis"
+    );
 }

@@ -16,20 +16,25 @@
 //! `held[e]` is what this replica really has in flight to endpoint `e` through the store (acquired
 //! and not yet released). A call whose effect on the store is unknown (timed out, cancelled,
 //! failed) or skipped (release while the breaker is open), and a store that lost its data, would
-//! leave the shared counts wrong forever — Higress's leak. Any such event marks the counts *dirty*;
-//! the next tick that finds no store call of this pool in flight sends `held` with
-//! [`InflightStore::restore`] instead of a plain heartbeat, replacing this replica's contribution
-//! with the truth. Calls on one connection execute in order, so a call sent before the snapshot is
-//! overwritten by it; a call *started* while the restore is under way may not be, so the counts
-//! then stay dirty and the next tick tries again.
+//! leave the shared counts wrong forever — Higress's leak. Any such event marks the counts *dirty*
+//! for the next [`REPAIR_TICKS`] ticks: each tick that finds no store call of this pool in flight
+//! sends `held` with [`InflightStore::restore`] instead of a plain heartbeat, replacing this
+//! replica's contribution with the truth. Calls on one connection execute in order, so a call sent
+//! before the snapshot is overwritten by it; a call *started* while the restore is under way may
+//! not be, so such a restore does not count towards the repair. Several restores, not one, because
+//! a call stuck on a connection the client gave up on may still reach Redis a moment later (a
+//! paused server resuming).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::breaker::Breaker;
 use super::{InflightStore, StoreError};
 use crate::telemetry;
+
+/// Quiet restores after the last failure before the store is trusted again.
+pub const REPAIR_TICKS: u32 = 3;
 
 /// Why a request was not counted in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +57,8 @@ pub struct PoolCounts {
     pending: AtomicUsize,
     /// Store calls of this pool ever started.
     started: AtomicU64,
-    /// The store may disagree with `held`.
-    dirty: AtomicBool,
+    /// Restores still due before the store is trusted to agree with `held` again.
+    repairs_due: AtomicU32,
     breaker: Breaker,
 }
 
@@ -82,7 +87,7 @@ impl Drop for Call<'_> {
     fn drop(&mut self) {
         if !self.done {
             // Cancelled mid-call (the client went away): the store may or may not have counted.
-            self.counts.dirty.store(true, Ordering::SeqCst);
+            self.counts.mark_dirty();
         }
         self.counts.pending.fetch_sub(1, Ordering::SeqCst);
     }
@@ -99,7 +104,7 @@ impl PoolCounts {
             labels,
             pending: AtomicUsize::new(0),
             started: AtomicU64::new(0),
-            dirty: AtomicBool::new(false),
+            repairs_due: AtomicU32::new(0),
             breaker: Breaker::default(),
         }
     }
@@ -178,8 +183,8 @@ impl PoolCounts {
         let _ = held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         let runtime = tokio::runtime::Handle::try_current();
         let (false, Ok(runtime)) = (self.breaker.is_open(), runtime) else {
-            // Skipped: the next tick restores the truth.
-            self.dirty.store(true, Ordering::SeqCst);
+            // Skipped: the next ticks restore the truth.
+            self.mark_dirty();
             return;
         };
         let this = self.clone();
@@ -201,10 +206,9 @@ impl PoolCounts {
     /// Heartbeat (or restore, when dirty and quiet) once; also the breaker's probe.
     pub async fn tick(&self) {
         let started_before = self.started.load(Ordering::SeqCst);
-        let restore = self.dirty.load(Ordering::SeqCst) && self.pending.load(Ordering::SeqCst) == 0;
+        let restore = self.is_dirty() && self.pending.load(Ordering::SeqCst) == 0;
         let t = Instant::now();
         let (op, result) = if restore {
-            self.dirty.store(false, Ordering::SeqCst);
             let held: Vec<(&str, u64)> = self
                 .labels
                 .iter()
@@ -218,24 +222,18 @@ impl PoolCounts {
         telemetry::store_call(&self.pool, op, outcome(&result), t.elapsed());
         match result {
             Ok(()) => {
-                if restore {
-                    if self.started.load(Ordering::SeqCst) != started_before {
-                        self.dirty.store(true, Ordering::SeqCst);
-                    } else {
-                        log::debug!(
-                            "pool {}: this replica's in-flight counts restored",
-                            self.pool
-                        );
-                    }
+                if restore && self.started.load(Ordering::SeqCst) == started_before {
+                    let _ =
+                        self.repairs_due
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                    log::debug!(
+                        "pool {}: this replica's in-flight counts restored",
+                        self.pool
+                    );
                 }
                 self.on_success();
             }
-            Err(e) => {
-                if restore {
-                    self.dirty.store(true, Ordering::SeqCst);
-                }
-                self.on_failure(&e);
-            }
+            Err(e) => self.on_failure(&e),
         }
     }
 
@@ -261,8 +259,16 @@ impl PoolCounts {
         }
     }
 
+    fn mark_dirty(&self) {
+        self.repairs_due.store(REPAIR_TICKS, Ordering::SeqCst);
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.repairs_due.load(Ordering::SeqCst) > 0
+    }
+
     fn on_failure(&self, e: &StoreError) {
-        self.dirty.store(true, Ordering::SeqCst);
+        self.mark_dirty();
         if self.breaker.failure() {
             telemetry::set_store_breaker(&self.pool, true);
             log::warn!(
@@ -333,7 +339,7 @@ mod tests {
         settle(&c).await;
         assert_eq!(totals(&store, 3).await, vec![0, 0, 0]);
         assert_eq!(c.held_total(), 0);
-        assert!(!c.dirty.load(Ordering::SeqCst));
+        assert!(!c.is_dirty());
     }
 
     #[tokio::test]
@@ -365,10 +371,20 @@ mod tests {
             vec![1, 2],
             "clean: plain heartbeat"
         );
-        c.dirty.store(true, Ordering::SeqCst);
+        c.mark_dirty();
         c.tick().await;
         assert_eq!(totals(&store, 2).await, vec![1, 0]);
-        assert!(!c.dirty.load(Ordering::SeqCst));
+        // A straggler lands after the first repair: the next ones undo it too.
+        store
+            .acquire_least("p", &["ep1"], None)
+            .await
+            .expect("late");
+        for _ in 1..REPAIR_TICKS {
+            assert!(c.is_dirty());
+            c.tick().await;
+        }
+        assert_eq!(totals(&store, 2).await, vec![1, 0]);
+        assert!(!c.is_dirty());
     }
 
     #[tokio::test]

@@ -172,7 +172,9 @@ fn held_response(state: &Arc<BackendState>, stream: bool) -> Response {
     let body = futures_util::stream::once(async move {
         wait.await;
         drop(active);
-        Ok::<_, std::io::Error>(Bytes::from("{\"object\":\"chat.completion\",\"held\":true}"))
+        Ok::<_, std::io::Error>(Bytes::from(
+            "{\"object\":\"chat.completion\",\"held\":true}",
+        ))
     });
     Response::builder()
         .header("content-type", "application/json")
