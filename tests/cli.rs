@@ -82,6 +82,28 @@ fn broken_policy_files_fail_and_name_the_field() {
             "redisHost",
         ),
         (format!("max_body_bytes: lots\n{good}"), "max_body_bytes"),
+        (
+            format!(
+                "{}    lb_config: {{serviceFQDN: 127.0.0.1, replicaTimeout: 60000}}\n",
+                good.replace("round_robin", "global_least_request")
+            ),
+            "pools[0].lb_config.replicaTimeout",
+        ),
+        (
+            format!(
+                "{}    lb_config: {{serviceFQDN: 'redis://h:1', servicePort: 6379}}\n",
+                good.replace("round_robin", "global_least_request")
+            ),
+            "pools[0].lb_config.servicePort",
+        ),
+        (
+            format!(
+                "{}    lb_config: {{serviceFQDN: h, keyPrefix: 'a b'}}\n",
+                good.replace("round_robin", "global_least_request")
+            ),
+            "pools[0].lb_config.keyPrefix",
+        ),
+        (good.replace("name: p", "name: 'a{b}'"), "pools[0].name"),
         ("pools: []\n".to_string(), "pools"),
     ];
     for (yaml, needle) in cases {

@@ -710,3 +710,119 @@ async fn hung_redis_costs_a_timeout_now_and_then() {
         "5 before and 5 after the pause went through Redis"
     );
 }
+
+/// `maxRequestCount` on the embedded store (no Redis keys): when every endpoint has that many in
+/// flight the request gets 429 with an OpenAI-style error, and is admitted again once one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_request_count_refuses_with_429() {
+    let backends = [Backend::start().await, Backend::start().await];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let p = Proxy::start(&format!(
+        "pools:\n{}",
+        pool_yaml(
+            POOL,
+            "[\"*\"]",
+            &addrs,
+            "global_least_request",
+            "    lb_config: {maxRequestCount: 1}\n"
+        )
+    ));
+    let client = client();
+    let first = start_held(&client, &p, true, 64).await;
+    let second = start_held(&client, &p, false, 64).await;
+    let bs: Vec<&Backend> = backends.iter().collect();
+    assert_eq!(actives(&bs), vec![1, 1]);
+    let r = client
+        .post(p.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body(false, false, 64))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 429);
+    let err: serde_json::Value = r.json().await.expect("json error");
+    assert_eq!(err["error"]["type"], "rate_limit_error", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("capacity"),
+        "{err}"
+    );
+    assert_eq!(
+        backends.iter().map(|b| b.count()).sum::<usize>(),
+        2,
+        "never forwarded"
+    );
+    for b in &backends {
+        b.release_held(1);
+    }
+    finish(first).await;
+    finish(second).await;
+    let r = client
+        .post(p.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body(false, false, 64))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+    let lines = p.access_lines();
+    assert!(
+        lines.iter().any(|l| l.contains("status=429")
+            && l.contains("policy=global_least_request reason=saturated")),
+        "{lines:?}"
+    );
+}
+
+/// On SIGTERM a replica keeps heart-beating while its requests drain (so a survivor does not
+/// reap counts that are still real, even when the grace period outlasts `replicaTimeout`), then
+/// withdraws from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_keeps_counts_while_draining() {
+    let redis = RedisServer::start().expect("redis-server");
+    let backends = [Backend::start().await, Backend::start().await];
+    let bs: Vec<&Backend> = backends.iter().collect();
+    let lb = ", replicaTimeout: 1000";
+    let a = Proxy::start_with_grace(&config(&bs, &redis.url(), lb), 10);
+    let survivor = Proxy::start(&config(&bs, &redis.url(), lb));
+    let mut view = View::single(&redis.url());
+    let client = client();
+    let held = vec![
+        start_held(&client, &a, true, 64).await,
+        start_held(&client, &a, true, 64).await,
+    ];
+    assert_eq!(view.totals(&bs), vec![1, 1]);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &a.pid().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    // Twice the replica timeout: the survivor would have reaped a silent replica by now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(view.totals(&bs), vec![1, 1], "still counted while draining");
+    // The survivor balances around the draining replica's requests.
+    let third = start_held(&client, &survivor, false, 64).await;
+    assert_eq!(actives(&bs).iter().sum::<i64>(), 3);
+    for b in &backends {
+        b.release_held(2);
+    }
+    for r in held {
+        assert!(finish(r).await.ends_with("data: [DONE]\n\n"));
+    }
+    finish(third).await;
+    eventually(
+        "drained and withdrawn",
+        Duration::from_secs(5),
+        async || {
+            let left = view.contributions();
+            if left.is_empty() && a.log_text().contains("withdrawn from the state store") {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    )
+    .await;
+    assert_drained(&[&survivor], &bs, &mut view).await;
+}

@@ -599,6 +599,41 @@ mod tests {
     }
 
     #[test]
+    fn store_policies_get_a_store() {
+        let glr = MIN.replace("round_robin", "global_least_request");
+        let c = Config::from_yaml(&glr).expect("valid");
+        assert!(matches!(c.pools[0].store, Some(StoreConfig::Embedded)));
+        assert_eq!(c.pools[0].max_inflight, None);
+        let c = Config::from_yaml(&format!(
+            "{glr}    lb_config: {{serviceFQDN: 10.0.0.9, timeout: 20, maxRequestCount: 8, redisKeyTTL: 60, keyPrefix: t1, replicaTimeout: 3000}}\n"
+        ))
+        .expect("valid");
+        let Some(StoreConfig::Redis(r)) = &c.pools[0].store else {
+            panic!("redis store expected: {:?}", c.pools[0].store);
+        };
+        assert_eq!(r.timeout(), Duration::from_millis(20));
+        assert_eq!(c.pools[0].max_inflight, Some(8));
+        let w: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("pools[0].lb_config.redisKeyTTL"), "{w:?}");
+        // Redis-only keys without Redis are pointed out; maxRequestCount 0 means no cap.
+        let c = Config::from_yaml(&format!(
+            "{glr}    lb_config: {{timeout: 20, maxRequestCount: 0}}\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.pools[0].max_inflight, None);
+        assert!(
+            c.warnings[0].message.contains("serviceFQDN"),
+            "{:?}",
+            c.warnings
+        );
+        // Stateless policies have no store.
+        assert!(Config::from_yaml(MIN).expect("valid").pools[0]
+            .store
+            .is_none());
+    }
+
+    #[test]
     fn weights_lists_and_routing() {
         let c = Config::from_yaml(
             "listen: ['127.0.0.1:1', '127.0.0.1:2']\nadmin: off\npools:\n  - name: a\n    models: [m1]\n    endpoints: ['127.0.0.1:1', {address: '127.0.0.1:2', weight: 3}]\n    lb_policy: random\n  - name: b\n    models: ['*']\n    endpoints: ['127.0.0.1:3']\n    health_check: {enabled: false}\n    lb_policy: round_robin\n",

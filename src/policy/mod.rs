@@ -72,6 +72,16 @@ pub enum PolicyError {
     Unavailable(String),
 }
 
+impl PolicyError {
+    /// The access log's `reason` for a request no endpoint was picked for.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PolicyError::Saturated => "saturated",
+            PolicyError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 /// A load-balancing policy.
 #[async_trait]
 pub trait Policy: Send + Sync {

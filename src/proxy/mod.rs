@@ -258,15 +258,23 @@ impl ProxyHttp for LbProxy {
                     lease: None,
                 }
             }
-            None => pool
-                .policy
-                .pick(PickInput {
+            None => {
+                let input = PickInput {
                     request: &route.request,
                     endpoints: &pool.endpoints,
                     candidates: &candidates.ids,
-                })
-                .await
-                .map_err(|e| policy_error(pool.name(), e))?,
+                };
+                match pool.policy.pick(input).await {
+                    Ok(pick) => pick,
+                    Err(e) => {
+                        let mut shared = ctx.shared.lock();
+                        shared.policy = pool.policy.name();
+                        shared.reason = e.label();
+                        drop(shared);
+                        return Err(policy_error(pool.name(), e));
+                    }
+                }
+            }
         };
         let endpoint = pool
             .endpoint(pick.endpoint)

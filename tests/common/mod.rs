@@ -318,13 +318,18 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_llm-lb")
 }
 
-/// Write a pingora.yaml for a test in `dir`.
+/// Write a pingora.yaml for a test in `dir` (1 s grace period).
 pub fn write_pingora_conf(dir: &std::path::Path) -> PathBuf {
+    write_pingora_conf_with_grace(dir, 1)
+}
+
+/// Write a pingora.yaml for a test in `dir` with a grace period of `grace_s` seconds.
+pub fn write_pingora_conf_with_grace(dir: &std::path::Path, grace_s: u64) -> PathBuf {
     let path = dir.join("pingora.yaml");
     std::fs::write(
         &path,
         format!(
-            "---\nversion: 1\nthreads: 2\npid_file: {d}/pid\nupgrade_sock: {d}/upgrade.sock\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n",
+            "---\nversion: 1\nthreads: 2\npid_file: {d}/pid\nupgrade_sock: {d}/upgrade.sock\ngrace_period_seconds: {grace_s}\ngraceful_shutdown_timeout_seconds: 1\n",
             d = dir.display()
         ),
     )
@@ -335,6 +340,11 @@ pub fn write_pingora_conf(dir: &std::path::Path) -> PathBuf {
 impl Proxy {
     /// Start llm-lb with `pools_yaml` (the `pools:` list and any other keys except listen/admin).
     pub fn start(rest_yaml: &str) -> Proxy {
+        Self::start_with_grace(rest_yaml, 1)
+    }
+
+    /// [`Proxy::start`] with a graceful-shutdown grace period of `grace_s` seconds.
+    pub fn start_with_grace(rest_yaml: &str, grace_s: u64) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let admin_port = free_port();
@@ -344,7 +354,7 @@ impl Proxy {
             format!("listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin_port}\n{rest_yaml}"),
         )
         .expect("write policy");
-        let conf = write_pingora_conf(dir.path());
+        let conf = write_pingora_conf_with_grace(dir.path(), grace_s);
         let log = dir.path().join("llm-lb.log");
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(binary())
