@@ -51,7 +51,7 @@ impl Policy for GlobalLeastRequest {
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
         let indices: Vec<usize> = input.candidates.iter().map(|c| c.index()).collect();
         match self.counts.acquire(&indices, self.max).await {
-            Ok((endpoint, _inflight)) => Ok(Pick {
+            Ok(endpoint) => Ok(Pick {
                 endpoint: EndpointId::new(endpoint),
                 reason: "least_request",
                 lease: Some(Box::new(StoreLease {

@@ -276,12 +276,15 @@ impl ProxyHttp for LbProxy {
                 }
             }
         };
-        let endpoint = pool
+        let Some(endpoint) = pool
             .endpoint(pick.endpoint)
             .filter(|_| candidates.ids.contains(&pick.endpoint))
-            .ok_or_else(|| {
-                Error::explain(ErrorType::InternalError, "policy picked a non-candidate")
-            })?;
+        else {
+            if let Some(lease) = pick.lease {
+                lease.release(Outcome::Failed);
+            }
+            return Error::e_explain(ErrorType::InternalError, "policy picked a non-candidate");
+        };
         let addr = endpoint.addr;
         telemetry::count_pick(pool.name(), pool.policy.name(), pick.reason);
         {

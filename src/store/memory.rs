@@ -160,6 +160,10 @@ impl InflightStore for MemoryStore {
         heartbeat_interval_for(self.dead_after)
     }
 
+    fn call_timeout(&self) -> Option<Duration> {
+        None
+    }
+
     async fn acquire_least(
         &self,
         pool: &str,

@@ -144,8 +144,13 @@ pub trait InflightStore: Send + Sync {
     /// This replica's id.
     fn replica_id(&self) -> &str;
 
-    /// How often [`InflightStore::heartbeat`] should be called for each pool in use.
+    /// How often [`InflightStore::heartbeat`] (or [`InflightStore::restore`]) should be called
+    /// for each pool in use.
     fn heartbeat_interval(&self) -> Duration;
+
+    /// The longest one call may take before it fails with [`StoreError::Timeout`]; `None` when
+    /// calls never wait (the embedded store).
+    fn call_timeout(&self) -> Option<Duration>;
 
     /// One atomic round trip: among `candidates` (endpoint labels, e.g. `"10.0.0.1:8000"`) choose
     /// the one with the fewest in-flight requests summed over all live replicas (ties uniformly at

@@ -2,39 +2,41 @@
 //!
 //! [`PoolCounts`] wraps an [`InflightStore`] for one pool and is what the request path calls:
 //!
-//! - [`PoolCounts::acquire`] — one store round trip (bounded by the store's timeout) that picks the
-//!   least loaded candidate and counts it. A timeout or error makes the caller fall back to a local
-//!   choice for this request; after [`TRIP_AFTER`](super::breaker::TRIP_AFTER) consecutive
-//!   failures the [`Breaker`] opens and requests skip the store without waiting at all.
-//! - [`PoolCounts::release`] — updates local bookkeeping at once and sends the store call from a
-//!   spawned task, so a slow store never delays the end of a response.
+//! - [`PoolCounts::acquire`] — one store round trip that picks the least loaded candidate and
+//!   counts it, bounded as a whole by the store's call timeout. A timeout or error makes the
+//!   caller fall back to a local choice for this request; after
+//!   [`TRIP_AFTER`](super::breaker::TRIP_AFTER) consecutive failures the [`Breaker`] opens and
+//!   requests skip the store without waiting at all.
+//! - [`PoolCounts::release`] — sends the store call from a spawned task, so a slow store never
+//!   delays the end of a response.
 //! - [`PoolCounts::tick`] — called by [`CountsService`](super::CountsService) every heartbeat
-//!   interval: the heartbeat that keeps this replica alive, and the breaker's probe.
+//!   interval: the heartbeat that keeps this replica alive, the repair described below, and the
+//!   breaker's probe.
 //!
 //! # Staying exact when calls fail
 //!
-//! `held[e]` is what this replica really has in flight to endpoint `e` through the store (acquired
-//! and not yet released). A call whose effect on the store is unknown (timed out, cancelled,
-//! failed) or skipped (release while the breaker is open), and a store that lost its data, would
-//! leave the shared counts wrong forever — Higress's leak. Any such event marks the counts *dirty*
-//! for the next [`REPAIR_TICKS`] ticks: each tick that finds no store call of this pool in flight
-//! sends `held` with [`InflightStore::restore`] instead of a plain heartbeat, replacing this
-//! replica's contribution with the truth. Calls on one connection execute in order, so a call sent
-//! before the snapshot is overwritten by it; a call *started* while the restore is under way may
-//! not be, so such a restore does not count towards the repair. Several restores, not one, because
-//! a call stuck on a connection the client gave up on may still reach Redis a moment later (a
-//! paused server resuming).
+//! `held[e]` is what this replica really holds in the store for endpoint `e` (acquired and not yet
+//! released). A call whose effect is unknown (timed out or cancelled — Redis may still execute
+//! it), a release skipped while the breaker is open, a store that lost its data (restart,
+//! failover) or a client library that silently re-sent a script would leave the shared counts
+//! wrong for as long as this replica lives — Higress's leak. So every tick is a
+//! [`InflightStore::restore`]: it replaces this replica's contribution with `held`.
+//!
+//! For the snapshot of `held` to match the store, no store call of this pool may be in flight
+//! while the restore runs. Store calls hold a read guard of `gate` across the call and update
+//! `held` under it; the tick holds the write guard across the restore. On the request path this
+//! costs an uncontended read lock, and at worst one restore round trip once per tick. A call that
+//! timed out may still reach the store after the restore; the next tick undoes it.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use tokio::sync::RwLock;
 
 use super::breaker::Breaker;
 use super::{InflightStore, StoreError};
 use crate::telemetry;
-
-/// Quiet restores after the last failure before the store is trusted again.
-pub const REPAIR_TICKS: u32 = 3;
 
 /// Why a request was not counted in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,46 +53,11 @@ pub struct PoolCounts {
     pool: String,
     /// Endpoint labels (`ip:port`) indexed like the pool's endpoints.
     labels: Vec<String>,
-    /// Per endpoint: counts this replica holds in the store.
+    /// Per endpoint: counts this replica holds in the store. Changed only under a `gate` guard.
     held: Vec<AtomicU64>,
-    /// Store calls of this pool in flight (acquires and releases).
-    pending: AtomicUsize,
-    /// Store calls of this pool ever started.
-    started: AtomicU64,
-    /// Restores still due before the store is trusted to agree with `held` again.
-    repairs_due: AtomicU32,
+    /// Store calls read-lock it; a restore write-locks it (see the module docs).
+    gate: RwLock<()>,
     breaker: Breaker,
-}
-
-/// Marks one store call in flight; marks the counts dirty if dropped before [`Call::done`].
-struct Call<'a> {
-    counts: &'a PoolCounts,
-    done: bool,
-}
-
-impl<'a> Call<'a> {
-    fn start(counts: &'a PoolCounts) -> Self {
-        counts.pending.fetch_add(1, Ordering::SeqCst);
-        counts.started.fetch_add(1, Ordering::SeqCst);
-        Call {
-            counts,
-            done: false,
-        }
-    }
-
-    fn done(mut self) {
-        self.done = true;
-    }
-}
-
-impl Drop for Call<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            // Cancelled mid-call (the client went away): the store may or may not have counted.
-            self.counts.mark_dirty();
-        }
-        self.counts.pending.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 impl PoolCounts {
@@ -102,9 +69,7 @@ impl PoolCounts {
             store,
             pool: pool.to_owned(),
             labels,
-            pending: AtomicUsize::new(0),
-            started: AtomicU64::new(0),
-            repairs_due: AtomicU32::new(0),
+            gate: RwLock::new(()),
             breaker: Breaker::default(),
         }
     }
@@ -118,23 +83,14 @@ impl PoolCounts {
         &self.pool
     }
 
-    /// Whether requests currently skip the store.
-    pub fn breaker_open(&self) -> bool {
-        self.breaker.is_open()
-    }
-
     /// Requests this replica holds in the store, over all endpoints.
     pub fn held_total(&self) -> u64 {
         self.held.iter().map(|h| h.load(Ordering::SeqCst)).sum()
     }
 
     /// Pick the least loaded of `candidates` (endpoint indices) over all replicas and count one
-    /// more for it. Returns the chosen endpoint index and its in-flight count after counting.
-    pub async fn acquire(
-        &self,
-        candidates: &[usize],
-        max: Option<u64>,
-    ) -> Result<(usize, u64), Skip> {
+    /// more for it. Returns the chosen endpoint index.
+    pub async fn acquire(&self, candidates: &[usize], max: Option<u64>) -> Result<usize, Skip> {
         if self.breaker.is_open() {
             return Err(Skip::Fallback("store_breaker_open"));
         }
@@ -145,16 +101,24 @@ impl PoolCounts {
         if labels.len() != candidates.len() || labels.is_empty() {
             return Err(Skip::Fallback("store_error"));
         }
-        let call = Call::start(self);
         let started = Instant::now();
-        let result = self.store.acquire_least(&self.pool, &labels, max).await;
+        let call = async {
+            let _gate = self.gate.read().await;
+            let result = self.store.acquire_least(&self.pool, &labels, max).await;
+            if let Ok(a) = &result {
+                if let Some(held) = candidates.get(a.index).and_then(|i| self.held.get(*i)) {
+                    held.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            result
+        };
+        let result = self.bounded(call).await;
         telemetry::store_call(&self.pool, "acquire", outcome(&result), started.elapsed());
-        let verdict = match result {
+        match result {
             Ok(a) => match candidates.get(a.index) {
                 Some(&index) => {
-                    self.held[index].fetch_add(1, Ordering::SeqCst);
                     self.on_success();
-                    Ok((index, a.inflight))
+                    Ok(index)
                 }
                 None => {
                     self.on_failure(&StoreError::Protocol("index out of range".into()));
@@ -169,70 +133,58 @@ impl PoolCounts {
                 self.on_failure(&e);
                 Err(Skip::Fallback(fallback_reason(&e)))
             }
-        };
-        call.done();
-        verdict
+        }
     }
 
     /// Release one count of endpoint `index` acquired with [`PoolCounts::acquire`]. Returns at
     /// once; the store call runs in a spawned task.
     pub fn release(self: &Arc<Self>, index: usize) {
-        let (Some(held), Some(label)) = (self.held.get(index), self.labels.get(index)) else {
+        let Some(label) = self.labels.get(index).cloned() else {
             return;
         };
-        let _ = held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        let runtime = tokio::runtime::Handle::try_current();
-        let (false, Ok(runtime)) = (self.breaker.is_open(), runtime) else {
-            // Skipped: the next ticks restore the truth.
-            self.mark_dirty();
-            return;
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(rt) if !self.breaker.is_open() => rt,
+            // No store call: forget the count here; the next tick's restore removes it there.
+            _ => {
+                self.forget(index);
+                return;
+            }
         };
         let this = self.clone();
-        let label = label.clone();
-        this.pending.fetch_add(1, Ordering::SeqCst);
-        this.started.fetch_add(1, Ordering::SeqCst);
         runtime.spawn(async move {
             let started = Instant::now();
-            let result = this.store.release(&this.pool, &label).await;
+            let call = async {
+                let _gate = this.gate.read().await;
+                this.forget(index);
+                this.store.release(&this.pool, &label).await
+            };
+            let result = this.bounded(call).await;
             telemetry::store_call(&this.pool, "release", outcome(&result), started.elapsed());
             match result {
                 Ok(()) => this.on_success(),
                 Err(e) => this.on_failure(&e),
             }
-            this.pending.fetch_sub(1, Ordering::SeqCst);
         });
     }
 
-    /// Heartbeat (or restore, when dirty and quiet) once; also the breaker's probe.
+    /// One heartbeat: replace this replica's contribution with what it holds (see the module
+    /// docs). Also the breaker's probe.
     pub async fn tick(&self) {
-        let started_before = self.started.load(Ordering::SeqCst);
-        let restore = self.is_dirty() && self.pending.load(Ordering::SeqCst) == 0;
-        let t = Instant::now();
-        let (op, result) = if restore {
+        let started = Instant::now();
+        let call = async {
+            let _gate = self.gate.write().await;
             let held: Vec<(&str, u64)> = self
                 .labels
                 .iter()
                 .zip(&self.held)
                 .map(|(l, h)| (l.as_str(), h.load(Ordering::SeqCst)))
                 .collect();
-            ("restore", self.store.restore(&self.pool, &held).await)
-        } else {
-            ("heartbeat", self.store.heartbeat(&self.pool).await)
+            self.store.restore(&self.pool, &held).await
         };
-        telemetry::store_call(&self.pool, op, outcome(&result), t.elapsed());
+        let result = self.bounded(call).await;
+        telemetry::store_call(&self.pool, "restore", outcome(&result), started.elapsed());
         match result {
-            Ok(()) => {
-                if restore && self.started.load(Ordering::SeqCst) == started_before {
-                    let _ =
-                        self.repairs_due
-                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-                    log::debug!(
-                        "pool {}: this replica's in-flight counts restored",
-                        self.pool
-                    );
-                }
-                self.on_success();
-            }
+            Ok(()) => self.on_success(),
             Err(e) => self.on_failure(&e),
         }
     }
@@ -240,6 +192,25 @@ impl PoolCounts {
     /// Withdraw this replica's whole contribution (at shutdown, once nothing is held).
     pub async fn withdraw(&self) -> Result<(), StoreError> {
         self.store.restore(&self.pool, &[]).await
+    }
+
+    /// Run a store call, waiting for the gate included, within the store's call timeout.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match self.store.call_timeout() {
+            Some(limit) => tokio::time::timeout(limit + GATE_SLACK, call)
+                .await
+                .unwrap_or(Err(StoreError::Timeout)),
+            None => call.await,
+        }
+    }
+
+    fn forget(&self, index: usize) {
+        if let Some(held) = self.held.get(index) {
+            let _ = held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        }
     }
 
     /// Record one failed call, as a sick store would (tests of the fallback path).
@@ -259,16 +230,7 @@ impl PoolCounts {
         }
     }
 
-    fn mark_dirty(&self) {
-        self.repairs_due.store(REPAIR_TICKS, Ordering::SeqCst);
-    }
-
-    fn is_dirty(&self) -> bool {
-        self.repairs_due.load(Ordering::SeqCst) > 0
-    }
-
     fn on_failure(&self, e: &StoreError) {
-        self.mark_dirty();
         if self.breaker.failure() {
             telemetry::set_store_breaker(&self.pool, true);
             log::warn!(
@@ -281,6 +243,10 @@ impl PoolCounts {
         }
     }
 }
+
+/// Extra time a call may spend waiting for the gate (a restore in progress) on top of the store's
+/// own timeout, which bounds the call itself.
+const GATE_SLACK: Duration = Duration::from_millis(5);
 
 /// The `reason` label of a fallback caused by `e`.
 fn fallback_reason(e: &StoreError) -> &'static str {
@@ -318,10 +284,15 @@ mod tests {
         store.inflight("p", &refs).await.expect("inflight")
     }
 
-    async fn settle(counts: &PoolCounts) {
-        while counts.pending.load(Ordering::SeqCst) > 0 {
-            tokio::task::yield_now().await;
+    /// Wait until the spawned releases have run.
+    async fn settle(store: &MemoryStore, n: usize, want: Vec<u64>) {
+        for _ in 0..1000 {
+            if totals(store, n).await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        assert_eq!(totals(store, n).await, want);
     }
 
     #[tokio::test]
@@ -329,17 +300,15 @@ mod tests {
         let (c, store) = counts(3);
         let mut picks = Vec::new();
         for _ in 0..6 {
-            picks.push(c.acquire(&[0, 1, 2], None).await.expect("acquire").0);
+            picks.push(c.acquire(&[0, 1, 2], None).await.expect("acquire"));
         }
         assert_eq!(totals(&store, 3).await, vec![2, 2, 2]);
         assert_eq!(c.held_total(), 6);
         for i in picks {
             c.release(i);
         }
-        settle(&c).await;
-        assert_eq!(totals(&store, 3).await, vec![0, 0, 0]);
+        settle(&store, 3, vec![0, 0, 0]).await;
         assert_eq!(c.held_total(), 0);
-        assert!(!c.is_dirty());
     }
 
     #[tokio::test]
@@ -347,15 +316,15 @@ mod tests {
         let (c, _) = counts(1);
         c.acquire(&[0], Some(1)).await.expect("room");
         assert_eq!(c.acquire(&[0], Some(1)).await, Err(Skip::Saturated));
-        assert!(!c.breaker_open());
+        assert!(!c.breaker.is_open());
         assert_eq!(c.held_total(), 1);
     }
 
     #[tokio::test]
-    async fn a_dirty_tick_restores_what_is_held() {
+    async fn every_tick_restores_what_is_held() {
         let (c, store) = counts(2);
         c.acquire(&[0], None).await.expect("acquire");
-        // Someone (a lost release, a restarted store) left the store wrong.
+        // The store drifted (a lost release, a late timed-out call, a restart that lost data).
         store
             .acquire_least("p", &["ep1"], None)
             .await
@@ -364,37 +333,20 @@ mod tests {
             .acquire_least("p", &["ep1"], None)
             .await
             .expect("stray");
-        assert_eq!(totals(&store, 2).await, vec![1, 2]);
-        c.tick().await;
-        assert_eq!(
-            totals(&store, 2).await,
-            vec![1, 2],
-            "clean: plain heartbeat"
-        );
-        c.mark_dirty();
+        store.release("p", "ep0").await.expect("lost");
+        assert_eq!(totals(&store, 2).await, vec![0, 2]);
         c.tick().await;
         assert_eq!(totals(&store, 2).await, vec![1, 0]);
-        // A straggler lands after the first repair: the next ones undo it too.
-        store
-            .acquire_least("p", &["ep1"], None)
-            .await
-            .expect("late");
-        for _ in 1..REPAIR_TICKS {
-            assert!(c.is_dirty());
-            c.tick().await;
-        }
-        assert_eq!(totals(&store, 2).await, vec![1, 0]);
-        assert!(!c.is_dirty());
     }
 
     #[tokio::test]
-    async fn release_without_a_runtime_or_with_the_breaker_open_is_deferred() {
+    async fn with_the_breaker_open_releases_wait_for_the_probe() {
         let (c, store) = counts(1);
         c.acquire(&[0], None).await.expect("acquire");
         for _ in 0..crate::store::TRIP_AFTER {
             c.trip_for_test();
         }
-        assert!(c.breaker_open());
+        assert!(c.breaker.is_open());
         assert_eq!(
             c.acquire(&[0], None).await,
             Err(Skip::Fallback("store_breaker_open"))
@@ -402,9 +354,26 @@ mod tests {
         c.release(0);
         assert_eq!(c.held_total(), 0);
         assert_eq!(totals(&store, 1).await, vec![1], "not sent while open");
-        // The probe succeeds: the breaker closes and the skipped release is restored.
+        // The probe succeeds: the breaker closes and the skipped release is applied.
         c.tick().await;
-        assert!(!c.breaker_open());
+        assert!(!c.breaker.is_open());
         assert_eq!(totals(&store, 1).await, vec![0]);
+    }
+
+    #[test]
+    fn release_outside_a_runtime_is_applied_by_the_next_tick() {
+        let (c, store) = counts(1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(c.acquire(&[0], None)).expect("acquire");
+        c.release(0);
+        assert_eq!(c.held_total(), 0);
+        rt.block_on(async {
+            assert_eq!(totals(&store, 1).await, vec![1]);
+            c.tick().await;
+            assert_eq!(totals(&store, 1).await, vec![0]);
+        });
     }
 }

@@ -13,7 +13,7 @@
 //! | `database` | database number, default 0 (Redis Cluster has only 0) |
 //! | `timeout` | ms per Redis call, default 50 (0 = default); a call that takes longer fails with [`StoreError::Timeout`] |
 //! | `keyPrefix` | (llm-lb) key namespace, default `llmlb` |
-//! | `replicaTimeout` | (llm-lb) ms without heartbeat before a replica's counts are removed, default 10000, at most 15000 |
+//! | `replicaTimeout` | (llm-lb) ms without heartbeat before a replica's counts are removed, default 10000, 1000..=15000; `timeout` must be at most half of it |
 //!
 //! `serviceFQDN` may be a URL: `redis://[user[:password]@]host[:port][/db]`, `rediss://…` (TLS) or
 //! `redis+unix:///path/redis.sock[?db=N]`. Percent-encode special characters of the user and
@@ -73,6 +73,9 @@ use crate::config::file::LbConfigFile;
 
 /// Per-call timeout used when `timeout` is absent or 0 (Higress's 3 s default is far too long).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+/// Smallest `replicaTimeout` accepted from a policy file: below it, heartbeats sent once per
+/// interval leave too little margin and replicas would reap each other.
+pub const MIN_REPLICA_TIMEOUT_MS: u64 = 1000;
 /// Key namespace used unless configured otherwise.
 pub const DEFAULT_NAMESPACE: &str = "llmlb";
 
@@ -207,9 +210,24 @@ impl RedisConfig {
                 .map_err(|e| e.rekey("keyPrefix"))?;
         }
         if let Some(ms) = c.replicaTimeout {
-            config = config
-                .with_dead_replica_after(Duration::from_millis(ms))
-                .map_err(|e| e.rekey("replicaTimeout"))?;
+            if !(MIN_REPLICA_TIMEOUT_MS..=15_000).contains(&ms) {
+                return Err(StoreConfigError::invalid(
+                    "replicaTimeout",
+                    format!("must be {MIN_REPLICA_TIMEOUT_MS}..=15000 ms, got {ms}"),
+                ));
+            }
+            config = config.with_dead_replica_after(Duration::from_millis(ms))?;
+        }
+        if config.timeout * 2 > config.dead_after {
+            return Err(StoreConfigError::invalid(
+                "timeout",
+                format!(
+                    "{} ms is too long: it must be at most half of replicaTimeout ({} ms), or a \
+                     slow Redis could let other replicas reap this one",
+                    config.timeout.as_millis(),
+                    config.dead_after.as_millis()
+                ),
+            ));
         }
         Ok(Some(config))
     }
@@ -524,7 +542,8 @@ struct Scripts {
     heartbeat: Script,
 }
 
-/// The Redis store. One per gateway process (one replica id); share it behind an `Arc`.
+/// The Redis store: one connection and one replica id. llm-lb makes one per pool that uses
+/// Redis; share it behind an `Arc`.
 pub struct RedisStore {
     config: RedisConfig,
     replica: String,
@@ -756,6 +775,10 @@ impl InflightStore for RedisStore {
         heartbeat_interval_for(self.config.dead_after)
     }
 
+    fn call_timeout(&self) -> Option<Duration> {
+        Some(self.config.timeout)
+    }
+
     async fn acquire_least(
         &self,
         pool: &str,
@@ -922,6 +945,18 @@ mod tests {
         assert!(err("{serviceFQDN: h, servicePort: 0}").starts_with("servicePort:"));
         assert!(err("{serviceFQDN: h, database: -1}").starts_with("database:"));
         assert!(err("{serviceFQDN: h, timeout: 600000}").starts_with("timeout:"));
+        // Replica timeout in ms, bounded; the call timeout must fit twice into it.
+        assert!(err("{serviceFQDN: h, replicaTimeout: 500}")
+            .starts_with("replicaTimeout: must be 1000..=15000 ms"));
+        assert!(err("{serviceFQDN: h, replicaTimeout: 20000}").starts_with("replicaTimeout:"));
+        assert!(err("{serviceFQDN: h, timeout: 6000}").starts_with("timeout: 6000 ms is too long"));
+        assert!(
+            err("{serviceFQDN: h, timeout: 1000, replicaTimeout: 1500}").starts_with("timeout:")
+        );
+        assert_eq!(
+            cfg("{serviceFQDN: h, timeout: 1000, replicaTimeout: 2000}").timeout(),
+            Duration::from_millis(1000)
+        );
         assert!(err("{serviceFQDN: 'http://h'}").starts_with("serviceFQDN:"));
     }
 
