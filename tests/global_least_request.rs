@@ -834,3 +834,52 @@ async fn graceful_shutdown_keeps_counts_while_draining() {
     .await;
     assert_drained(&[&survivor], &bs, &mut view).await;
 }
+
+/// An unhealthy endpoint has nothing in flight, so it would attract every request; it is not a
+/// candidate until its health check passes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhealthy_endpoints_are_not_candidates() {
+    let backends = [
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    ];
+    backends[2].state.unhealthy.store(true, Ordering::SeqCst);
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let p = Proxy::start(&format!(
+        "pools:\n{}",
+        pool_yaml(
+            POOL,
+            "[\"*\"]",
+            &addrs,
+            "global_least_request",
+            "    health_check: {interval_ms: 100, unhealthy_threshold: 1}\n"
+        )
+    ));
+    let sick = addrs[2].to_string();
+    eventually(
+        "health check marks it",
+        Duration::from_secs(5),
+        async || match p
+            .metric("llmlb_endpoint_healthy", &[("endpoint", &sick)])
+            .await
+        {
+            Some(v) if v == 0.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    let client = client();
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(start_held(&client, &p, true, 64).await);
+    }
+    let bs: Vec<&Backend> = backends.iter().collect();
+    assert_eq!(actives(&bs), vec![3, 3, 0]);
+    for b in &backends {
+        b.release_held(3);
+    }
+    for r in held {
+        finish(r).await;
+    }
+}
