@@ -864,7 +864,7 @@ async fn unhealthy_endpoints_are_not_candidates() {
             .metric("llmlb_endpoint_healthy", &[("endpoint", &sick)])
             .await
         {
-            Some(v) if v == 0.0 => Ok(()),
+            Some(0.0) => Ok(()),
             other => Err(format!("{other:?}")),
         },
     )
