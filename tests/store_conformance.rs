@@ -11,7 +11,10 @@ mod redis_harness;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use llm_lb::store::{InflightStore, MemoryStore, RedisConfig, RedisStore, StoreError};
+use llm_lb::store::{
+    InflightStore, LoadGuard, MemoryStore, PrefixOutcome, PrefixQuery, RedisConfig, RedisStore,
+    StoreError, MAX_HOLDERS,
+};
 use redis_harness::{RedisCluster, RedisServer};
 
 /// Per-call timeout for the Redis stores in behaviour tests: generous, the machine may be busy.
@@ -128,8 +131,196 @@ async fn counts(s: &dyn InflightStore, pool: &str, endpoints: &[&str]) -> Vec<u6
     s.inflight(pool, endpoints).await.expect("inflight")
 }
 
+const GUARD: LoadGuard = LoadGuard {
+    absolute: 4,
+    per_mille: 500,
+};
+
+/// `acquire_prefix` with the default guard and a long TTL; returns (endpoint, matched, outcome).
+async fn prefix(
+    s: &dyn InflightStore,
+    pool: &str,
+    chain: &[u64],
+    candidates: &[&str],
+) -> (String, usize, PrefixOutcome) {
+    prefix_with(s, pool, chain, candidates, Duration::from_secs(60)).await
+}
+
+async fn prefix_with(
+    s: &dyn InflightStore,
+    pool: &str,
+    chain: &[u64],
+    candidates: &[&str],
+    ttl: Duration,
+) -> (String, usize, PrefixOutcome) {
+    let a = s
+        .acquire_prefix(
+            pool,
+            PrefixQuery {
+                chain,
+                candidates,
+                max: None,
+                guard: GUARD,
+                ttl,
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("acquire_prefix({chain:?}): {e}"));
+    (candidates[a.index].to_owned(), a.matched, a.outcome)
+}
+
 mod cases {
     use super::*;
+    use PrefixOutcome::{Diverted, Hit, Miss};
+
+    pub async fn prefix_miss_then_hit_on_the_same_endpoint(env: &Env) {
+        let s = env.replica();
+        let p = pool("pmiss");
+        let eps = ["a", "b", "c"];
+        load(&*s, &p, "a", 2).await;
+        load(&*s, &p, "c", 1).await;
+        assert_eq!(
+            prefix(&*s, &p, &[1, 2, 3], &eps).await,
+            ("b".into(), 0, Miss)
+        );
+        // The same chain, and a longer one, come back to b even though b is now busier than c.
+        assert_eq!(
+            prefix(&*s, &p, &[1, 2, 3], &eps).await,
+            ("b".into(), 3, Hit)
+        );
+        assert_eq!(
+            prefix(&*s, &p, &[1, 2, 3, 4], &eps).await,
+            ("b".into(), 3, Hit)
+        );
+        assert_eq!(
+            prefix(&*s, &p, &[1, 2, 3, 4, 5], &eps).await,
+            ("b".into(), 4, Hit)
+        );
+        // Counted like acquire_least.
+        assert_eq!(counts(&*s, &p, &eps).await, vec![2, 4, 1]);
+        // Only a leading run counts: a chain that starts differently is a miss (least loaded: c).
+        assert_eq!(
+            prefix(&*s, &p, &[99, 2, 3], &eps).await,
+            ("c".into(), 0, Miss)
+        );
+        // An empty chain is a plain least-request pick.
+        assert_eq!(prefix(&*s, &p, &[], &eps).await.2, Miss);
+    }
+
+    pub async fn prefix_holder_not_a_candidate_rewrites_the_chain(env: &Env) {
+        let s = env.replica();
+        let p = pool("pgone");
+        assert_eq!(prefix(&*s, &p, &[7, 8, 9], &["a"]).await.0, "a");
+        // a is unhealthy (not a candidate): a miss from depth 1, recorded for the new endpoint.
+        let (moved, matched, outcome) = prefix(&*s, &p, &[7, 8, 9, 10], &["b", "c"]).await;
+        assert_eq!((matched, outcome), (0, Miss));
+        // a is back: the conversation stays where it moved, with its whole chain matched.
+        assert_eq!(
+            prefix(&*s, &p, &[7, 8, 9, 10, 11], &["a", "b", "c"]).await,
+            (moved.clone(), 4, Hit)
+        );
+        // a still holds the first three blocks as a second holder: without `moved` it matches 3.
+        let others: Vec<&str> = ["a", "b", "c"]
+            .into_iter()
+            .filter(|e| *e != moved)
+            .collect();
+        assert_eq!(
+            prefix(&*s, &p, &[7, 8, 9, 10], &others).await,
+            ("a".into(), 3, Hit)
+        );
+    }
+
+    pub async fn prefix_load_guard_diverts_and_spreads(env: &Env) {
+        let s = env.replica();
+        let p = pool("pguard");
+        let eps = ["a", "b"];
+        let hot = [42];
+        assert_eq!(prefix(&*s, &p, &hot, &["a"]).await.0, "a");
+        // a has 1; 4 more (5 in all) than b's 0 is past the absolute threshold of 4.
+        load(&*s, &p, "a", 3).await;
+        assert_eq!(prefix(&*s, &p, &hot, &eps).await, ("a".into(), 1, Hit));
+        assert_eq!(prefix(&*s, &p, &hot, &eps).await, ("b".into(), 1, Diverted));
+        // b is now a holder too: the least loaded holder gets the hot prefix.
+        assert_eq!(prefix(&*s, &p, &hot, &eps).await, ("b".into(), 1, Hit));
+        // Relative threshold: with b at 20, a may carry up to 30.
+        let q = pool("prel");
+        load(&*s, &q, "b", 20).await;
+        load(&*s, &q, "a", 29).await;
+        assert_eq!(prefix(&*s, &q, &[5], &["a"]).await.0, "a");
+        assert_eq!(prefix(&*s, &q, &[5], &eps).await, ("a".into(), 1, Hit));
+        assert_eq!(prefix(&*s, &q, &[5], &eps).await, ("b".into(), 1, Diverted));
+    }
+
+    pub async fn prefix_holders_are_capped_most_recent_first(env: &Env) {
+        let s = env.replica();
+        let p = pool("pcap");
+        let eps: Vec<String> = (0..MAX_HOLDERS + 2).map(|i| format!("e{i}")).collect();
+        for e in &eps {
+            assert_eq!(prefix(&*s, &p, &[1], &[e.as_str()]).await.0, *e);
+        }
+        // Only the last MAX_HOLDERS are remembered.
+        let first = eps[0].as_str();
+        assert_eq!(prefix(&*s, &p, &[1], &[first]).await.2, Miss);
+        let last = eps[MAX_HOLDERS + 1].as_str();
+        assert_eq!(
+            prefix(&*s, &p, &[1], &[first, last]).await,
+            (last.to_owned(), 1, Hit)
+        );
+    }
+
+    pub async fn prefix_saturation_writes_nothing(env: &Env) {
+        let s = env.replica();
+        let p = pool("psat");
+        let query = |chain: &'static [u64], max| PrefixQuery {
+            chain,
+            candidates: &["a"],
+            max: Some(max),
+            guard: GUARD,
+            ttl: Duration::from_secs(60),
+        };
+        s.acquire_prefix(&p, query(&[1], 1)).await.expect("room");
+        assert!(matches!(
+            s.acquire_prefix(&p, query(&[2], 1)).await,
+            Err(StoreError::Saturated)
+        ));
+        assert_eq!(counts(&*s, &p, &["a"]).await, vec![1]);
+        // Block 2 was not recorded for a.
+        assert_eq!(prefix(&*s, &p, &[2], &["b"]).await.2, Miss);
+        let a = s.acquire_prefix(&p, query(&[1], 5)).await.expect("room");
+        assert_eq!((a.matched, a.outcome), (1, Hit));
+    }
+
+    pub async fn prefix_keys_expire_unless_used(env: &Env) {
+        let s = env.replica();
+        let p = pool("pttl");
+        let ttl = Duration::from_millis(1500);
+        prefix_with(&*s, &p, &[1], &["a"], ttl).await;
+        prefix_with(&*s, &p, &[2], &["a"], ttl).await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        // Key 1 is used (refreshed); key 2 is not.
+        assert_eq!(prefix_with(&*s, &p, &[1], &["a", "b"], ttl).await.2, Hit);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(prefix_with(&*s, &p, &[1], &["a", "b"], ttl).await.2, Hit);
+        let (_, matched, outcome) = prefix_with(&*s, &p, &[2], &["b", "c"], ttl).await;
+        assert_eq!((matched, outcome), (0, Miss));
+    }
+
+    pub async fn prefix_affinity_is_shared_by_replicas_and_isolated_by_pool(env: &Env) {
+        let r1 = env.replica();
+        let r2 = env.replica();
+        let p = pool("pshare");
+        let eps = ["a", "b", "c"];
+        let (ep, _, _) = prefix(&*r1, &p, &[11, 12], &eps).await;
+        assert_eq!(
+            prefix(&*r2, &p, &[11, 12, 13], &eps).await,
+            (ep.clone(), 2, Hit)
+        );
+        assert_eq!(counts(&*r1, &p, &[ep.as_str()]).await, vec![2]);
+        let other = pool("pshare2");
+        assert_eq!(prefix(&*r2, &other, &[11, 12], &eps).await.2, Miss);
+        let tenant = env.replica_with(Duration::from_secs(10), "tenant2");
+        assert_eq!(prefix(&*tenant, &p, &[11, 12], &eps).await.2, Miss);
+    }
 
     pub async fn least_loaded_is_chosen(env: &Env) {
         let s = env.replica();
@@ -430,6 +621,13 @@ conformance!(
     silent_replica_is_reaped,
     restore_replaces_only_the_callers_share,
     concurrent_acquires_are_atomic,
+    prefix_miss_then_hit_on_the_same_endpoint,
+    prefix_holder_not_a_candidate_rewrites_the_chain,
+    prefix_load_guard_diverts_and_spreads,
+    prefix_holders_are_capped_most_recent_first,
+    prefix_saturation_writes_nothing,
+    prefix_keys_expire_unless_used,
+    prefix_affinity_is_shared_by_replicas_and_isolated_by_pool,
 );
 
 /// Behaviour that only exists with a server.

@@ -17,9 +17,9 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 
 use super::{
-    check_call, heartbeat_interval_for, new_replica_id, pick_least, validate_dead_after,
-    validate_replica_id, Acquired, InflightStore, StoreConfigError, StoreError,
-    DEFAULT_DEAD_REPLICA_AFTER,
+    check_call, heartbeat_interval_for, new_replica_id, pick_least, prefix_choice,
+    validate_dead_after, validate_replica_id, Acquired, InflightStore, PrefixAcquired, PrefixQuery,
+    StoreConfigError, StoreError, DEFAULT_DEAD_REPLICA_AFTER, MAX_HOLDERS,
 };
 
 /// The embedded store. Cheap to clone; clones are the same replica.
@@ -39,6 +39,13 @@ struct PoolState {
     totals: HashMap<String, u64>,
     /// replica → last time it spoke.
     heartbeats: HashMap<String, Instant>,
+    /// prefix block key → its holders (most recent first) and when it expires.
+    prefixes: HashMap<u64, PrefixEntry>,
+}
+
+struct PrefixEntry {
+    holders: Vec<String>,
+    expires: Instant,
 }
 
 impl Default for MemoryStore {
@@ -127,6 +134,24 @@ impl PoolState {
         }
     }
 
+    /// Count one more in flight to `ep` for replica `me`; returns the new total.
+    fn add(&mut self, me: &str, ep: &str) -> u64 {
+        *self
+            .contributions
+            .entry(me.to_owned())
+            .or_default()
+            .entry(ep.to_owned())
+            .or_default() += 1;
+        let total = self.totals.entry(ep.to_owned()).or_default();
+        *total += 1;
+        *total
+    }
+
+    /// Drop prefix keys past their TTL.
+    fn expire_prefixes(&mut self, now: Instant) {
+        self.prefixes.retain(|_, e| e.expires > now);
+    }
+
     fn total(&self, ep: &str) -> u64 {
         self.totals.get(ep).copied().unwrap_or(0)
     }
@@ -181,29 +206,61 @@ impl InflightStore for MemoryStore {
             return Err(StoreError::Saturated);
         }
         let ep = candidates[index];
-        match st.contributions.get_mut(&*self.replica) {
-            Some(mine) => match mine.get_mut(ep) {
-                Some(n) => *n += 1,
-                None => {
-                    mine.insert(ep.to_owned(), 1);
-                }
-            },
-            None => {
-                let mine = HashMap::from([(ep.to_owned(), 1)]);
-                st.contributions.insert(self.replica.to_string(), mine);
-            }
-        }
-        let inflight = match st.totals.get_mut(ep) {
-            Some(t) => {
-                *t += 1;
-                *t
-            }
-            None => {
-                st.totals.insert(ep.to_owned(), 1);
-                1
-            }
-        };
+        let inflight = st.add(&self.replica, ep);
         Ok(Acquired { index, inflight })
+    }
+
+    async fn acquire_prefix(
+        &self,
+        pool: &str,
+        q: PrefixQuery<'_>,
+    ) -> Result<PrefixAcquired, StoreError> {
+        check_call(pool, q.candidates.len())?;
+        let random = rand::random::<u32>();
+        let now = Instant::now();
+        let pool = self.pool(pool);
+        let mut st = pool.lock();
+        st.touch_and_reap(&self.replica, now, self.dead_after);
+        let counts: Vec<u64> = q.candidates.iter().map(|c| st.total(c)).collect();
+        let mut matched = 0;
+        let mut holders = Vec::new();
+        for key in q.chain {
+            let Some(entry) = st.prefixes.get(key).filter(|e| e.expires > now) else {
+                break;
+            };
+            let held: Vec<usize> = (0..q.candidates.len())
+                .filter(|i| entry.holders.iter().any(|h| h == q.candidates[*i]))
+                .collect();
+            if held.is_empty() {
+                break;
+            }
+            matched += 1;
+            holders = held;
+        }
+        let (index, outcome) = prefix_choice(&counts, &holders, random, q.guard, q.max)
+            .ok_or(StoreError::Saturated)?;
+        let ep = q.candidates[index];
+        let inflight = st.add(&self.replica, ep);
+        let expires = now + q.ttl;
+        for key in q.chain {
+            let entry = st.prefixes.entry(*key).or_insert_with(|| PrefixEntry {
+                holders: Vec::new(),
+                expires,
+            });
+            if entry.expires <= now {
+                entry.holders.clear();
+            }
+            entry.holders.retain(|h| h != ep);
+            entry.holders.insert(0, ep.to_owned());
+            entry.holders.truncate(MAX_HOLDERS);
+            entry.expires = expires;
+        }
+        Ok(PrefixAcquired {
+            index,
+            inflight,
+            matched,
+            outcome,
+        })
     }
 
     async fn release(&self, pool: &str, endpoint: &str) -> Result<(), StoreError> {
@@ -242,7 +299,9 @@ impl InflightStore for MemoryStore {
         check_call(pool, 1)?;
         let pool = self.pool(pool);
         let mut st = pool.lock();
-        st.touch_and_reap(&self.replica, Instant::now(), self.dead_after);
+        let now = Instant::now();
+        st.touch_and_reap(&self.replica, now, self.dead_after);
+        st.expire_prefixes(now);
         st.reconcile();
         Ok(())
     }
@@ -251,7 +310,9 @@ impl InflightStore for MemoryStore {
         check_call(pool, 1)?;
         let pool = self.pool(pool);
         let mut st = pool.lock();
-        st.touch_and_reap(&self.replica, Instant::now(), self.dead_after);
+        let now = Instant::now();
+        st.touch_and_reap(&self.replica, now, self.dead_after);
+        st.expire_prefixes(now);
         let mine: HashMap<String, u64> = held
             .iter()
             .filter(|(_, n)| *n > 0)

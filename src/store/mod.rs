@@ -1,6 +1,7 @@
-//! Shared state for policies that must agree across gateway replicas: in-flight request counts.
+//! Shared state for policies that must agree across gateway replicas: in-flight request counts
+//! and the prefix index.
 //!
-//! [`InflightStore`] is what `global_least_request` (and `prefix_cache`'s miss path) needs: pick the
+//! [`InflightStore`] is what `global_least_request` and `prefix_cache` need: pick the
 //! candidate endpoint with the fewest requests in flight *summed over every live gateway replica*
 //! and count one more for it, atomically; later release that count exactly once. Two
 //! implementations have identical semantics and pass one conformance suite
@@ -22,6 +23,11 @@
 //! - **heartbeats** — for each replica, when it last spoke. In Redis: ZSET `<ns>:{<pool>}:replicas`,
 //!   member `<replica>` → milliseconds from the Redis server's `TIME` (so gateway clocks do not
 //!   matter).
+//!
+//! - **prefix index** — for each block key of a prompt's chain, the endpoints holding that prefix
+//!   (most recent first, at most [`MAX_HOLDERS`]), expiring after the caller's TTL unless used. In
+//!   Redis: STRING `<ns>:{<pool>}:pfx:<16 hex digits>` → `"ep1,ep2"`.
+//!   [`InflightStore::acquire_prefix`] matches, chooses, counts and records in one round trip.
 //!
 //! `<ns>` is the namespace, `llmlb` by default, so several deployments can share one Redis. The
 //! pool name in braces is the Redis Cluster hash tag: all keys of a pool live in one slot, and every
@@ -57,6 +63,7 @@ mod service;
 pub use self::breaker::TRIP_AFTER;
 pub use self::memory::MemoryStore;
 pub use self::pool_counts::{PoolCounts, Skip};
+
 pub use self::redis::{RedisConfig, RedisMode, RedisStore};
 pub use self::service::CountsService;
 
@@ -79,6 +86,68 @@ pub struct Acquired {
     /// In-flight requests to the chosen endpoint over all live replicas, this one included.
     pub inflight: u64,
 }
+
+/// How [`InflightStore::acquire_prefix`] weighs cache affinity against load: the endpoint that
+/// holds the longest prefix is skipped when it has more than `max(absolute, ⌊least × per_mille /
+/// 1000⌋)` requests in flight above the least loaded candidate (`least`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadGuard {
+    pub absolute: u64,
+    /// The relative threshold in thousandths (500 = half the least loaded endpoint's count).
+    pub per_mille: u64,
+}
+
+impl LoadGuard {
+    /// Whether a holder with `holder` in flight is too busy compared with `least`.
+    pub fn too_busy(&self, holder: u64, least: u64) -> bool {
+        let extra = self
+            .absolute
+            .max(least.saturating_mul(self.per_mille) / 1000);
+        holder > least.saturating_add(extra)
+    }
+}
+
+/// One [`InflightStore::acquire_prefix`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefixQuery<'a> {
+    /// The request's ordered chain of block keys (may be empty: then it is a plain least-request
+    /// pick).
+    pub chain: &'a [u64],
+    /// Eligible endpoints (labels), as for [`InflightStore::acquire_least`].
+    pub candidates: &'a [&'a str],
+    /// `maxRequestCount`, as for [`InflightStore::acquire_least`].
+    pub max: Option<u64>,
+    pub guard: LoadGuard,
+    /// Lifetime of the chain's keys, refreshed whenever they are matched or written.
+    pub ttl: Duration,
+}
+
+/// How the endpoint of an [`InflightStore::acquire_prefix`] was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixOutcome {
+    /// The least loaded endpoint holding the longest matched prefix.
+    Hit,
+    /// A prefix matched, but its holders were too busy (or full): the least loaded endpoint, now
+    /// recorded as a further holder.
+    Diverted,
+    /// Nothing matched: the least loaded endpoint.
+    Miss,
+}
+
+/// The result of a successful [`InflightStore::acquire_prefix`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixAcquired {
+    /// Index into the candidates of the chosen endpoint.
+    pub index: usize,
+    /// In-flight requests to it over all live replicas, this one included.
+    pub inflight: u64,
+    /// Leading blocks of the chain held by a candidate (0 on a miss).
+    pub matched: usize,
+    pub outcome: PrefixOutcome,
+}
+
+/// At most this many endpoints are recorded as holders of one block key (most recent first).
+pub const MAX_HOLDERS: usize = 4;
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +234,22 @@ pub trait InflightStore: Send + Sync {
         candidates: &[&str],
         max: Option<u64>,
     ) -> Result<Acquired, StoreError>;
+
+    /// One atomic round trip for `prefix_cache`: find the longest leading run of `q.chain` whose
+    /// keys have a holder among the candidates; choose the least loaded holder of the deepest
+    /// matched key — unless [`LoadGuard::too_busy`] (or it is at `max`), then the least loaded
+    /// candidate; with no match, the least loaded candidate. Count one in flight for it exactly
+    /// as [`InflightStore::acquire_least`] does, and record it as the first holder of every key
+    /// of the chain (keeping up to [`MAX_HOLDERS`] earlier holders), refreshing their TTL.
+    ///
+    /// A key whose holders are all non-candidates (unhealthy, gone, already tried) ends the match
+    /// there, and the chain from that key on is rewritten for the chosen endpoint. Saturation and
+    /// input errors as for [`InflightStore::acquire_least`]; on saturation nothing is written.
+    async fn acquire_prefix(
+        &self,
+        pool: &str,
+        q: PrefixQuery<'_>,
+    ) -> Result<PrefixAcquired, StoreError>;
 
     /// One round trip: this replica's count for `endpoint` minus one; nothing when it is already
     /// zero or unknown (never negative). Call exactly once per successful acquire.
@@ -270,9 +355,78 @@ pub(crate) fn pick_least(counts: &[u64], random: u32) -> (usize, u64) {
     (index, min)
 }
 
+/// The prefix-cache choice both implementations follow (the Lua script mirrors it): `holders`
+/// are the candidate indices (ascending) holding the deepest matched key, empty on a miss.
+/// `None` when the chosen endpoint — the least loaded one, at worst — is at `max`.
+fn prefix_choice(
+    counts: &[u64],
+    holders: &[usize],
+    random: u32,
+    guard: LoadGuard,
+    max: Option<u64>,
+) -> Option<(usize, PrefixOutcome)> {
+    let count = |i: usize| counts.get(i).copied().unwrap_or(u64::MAX);
+    let full = |i: usize| max.is_some_and(|m| count(i) >= m);
+    let (least_index, least) = pick_least(counts, random);
+    let (index, outcome) = if holders.is_empty() {
+        (least_index, PrefixOutcome::Miss)
+    } else {
+        let held: Vec<u64> = holders.iter().map(|i| count(*i)).collect();
+        let (h, busy) = pick_least(&held, random);
+        let holder = holders.get(h).copied().unwrap_or(least_index);
+        if guard.too_busy(busy, least) || full(holder) {
+            (least_index, PrefixOutcome::Diverted)
+        } else {
+            (holder, PrefixOutcome::Hit)
+        }
+    };
+    (!full(index)).then_some((index, outcome))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const GUARD: LoadGuard = LoadGuard {
+        absolute: 4,
+        per_mille: 500,
+    };
+
+    #[test]
+    fn load_guard_thresholds() {
+        assert!(!GUARD.too_busy(4, 0));
+        assert!(GUARD.too_busy(5, 0));
+        // Relative: half of 20 = 10 above the least.
+        assert!(!GUARD.too_busy(30, 20));
+        assert!(GUARD.too_busy(31, 20));
+    }
+
+    #[test]
+    fn prefix_choice_prefers_holders_within_the_guard() {
+        use PrefixOutcome::*;
+        assert_eq!(
+            prefix_choice(&[3, 0, 1], &[], 0, GUARD, None),
+            Some((1, Miss))
+        );
+        assert_eq!(
+            prefix_choice(&[3, 0, 1], &[0], 0, GUARD, None),
+            Some((0, Hit))
+        );
+        assert_eq!(
+            prefix_choice(&[3, 0, 1], &[0, 2], 0, GUARD, None),
+            Some((2, Hit))
+        );
+        assert_eq!(
+            prefix_choice(&[5, 0, 1], &[0], 0, GUARD, None),
+            Some((1, Diverted))
+        );
+        // The holder is full: the least loaded has room.
+        assert_eq!(
+            prefix_choice(&[2, 0, 1], &[0], 0, GUARD, Some(2)),
+            Some((1, Diverted))
+        );
+        assert_eq!(prefix_choice(&[2, 2], &[0], 0, GUARD, Some(2)), None);
+    }
 
     #[test]
     fn pick_least_takes_the_minimum() {

@@ -35,7 +35,7 @@
 //!
 //! # Scripts
 //!
-//! Four Lua scripts, loaded by SHA (`EVALSHA`; redis-rs sends `SCRIPT LOAD` and retries once when
+//! Five Lua scripts, loaded by SHA (`EVALSHA`; redis-rs sends `SCRIPT LOAD` and retries once when
 //! Redis answers `NOSCRIPT`, e.g. after a restart or `SCRIPT FLUSH`). Every key a script touches is
 //! in `KEYS` and shares the pool's hash tag. `ARGV` starts with the replica id, the dead-replica
 //! timeout and the key TTL (ms) for the scripts that refresh the heartbeat:
@@ -44,6 +44,11 @@
 //!   refresh heartbeat and reap the dead, read the candidates' totals with one `HMGET`, take the
 //!   least (ties: the `(random mod ties)`-th), return `{0, least}` when `least >= max`, else
 //!   `HINCRBY` this replica's field and the total, return `{1-based index, new total}`.
+//! - **prefix** (`KEYS` as acquire, then the chain's block keys `<ns>:{<pool>}:pfx:<16 hex>`;
+//!   `ARGV` … random, max, TTL, load guard, candidates…): the longest run of block keys with a
+//!   candidate among their holders (a comma-separated list, most recent first), the choice of
+//!   `acquire_prefix`, the count as in acquire, then every block key rewritten with the chosen
+//!   endpoint first (`SET … PX ttl`).
 //! - **release** (`KEYS` inflight, total; `ARGV` replica, endpoint): when this replica's field is
 //!   positive, decrement it and the total (removing fields that reach 0); otherwise nothing.
 //! - **inflight** (`KEYS` as acquire; `ARGV` … endpoints…): refresh, reap, `HMGET` the totals.
@@ -67,7 +72,8 @@ use async_trait::async_trait;
 
 use super::{
     check_call, heartbeat_interval_for, new_replica_id, validate_dead_after, validate_replica_id,
-    Acquired, InflightStore, StoreConfigError, StoreError, DEFAULT_DEAD_REPLICA_AFTER, KEY_TTL,
+    Acquired, InflightStore, PrefixAcquired, PrefixOutcome, PrefixQuery, StoreConfigError,
+    StoreError, DEFAULT_DEAD_REPLICA_AFTER, KEY_TTL, MAX_HOLDERS,
 };
 use crate::config::file::LbConfigFile;
 
@@ -457,6 +463,104 @@ return {pick, total}
 "#
 );
 
+/// KEYS[4..] the chain's block keys in order. ARGV[4] random u32, ARGV[5] max or "", ARGV[6] TTL
+/// of block keys (ms), ARGV[7] guard absolute, ARGV[8] guard per mille, ARGV[9..] candidates.
+/// Returns {1-based index, new total, matched, outcome (1 hit, 2 diverted, 3 miss)}, or
+/// {0, least, matched, 0} when saturated. Mirrors `prefix_choice` and `MemoryStore`.
+const PREFIX_LUA: &str = concat!(
+    prelude!(),
+    r#"
+touch_and_reap()
+local random = tonumber(ARGV[4])
+local max = tonumber(ARGV[5])
+local ttl = tonumber(ARGV[6])
+local guard_abs, guard_pm = tonumber(ARGV[7]), tonumber(ARGV[8])
+local cands, pos = {}, {}
+for i = 9, #ARGV do
+  cands[#cands + 1] = ARGV[i]
+  pos[ARGV[i]] = #cands
+end
+local n = #cands
+local raw = redis.call('HMGET', totals, unpack(cands))
+local counts = {}
+for i = 1, n do counts[i] = count(raw[i]) end
+
+-- The least count among indices `idx` (ascending) and the (random mod ties)-th index having it.
+local function least_of(idx)
+  local lo = nil
+  for _, i in ipairs(idx) do
+    if lo == nil or counts[i] < lo then lo = counts[i] end
+  end
+  local ties = {}
+  for _, i in ipairs(idx) do
+    if counts[i] == lo then ties[#ties + 1] = i end
+  end
+  return ties[(random % #ties) + 1], lo
+end
+
+-- Longest run of chain keys with a candidate holder.
+local matched, holders, current = 0, {}, {}
+for k = 4, #KEYS do
+  local v = redis.call('GET', KEYS[k])
+  if not v then break end
+  local list, mask = {}, {}
+  for ep in string.gmatch(v, '[^,]+') do
+    list[#list + 1] = ep
+    if pos[ep] then mask[pos[ep]] = true end
+  end
+  current[k] = list
+  local held = {}
+  for i = 1, n do
+    if mask[i] then held[#held + 1] = i end
+  end
+  if #held == 0 then break end
+  matched = k - 3
+  holders = held
+end
+
+local all = {}
+for i = 1, n do all[i] = i end
+local least_i, least = least_of(all)
+local function full(i) return max ~= nil and counts[i] >= max end
+local pick, outcome = least_i, 3
+if #holders > 0 then
+  local h, busy = least_of(holders)
+  local extra = math.max(guard_abs, math.floor(least * guard_pm / 1000))
+  if busy > least + extra or full(h) then
+    outcome = 2
+  else
+    pick, outcome = h, 1
+  end
+end
+if full(pick) then
+  keep()
+  return {0, least, matched, 0}
+end
+local ep = cands[pick]
+redis.call('HINCRBY', inflight, me .. '|' .. ep, 1)
+local total = redis.call('HINCRBY', totals, ep, 1)
+keep()
+
+-- Record the chosen endpoint as the first holder of every key of the chain.
+for k = 4, #KEYS do
+  local list = current[k]
+  if list == nil then
+    local v = redis.call('GET', KEYS[k])
+    list = {}
+    if v then
+      for e in string.gmatch(v, '[^,]+') do list[#list + 1] = e end
+    end
+  end
+  local out = {ep}
+  for _, e in ipairs(list) do
+    if e ~= ep and #out < MAX_HOLDERS then out[#out + 1] = e end
+  end
+  redis.call('SET', KEYS[k], table.concat(out, ','), 'PX', ttl)
+end
+return {pick, total, matched, outcome}
+"#
+);
+
 /// KEYS[1] inflight, KEYS[2] total; ARGV[1] replica, ARGV[2] endpoint. Returns 1 when a count was
 /// released, 0 when there was none (never goes below zero).
 const RELEASE_LUA: &str = r#"
@@ -537,6 +641,7 @@ return 1
 
 struct Scripts {
     acquire: Script,
+    prefix: Script,
     release: Script,
     inflight: Script,
     heartbeat: Script,
@@ -562,11 +667,13 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-/// The three keys of a pool, in the order the scripts expect.
+/// The three keys of a pool, in the order the scripts expect, and the prefix of its block keys.
 struct Keys {
     inflight: String,
     totals: String,
     replicas: String,
+    /// `<ns>:{<pool>}:pfx:`; a block key appends its 16 hex digits.
+    prefix: String,
 }
 
 impl RedisStore {
@@ -580,6 +687,7 @@ impl RedisStore {
             connecting: tokio::sync::Mutex::new(()),
             scripts: Scripts {
                 acquire: Script::new(ACQUIRE_LUA),
+                prefix: Script::new(&PREFIX_LUA.replace("MAX_HOLDERS", &MAX_HOLDERS.to_string())),
                 release: Script::new(RELEASE_LUA),
                 inflight: Script::new(INFLIGHT_LUA),
                 heartbeat: Script::new(HEARTBEAT_LUA),
@@ -621,6 +729,7 @@ impl RedisStore {
             inflight: format!("{prefix}inflight"),
             totals: format!("{prefix}total"),
             replicas: format!("{prefix}replicas"),
+            prefix: format!("{prefix}pfx:"),
         }
     }
 
@@ -807,6 +916,54 @@ impl InflightStore for RedisStore {
         Ok(Acquired {
             index,
             inflight: to_u64(count),
+        })
+    }
+
+    async fn acquire_prefix(
+        &self,
+        pool: &str,
+        q: PrefixQuery<'_>,
+    ) -> Result<PrefixAcquired, StoreError> {
+        check_call(pool, q.candidates.len())?;
+        let keys = self.pool_keys(pool);
+        let mut inv = self.touching(&self.scripts.prefix, &keys);
+        for block in q.chain {
+            inv.key(format!("{}{block:016x}", keys.prefix));
+        }
+        inv.arg(rand::random::<u32>());
+        match q.max {
+            Some(m) => inv.arg(m),
+            None => inv.arg(""),
+        };
+        inv.arg(millis(q.ttl).max(1))
+            .arg(q.guard.absolute)
+            .arg(q.guard.per_mille);
+        for c in q.candidates {
+            inv.arg(*c);
+        }
+        let (pick, count, matched, outcome): (i64, i64, i64, i64) = self.invoke(&inv).await?;
+        if pick == 0 {
+            return Err(StoreError::Saturated);
+        }
+        let index = usize::try_from(pick - 1)
+            .ok()
+            .filter(|i| *i < q.candidates.len())
+            .ok_or_else(|| StoreError::Protocol(format!("prefix returned index {pick}")))?;
+        let outcome = match outcome {
+            1 => PrefixOutcome::Hit,
+            2 => PrefixOutcome::Diverted,
+            3 => PrefixOutcome::Miss,
+            other => {
+                return Err(StoreError::Protocol(format!(
+                    "prefix returned outcome {other}"
+                )))
+            }
+        };
+        Ok(PrefixAcquired {
+            index,
+            inflight: to_u64(count),
+            matched: usize::try_from(matched).unwrap_or(0),
+            outcome,
         })
     }
 
