@@ -299,6 +299,16 @@ async fn two_replicas_share_one_redis_cluster() {
     two_replicas_balance_and_drain(&url, || View::cluster(&url)).await;
 }
 
+/// Let each backend finish `per_backend` held requests and read every response to its end.
+async fn release_all(backends: &[Backend], per_backend: usize, held: Vec<reqwest::Response>) {
+    for b in backends {
+        b.release_held(per_backend);
+    }
+    for r in held {
+        finish(r).await;
+    }
+}
+
 /// Which backends have requests in flight right now.
 fn actives(backends: &[&Backend]) -> Vec<i64> {
     backends.iter().map(|b| b.active()).collect()
@@ -358,12 +368,7 @@ async fn a_replica_sees_the_other_replicas_load() {
             vec![1, 1, 1],
             "round {round}: B ignored A's load"
         );
-        for backend in &backends {
-            backend.release_held(1);
-        }
-        for r in held.into_iter().chain(on_b) {
-            finish(r).await;
-        }
+        release_all(&backends, 1, held.into_iter().chain(on_b).collect()).await;
         assert_drained(&[&a, &b], &bs, &mut view).await;
     }
 }
@@ -442,12 +447,7 @@ async fn a_killed_replicas_share_disappears() {
     }
     assert_eq!(actives(&bs), vec![3, 3]);
     assert_eq!(view.totals(&bs), vec![3, 3]);
-    for backend in &backends {
-        backend.release_held(3);
-    }
-    for r in held_a {
-        finish(r).await;
-    }
+    release_all(&backends, 3, held_a).await;
     assert_drained(&[&a], &bs, &mut view).await;
 }
 
@@ -629,12 +629,7 @@ async fn redis_killed_during_load() {
     }
     assert_eq!(view.totals(&bs), vec![2, 2, 2]);
     assert_eq!(actives(&bs), vec![2, 2, 2]);
-    for backend in &backends {
-        backend.release_held(2);
-    }
-    for r in held {
-        finish(r).await;
-    }
+    release_all(&backends, 2, held).await;
     assert_drained(&[&a, &b], &bs, &mut view).await;
 }
 
@@ -876,10 +871,5 @@ async fn unhealthy_endpoints_are_not_candidates() {
     }
     let bs: Vec<&Backend> = backends.iter().collect();
     assert_eq!(actives(&bs), vec![3, 3, 0]);
-    for b in &backends {
-        b.release_held(3);
-    }
-    for r in held {
-        finish(r).await;
-    }
+    release_all(&backends, 3, held).await;
 }

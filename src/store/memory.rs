@@ -296,32 +296,35 @@ impl InflightStore for MemoryStore {
     }
 
     async fn heartbeat(&self, pool: &str) -> Result<(), StoreError> {
-        check_call(pool, 1)?;
-        let pool = self.pool(pool);
-        let mut st = pool.lock();
-        let now = Instant::now();
-        st.touch_and_reap(&self.replica, now, self.dead_after);
-        st.expire_prefixes(now);
-        st.reconcile();
-        Ok(())
+        self.beat(pool, None)
     }
 
     async fn restore(&self, pool: &str, held: &[(&str, u64)]) -> Result<(), StoreError> {
+        self.beat(pool, Some(held))
+    }
+}
+
+impl MemoryStore {
+    /// Heartbeat, expire prefix keys, optionally replace this replica's contribution with `held`,
+    /// and recompute the totals.
+    fn beat(&self, pool: &str, held: Option<&[(&str, u64)]>) -> Result<(), StoreError> {
         check_call(pool, 1)?;
         let pool = self.pool(pool);
         let mut st = pool.lock();
         let now = Instant::now();
         st.touch_and_reap(&self.replica, now, self.dead_after);
         st.expire_prefixes(now);
-        let mine: HashMap<String, u64> = held
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(ep, n)| ((*ep).to_owned(), *n))
-            .collect();
-        if mine.is_empty() {
-            st.contributions.remove(&*self.replica);
-        } else {
-            st.contributions.insert(self.replica.to_string(), mine);
+        if let Some(held) = held {
+            let mine: HashMap<String, u64> = held
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(ep, n)| ((*ep).to_owned(), *n))
+                .collect();
+            if mine.is_empty() {
+                st.contributions.remove(&*self.replica);
+            } else {
+                st.contributions.insert(self.replica.to_string(), mine);
+            }
         }
         st.reconcile();
         Ok(())
