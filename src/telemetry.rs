@@ -102,6 +102,16 @@ static STORE_BREAKER: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
     .ok()
 });
 
+static PREFIX_MATCH: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "llmlb_prefix_match_blocks",
+        "prefix_cache: leading prompt blocks found cached on a candidate endpoint (0 = miss)",
+        &["pool"],
+        vec![0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0, 128.0]
+    )
+    .ok()
+});
+
 /// Create every family so it is exported before the first request.
 pub fn touch() {
     LazyLock::force(&REQUESTS);
@@ -113,6 +123,13 @@ pub fn touch() {
     LazyLock::force(&STORE_CALLS);
     LazyLock::force(&STORE_SECONDS);
     LazyLock::force(&STORE_BREAKER);
+    LazyLock::force(&PREFIX_MATCH);
+}
+
+pub fn observe_prefix_match(pool: &str, blocks: usize) {
+    if let Some(m) = PREFIX_MATCH.as_ref() {
+        m.with_label_values(&[pool]).observe(blocks as f64);
+    }
 }
 
 pub fn store_call(pool: &str, op: &str, result: &str, took: std::time::Duration) {

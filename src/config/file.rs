@@ -115,6 +115,12 @@ pub struct LbConfigFile {
     /// llm-lb's addition: ms without a heartbeat after which a replica's in-flight counts are
     /// removed by the survivors (default 10000, at most 15000).
     pub replicaTimeout: Option<u64>,
+    /// llm-lb's addition (`prefix_cache`): a prefix holder is skipped when it has more than this
+    /// many requests in flight above the least loaded endpoint (default 4)…
+    pub loadGuardAbsolute: Option<u64>,
+    /// …or more than this fraction of the least loaded endpoint's count above it, whichever is
+    /// larger (default 0.5).
+    pub loadGuardRelative: Option<f64>,
     /// Higress's own knobs that have no meaning here (accepted, warned about).
     pub cleanInterval: Option<serde_yaml::Value>,
     pub enableDetailLog: Option<serde_yaml::Value>,

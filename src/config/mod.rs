@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use file::{EndpointFile, LbConfigFile, OneOrMany, PolicyFile, PoolFile};
 
-use crate::store::{RedisConfig, StoreConfigError};
+use crate::store::{LoadGuard, PrefixSettings, RedisConfig, StoreConfigError};
 
 /// Default `max_body_bytes`: 32 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -91,6 +91,9 @@ pub struct PoolConfig {
     pub store: Option<StoreConfig>,
     /// `maxRequestCount`: refuse with 429 when every endpoint has this many in flight.
     pub max_inflight: Option<u64>,
+    /// `prefix_cache` settings (`redisKeyTTL`, `loadGuardAbsolute`, `loadGuardRelative`); `None`
+    /// for other policies.
+    pub prefix: Option<PrefixSettings>,
 }
 
 /// The state store a pool's policy uses.
@@ -139,23 +142,30 @@ pub enum PolicyKind {
     RoundRobin,
     Random,
     GlobalLeastRequest,
+    PrefixCache,
 }
 
 impl PolicyKind {
-    pub const NAMES: &'static [&'static str] = &["round_robin", "random", "global_least_request"];
+    pub const NAMES: &'static [&'static str] = &[
+        "round_robin",
+        "random",
+        "global_least_request",
+        "prefix_cache",
+    ];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "round_robin" => Some(Self::RoundRobin),
             "random" => Some(Self::Random),
             "global_least_request" => Some(Self::GlobalLeastRequest),
+            "prefix_cache" => Some(Self::PrefixCache),
             _ => None,
         }
     }
 
     /// Whether the policy keeps state in a store (embedded or Redis).
     pub fn uses_store(self) -> bool {
-        matches!(self, Self::GlobalLeastRequest)
+        matches!(self, Self::GlobalLeastRequest | Self::PrefixCache)
     }
 
     pub fn name(self) -> &'static str {
@@ -163,6 +173,7 @@ impl PolicyKind {
             Self::RoundRobin => "round_robin",
             Self::Random => "random",
             Self::GlobalLeastRequest => "global_least_request",
+            Self::PrefixCache => "prefix_cache",
         }
     }
 }
@@ -451,7 +462,11 @@ impl Validator {
         let lb_config = p.lb_config.unwrap_or_default();
         let lb_path = format!("{path}.lb_config");
         let mut store = None;
+        let mut prefix = None;
         if let Some(kind) = policy {
+            if kind == PolicyKind::PrefixCache {
+                prefix = self.prefix(&lb_path, &lb_config);
+            }
             self.ignored_lb_keys(&lb_path, kind, &lb_config);
             if kind.uses_store() {
                 store = match RedisConfig::from_lb_config(&lb_config) {
@@ -477,6 +492,42 @@ impl Validator {
             max_inflight: lb_config.maxRequestCount.filter(|n| *n > 0),
             lb_config,
             store,
+            prefix,
+        })
+    }
+
+    /// `prefix_cache`'s keys: `redisKeyTTL` (s; 0 or absent → the default, as in Higress) and the
+    /// load guard.
+    fn prefix(&mut self, path: &str, c: &LbConfigFile) -> Option<PrefixSettings> {
+        let defaults = PrefixSettings::default();
+        let ttl = match c.redisKeyTTL {
+            None | Some(0) => defaults.ttl,
+            Some(s) if s < 0 => {
+                self.issue(
+                    &format!("{path}.redisKeyTTL"),
+                    "must be a positive number of seconds (0 means the default, 1800)",
+                );
+                return None;
+            }
+            Some(s) => Duration::from_secs(s.unsigned_abs()),
+        };
+        let per_mille = match c.loadGuardRelative {
+            None => defaults.guard.per_mille,
+            Some(r) if r.is_finite() && (0.0..=1000.0).contains(&r) => (r * 1000.0).round() as u64,
+            Some(_) => {
+                self.issue(
+                    &format!("{path}.loadGuardRelative"),
+                    "must be a number from 0 to 1000 (a fraction of the least loaded endpoint's count)",
+                );
+                return None;
+            }
+        };
+        Some(PrefixSettings {
+            ttl,
+            guard: LoadGuard {
+                absolute: c.loadGuardAbsolute.unwrap_or(defaults.guard.absolute),
+                per_mille,
+            },
         })
     }
 
@@ -486,7 +537,8 @@ impl Validator {
         // (key, present, used by this policy, why not)
         let store = kind.uses_store();
         let redis_only = "ignored: only used with a Redis store (serviceFQDN)";
-        let set: [(&str, bool, bool, &str); 13] = [
+        let prefix = kind == PolicyKind::PrefixCache;
+        let set: [(&str, bool, bool, &str); 15] = [
             ("serviceFQDN", redis, store, ""),
             (
                 "servicePort",
@@ -510,7 +562,19 @@ impl Validator {
                 store && redis,
                 redis_only,
             ),
-            ("redisKeyTTL", c.redisKeyTTL.is_some(), false, ""),
+            ("redisKeyTTL", c.redisKeyTTL.is_some(), prefix, ""),
+            (
+                "loadGuardAbsolute",
+                c.loadGuardAbsolute.is_some(),
+                prefix,
+                "",
+            ),
+            (
+                "loadGuardRelative",
+                c.loadGuardRelative.is_some(),
+                prefix,
+                "",
+            ),
             ("maxRequestCount", c.maxRequestCount.is_some(), store, ""),
             ("criticalModels", c.criticalModels.is_some(), false, ""),
             ("cleanInterval", c.cleanInterval.is_some(), false, ""),
@@ -631,6 +695,54 @@ mod tests {
         assert!(Config::from_yaml(MIN).expect("valid").pools[0]
             .store
             .is_none());
+    }
+
+    #[test]
+    fn prefix_cache_keys() {
+        let pc = MIN.replace("round_robin", "prefix_cache");
+        let c = Config::from_yaml(&pc).expect("valid");
+        let p = &c.pools[0];
+        assert!(matches!(p.store, Some(StoreConfig::Embedded)));
+        assert_eq!(p.prefix, Some(PrefixSettings::default()));
+        assert_eq!(
+            PrefixSettings::default().ttl,
+            Duration::from_secs(1800),
+            "Higress's default"
+        );
+        let with = |keys: &str| Config::from_yaml(&format!("{pc}    lb_config: {{{keys}}}\n"));
+        let c =
+            with("redisKeyTTL: 0, loadGuardAbsolute: 8, loadGuardRelative: 1.25").expect("valid");
+        let p = c.pools[0].prefix.expect("prefix settings");
+        assert_eq!(p.ttl, Duration::from_secs(1800), "0 means the default");
+        assert_eq!((p.guard.absolute, p.guard.per_mille), (8, 1250));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = with("redisKeyTTL: 60, serviceFQDN: 10.0.0.9").expect("valid");
+        assert_eq!(
+            c.pools[0].prefix.expect("prefix").ttl,
+            Duration::from_secs(60)
+        );
+        assert!(matches!(c.pools[0].store, Some(StoreConfig::Redis(_))));
+        for (keys, path) in [
+            ("redisKeyTTL: -5", "pools[0].lb_config.redisKeyTTL: "),
+            (
+                "loadGuardRelative: -1",
+                "pools[0].lb_config.loadGuardRelative: ",
+            ),
+            (
+                "loadGuardRelative: .nan",
+                "pools[0].lb_config.loadGuardRelative: ",
+            ),
+        ] {
+            match with(keys) {
+                Err(e) => assert!(e.to_string().starts_with(path), "{keys}: {e}"),
+                Ok(_) => panic!("{keys} accepted"),
+            }
+        }
+        // The guard keys mean nothing to other policies.
+        let c = Config::from_yaml(&format!("{MIN}    lb_config: {{loadGuardAbsolute: 2}}\n"))
+            .expect("valid");
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.pools[0].prefix.is_none());
     }
 
     #[test]

@@ -31,9 +31,18 @@ impl GlobalLeastRequest {
 }
 
 /// One count held in the store for one attempt.
-struct StoreLease {
+pub(super) struct StoreLease {
     counts: Arc<PoolCounts>,
     endpoint: usize,
+}
+
+impl StoreLease {
+    pub(super) fn new(counts: &Arc<PoolCounts>, endpoint: usize) -> Box<dyn Lease> {
+        Box::new(StoreLease {
+            counts: counts.clone(),
+            endpoint,
+        })
+    }
 }
 
 impl Lease for StoreLease {
@@ -54,10 +63,7 @@ impl Policy for GlobalLeastRequest {
             Ok(endpoint) => Ok(Pick {
                 endpoint: EndpointId::new(endpoint),
                 reason: "least_request",
-                lease: Some(Box::new(StoreLease {
-                    counts: self.counts.clone(),
-                    endpoint,
-                })),
+                lease: Some(StoreLease::new(&self.counts, endpoint)),
             }),
             Err(Skip::Saturated) => Err(PolicyError::Saturated),
             Err(Skip::Fallback(reason)) => {
@@ -68,8 +74,9 @@ impl Policy for GlobalLeastRequest {
     }
 }
 
-/// The candidate with the fewest requests in flight from this replica (ties at random).
-fn local_least(input: &PickInput<'_>, max: Option<u64>) -> Result<Pick, PolicyError> {
+/// The candidate with the fewest requests in flight from this replica (ties at random): the
+/// fallback of the store policies.
+pub(super) fn local_least(input: &PickInput<'_>, max: Option<u64>) -> Result<Pick, PolicyError> {
     let counts: Vec<u64> = input
         .candidates
         .iter()

@@ -8,10 +8,12 @@
 //! error, retry on another endpoint, client abort, or the request context being dropped).
 
 mod global_least_request;
+mod prefix_cache;
 mod random;
 mod round_robin;
 
 pub use global_least_request::GlobalLeastRequest;
+pub use prefix_cache::{PrefixCache, MAX_CHAIN_BLOCKS};
 pub use random::Random;
 pub use round_robin::RoundRobin;
 
@@ -102,6 +104,12 @@ pub fn build(pool: &PoolConfig) -> (Arc<dyn Policy>, Option<Arc<PoolCounts>>) {
         PolicyKind::GlobalLeastRequest => {
             let counts = pool_counts(pool);
             let policy = GlobalLeastRequest::new(counts.clone(), pool.max_inflight);
+            (Arc::new(policy), Some(counts))
+        }
+        PolicyKind::PrefixCache => {
+            let counts = pool_counts(pool);
+            let settings = pool.prefix.unwrap_or_default();
+            let policy = PrefixCache::new(counts.clone(), pool.max_inflight, settings);
             (Arc::new(policy), Some(counts))
         }
     }

@@ -62,7 +62,7 @@ mod service;
 
 pub use self::breaker::TRIP_AFTER;
 pub use self::memory::MemoryStore;
-pub use self::pool_counts::{PoolCounts, Skip};
+pub use self::pool_counts::{PoolCounts, PrefixSettings, Skip};
 
 pub use self::redis::{RedisConfig, RedisMode, RedisStore};
 pub use self::service::CountsService;

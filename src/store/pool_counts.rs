@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::RwLock;
 
 use super::breaker::Breaker;
-use super::{InflightStore, StoreError};
+use super::{Acquired, InflightStore, LoadGuard, PrefixAcquired, PrefixQuery, StoreError};
 use crate::telemetry;
 
 /// Why a request was not counted in the store.
@@ -45,6 +45,45 @@ pub enum Skip {
     Saturated,
     /// The store could not be used; choose locally. The reason is a metric label.
     Fallback(&'static str),
+}
+
+/// How `prefix_cache` asks for prefixes: see [`PrefixQuery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixSettings {
+    pub guard: LoadGuard,
+    pub ttl: Duration,
+}
+
+impl Default for PrefixSettings {
+    /// Higress's `redisKeyTTL` (30 min); a holder may carry 4 requests, or half the least loaded
+    /// endpoint's count, more than the least loaded endpoint.
+    fn default() -> Self {
+        PrefixSettings {
+            guard: LoadGuard {
+                absolute: 4,
+                per_mille: 500,
+            },
+            ttl: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// A store answer that names a chosen candidate.
+trait Chosen {
+    /// Index into the candidates.
+    fn index(&self) -> usize;
+}
+
+impl Chosen for Acquired {
+    fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Chosen for PrefixAcquired {
+    fn index(&self) -> usize {
+        self.index
+    }
 }
 
 /// A pool's view of the shared in-flight counts. Share it behind an `Arc`.
@@ -91,6 +130,36 @@ impl PoolCounts {
     /// Pick the least loaded of `candidates` (endpoint indices) over all replicas and count one
     /// more for it. Returns the chosen endpoint index.
     pub async fn acquire(&self, candidates: &[usize], max: Option<u64>) -> Result<usize, Skip> {
+        let labels = self.labels_of(candidates)?;
+        let call = self.store.acquire_least(&self.pool, &labels, max);
+        let (index, _) = self.counted("acquire", candidates, call).await?;
+        Ok(index)
+    }
+
+    /// [`InflightStore::acquire_prefix`] over `candidates` (endpoint indices): the holder of the
+    /// longest prefix of `chain` unless the guard diverts, counted like [`PoolCounts::acquire`].
+    /// Returns the chosen endpoint index and how it was chosen.
+    pub async fn acquire_prefix(
+        &self,
+        candidates: &[usize],
+        chain: &[u64],
+        max: Option<u64>,
+        settings: PrefixSettings,
+    ) -> Result<(usize, PrefixAcquired), Skip> {
+        let labels = self.labels_of(candidates)?;
+        let query = PrefixQuery {
+            chain,
+            candidates: &labels,
+            max,
+            guard: settings.guard,
+            ttl: settings.ttl,
+        };
+        let call = self.store.acquire_prefix(&self.pool, query);
+        self.counted("acquire_prefix", candidates, call).await
+    }
+
+    /// The labels of `candidates`, or why the store is not to be asked.
+    fn labels_of(&self, candidates: &[usize]) -> Result<Vec<&str>, Skip> {
         if self.breaker.is_open() {
             return Err(Skip::Fallback("store_breaker_open"));
         }
@@ -101,24 +170,35 @@ impl PoolCounts {
         if labels.len() != candidates.len() || labels.is_empty() {
             return Err(Skip::Fallback("store_error"));
         }
+        Ok(labels)
+    }
+
+    /// Run an acquiring store `call` under the gate and the timeout, count what it chose in
+    /// `held`, and feed the breaker. Returns the chosen endpoint index and the store's answer.
+    async fn counted<T: Chosen>(
+        &self,
+        op: &'static str,
+        candidates: &[usize],
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<(usize, T), Skip> {
         let started = Instant::now();
         let call = async {
             let _gate = self.gate.read().await;
-            let result = self.store.acquire_least(&self.pool, &labels, max).await;
+            let result = call.await;
             if let Ok(a) = &result {
-                if let Some(held) = candidates.get(a.index).and_then(|i| self.held.get(*i)) {
+                if let Some(held) = candidates.get(a.index()).and_then(|i| self.held.get(*i)) {
                     held.fetch_add(1, Ordering::SeqCst);
                 }
             }
             result
         };
         let result = self.bounded(call).await;
-        telemetry::store_call(&self.pool, "acquire", outcome(&result), started.elapsed());
+        telemetry::store_call(&self.pool, op, outcome(&result), started.elapsed());
         match result {
-            Ok(a) => match candidates.get(a.index) {
+            Ok(a) => match candidates.get(a.index()) {
                 Some(&index) => {
                     self.on_success();
-                    Ok(index)
+                    Ok((index, a))
                 }
                 None => {
                     self.on_failure(&StoreError::Protocol("index out of range".into()));

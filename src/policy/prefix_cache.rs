@@ -1,0 +1,192 @@
+//! `prefix_cache`: send each request to the endpoint that already holds the longest prefix of its
+//! prompt in its KV cache, unless that endpoint is clearly busier than the least loaded one.
+//!
+//! One store round trip ([`PoolCounts::acquire_prefix`]) matches the request's chain of block keys
+//! ([`crate::prefix`]) against the prefix index, chooses, counts the request in flight (as
+//! `global_least_request` does) and records the chosen endpoint as a holder of every block of the
+//! chain, with a sliding TTL (`redisKeyTTL`):
+//!
+//! - **hit** — the least loaded endpoint among the holders of the longest matched prefix;
+//! - **diverted** — those holders are over the load guard (more than `max(loadGuardAbsolute,
+//!   loadGuardRelative × least)` requests above the least loaded candidate) or at
+//!   `maxRequestCount`: the least loaded candidate, now a further holder, so a hot shared prefix
+//!   spreads over a few endpoints;
+//! - **miss** — nothing matched: the least loaded candidate (global least request).
+//!
+//! Holders that are not candidates (unhealthy, removed, already tried by this request) do not
+//! count as matches; the chain is rewritten to the new endpoint, so a conversation that had to move
+//! sticks to where it moved. When the store cannot answer, the request is routed like
+//! `global_least_request`'s fallback (fewest in flight from this replica), and counted in
+//! `llmlb_fallback_total`; affinity resumes with the store.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::global_least_request::{local_least, StoreLease};
+use super::{Pick, PickInput, Policy, PolicyError};
+use crate::pool::EndpointId;
+use crate::store::{PoolCounts, PrefixOutcome, PrefixSettings, Skip};
+use crate::telemetry;
+
+/// Blocks of a chain looked up and recorded: the first 256 × 2 KiB = 512 KiB of a prompt. Longer
+/// prompts still match on that much, and a store call stays bounded.
+pub const MAX_CHAIN_BLOCKS: usize = 256;
+
+/// The policy of one pool.
+pub struct PrefixCache {
+    counts: Arc<PoolCounts>,
+    max: Option<u64>,
+    settings: PrefixSettings,
+}
+
+impl PrefixCache {
+    pub fn new(counts: Arc<PoolCounts>, max: Option<u64>, settings: PrefixSettings) -> Self {
+        PrefixCache {
+            counts,
+            max,
+            settings,
+        }
+    }
+}
+
+#[async_trait]
+impl Policy for PrefixCache {
+    fn name(&self) -> &'static str {
+        "prefix_cache"
+    }
+
+    async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
+        let indices: Vec<usize> = input.candidates.iter().map(|c| c.index()).collect();
+        let blocks = &input.request.blocks;
+        let chain = &blocks[..blocks.len().min(MAX_CHAIN_BLOCKS)];
+        match self
+            .counts
+            .acquire_prefix(&indices, chain, self.max, self.settings)
+            .await
+        {
+            Ok((endpoint, acquired)) => {
+                telemetry::observe_prefix_match(self.counts.pool(), acquired.matched);
+                Ok(Pick {
+                    endpoint: EndpointId::new(endpoint),
+                    reason: match acquired.outcome {
+                        PrefixOutcome::Hit => "prefix_hit",
+                        PrefixOutcome::Diverted => "prefix_diverted",
+                        PrefixOutcome::Miss => "prefix_miss",
+                    },
+                    lease: Some(StoreLease::new(&self.counts, endpoint)),
+                })
+            }
+            Err(Skip::Saturated) => Err(PolicyError::Saturated),
+            Err(Skip::Fallback(reason)) => {
+                telemetry::count_fallback(self.counts.pool(), reason);
+                local_least(&input, self.max)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::testing::{ids, views};
+    use super::super::Outcome;
+    use super::*;
+    use crate::request::LlmRequest;
+    use crate::store::{LoadGuard, MemoryStore};
+
+    fn policy(n: usize) -> PrefixCache {
+        let labels = (0..n).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect();
+        let counts = Arc::new(PoolCounts::new(Arc::new(MemoryStore::new()), "p", labels));
+        let settings = PrefixSettings {
+            guard: LoadGuard {
+                absolute: 2,
+                per_mille: 500,
+            },
+            ttl: Duration::from_secs(60),
+        };
+        PrefixCache::new(counts, None, settings)
+    }
+
+    fn chat(turns: &[&str]) -> LlmRequest {
+        let messages: Vec<serde_json::Value> = turns
+            .iter()
+            .map(|t| serde_json::json!({"role": "user", "content": t}))
+            .collect();
+        LlmRequest::parse(
+            serde_json::json!({"model": "m", "messages": messages})
+                .to_string()
+                .as_bytes(),
+        )
+    }
+
+    async fn pick(p: &PrefixCache, request: &LlmRequest, candidates: &[EndpointId]) -> Pick {
+        let endpoints = views(&[1; 3]);
+        p.pick(PickInput {
+            request,
+            endpoints: &endpoints,
+            candidates,
+        })
+        .await
+        .expect("pick")
+    }
+
+    #[tokio::test]
+    async fn a_conversation_sticks_and_misses_spread() {
+        let p = policy(3);
+        let first = pick(&p, &chat(&["hello"]), &ids(3)).await;
+        assert_eq!(first.reason, "prefix_miss");
+        first.lease.expect("lease").release(Outcome::Completed);
+        let again = pick(&p, &chat(&["hello", "more"]), &ids(3)).await;
+        assert_eq!(again.reason, "prefix_hit");
+        assert_eq!(again.endpoint, first.endpoint);
+        // While the conversation's request is in flight, a new conversation goes elsewhere.
+        let other = pick(&p, &chat(&["something else"]), &ids(3)).await;
+        assert_eq!(other.reason, "prefix_miss");
+        assert_ne!(other.endpoint, first.endpoint);
+    }
+
+    #[tokio::test]
+    async fn a_busy_holder_is_skipped() {
+        let p = policy(3);
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let pick = pick(&p, &chat(&["shared"]), &ids(3)).await;
+            held.push(pick.endpoint);
+            std::mem::forget(pick.lease);
+        }
+        // Holder has 3 in flight, the others 0: 3 > 0 + max(2, 0) → diverted.
+        let fourth = pick(&p, &chat(&["shared"]), &ids(3)).await;
+        assert_eq!(held, vec![held[0]; 3]);
+        assert_eq!(fourth.reason, "prefix_diverted");
+        assert_ne!(fourth.endpoint, held[0]);
+    }
+
+    #[tokio::test]
+    async fn a_holder_that_is_not_a_candidate_is_a_miss() {
+        let p = policy(3);
+        let first = pick(&p, &chat(&["a"]), &ids(3)).await;
+        let others: Vec<EndpointId> = ids(3)
+            .into_iter()
+            .filter(|e| *e != first.endpoint)
+            .collect();
+        let moved = pick(&p, &chat(&["a", "b"]), &others).await;
+        assert_eq!(moved.reason, "prefix_miss");
+        let after = pick(&p, &chat(&["a", "b", "c"]), &ids(3)).await;
+        assert_eq!(after.endpoint, moved.endpoint, "sticks where it moved");
+        assert_eq!(after.reason, "prefix_hit");
+    }
+
+    #[tokio::test]
+    async fn long_chains_are_capped() {
+        let p = policy(3);
+        let doc = "x".repeat(crate::prefix::CHUNK_BYTES * (MAX_CHAIN_BLOCKS + 10));
+        let request = chat(&[&doc]);
+        assert!(request.blocks.len() > MAX_CHAIN_BLOCKS);
+        let first = pick(&p, &request, &ids(3)).await;
+        let second = pick(&p, &chat(&[&doc, "next"]), &ids(3)).await;
+        assert_eq!(second.endpoint, first.endpoint);
+        assert_eq!(second.reason, "prefix_hit");
+    }
+}
