@@ -37,7 +37,7 @@ pub(super) struct StoreLease {
 }
 
 impl StoreLease {
-    pub(super) fn new(counts: &Arc<PoolCounts>, endpoint: usize) -> Box<dyn Lease> {
+    pub(super) fn boxed(counts: &Arc<PoolCounts>, endpoint: usize) -> Box<dyn Lease> {
         Box::new(StoreLease {
             counts: counts.clone(),
             endpoint,
@@ -63,7 +63,7 @@ impl Policy for GlobalLeastRequest {
             Ok(endpoint) => Ok(Pick {
                 endpoint: EndpointId::new(endpoint),
                 reason: "least_request",
-                lease: Some(StoreLease::new(&self.counts, endpoint)),
+                lease: Some(StoreLease::boxed(&self.counts, endpoint)),
             }),
             Err(Skip::Saturated) => Err(PolicyError::Saturated),
             Err(Skip::Fallback(reason)) => {

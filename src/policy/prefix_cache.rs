@@ -74,7 +74,7 @@ impl Policy for PrefixCache {
                         PrefixOutcome::Diverted => "prefix_diverted",
                         PrefixOutcome::Miss => "prefix_miss",
                     },
-                    lease: Some(StoreLease::new(&self.counts, endpoint)),
+                    lease: Some(StoreLease::boxed(&self.counts, endpoint)),
                 })
             }
             Err(Skip::Saturated) => Err(PolicyError::Saturated),
