@@ -58,7 +58,8 @@ pub struct Config {
     pub h2c: bool,
     /// Upstream attempts per request (first try + retries on other endpoints).
     pub max_attempts: usize,
-    /// Add `x-llm-lb-endpoint` / `x-llm-lb-policy` to responses (off: it reveals internal addresses).
+    /// Add `x-llm-lb-endpoint` / `x-llm-lb-policy` / `x-llm-lb-reason` to responses (off: it
+    /// reveals internal addresses).
     pub expose_endpoint_header: bool,
     pub upstream: UpstreamConfig,
     pub pools: Vec<PoolConfig>,

@@ -370,6 +370,9 @@ impl ProxyHttp for LbProxy {
             if !shared.policy.is_empty() {
                 upstream_response.insert_header("x-llm-lb-policy", shared.policy)?;
             }
+            if !shared.reason.is_empty() {
+                upstream_response.insert_header("x-llm-lb-reason", shared.reason)?;
+            }
         }
         Ok(())
     }

@@ -55,12 +55,12 @@ pub struct PrefixSettings {
 }
 
 impl Default for PrefixSettings {
-    /// Higress's `redisKeyTTL` (30 min); a holder may carry 4 requests, or half the least loaded
+    /// Higress's `redisKeyTTL` (30 min); a holder may carry 8 requests, or half the least loaded
     /// endpoint's count, more than the least loaded endpoint.
     fn default() -> Self {
         PrefixSettings {
             guard: LoadGuard {
-                absolute: 4,
+                absolute: 8,
                 per_mille: 500,
             },
             ttl: Duration::from_secs(1800),
