@@ -3,15 +3,15 @@
 # no Redis), and a multi-turn conversation played through it. For each turn it shows which server
 # answered and how much of the prompt that server served from its prefix cache.
 #
-#   ./scripts/demo.sh                       # round_robin
-#   DEMO_POLICY=random ./scripts/demo.sh    # another lb_policy
+#   ./scripts/demo.sh                            # prefix_cache
+#   DEMO_POLICY=round_robin ./scripts/demo.sh    # another lb_policy, to compare
 #   DEMO_PORT_BASE=28000 ./scripts/demo.sh  # other ports (uses BASE+1..3, BASE+80, BASE+91)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 source "$ROOT/scripts/lib.sh"
 
-POLICY="${DEMO_POLICY:-round_robin}"
+POLICY="${DEMO_POLICY:-prefix_cache}"
 BASE="${DEMO_PORT_BASE:-18000}"
 MODEL="demo/llama-3.1-8b"
 LB_PORT=$((BASE + 80))
@@ -120,5 +120,8 @@ case "$POLICY" in
     round_robin | random)
         echo "Done. $POLICY spreads the turns over the servers, so most turns miss the cache that an"
         echo "earlier turn warmed on another server." ;;
+    prefix_cache)
+        echo "Done. prefix_cache keeps every turn on the server that holds the conversation, so each"
+        echo "turn prefills only what is new. Compare: DEMO_POLICY=round_robin ./scripts/demo.sh" ;;
     *) echo "Done." ;;
 esac

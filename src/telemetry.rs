@@ -77,7 +77,7 @@ static INFLIGHT: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
 static STORE_CALLS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
     register_int_counter_vec!(
         "llmlb_store_calls_total",
-        "State-store calls, by pool, operation (acquire, release, restore = heartbeat) and result (ok, saturated, timeout, error)",
+        "State-store calls, by pool, operation (acquire, acquire_prefix, release, restore = heartbeat) and result (ok, saturated, timeout, error)",
         &["pool", "op", "result"]
     )
     .ok()

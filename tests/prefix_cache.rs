@@ -208,6 +208,21 @@ async fn conversations_stay_put_and_spread() {
             .await,
         Some(84.0)
     );
+    // Match depths: every pick observed; the 20 first turns matched nothing.
+    let text = proxy.metrics().await;
+    let observed = |name: &str, le: Option<&str>| {
+        let mut labels = vec![("pool", "main")];
+        labels.extend(le.map(|le| ("le", le)));
+        parse_metric(&text, name, &labels)
+    };
+    assert_eq!(
+        observed("llmlb_prefix_match_blocks_count", None),
+        Some(105.0)
+    );
+    assert_eq!(
+        observed("llmlb_prefix_match_blocks_bucket", Some("0")),
+        Some(21.0)
+    );
 }
 
 /// Two replicas share the prefix index through Redis: turns alternate between them and every

@@ -3,7 +3,8 @@
 //! [`PoolCounts`] wraps an [`InflightStore`] for one pool and is what the request path calls:
 //!
 //! - [`PoolCounts::acquire`] — one store round trip that picks the least loaded candidate and
-//!   counts it, bounded as a whole by the store's call timeout. A timeout or error makes the
+//!   counts it, bounded as a whole by the store's call timeout ([`PoolCounts::acquire_prefix`]:
+//!   the same for `prefix_cache`, choosing by prefix first). A timeout or error makes the
 //!   caller fall back to a local choice for this request; after
 //!   [`TRIP_AFTER`](super::breaker::TRIP_AFTER) consecutive failures the [`Breaker`] opens and
 //!   requests skip the store without waiting at all.
