@@ -11,6 +11,7 @@ use pingora::services::Service as _;
 
 use crate::cli::Cli;
 use crate::config::{self, Config};
+use crate::drain::{DrainService, Draining};
 use crate::pool::Pool;
 use crate::proxy::{LbProxy, Routes};
 use crate::store::CountsService;
@@ -83,7 +84,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let mut options = pingora::apps::HttpServerOptions::default();
     options.h2c = h2c;
-    let mut proxy = ProxyServiceBuilder::new(&server.configuration, LbProxy::new(routes))
+    let draining = Draining::default();
+    server.add_service(background_service(
+        "drain on handover",
+        DrainService(draining.clone()),
+    ));
+    let proxy_app = LbProxy::new(routes, draining);
+    let mut proxy = ProxyServiceBuilder::new(&server.configuration, proxy_app)
         .name("llm-lb")
         .server_options(options)
         .build();

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod drain;
 pub mod health;
 pub mod policy;
 pub mod pool;

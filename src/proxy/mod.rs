@@ -40,6 +40,7 @@ use ctx::{Attempt, SubrequestInput};
 pub use ctx::{RequestCtx, Role, Route};
 
 use crate::config::Config;
+use crate::drain::Draining;
 use crate::policy::{Outcome, Pick, PickInput, PolicyError};
 use crate::pool::Pool;
 use crate::request::LlmRequest;
@@ -54,11 +55,13 @@ pub struct Routes {
 /// llm-lb's proxy application.
 pub struct LbProxy {
     routes: Arc<Routes>,
+    draining: Draining,
 }
 
 impl LbProxy {
-    pub fn new(routes: Arc<Routes>) -> Self {
-        LbProxy { routes }
+    /// A proxy over `routes`; once `draining` is set, responses close their client connection.
+    pub fn new(routes: Arc<Routes>, draining: Draining) -> Self {
+        LbProxy { routes, draining }
     }
 
     /// Whether another attempt may be made for this request.
@@ -356,10 +359,14 @@ impl ProxyHttp for LbProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if self.draining.is_set() {
+            // Pingora then answers with `Connection: close`.
+            session.set_keepalive(None);
+        }
         let elapsed = ctx.started.elapsed();
         let mut shared = ctx.shared.lock();
         shared.first_byte.get_or_insert(elapsed);

@@ -355,6 +355,22 @@ impl Proxy {
         )
         .expect("write policy");
         let conf = write_pingora_conf_with_grace(dir.path(), grace_s);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+        let p = Self::spawn(dir, &conf, &policy, addr, admin, &[]);
+        p.wait_listening();
+        p
+    }
+
+    /// Start the binary with `extra` arguments; logs go to `dir`.
+    fn spawn(
+        dir: tempfile::TempDir,
+        conf: &std::path::Path,
+        policy: &std::path::Path,
+        addr: SocketAddr,
+        admin: SocketAddr,
+        extra: &[&str],
+    ) -> Proxy {
         let log = dir.path().join("llm-lb.log");
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(binary())
@@ -364,20 +380,47 @@ impl Proxy {
                 "-p",
                 policy.to_str().expect("utf8"),
             ])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .expect("spawn llm-lb");
-        let p = Proxy {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+        Proxy {
+            addr,
+            admin,
             child,
             dir,
             log,
-        };
-        p.wait_listening();
-        p
+        }
+    }
+
+    /// Start a second process with `-u` on this one's configuration files: it waits for this
+    /// process to hand over its listening sockets (send [`Proxy::signal`] `QUIT` to this one).
+    pub fn start_upgrade(&self) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::spawn(
+            dir,
+            &self.dir.path().join("pingora.yaml"),
+            &self.dir.path().join("policy.yaml"),
+            self.addr,
+            self.admin,
+            &["-u"],
+        )
+    }
+
+    /// Send a signal (`TERM`, `QUIT`, `HUP`, …) to the process.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Whether the process has exited (reaping it if so).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     fn wait_listening(&self) {
