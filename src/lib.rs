@@ -17,3 +17,4 @@ pub mod proxy;
 pub mod request;
 pub mod store;
 pub mod telemetry;
+pub mod usage;

@@ -112,6 +112,40 @@ static PREFIX_MATCH: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
     .ok()
 });
 
+/// Buckets for request and first-byte times: LLM requests take from milliseconds to minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+static DURATION: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "llmlb_request_duration_seconds",
+        "Time from request start to the end of the response, by pool",
+        &["pool"],
+        LATENCY_BUCKETS.to_vec()
+    )
+    .ok()
+});
+
+static TTFB: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "llmlb_time_to_first_byte_seconds",
+        "Time from request start to the first response body byte (for a stream: the first event, about the first token), by pool",
+        &["pool"],
+        LATENCY_BUCKETS.to_vec()
+    )
+    .ok()
+});
+
+static TOKENS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_tokens_total",
+        "Tokens reported in responses' usage, by pool and kind (prompt, completion, cached = prompt tokens served from the prefix cache)",
+        &["pool", "kind"]
+    )
+    .ok()
+});
+
 /// Create every family so it is exported before the first request.
 pub fn touch() {
     LazyLock::force(&REQUESTS);
@@ -124,6 +158,31 @@ pub fn touch() {
     LazyLock::force(&STORE_SECONDS);
     LazyLock::force(&STORE_BREAKER);
     LazyLock::force(&PREFIX_MATCH);
+    LazyLock::force(&DURATION);
+    LazyLock::force(&TTFB);
+    LazyLock::force(&TOKENS);
+}
+
+pub fn observe_timing(
+    pool: &str,
+    duration: std::time::Duration,
+    first_byte: Option<std::time::Duration>,
+) {
+    if let Some(m) = DURATION.as_ref() {
+        m.with_label_values(&[pool]).observe(duration.as_secs_f64());
+    }
+    if let (Some(m), Some(t)) = (TTFB.as_ref(), first_byte) {
+        m.with_label_values(&[pool]).observe(t.as_secs_f64());
+    }
+}
+
+pub fn count_tokens(pool: &str, usage: crate::usage::Usage) {
+    if let Some(m) = TOKENS.as_ref() {
+        m.with_label_values(&[pool, "prompt"]).inc_by(usage.prompt);
+        m.with_label_values(&[pool, "completion"])
+            .inc_by(usage.completion);
+        m.with_label_values(&[pool, "cached"]).inc_by(usage.cached);
+    }
 }
 
 pub fn observe_prefix_match(pool: &str, blocks: usize) {

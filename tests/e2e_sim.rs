@@ -4,7 +4,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{pool_yaml, Proxy};
+use common::{parse_metric, pool_yaml, Proxy};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use vllm_sim::{SimConfig, SimHandle};
@@ -77,6 +77,34 @@ async fn streaming_with_usage_through_the_proxy() {
         })
         .count();
     assert_eq!(tokens, 24, "one token per chunk");
+    // The gateway read the usage at the end of the stream (logged just after the last byte).
+    let mut text = proxy.metrics().await;
+    for _ in 0..50 {
+        if parse_metric(
+            &text,
+            "llmlb_request_duration_seconds_count",
+            &[("pool", "sim")],
+        )
+        .is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        text = proxy.metrics().await;
+    }
+    let tokens = |kind| parse_metric(&text, "llmlb_tokens_total", &[("kind", kind)]);
+    assert_eq!(tokens("completion"), Some(24.0));
+    assert_eq!(tokens("prompt"), usage["usage"]["prompt_tokens"].as_f64());
+    for family in [
+        "llmlb_request_duration_seconds_count",
+        "llmlb_time_to_first_byte_seconds_count",
+    ] {
+        assert_eq!(
+            parse_metric(&text, family, &[("pool", "sim")]),
+            Some(1.0),
+            "{family}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,9 +44,13 @@ pub struct Shared {
     pub reason: &'static str,
     /// A subrequest failed in a way that is safe to retry on another endpoint.
     pub retry_elsewhere: bool,
-    /// Response body bytes sent to the client, and time to first response byte.
+    /// Response body bytes sent to the client.
     pub response_bytes: usize,
+    /// Time to the first response body byte (for SSE: the first event, about the first token), or
+    /// to the response header while no body has come.
     pub first_byte: Option<Duration>,
+    /// The end of the response body, for its `usage`.
+    pub tail: crate::usage::Tail,
 }
 
 /// Handed from a parent to its subrequest through Pingora's subrequest user context.

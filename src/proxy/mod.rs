@@ -391,8 +391,13 @@ impl ProxyHttp for LbProxy {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        if let Some(b) = body {
-            ctx.shared.lock().response_bytes += b.len();
+        if let Some(b) = body.as_ref().filter(|b| !b.is_empty()) {
+            let mut shared = ctx.shared.lock();
+            if shared.response_bytes == 0 {
+                shared.first_byte = Some(ctx.started.elapsed());
+            }
+            shared.response_bytes += b.len();
+            shared.tail.push(b);
         }
         Ok(None)
     }
@@ -441,11 +446,12 @@ impl ProxyHttp for LbProxy {
         let shared = ctx.shared.lock();
         let pool = ctx.route.as_ref().map(|r| r.pool.name().to_string());
         let endpoint = shared.endpoint.map(|a| a.to_string());
-        telemetry::count_request(
-            pool.as_deref().unwrap_or("-"),
-            endpoint.as_deref().unwrap_or("-"),
-            status,
-        );
+        let pool_label = pool.as_deref().unwrap_or("-");
+        telemetry::count_request(pool_label, endpoint.as_deref().unwrap_or("-"), status);
+        telemetry::observe_timing(pool_label, ctx.started.elapsed(), shared.first_byte);
+        if let Some(usage) = shared.tail.usage() {
+            telemetry::count_tokens(pool_label, usage);
+        }
         let error = e.map(|e| e.etype().as_str());
         telemetry::AccessLog {
             method: req.method.as_str(),

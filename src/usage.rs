@@ -1,0 +1,111 @@
+//! Token counts from the `usage` object at the end of an OpenAI-style response.
+//!
+//! vLLM and SGLang put `usage` last: at the end of a JSON completion, and in the last data event
+//! before `[DONE]` of a stream (with `stream_options.include_usage`). So the proxy keeps only the
+//! last [`TAIL_BYTES`] of each response body ([`Tail`]) and reads the counts from there when the
+//! response ends — no parsing of the whole body, bounded memory per request.
+
+/// Bytes of the response body's end that are kept.
+pub const TAIL_BYTES: usize = 1024;
+
+/// The last [`TAIL_BYTES`] of a response body.
+#[derive(Debug, Default)]
+pub struct Tail(Vec<u8>);
+
+impl Tail {
+    pub fn push(&mut self, chunk: &[u8]) {
+        if chunk.len() >= TAIL_BYTES {
+            self.0.clear();
+            self.0.extend_from_slice(&chunk[chunk.len() - TAIL_BYTES..]);
+            return;
+        }
+        let excess = (self.0.len() + chunk.len()).saturating_sub(TAIL_BYTES);
+        self.0.drain(..excess);
+        self.0.extend_from_slice(chunk);
+    }
+
+    /// The token counts of the last `usage` object, if the tail holds one.
+    pub fn usage(&self) -> Option<Usage> {
+        let text = std::str::from_utf8(&self.0).unwrap_or_else(|e| {
+            // A multi-byte character cut at the start of the tail.
+            std::str::from_utf8(&self.0[e.valid_up_to()..]).unwrap_or_default()
+        });
+        let at = text.rfind("\"usage\"")?;
+        let usage = &text[at..];
+        Some(Usage {
+            prompt: number_after(usage, "\"prompt_tokens\"")?,
+            completion: number_after(usage, "\"completion_tokens\"")?,
+            cached: number_after(usage, "\"cached_tokens\"").unwrap_or(0),
+        })
+    }
+}
+
+/// Token counts of one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+    /// `prompt_tokens_details.cached_tokens` (0 when absent).
+    pub cached: u64,
+}
+
+/// The integer after `"key":` in `text`.
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let rest = text[text.find(key)? + key.len()..].trim_start();
+    let rest = rest.strip_prefix(':')?.trim_start();
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_completion() {
+        let mut t = Tail::default();
+        t.push(br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":12,"total_tokens":15,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}}}"#);
+        assert_eq!(
+            t.usage(),
+            Some(Usage {
+                prompt: 12,
+                completion: 3,
+                cached: 8
+            })
+        );
+    }
+
+    #[test]
+    fn stream_split_over_chunks() {
+        let mut t = Tail::default();
+        for _ in 0..200 {
+            t.push(
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"token \"}}],\"usage\":null}\n\n",
+            );
+        }
+        let last = b"data: {\"choices\":[],\"usage\": {\"prompt_tokens\": 40, \"completion_tokens\": 200}}\n\ndata: [DONE]\n\n";
+        for piece in last.chunks(7) {
+            t.push(piece);
+        }
+        assert_eq!(
+            t.usage(),
+            Some(Usage {
+                prompt: 40,
+                completion: 200,
+                cached: 0
+            })
+        );
+        assert!(t.0.len() <= TAIL_BYTES);
+    }
+
+    #[test]
+    fn no_usage() {
+        let mut t = Tail::default();
+        t.push(b"data: {\"choices\":[],\"usage\":null}\n\ndata: [DONE]\n\n");
+        assert_eq!(t.usage(), None);
+        t.push(&[0xe2; 3000]);
+        assert_eq!(t.usage(), None);
+    }
+}
