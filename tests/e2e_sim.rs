@@ -4,7 +4,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{parse_metric, pool_yaml, Proxy};
+use common::{chat_turn, parse_metric, pool_yaml, Proxy};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use vllm_sim::{SimConfig, SimHandle};
@@ -115,21 +115,9 @@ async fn round_robin_spreads_a_conversation_over_the_fleet() {
     let mut messages = vec![json!({"role": "system", "content": "You are terse. ".repeat(200)})];
     for turn in 0..6 {
         messages.push(json!({"role": "user", "content": format!("Question number {turn}?")}));
-        let reply: Value = client
-            .post(proxy.url("/v1/chat/completions"))
-            .json(&json!({"model": MODEL, "messages": messages, "max_tokens": 16}))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
-        let content = reply["choices"][0]["message"]["content"]
-            .as_str()
-            .expect("content")
-            .to_string();
+        let url = proxy.url("/v1/chat/completions");
+        let reply = chat_turn(&client, &url, MODEL, &mut messages, 16).await;
         assert!(reply["usage"]["prompt_tokens"].as_u64().unwrap_or(0) > 400);
-        messages.push(json!({"role": "assistant", "content": content}));
     }
     let served: Vec<u64> = sims.iter().map(|s| s.stats().requests_served).collect();
     assert_eq!(served, vec![2, 2, 2]);

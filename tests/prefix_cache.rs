@@ -501,20 +501,7 @@ async fn fleet_hit_rate(policy: &str, n: u64) -> f64 {
                         let question = format!("Conversation {c}, turn {turn}. ")
                             + &"Please explain the next step in detail. ".repeat(20);
                         messages.push(json!({"role": "user", "content": question}));
-                        let reply: Value = client
-                            .post(&url)
-                            .json(&json!({"model": MODEL, "messages": messages, "max_tokens": 32}))
-                            .send()
-                            .await
-                            .expect("send")
-                            .json()
-                            .await
-                            .expect("json");
-                        let answer = reply["choices"][0]["message"]["content"]
-                            .as_str()
-                            .expect("content")
-                            .to_string();
-                        messages.push(json!({"role": "assistant", "content": answer}));
+                        chat_turn(&client, &url, MODEL, &mut messages, 32).await;
                     }
                 })
             })

@@ -566,3 +566,29 @@ pub fn chat_body_with(model: &str, size: usize, stream: bool, long_stream: bool)
     }))
     .expect("json")
 }
+
+/// One turn of a chat against an OpenAI-compatible `url`: send `messages`, append the assistant's
+/// answer to them, and return the whole reply.
+pub async fn chat_turn(
+    client: &reqwest::Client,
+    url: &str,
+    model: &str,
+    messages: &mut Vec<serde_json::Value>,
+    max_tokens: u32,
+) -> serde_json::Value {
+    let reply: serde_json::Value = client
+        .post(url)
+        .json(&serde_json::json!({"model": model, "messages": messages, "max_tokens": max_tokens}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let answer = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string();
+    messages.push(serde_json::json!({"role": "assistant", "content": answer}));
+    reply
+}
