@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use pingora_prometheus::prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec,
-    IntCounterVec, IntGaugeVec,
+    register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
+    GaugeVec, HistogramVec, IntCounterVec, IntGaugeVec,
 };
 
 /// Initialise `log` output: `RUST_LOG` if set, else info (Pingora's own chatter at warn).
@@ -102,6 +102,33 @@ static STORE_BREAKER: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
     .ok()
 });
 
+static SCRAPE_AGE: LazyLock<Option<GaugeVec>> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "llmlb_scrape_age_seconds",
+        "Age of the endpoint's latest engine-metrics snapshot (+Inf: none yet), updated every scrape attempt",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
+static SCRAPE_FAILURES: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_scrape_failures_total",
+        "Engine-metrics scrapes that failed, by reason (timeout, connect, http, status, too_large, parse, missing_metrics)",
+        &["pool", "endpoint", "reason"]
+    )
+    .ok()
+});
+
+static METRICS_KNOWN: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_endpoint_metrics_known",
+        "1 while the endpoint's engine metrics are fresh enough to route on",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
 /// Create every family so it is exported before the first request.
 pub fn touch() {
     LazyLock::force(&REQUESTS);
@@ -113,6 +140,9 @@ pub fn touch() {
     LazyLock::force(&STORE_CALLS);
     LazyLock::force(&STORE_SECONDS);
     LazyLock::force(&STORE_BREAKER);
+    LazyLock::force(&SCRAPE_AGE);
+    LazyLock::force(&SCRAPE_FAILURES);
+    LazyLock::force(&METRICS_KNOWN);
 }
 
 pub fn store_call(pool: &str, op: &str, result: &str, took: std::time::Duration) {
@@ -127,6 +157,24 @@ pub fn store_call(pool: &str, op: &str, result: &str, took: std::time::Duration)
 pub fn set_store_breaker(pool: &str, open: bool) {
     if let Some(m) = STORE_BREAKER.as_ref() {
         m.with_label_values(&[pool]).set(i64::from(open));
+    }
+}
+
+pub fn set_scrape_age(pool: &str, endpoint: &str, seconds: f64) {
+    if let Some(m) = SCRAPE_AGE.as_ref() {
+        m.with_label_values(&[pool, endpoint]).set(seconds);
+    }
+}
+
+pub fn count_scrape_failure(pool: &str, endpoint: &str, reason: &str) {
+    if let Some(m) = SCRAPE_FAILURES.as_ref() {
+        m.with_label_values(&[pool, endpoint, reason]).inc();
+    }
+}
+
+pub fn set_metrics_known(pool: &str, endpoint: &str, known: bool) {
+    if let Some(m) = METRICS_KNOWN.as_ref() {
+        m.with_label_values(&[pool, endpoint]).set(i64::from(known));
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use file::{EndpointFile, LbConfigFile, OneOrMany, PolicyFile, PoolFile};
 
+use crate::policy::LeastBusyConfig;
 use crate::store::{RedisConfig, StoreConfigError};
 
 /// Default `max_body_bytes`: 32 MiB.
@@ -91,6 +92,8 @@ pub struct PoolConfig {
     pub store: Option<StoreConfig>,
     /// `maxRequestCount`: refuse with 429 when every endpoint has this many in flight.
     pub max_inflight: Option<u64>,
+    /// `least_busy`'s thresholds and critical models (`None` for other policies).
+    pub least_busy: Option<LeastBusyConfig>,
 }
 
 /// The state store a pool's policy uses.
@@ -139,16 +142,23 @@ pub enum PolicyKind {
     RoundRobin,
     Random,
     GlobalLeastRequest,
+    LeastBusy,
 }
 
 impl PolicyKind {
-    pub const NAMES: &'static [&'static str] = &["round_robin", "random", "global_least_request"];
+    pub const NAMES: &'static [&'static str] = &[
+        "round_robin",
+        "random",
+        "global_least_request",
+        "least_busy",
+    ];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "round_robin" => Some(Self::RoundRobin),
             "random" => Some(Self::Random),
             "global_least_request" => Some(Self::GlobalLeastRequest),
+            "least_busy" => Some(Self::LeastBusy),
             _ => None,
         }
     }
@@ -163,6 +173,7 @@ impl PolicyKind {
             Self::RoundRobin => "round_robin",
             Self::Random => "random",
             Self::GlobalLeastRequest => "global_least_request",
+            Self::LeastBusy => "least_busy",
         }
     }
 }
@@ -451,6 +462,7 @@ impl Validator {
         let lb_config = p.lb_config.unwrap_or_default();
         let lb_path = format!("{path}.lb_config");
         let mut store = None;
+        let mut least_busy = None;
         if let Some(kind) = policy {
             self.ignored_lb_keys(&lb_path, kind, &lb_config);
             if kind.uses_store() {
@@ -462,6 +474,16 @@ impl Validator {
                         None
                     }
                 };
+            }
+            if kind == PolicyKind::LeastBusy {
+                match LeastBusyConfig::from_lb_config(&lb_config) {
+                    Ok(c) => least_busy = Some(c),
+                    Err(invalid) => {
+                        for i in invalid {
+                            self.issue(&format!("{lb_path}.{}", i.key), &i.reason);
+                        }
+                    }
+                }
             }
         }
         if self.issues.len() > before {
@@ -477,6 +499,7 @@ impl Validator {
             max_inflight: lb_config.maxRequestCount.filter(|n| *n > 0),
             lb_config,
             store,
+            least_busy,
         })
     }
 
@@ -486,7 +509,8 @@ impl Validator {
         // (key, present, used by this policy, why not)
         let store = kind.uses_store();
         let redis_only = "ignored: only used with a Redis store (serviceFQDN)";
-        let set: [(&str, bool, bool, &str); 13] = [
+        let least_busy = kind == PolicyKind::LeastBusy;
+        let set: [(&str, bool, bool, &str); 17] = [
             ("serviceFQDN", redis, store, ""),
             (
                 "servicePort",
@@ -512,7 +536,31 @@ impl Validator {
             ),
             ("redisKeyTTL", c.redisKeyTTL.is_some(), false, ""),
             ("maxRequestCount", c.maxRequestCount.is_some(), store, ""),
-            ("criticalModels", c.criticalModels.is_some(), false, ""),
+            ("criticalModels", c.criticalModels.is_some(), least_busy, ""),
+            (
+                "queueThresholdCritical",
+                c.queueThresholdCritical.is_some(),
+                least_busy,
+                "",
+            ),
+            (
+                "kvCacheThreshold",
+                c.kvCacheThreshold.is_some(),
+                least_busy,
+                "",
+            ),
+            (
+                "queueingThresholdLoRA",
+                c.queueingThresholdLoRA.is_some(),
+                least_busy,
+                "",
+            ),
+            (
+                "loraAffinityThreshold",
+                c.loraAffinityThreshold.is_some(),
+                least_busy,
+                "",
+            ),
             ("cleanInterval", c.cleanInterval.is_some(), false, ""),
             ("enableDetailLog", c.enableDetailLog.is_some(), false, ""),
         ];
@@ -631,6 +679,39 @@ mod tests {
         assert!(Config::from_yaml(MIN).expect("valid").pools[0]
             .store
             .is_none());
+    }
+
+    #[test]
+    fn least_busy_reads_its_keys_and_names_bad_ones() {
+        let lb = MIN.replace("round_robin", "least_busy");
+        let c = Config::from_yaml(&format!(
+            "{lb}    metrics: {{interval_ms: 100}}\n    lb_config: {{criticalModels: [m], kvCacheThreshold: 0.5, serviceFQDN: r}}\n"
+        ))
+        .expect("valid");
+        let p = &c.pools[0];
+        assert_eq!(p.policy, PolicyKind::LeastBusy);
+        assert!(p.store.is_none());
+        let lbc = p.least_busy.as_ref().expect("least_busy settings");
+        assert_eq!(lbc.critical_models, vec!["m"]);
+        assert_eq!(lbc.thresholds.kv_cache, 0.5);
+        assert_eq!(p.metrics.interval, Duration::from_millis(100));
+        let w: Vec<String> = c.warnings.iter().map(|i| i.path.clone()).collect();
+        assert_eq!(w, vec!["pools[0].lb_config.serviceFQDN"]);
+        let t = err_text(&format!(
+            "{lb}    lb_config: {{kvCacheThreshold: 2, loraAffinityThreshold: 1.5}}\n"
+        ));
+        assert!(t.contains("pools[0].lb_config.kvCacheThreshold"), "{t}");
+        assert!(
+            t.contains("pools[0].lb_config.loraAffinityThreshold"),
+            "{t}"
+        );
+        // The keys are least_busy's only.
+        let c = Config::from_yaml(&format!(
+            "{MIN}    lb_config: {{criticalModels: [m], queueingThresholdLoRA: 9}}\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(c.pools[0].least_busy.is_none());
     }
 
     #[test]

@@ -69,7 +69,7 @@ impl Policy for GlobalLeastRequest {
 }
 
 /// The candidate with the fewest requests in flight from this replica (ties at random).
-fn local_least(input: &PickInput<'_>, max: Option<u64>) -> Result<Pick, PolicyError> {
+pub(super) fn local_least(input: &PickInput<'_>, max: Option<u64>) -> Result<Pick, PolicyError> {
     let counts: Vec<u64> = input
         .candidates
         .iter()
