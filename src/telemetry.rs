@@ -129,6 +129,24 @@ static METRICS_KNOWN: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
     .ok()
 });
 
+static ENGINE_WAITING: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_engine_waiting",
+        "Waiting queue the endpoint's engine reported at its latest successful scrape",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
+static ENGINE_KV: LazyLock<Option<GaugeVec>> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "llmlb_engine_kv_cache_usage",
+        "KV-cache use (0-1) the endpoint's engine reported at its latest successful scrape",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
 /// Create every family so it is exported before the first request.
 pub fn touch() {
     LazyLock::force(&REQUESTS);
@@ -143,6 +161,8 @@ pub fn touch() {
     LazyLock::force(&SCRAPE_AGE);
     LazyLock::force(&SCRAPE_FAILURES);
     LazyLock::force(&METRICS_KNOWN);
+    LazyLock::force(&ENGINE_WAITING);
+    LazyLock::force(&ENGINE_KV);
 }
 
 pub fn store_call(pool: &str, op: &str, result: &str, took: std::time::Duration) {
@@ -175,6 +195,17 @@ pub fn count_scrape_failure(pool: &str, endpoint: &str, reason: &str) {
 pub fn set_metrics_known(pool: &str, endpoint: &str, known: bool) {
     if let Some(m) = METRICS_KNOWN.as_ref() {
         m.with_label_values(&[pool, endpoint]).set(i64::from(known));
+    }
+}
+
+/// What an endpoint's engine reported (waiting queue, KV-cache use) at a successful scrape.
+pub fn set_engine_load(pool: &str, endpoint: &str, waiting: u64, kv_cache_usage: f64) {
+    if let Some(m) = ENGINE_WAITING.as_ref() {
+        m.with_label_values(&[pool, endpoint])
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+    if let Some(m) = ENGINE_KV.as_ref() {
+        m.with_label_values(&[pool, endpoint]).set(kv_cache_usage);
     }
 }
 

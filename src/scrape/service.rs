@@ -7,7 +7,8 @@
 //! previous snapshot in place to age out; it is counted in
 //! `llmlb_scrape_failures_total{reason}`, and the moment an endpoint's metrics become unknown (or
 //! known again) is logged. `llmlb_scrape_age_seconds` and `llmlb_endpoint_metrics_known` are
-//! updated after every attempt. The loops stop on shutdown.
+//! updated after every attempt, `llmlb_engine_waiting` and `llmlb_engine_kv_cache_usage` after
+//! every successful one. The loops stop on shutdown.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -172,6 +173,12 @@ impl Scraper {
             let failure = match outcome {
                 Ok(metrics) => {
                     log::trace!("pool {pool}: {label}: {metrics:?}");
+                    telemetry::set_engine_load(
+                        &pool,
+                        &label,
+                        metrics.waiting,
+                        metrics.kv_cache_usage,
+                    );
                     self.board.publish(self.endpoint, metrics, sent, before);
                     None
                 }
