@@ -18,7 +18,7 @@ pub mod parse;
 mod service;
 
 pub use parse::{parse, ParseError};
-pub use service::{scrape_timeout, ScrapeService};
+pub use service::{scrape_timeout, ScrapeService, MIN_SCRAPE_TIMEOUT};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 
-/// A snapshot older than this many scrape intervals is stale: the endpoint's metrics are unknown.
+/// A snapshot older than this many scrape intervals (intervals below [`MIN_SCRAPE_TIMEOUT`] count
+/// as that) is stale: the endpoint's metrics are unknown.
 pub const STALE_AFTER_INTERVALS: u32 = 3;
 
 /// LoRA adapters as the engine reports them (`vllm:lora_requests_info`). An engine that reports
@@ -137,7 +138,9 @@ impl MetricsBoard {
 
     /// Snapshots older than this are stale.
     pub fn stale_after(&self) -> Duration {
-        self.interval.saturating_mul(STALE_AFTER_INTERVALS)
+        self.interval
+            .max(MIN_SCRAPE_TIMEOUT)
+            .saturating_mul(STALE_AFTER_INTERVALS)
     }
 
     pub fn len(&self) -> usize {

@@ -23,15 +23,18 @@ use crate::telemetry;
 
 /// The longest a scrape may take, whatever the interval.
 pub const MAX_SCRAPE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A scrape may always take this long, however short the interval.
+pub const MIN_SCRAPE_TIMEOUT: Duration = Duration::from_millis(50);
 /// Largest `/metrics` body read (vLLM with many LoRA series and histograms stays far below).
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Idle pooled connections are closed after this (below uvicorn's 5 s keep-alive).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// A scrape gives up after the interval, at most [`MAX_SCRAPE_TIMEOUT`]: scrapes of one endpoint
-/// never overlap, and a hung one costs at most one interval.
+/// A scrape gives up after the interval, within [`MIN_SCRAPE_TIMEOUT`]–[`MAX_SCRAPE_TIMEOUT`].
+/// Scrapes of one endpoint never overlap (the next waits for the previous), so a hung endpoint
+/// costs its own loop one timeout per attempt and nothing else.
 pub fn scrape_timeout(interval: Duration) -> Duration {
-    interval.min(MAX_SCRAPE_TIMEOUT)
+    interval.clamp(MIN_SCRAPE_TIMEOUT, MAX_SCRAPE_TIMEOUT)
 }
 
 /// Why one scrape produced nothing.
@@ -240,12 +243,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn timeout_is_the_interval_at_most_a_second() {
+    fn timeout_is_the_interval_within_bounds() {
         assert_eq!(
             scrape_timeout(Duration::from_millis(100)),
             Duration::from_millis(100)
         );
         assert_eq!(scrape_timeout(Duration::from_secs(5)), MAX_SCRAPE_TIMEOUT);
+        assert_eq!(scrape_timeout(Duration::from_millis(5)), MIN_SCRAPE_TIMEOUT);
     }
 
     #[test]
