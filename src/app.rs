@@ -1,5 +1,5 @@
 //! Wiring: the Pingora server with the proxy service, the admin listener and each pool's
-//! health-check background service.
+//! background services (health checks, state-store heartbeat, engine-metrics scraping).
 
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use crate::config::{self, Config};
 use crate::drain::{DrainService, Draining};
 use crate::pool::Pool;
 use crate::proxy::{LbProxy, Routes};
+use crate::scrape::ScrapeService;
 use crate::store::CountsService;
 use crate::{admin, telemetry};
 
@@ -81,6 +82,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             "state store heartbeat",
             CountsService::new(counts),
         ));
+    }
+    for pool in &routes.pools {
+        if let Some(board) = pool.policy.metrics_board() {
+            server.add_service(background_service(
+                &format!("metrics {}", pool.name()),
+                ScrapeService::new(board, &pool.config.metrics),
+            ));
+        }
     }
     let mut options = pingora::apps::HttpServerOptions::default();
     options.h2c = h2c;

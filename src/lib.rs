@@ -15,6 +15,7 @@ pub mod pool;
 pub mod prefix;
 pub mod proxy;
 pub mod request;
+pub mod scrape;
 pub mod store;
 pub mod telemetry;
 pub mod usage;

@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use pingora_prometheus::prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec,
-    IntCounterVec, IntGaugeVec,
+    register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
+    GaugeVec, HistogramVec, IntCounterVec, IntGaugeVec,
 };
 
 /// Initialise `log` output: `RUST_LOG` if set, else info (Pingora's own chatter at warn).
@@ -112,6 +112,15 @@ static PREFIX_MATCH: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
     .ok()
 });
 
+static SCRAPE_AGE: LazyLock<Option<GaugeVec>> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "llmlb_scrape_age_seconds",
+        "Age of the endpoint's latest engine-metrics snapshot (+Inf: none yet), updated every scrape attempt",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
 /// Buckets for request and first-byte times: LLM requests take from milliseconds to minutes.
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -146,6 +155,42 @@ static TOKENS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
     .ok()
 });
 
+static SCRAPE_FAILURES: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_scrape_failures_total",
+        "Engine-metrics scrapes that failed, by reason (timeout, connect, http, status, too_large, parse, missing_metrics)",
+        &["pool", "endpoint", "reason"]
+    )
+    .ok()
+});
+
+static METRICS_KNOWN: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_endpoint_metrics_known",
+        "1 while the endpoint's engine metrics are fresh enough to route on",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
+static ENGINE_WAITING: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_engine_waiting",
+        "Waiting queue the endpoint's engine reported at its latest successful scrape",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
+static ENGINE_KV: LazyLock<Option<GaugeVec>> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "llmlb_engine_kv_cache_usage",
+        "KV-cache use (0-1) the endpoint's engine reported at its latest successful scrape",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
 /// Create every family so it is exported before the first request.
 pub fn touch() {
     LazyLock::force(&REQUESTS);
@@ -161,6 +206,11 @@ pub fn touch() {
     LazyLock::force(&DURATION);
     LazyLock::force(&TTFB);
     LazyLock::force(&TOKENS);
+    LazyLock::force(&SCRAPE_AGE);
+    LazyLock::force(&SCRAPE_FAILURES);
+    LazyLock::force(&METRICS_KNOWN);
+    LazyLock::force(&ENGINE_WAITING);
+    LazyLock::force(&ENGINE_KV);
 }
 
 pub fn observe_timing(
@@ -203,6 +253,35 @@ pub fn store_call(pool: &str, op: &str, result: &str, took: std::time::Duration)
 pub fn set_store_breaker(pool: &str, open: bool) {
     if let Some(m) = STORE_BREAKER.as_ref() {
         m.with_label_values(&[pool]).set(i64::from(open));
+    }
+}
+
+pub fn set_scrape_age(pool: &str, endpoint: &str, seconds: f64) {
+    if let Some(m) = SCRAPE_AGE.as_ref() {
+        m.with_label_values(&[pool, endpoint]).set(seconds);
+    }
+}
+
+pub fn count_scrape_failure(pool: &str, endpoint: &str, reason: &str) {
+    if let Some(m) = SCRAPE_FAILURES.as_ref() {
+        m.with_label_values(&[pool, endpoint, reason]).inc();
+    }
+}
+
+pub fn set_metrics_known(pool: &str, endpoint: &str, known: bool) {
+    if let Some(m) = METRICS_KNOWN.as_ref() {
+        m.with_label_values(&[pool, endpoint]).set(i64::from(known));
+    }
+}
+
+/// What an endpoint's engine reported (waiting queue, KV-cache use) at a successful scrape.
+pub fn set_engine_load(pool: &str, endpoint: &str, waiting: u64, kv_cache_usage: f64) {
+    if let Some(m) = ENGINE_WAITING.as_ref() {
+        m.with_label_values(&[pool, endpoint])
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+    if let Some(m) = ENGINE_KV.as_ref() {
+        m.with_label_values(&[pool, endpoint]).set(kv_cache_usage);
     }
 }
 

@@ -109,6 +109,11 @@ pub struct LbConfigFile {
     pub redisKeyTTL: Option<i64>,
     pub maxRequestCount: Option<u64>,
     pub criticalModels: Option<Vec<String>>,
+    /// `least_busy` thresholds (the Inference Extension's names; defaults in README).
+    pub queueThresholdCritical: Option<u64>,
+    pub kvCacheThreshold: Option<f64>,
+    pub queueingThresholdLoRA: Option<u64>,
+    pub loraAffinityThreshold: Option<f64>,
     /// llm-lb's addition: Redis key namespace (default `llmlb`), so deployments sharing one Redis
     /// never collide.
     pub keyPrefix: Option<String>,

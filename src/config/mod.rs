@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use file::{EndpointFile, LbConfigFile, OneOrMany, PolicyFile, PoolFile};
 
+use crate::policy::LeastBusyConfig;
 use crate::store::{LoadGuard, PrefixSettings, RedisConfig, StoreConfigError};
 
 /// Default `max_body_bytes`: 32 MiB.
@@ -95,6 +96,8 @@ pub struct PoolConfig {
     /// `prefix_cache` settings (`redisKeyTTL`, `loadGuardAbsolute`, `loadGuardRelative`); `None`
     /// for other policies.
     pub prefix: Option<PrefixSettings>,
+    /// `least_busy`'s thresholds and critical models (`None` for other policies).
+    pub least_busy: Option<LeastBusyConfig>,
 }
 
 /// The state store a pool's policy uses.
@@ -144,6 +147,7 @@ pub enum PolicyKind {
     Random,
     GlobalLeastRequest,
     PrefixCache,
+    LeastBusy,
 }
 
 impl PolicyKind {
@@ -152,6 +156,7 @@ impl PolicyKind {
         "random",
         "global_least_request",
         "prefix_cache",
+        "least_busy",
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -160,6 +165,7 @@ impl PolicyKind {
             "random" => Some(Self::Random),
             "global_least_request" => Some(Self::GlobalLeastRequest),
             "prefix_cache" => Some(Self::PrefixCache),
+            "least_busy" => Some(Self::LeastBusy),
             _ => None,
         }
     }
@@ -175,6 +181,7 @@ impl PolicyKind {
             Self::Random => "random",
             Self::GlobalLeastRequest => "global_least_request",
             Self::PrefixCache => "prefix_cache",
+            Self::LeastBusy => "least_busy",
         }
     }
 }
@@ -464,6 +471,7 @@ impl Validator {
         let lb_path = format!("{path}.lb_config");
         let mut store = None;
         let mut prefix = None;
+        let mut least_busy = None;
         if let Some(kind) = policy {
             if kind == PolicyKind::PrefixCache {
                 prefix = self.prefix(&lb_path, &lb_config);
@@ -478,6 +486,16 @@ impl Validator {
                         None
                     }
                 };
+            }
+            if kind == PolicyKind::LeastBusy {
+                match LeastBusyConfig::from_lb_config(&lb_config) {
+                    Ok(c) => least_busy = Some(c),
+                    Err(invalid) => {
+                        for i in invalid {
+                            self.issue(&format!("{lb_path}.{}", i.key), &i.reason);
+                        }
+                    }
+                }
             }
         }
         if self.issues.len() > before {
@@ -494,6 +512,7 @@ impl Validator {
             lb_config,
             store,
             prefix,
+            least_busy,
         })
     }
 
@@ -539,7 +558,8 @@ impl Validator {
         let store = kind.uses_store();
         let redis_only = "ignored: only used with a Redis store (serviceFQDN)";
         let prefix = kind == PolicyKind::PrefixCache;
-        let set: [(&str, bool, bool, &str); 15] = [
+        let least_busy = kind == PolicyKind::LeastBusy;
+        let set: [(&str, bool, bool, &str); 19] = [
             ("serviceFQDN", redis, store, ""),
             (
                 "servicePort",
@@ -577,7 +597,31 @@ impl Validator {
                 "",
             ),
             ("maxRequestCount", c.maxRequestCount.is_some(), store, ""),
-            ("criticalModels", c.criticalModels.is_some(), false, ""),
+            ("criticalModels", c.criticalModels.is_some(), least_busy, ""),
+            (
+                "queueThresholdCritical",
+                c.queueThresholdCritical.is_some(),
+                least_busy,
+                "",
+            ),
+            (
+                "kvCacheThreshold",
+                c.kvCacheThreshold.is_some(),
+                least_busy,
+                "",
+            ),
+            (
+                "queueingThresholdLoRA",
+                c.queueingThresholdLoRA.is_some(),
+                least_busy,
+                "",
+            ),
+            (
+                "loraAffinityThreshold",
+                c.loraAffinityThreshold.is_some(),
+                least_busy,
+                "",
+            ),
             ("cleanInterval", c.cleanInterval.is_some(), false, ""),
             ("enableDetailLog", c.enableDetailLog.is_some(), false, ""),
         ];
@@ -744,6 +788,39 @@ mod tests {
             .expect("valid");
         assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
         assert!(c.pools[0].prefix.is_none());
+    }
+
+    #[test]
+    fn least_busy_reads_its_keys_and_names_bad_ones() {
+        let lb = MIN.replace("round_robin", "least_busy");
+        let c = Config::from_yaml(&format!(
+            "{lb}    metrics: {{interval_ms: 100}}\n    lb_config: {{criticalModels: [m], kvCacheThreshold: 0.5, serviceFQDN: r}}\n"
+        ))
+        .expect("valid");
+        let p = &c.pools[0];
+        assert_eq!(p.policy, PolicyKind::LeastBusy);
+        assert!(p.store.is_none());
+        let lbc = p.least_busy.as_ref().expect("least_busy settings");
+        assert_eq!(lbc.critical_models, vec!["m"]);
+        assert_eq!(lbc.thresholds.kv_cache, 0.5);
+        assert_eq!(p.metrics.interval, Duration::from_millis(100));
+        let w: Vec<String> = c.warnings.iter().map(|i| i.path.clone()).collect();
+        assert_eq!(w, vec!["pools[0].lb_config.serviceFQDN"]);
+        let t = err_text(&format!(
+            "{lb}    lb_config: {{kvCacheThreshold: 2, loraAffinityThreshold: 1.5}}\n"
+        ));
+        assert!(t.contains("pools[0].lb_config.kvCacheThreshold"), "{t}");
+        assert!(
+            t.contains("pools[0].lb_config.loraAffinityThreshold"),
+            "{t}"
+        );
+        // The keys are least_busy's only.
+        let c = Config::from_yaml(&format!(
+            "{MIN}    lb_config: {{criticalModels: [m], queueingThresholdLoRA: 9}}\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(c.pools[0].least_busy.is_none());
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //! error, retry on another endpoint, client abort, or the request context being dropped).
 
 mod global_least_request;
+pub mod least_busy;
 mod prefix_cache;
 mod random;
 mod round_robin;
 
 pub use global_least_request::GlobalLeastRequest;
+pub use least_busy::{LeastBusy, LeastBusyConfig};
 pub use prefix_cache::{PrefixCache, MAX_CHAIN_BLOCKS};
 pub use random::Random;
 pub use round_robin::RoundRobin;
@@ -24,6 +26,7 @@ use async_trait::async_trait;
 use crate::config::{PolicyKind, PoolConfig, StoreConfig};
 use crate::pool::{EndpointId, EndpointView};
 use crate::request::LlmRequest;
+use crate::scrape::MetricsBoard;
 use crate::store::{InflightStore, MemoryStore, PoolCounts, RedisConfig, RedisStore};
 
 /// Everything a policy may look at for one pick.
@@ -92,6 +95,12 @@ pub trait Policy: Send + Sync {
 
     /// Choose one of `input.candidates`.
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError>;
+
+    /// The engine metrics this policy reads, which a [`crate::scrape::ScrapeService`] must keep
+    /// current (policies that scrape nothing: `None`).
+    fn metrics_board(&self) -> Option<Arc<MetricsBoard>> {
+        None
+    }
 }
 
 /// Build the policy a pool's configuration asks for, and the shared in-flight counts it keeps
@@ -111,6 +120,12 @@ pub fn build(pool: &PoolConfig) -> (Arc<dyn Policy>, Option<Arc<PoolCounts>>) {
             let settings = pool.prefix.unwrap_or_default();
             let policy = PrefixCache::new(counts.clone(), pool.max_inflight, settings);
             (Arc::new(policy), Some(counts))
+        }
+        PolicyKind::LeastBusy => {
+            let labels = pool.endpoints.iter().map(|e| e.addr.to_string()).collect();
+            let board = MetricsBoard::new(&pool.name, labels, pool.metrics.interval);
+            let config = pool.least_busy.clone().unwrap_or_default();
+            (Arc::new(LeastBusy::new(Arc::new(board), config)), None)
         }
     }
 }

@@ -1,0 +1,490 @@
+//! `least_busy`: route by what the inference engines report about themselves — waiting queue,
+//! KV-cache use, loaded LoRA adapters — through the Inference Extension's filter tree
+//! ([`tree`]), as Higress's `least_busy` does, over metrics llm-lb scrapes itself
+//! ([`crate::scrape`]).
+//!
+//! - A request whose `model` is in `criticalModels` is **critical** and never refused; any other is
+//!   **sheddable** and gets [`PolicyError::Saturated`] (429) when no endpoint has capacity.
+//! - The request's LoRA adapter is its `model` unless an endpoint reports that name as its base
+//!   model (`model_name`).
+//! - Each endpoint's waiting queue includes the requests this gateway dispatched to it since its
+//!   last scrape and that are still in flight (the [`Lease`] of each pick ends that count).
+//! - An endpoint whose metrics are unknown (never scraped, scrape failing, snapshot stale) is not
+//!   dropped: the tree runs over the known ones, and its survivors and the unknown endpoints are
+//!   compared on the signal they share, this replica's in-flight requests (ties at random). When
+//!   every candidate is unknown the pick is this replica's least request, counted in
+//!   `llmlb_fallback_total{reason="metrics_unknown"}`.
+//!
+//! Pick reasons: `least_busy`, `least_busy_lora_affinity` (the endpoint runs the request's
+//! adapter), `unknown_metrics_least_request` (an endpoint without known metrics was chosen).
+
+pub mod tree;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use rand::Rng;
+
+pub use tree::Thresholds;
+
+use super::global_least_request::local_least;
+use super::{Lease, Outcome, Pick, PickInput, Policy, PolicyError};
+use crate::config::file::LbConfigFile;
+use crate::pool::EndpointId;
+use crate::scrape::{Known, MetricsBoard};
+use crate::telemetry;
+
+/// Pick reason: the tree chose.
+pub const REASON: &str = "least_busy";
+/// Pick reason: the tree chose an endpoint running the request's adapter.
+pub const REASON_AFFINITY: &str = "least_busy_lora_affinity";
+/// Pick reason: an endpoint whose metrics are unknown, by in-flight count.
+pub const REASON_UNKNOWN: &str = "unknown_metrics_least_request";
+
+/// The policy's settings from `lb_config`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeastBusyConfig {
+    pub thresholds: Thresholds,
+    /// `criticalModels`: requests for these models are critical.
+    pub critical_models: Vec<String>,
+}
+
+/// An unusable `lb_config` value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct InvalidKey {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+impl LeastBusyConfig {
+    /// Read and check the keys `least_busy` uses; every problem is reported.
+    pub fn from_lb_config(c: &LbConfigFile) -> Result<Self, Vec<InvalidKey>> {
+        let mut issues = Vec::new();
+        let mut bad = |key: &'static str, reason: &str| {
+            issues.push(InvalidKey {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        let d = Thresholds::default();
+        let fraction = |v: Option<f64>, default: f64| v.unwrap_or(default);
+        let thresholds = Thresholds {
+            queueing_lora: c.queueingThresholdLoRA.unwrap_or(d.queueing_lora),
+            queue_critical: c.queueThresholdCritical.unwrap_or(d.queue_critical),
+            kv_cache: fraction(c.kvCacheThreshold, d.kv_cache),
+            lora_affinity: fraction(c.loraAffinityThreshold, d.lora_affinity),
+        };
+        if thresholds.queueing_lora == 0 {
+            bad("queueingThresholdLoRA", "must be at least 1");
+        }
+        for (key, v) in [
+            ("kvCacheThreshold", thresholds.kv_cache),
+            ("loraAffinityThreshold", thresholds.lora_affinity),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                bad(key, "must be between 0 and 1");
+            }
+        }
+        let critical_models = c.criticalModels.clone().unwrap_or_default();
+        if critical_models.iter().any(|m| m.is_empty()) {
+            bad("criticalModels", "model names must not be empty");
+        }
+        if !issues.is_empty() {
+            return Err(issues);
+        }
+        Ok(LeastBusyConfig {
+            thresholds,
+            critical_models,
+        })
+    }
+}
+
+/// The policy of one pool.
+pub struct LeastBusy {
+    board: Arc<MetricsBoard>,
+    config: LeastBusyConfig,
+}
+
+impl LeastBusy {
+    pub fn new(board: Arc<MetricsBoard>, config: LeastBusyConfig) -> Self {
+        LeastBusy { board, config }
+    }
+
+    /// The endpoint for this request and why.
+    fn choose(
+        &self,
+        input: &PickInput<'_>,
+        rng: &mut impl Rng,
+    ) -> Result<(EndpointId, &'static str), PolicyError> {
+        let now = Instant::now();
+        let mut known: Vec<(EndpointId, Known)> = Vec::with_capacity(input.candidates.len());
+        let mut unknown: Vec<EndpointId> = Vec::new();
+        for &c in input.candidates {
+            match self.board.view(c.index(), now) {
+                Some(k) => known.push((c, k)),
+                None => unknown.push(c),
+            }
+        }
+        if known.is_empty() {
+            telemetry::count_fallback(self.board.pool(), "metrics_unknown");
+            return Ok((local_least(input, None)?.endpoint, REASON_UNKNOWN));
+        }
+        let model = input.request.model.as_deref();
+        let critical = model.is_some_and(|m| self.config.critical_models.iter().any(|c| c == m));
+        let adapter = model.filter(|m| {
+            !known
+                .iter()
+                .any(|(_, k)| k.snapshot.metrics.model.as_deref() == Some(*m))
+        });
+        let pods: Vec<tree::Pod<'_>> = known
+            .iter()
+            .map(|(_, k)| tree::Pod {
+                waiting: k.waiting(),
+                kv_cache: k.snapshot.metrics.kv_cache_usage,
+                lora: &k.snapshot.metrics.lora,
+            })
+            .collect();
+        let ask = tree::Ask { critical, adapter };
+        let kept = match tree::survivors(&pods, ask, &self.config.thresholds, rng) {
+            Ok(kept) => kept,
+            Err(tree::Dropped) if unknown.is_empty() => {
+                log::debug!(
+                    "pool {}: no endpoint has capacity for a sheddable request",
+                    self.board.pool()
+                );
+                return Err(PolicyError::Saturated);
+            }
+            Err(tree::Dropped) => Vec::new(),
+        };
+        let reason_for = |id: EndpointId| {
+            let runs_adapter = known
+                .iter()
+                .find(|(c, _)| *c == id)
+                .is_some_and(|(_, k)| adapter.is_some_and(|a| k.snapshot.metrics.lora.has(a)));
+            if runs_adapter {
+                REASON_AFFINITY
+            } else {
+                REASON
+            }
+        };
+        if unknown.is_empty() {
+            let chosen = if kept.is_empty() {
+                None
+            } else {
+                kept.get(rng.gen_range(0..kept.len()))
+                    .and_then(|&i| known.get(i))
+                    .map(|(c, _)| *c)
+            };
+            let id = chosen.ok_or_else(|| PolicyError::Unavailable("no candidates".into()))?;
+            return Ok((id, reason_for(id)));
+        }
+        // Survivors and unknown endpoints, on the signal they share.
+        let mut contenders: Vec<EndpointId> = kept
+            .iter()
+            .filter_map(|&i| known.get(i).map(|(c, _)| *c))
+            .collect();
+        contenders.extend_from_slice(&unknown);
+        let pick = local_least(
+            &PickInput {
+                request: input.request,
+                endpoints: input.endpoints,
+                candidates: &contenders,
+            },
+            None,
+        )?;
+        let reason = if unknown.contains(&pick.endpoint) {
+            REASON_UNKNOWN
+        } else {
+            reason_for(pick.endpoint)
+        };
+        Ok((pick.endpoint, reason))
+    }
+}
+
+/// Ends the count of a request dispatched since the last scrape.
+struct DispatchLease {
+    board: Arc<MetricsBoard>,
+    endpoint: usize,
+    number: u64,
+}
+
+impl Lease for DispatchLease {
+    fn release(self: Box<Self>, _outcome: Outcome) {
+        self.board.finish(self.endpoint, self.number);
+    }
+}
+
+#[async_trait]
+impl Policy for LeastBusy {
+    fn name(&self) -> &'static str {
+        "least_busy"
+    }
+
+    fn metrics_board(&self) -> Option<Arc<MetricsBoard>> {
+        Some(self.board.clone())
+    }
+
+    async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
+        let (endpoint, reason) = self.choose(&input, &mut rand::thread_rng())?;
+        let number = self.board.dispatch(endpoint.index());
+        Ok(Pick {
+            endpoint,
+            reason,
+            lease: Some(Box::new(DispatchLease {
+                board: self.board.clone(),
+                endpoint: endpoint.index(),
+                number,
+            })),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    use super::super::testing::{ids, views};
+    use super::*;
+    use crate::request::LlmRequest;
+    use crate::scrape::{EndpointMetrics, Lora};
+
+    const BASE: &str = "base-model";
+
+    fn metrics(waiting: u64, kv: f64, max: usize, running: &[&str]) -> EndpointMetrics {
+        EndpointMetrics {
+            waiting,
+            running: 0,
+            kv_cache_usage: kv,
+            lora: Lora {
+                running: running.iter().map(|s| s.to_string()).collect(),
+                max,
+            },
+            model: Some(BASE.to_string()),
+        }
+    }
+
+    fn policy(n: usize, critical: &[&str]) -> (LeastBusy, Arc<MetricsBoard>) {
+        let labels = (0..n).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect();
+        let board = Arc::new(MetricsBoard::new("p", labels, Duration::from_secs(60)));
+        let config = LeastBusyConfig {
+            critical_models: critical.iter().map(|s| s.to_string()).collect(),
+            ..LeastBusyConfig::default()
+        };
+        (LeastBusy::new(board.clone(), config), board)
+    }
+
+    fn publish(board: &MetricsBoard, i: usize, m: EndpointMetrics) {
+        board.publish(i, m, Instant::now(), board.dispatched(i));
+    }
+
+    fn request(model: &str) -> LlmRequest {
+        LlmRequest::parse(
+            format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
+                .as_bytes(),
+        )
+    }
+
+    fn choose(
+        p: &LeastBusy,
+        endpoints: &[crate::pool::EndpointView],
+        model: &str,
+        candidates: &[EndpointId],
+        seed: u64,
+    ) -> Result<(EndpointId, &'static str), PolicyError> {
+        let req = request(model);
+        let input = PickInput {
+            request: &req,
+            endpoints,
+            candidates,
+        };
+        p.choose(&input, &mut StdRng::seed_from_u64(seed))
+    }
+
+    /// T1–T3 through the policy: metrics on the board, the request's model decides.
+    #[test]
+    fn upstream_vectors_through_the_policy() {
+        let (p, board) = policy(3, &["critical"]);
+        let endpoints = views(&[1, 1, 1]);
+        publish(&board, 0, metrics(0, 0.2, 2, &["foo", "bar"]));
+        publish(&board, 1, metrics(3, 0.1, 2, &["foo", "critical"]));
+        publish(&board, 2, metrics(10, 0.2, 2, &["foo"]));
+        for seed in 0..20 {
+            assert_eq!(
+                choose(&p, &endpoints, "critical", &ids(3), seed).expect("pick"),
+                (EndpointId::new(1), REASON_AFFINITY)
+            );
+            assert_eq!(
+                choose(&p, &endpoints, "sheddable", &ids(3), seed).expect("pick"),
+                (EndpointId::new(0), REASON)
+            );
+        }
+        publish(&board, 0, metrics(10, 0.9, 2, &["foo", "bar"]));
+        publish(&board, 1, metrics(3, 0.85, 2, &["foo", "critical"]));
+        publish(&board, 2, metrics(10, 0.85, 2, &["foo"]));
+        assert!(matches!(
+            choose(&p, &endpoints, "sheddable", &ids(3), 0),
+            Err(PolicyError::Saturated)
+        ));
+        assert_eq!(
+            choose(&p, &endpoints, "critical", &ids(3), 0)
+                .expect("pick")
+                .0,
+            EndpointId::new(1)
+        );
+        // Only candidates are considered.
+        let only = [EndpointId::new(2)];
+        assert_eq!(
+            choose(&p, &endpoints, "critical", &only, 0)
+                .expect("pick")
+                .0,
+            EndpointId::new(2)
+        );
+    }
+
+    #[test]
+    fn the_base_model_is_not_an_adapter() {
+        let (p, board) = policy(2, &[BASE]);
+        let endpoints = views(&[1, 1]);
+        // Endpoint 0 has LoRA room, endpoint 1 has none but a shorter queue.
+        publish(&board, 0, metrics(2, 0.1, 2, &[]));
+        publish(&board, 1, metrics(1, 0.1, 1, &["x"]));
+        assert_eq!(
+            choose(&p, &endpoints, BASE, &ids(2), 0).expect("pick"),
+            (EndpointId::new(1), REASON)
+        );
+        // As an adapter name the same request would prefer room for the adapter.
+        let (p, board) = policy(2, &["lora-y"]);
+        publish(&board, 0, metrics(2, 0.1, 2, &[]));
+        publish(&board, 1, metrics(1, 0.1, 1, &["x"]));
+        assert_eq!(
+            choose(&p, &endpoints, "lora-y", &ids(2), 0)
+                .expect("pick")
+                .0,
+            EndpointId::new(0)
+        );
+    }
+
+    #[tokio::test]
+    async fn dispatches_between_scrapes_spread_a_burst() {
+        let (p, board) = policy(3, &["m"]);
+        let endpoints = views(&[1, 1, 1]);
+        // Endpoint 2 looked idlest at the last scrape.
+        publish(&board, 0, metrics(2, 0.0, 0, &[]));
+        publish(&board, 1, metrics(2, 0.0, 0, &[]));
+        publish(&board, 2, metrics(0, 0.0, 0, &[]));
+        let req = request("m");
+        let mut hist = [0; 3];
+        let mut leases = Vec::new();
+        for _ in 0..30 {
+            let pick = p
+                .pick(PickInput {
+                    request: &req,
+                    endpoints: &endpoints,
+                    candidates: &ids(3),
+                })
+                .await
+                .expect("pick");
+            hist[pick.endpoint.index()] += 1;
+            leases.push(pick.lease.expect("lease"));
+        }
+        // The idle-looking endpoint is filled up to the others, then the queues stay level.
+        let queues = [2 + hist[0], 2 + hist[1], hist[2]];
+        let (lo, hi) = (queues.iter().min(), queues.iter().max());
+        assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 1), "{hist:?}");
+        for l in leases {
+            l.release(Outcome::Completed);
+        }
+        assert_eq!(board.view(2, Instant::now()).expect("known").waiting(), 0);
+    }
+
+    #[test]
+    fn unknown_endpoints_compete_on_in_flight_counts() {
+        let (p, board) = policy(3, &[]);
+        let pool = {
+            let cfg = crate::config::Config::from_yaml(
+                "pools:\n  - name: p\n    models: ['*']\n    endpoints: ['127.0.0.1:9000', '127.0.0.1:9001', '127.0.0.1:9002']\n    health_check: {enabled: false}\n    lb_policy: round_robin\n",
+            )
+            .expect("config");
+            crate::pool::Pool::new(cfg.pools[0].clone())
+                .expect("pool")
+                .0
+        };
+        // Every endpoint unknown: this replica's least request.
+        let (id, reason) = choose(&p, &pool.endpoints, "m", &ids(3), 0).expect("pick");
+        assert_eq!(reason, REASON_UNKNOWN);
+        assert!(id.index() < 3);
+        // Endpoint 0 known and idle; 1 and 2 unknown. Endpoint 2 carries two requests of ours.
+        publish(&board, 0, metrics(0, 0.1, 0, &[]));
+        let _g = [
+            pool.inflight_guard(EndpointId::new(2)),
+            pool.inflight_guard(EndpointId::new(2)),
+        ];
+        let mut seen = [0; 3];
+        for seed in 0..200 {
+            let (id, reason) = choose(&p, &pool.endpoints, "m", &ids(3), seed).expect("pick");
+            seen[id.index()] += 1;
+            assert_eq!(
+                reason,
+                if id.index() == 0 {
+                    REASON
+                } else {
+                    REASON_UNKNOWN
+                }
+            );
+        }
+        assert!(seen[0] > 0 && seen[1] > 0, "{seen:?}");
+        assert_eq!(seen[2], 0, "more in flight: {seen:?}");
+        // A sheddable request finding the known endpoint saturated still goes to an unknown one.
+        publish(&board, 0, metrics(9, 0.1, 0, &[]));
+        for seed in 0..20 {
+            assert_eq!(
+                choose(&p, &pool.endpoints, "m", &ids(3), seed).expect("pick"),
+                (EndpointId::new(1), REASON_UNKNOWN)
+            );
+        }
+    }
+
+    #[test]
+    fn config_keys_defaults_and_ranges() {
+        let lb = |yaml: &str| -> LbConfigFile { serde_yaml::from_str(yaml).expect("yaml") };
+        let c = LeastBusyConfig::from_lb_config(&lb("{}")).expect("valid");
+        assert_eq!(c, LeastBusyConfig::default());
+        assert_eq!(c.thresholds.queueing_lora, 50);
+        assert_eq!(c.thresholds.queue_critical, 5);
+        assert_eq!(c.thresholds.kv_cache, 0.8);
+        assert_eq!(c.thresholds.lora_affinity, 1.0);
+        let c = LeastBusyConfig::from_lb_config(&lb(
+            "{criticalModels: [a, b], queueThresholdCritical: 0, kvCacheThreshold: 0.5, queueingThresholdLoRA: 128, loraAffinityThreshold: 0.999}",
+        ))
+        .expect("valid");
+        assert_eq!(c.critical_models, vec!["a", "b"]);
+        assert_eq!(
+            c.thresholds,
+            Thresholds {
+                queueing_lora: 128,
+                queue_critical: 0,
+                kv_cache: 0.5,
+                lora_affinity: 0.999
+            }
+        );
+        let e = LeastBusyConfig::from_lb_config(&lb(
+            "{kvCacheThreshold: 1.5, loraAffinityThreshold: -1, queueingThresholdLoRA: 0, criticalModels: ['']}",
+        ))
+        .expect_err("invalid");
+        let keys: Vec<&str> = e.iter().map(|i| i.key).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "queueingThresholdLoRA",
+                "kvCacheThreshold",
+                "loraAffinityThreshold",
+                "criticalModels"
+            ]
+        );
+    }
+}

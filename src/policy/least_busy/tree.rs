@@ -1,0 +1,529 @@
+//! The Gateway API Inference Extension's original scheduler (v0.1–v0.3, as Higress's `least_busy`
+//! ports it): a tree of filters over the endpoints' engine metrics, then a uniformly random pick
+//! among the survivors. Pure: no clock, no I/O; randomness comes from the caller.
+//!
+//! ```text
+//! critical?
+//! ├─ yes → low queueing (waiting < queueingThresholdLoRA)
+//! │        ├─ ok   → LoRA affinity ─(ok or not)→ least queuing → least KV cache
+//! │        └─ fail → least queuing → low LoRA cost → least KV cache        (all endpoints)
+//! └─ no  → has capacity (waiting ≤ queueThresholdCritical and KV ≤ kvCacheThreshold)
+//!          ├─ ok   → least queuing → low LoRA cost → least KV cache
+//!          └─ fail → drop (429)
+//! ```
+//!
+//! A node whose filter keeps at least one endpoint hands what it kept to its success branch; one
+//! that keeps none hands its *own input* to its failure branch; a node without the branch it needs
+//! returns its result. **LoRA affinity** keeps the endpoints running the request's adapter; when
+//! there are none it keeps those with room for one more adapter; when there are both it takes the
+//! affine ones with probability `lora_affinity` (1.0, as Higress: always; the Inference Extension
+//! v0.2+ uses 0.999 so new adapters get loaded elsewhere too). **Low LoRA cost** keeps endpoints
+//! running the adapter or with room for it. Both let everything through when the request names no
+//! adapter. **Least queuing** keeps `min ≤ waiting ≤ min + (max − min) / n` (integer division, as
+//! upstream), **least KV cache** the same on KV-cache use (float division).
+
+use rand::Rng;
+
+use crate::scrape::Lora;
+
+/// The tree's thresholds (`lb_config` keys in brackets); defaults are Higress's constants.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// Low queueing: waiting strictly below this (`queueingThresholdLoRA`, 50).
+    pub queueing_lora: u64,
+    /// Capacity for sheddable requests: waiting at most this (`queueThresholdCritical`, 5).
+    pub queue_critical: u64,
+    /// Capacity for sheddable requests: KV-cache use at most this (`kvCacheThreshold`, 0.8).
+    pub kv_cache: f64,
+    /// Probability of preferring affine endpoints over ones with a free adapter slot
+    /// (`loraAffinityThreshold`, 1.0).
+    pub lora_affinity: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            queueing_lora: 50,
+            queue_critical: 5,
+            kv_cache: 0.8,
+            lora_affinity: 1.0,
+        }
+    }
+}
+
+/// One endpoint as the tree sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Pod<'a> {
+    /// Waiting queue (the engine's, plus this gateway's dispatches since the scrape).
+    pub waiting: u64,
+    /// KV-cache use, 0–1.
+    pub kv_cache: f64,
+    pub lora: &'a Lora,
+}
+
+/// The request as the tree sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// Critical requests are never dropped; the others are "sheddable".
+    pub critical: bool,
+    /// The LoRA adapter the request names, if any.
+    pub adapter: Option<&'a str>,
+}
+
+/// A sheddable request found no endpoint with capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped;
+
+#[derive(Debug, Clone, Copy)]
+enum Filter {
+    Critical,
+    LowQueueing,
+    LoraAffinity,
+    LowLoraCost,
+    HasCapacity,
+    LeastQueuing,
+    LeastKvCache,
+    Drop,
+}
+
+struct Node {
+    filter: Filter,
+    on_success: Option<&'static Node>,
+    on_failure: Option<&'static Node>,
+    /// Taken when the branch for the outcome is not set.
+    on_either: Option<&'static Node>,
+}
+
+const fn node(filter: Filter) -> Node {
+    Node {
+        filter,
+        on_success: None,
+        on_failure: None,
+        on_either: None,
+    }
+}
+
+static LEAST_KV_CACHE: Node = node(Filter::LeastKvCache);
+static QUEUE_AND_KV_CACHE: Node = Node {
+    on_either: Some(&LEAST_KV_CACHE),
+    ..node(Filter::LeastQueuing)
+};
+static LOW_LORA_COST: Node = Node {
+    on_either: Some(&LEAST_KV_CACHE),
+    ..node(Filter::LowLoraCost)
+};
+static QUEUE_LORA_AND_KV_CACHE: Node = Node {
+    on_either: Some(&LOW_LORA_COST),
+    ..node(Filter::LeastQueuing)
+};
+static LORA_AFFINITY: Node = Node {
+    on_either: Some(&QUEUE_AND_KV_CACHE),
+    ..node(Filter::LoraAffinity)
+};
+static LOW_QUEUEING: Node = Node {
+    on_success: Some(&LORA_AFFINITY),
+    on_failure: Some(&QUEUE_LORA_AND_KV_CACHE),
+    ..node(Filter::LowQueueing)
+};
+static DROP: Node = node(Filter::Drop);
+static HAS_CAPACITY: Node = Node {
+    on_success: Some(&QUEUE_LORA_AND_KV_CACHE),
+    on_failure: Some(&DROP),
+    ..node(Filter::HasCapacity)
+};
+static ROOT: Node = Node {
+    on_success: Some(&LOW_QUEUEING),
+    on_failure: Some(&HAS_CAPACITY),
+    ..node(Filter::Critical)
+};
+
+/// The endpoints (indices into `pods`) the tree keeps for `ask`; never empty when `pods` is not.
+pub fn survivors(
+    pods: &[Pod<'_>],
+    ask: Ask<'_>,
+    t: &Thresholds,
+    rng: &mut impl Rng,
+) -> Result<Vec<usize>, Dropped> {
+    if pods.is_empty() {
+        return Ok(Vec::new());
+    }
+    run(&ROOT, pods, ask, t, rng, (0..pods.len()).collect())
+}
+
+/// The tree's survivors, then one of them uniformly at random (`None` when `pods` is empty).
+pub fn schedule(
+    pods: &[Pod<'_>],
+    ask: Ask<'_>,
+    t: &Thresholds,
+    rng: &mut impl Rng,
+) -> Result<Option<usize>, Dropped> {
+    let kept = survivors(pods, ask, t, rng)?;
+    if kept.is_empty() {
+        return Ok(None);
+    }
+    Ok(kept.get(rng.gen_range(0..kept.len())).copied())
+}
+
+fn run(
+    node: &Node,
+    pods: &[Pod<'_>],
+    ask: Ask<'_>,
+    t: &Thresholds,
+    rng: &mut impl Rng,
+    input: Vec<usize>,
+) -> Result<Vec<usize>, Dropped> {
+    let output = apply(node.filter, pods, ask, t, rng, &input);
+    match output {
+        Ok(kept) if !kept.is_empty() => match node.on_success.or(node.on_either) {
+            Some(next) => run(next, pods, ask, t, rng, kept),
+            None => Ok(kept),
+        },
+        failed => match node.on_failure.or(node.on_either) {
+            Some(next) => run(next, pods, ask, t, rng, input),
+            None => failed,
+        },
+    }
+}
+
+fn apply(
+    filter: Filter,
+    pods: &[Pod<'_>],
+    ask: Ask<'_>,
+    t: &Thresholds,
+    rng: &mut impl Rng,
+    input: &[usize],
+) -> Result<Vec<usize>, Dropped> {
+    let pod = |i: &usize| pods.get(*i);
+    let keep = |p: &dyn Fn(&Pod<'_>) -> bool| -> Vec<usize> {
+        input
+            .iter()
+            .copied()
+            .filter(|i| pod(i).is_some_and(p))
+            .collect()
+    };
+    Ok(match filter {
+        Filter::Critical => {
+            if ask.critical {
+                input.to_vec()
+            } else {
+                Vec::new()
+            }
+        }
+        Filter::LowQueueing => keep(&|p| p.waiting < t.queueing_lora),
+        Filter::HasCapacity => keep(&|p| p.waiting <= t.queue_critical && p.kv_cache <= t.kv_cache),
+        Filter::LeastQueuing => {
+            let waiting: Vec<u64> = input.iter().filter_map(pod).map(|p| p.waiting).collect();
+            let min = waiting.iter().copied().min().unwrap_or(0);
+            let max = waiting.iter().copied().max().unwrap_or(0);
+            let n = u64::try_from(input.len()).unwrap_or(u64::MAX).max(1);
+            let limit = min.saturating_add((max - min) / n);
+            keep(&|p| p.waiting >= min && p.waiting <= limit)
+        }
+        Filter::LeastKvCache => {
+            let kv: Vec<f64> = input.iter().filter_map(pod).map(|p| p.kv_cache).collect();
+            let min = kv.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = kv.iter().copied().fold(0.0, f64::max);
+            let limit = min + (max - min) / input.len().max(1) as f64;
+            keep(&|p| p.kv_cache >= min && p.kv_cache <= limit)
+        }
+        Filter::LoraAffinity => match ask.adapter {
+            None => input.to_vec(),
+            Some(a) => {
+                let affine = keep(&|p| p.lora.has(a));
+                let available = keep(&|p| !p.lora.has(a) && p.lora.can_accept());
+                match (affine.is_empty(), available.is_empty()) {
+                    (false, false) => {
+                        if rng.gen::<f64>() < t.lora_affinity {
+                            affine
+                        } else {
+                            available
+                        }
+                    }
+                    (false, true) => affine,
+                    (true, _) => available,
+                }
+            }
+        },
+        Filter::LowLoraCost => match ask.adapter {
+            None => input.to_vec(),
+            Some(a) => keep(&|p| p.lora.has(a) || p.lora.can_accept()),
+        },
+        Filter::Drop => return Err(Dropped),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    /// (waiting, kv, max_lora, running adapters)
+    type Spec<'a> = (u64, f64, usize, &'a [&'a str]);
+
+    fn loras(specs: &[Spec<'_>]) -> Vec<Lora> {
+        specs
+            .iter()
+            .map(|(_, _, max, active)| Lora {
+                running: active.iter().map(|s| s.to_string()).collect(),
+                max: *max,
+            })
+            .collect()
+    }
+
+    fn pods<'a>(specs: &[Spec<'_>], loras: &'a [Lora]) -> Vec<Pod<'a>> {
+        specs
+            .iter()
+            .zip(loras)
+            .map(|((q, kv, _, _), lora)| Pod {
+                waiting: *q,
+                kv_cache: *kv,
+                lora,
+            })
+            .collect()
+    }
+
+    fn run_tree(specs: &[Spec<'_>], critical: bool, model: &str) -> Result<Vec<usize>, Dropped> {
+        let l = loras(specs);
+        let p = pods(specs, &l);
+        let ask = Ask {
+            critical,
+            adapter: Some(model),
+        };
+        survivors(
+            &p,
+            ask,
+            &Thresholds::default(),
+            &mut StdRng::seed_from_u64(1),
+        )
+    }
+
+    /// Upstream `filter_test.go` pods for T1 and T2.
+    const T12: [Spec<'static>; 3] = [
+        (0, 0.2, 2, &["foo", "bar"]),
+        (3, 0.1, 2, &["foo", "critical"]),
+        (10, 0.2, 2, &["foo"]),
+    ];
+
+    #[test]
+    fn t1_critical_request_goes_to_its_adapter() {
+        assert_eq!(run_tree(&T12, true, "critical"), Ok(vec![1]));
+    }
+
+    #[test]
+    fn t2_sheddable_request_goes_to_the_least_queued() {
+        assert_eq!(run_tree(&T12, false, "sheddable"), Ok(vec![0]));
+    }
+
+    #[test]
+    fn t3_sheddable_request_is_dropped_when_nothing_has_capacity() {
+        let t3: [Spec<'static>; 3] = [
+            (10, 0.9, 2, &["foo", "bar"]),
+            (3, 0.85, 2, &["foo", "critical"]),
+            (10, 0.85, 2, &["foo"]),
+        ];
+        assert_eq!(run_tree(&t3, false, "sheddable"), Err(Dropped));
+        // A critical request is never dropped.
+        assert_eq!(run_tree(&t3, true, "critical"), Ok(vec![1]));
+    }
+
+    #[test]
+    fn derived_vectors() {
+        let d1: [Spec<'static>; 3] = [
+            (200, 0.5, 4, &["lora-x"]),
+            (130, 0.2, 4, &[]),
+            (300, 0.1, 4, &["a", "b", "c", "d"]),
+        ];
+        assert_eq!(run_tree(&d1, true, "lora-x"), Ok(vec![1]));
+        let d2: [Spec<'static>; 3] = [
+            (2, 0.7, 2, &["a", "b"]),
+            (4, 0.3, 2, &["a"]),
+            (5, 0.1, 2, &[]),
+        ];
+        assert_eq!(run_tree(&d2, true, "lora-x"), Ok(vec![1]));
+        let d3: [Spec<'static>; 3] = [
+            (9, 0.7, 1, &["a"]),
+            (1, 0.3, 1, &["b"]),
+            (0, 0.6, 1, &["c"]),
+        ];
+        assert_eq!(run_tree(&d3, true, "lora-x"), Ok(vec![1]));
+        let d4: [Spec<'static>; 2] = [(5, 0.8, 0, &[]), (6, 0.1, 0, &[])];
+        assert_eq!(
+            run_tree(&d4, false, "m"),
+            Ok(vec![0]),
+            "bounds are inclusive"
+        );
+    }
+
+    fn filter(f: Filter, specs: &[Spec<'_>], adapter: Option<&str>, t: &Thresholds) -> Vec<usize> {
+        let l = loras(specs);
+        let p = pods(specs, &l);
+        let ask = Ask {
+            critical: false,
+            adapter,
+        };
+        let all: Vec<usize> = (0..p.len()).collect();
+        apply(f, &p, ask, t, &mut StdRng::seed_from_u64(7), &all).expect("no drop")
+    }
+
+    #[test]
+    fn primitive_least_queuing() {
+        let t = Thresholds::default();
+        let q = |w: u64| (w, 0.0, 0, &[][..]);
+        assert_eq!(
+            filter(Filter::LeastQueuing, &[q(0), q(3), q(10)], None, &t),
+            vec![0, 1]
+        );
+        assert_eq!(
+            filter(Filter::LeastQueuing, &[], None, &t),
+            Vec::<usize>::new()
+        );
+        // Integer division: [0, 0, 3] keeps waiting ≤ 1.
+        assert_eq!(
+            filter(Filter::LeastQueuing, &[q(0), q(0), q(3)], None, &t),
+            vec![0, 1]
+        );
+    }
+
+    #[test]
+    fn primitive_least_kv_cache() {
+        let t = Thresholds::default();
+        let k = |kv: f64| (0, kv, 0, &[][..]);
+        assert_eq!(
+            filter(Filter::LeastKvCache, &[k(0.0), k(0.3), k(1.0)], None, &t),
+            vec![0, 1]
+        );
+        assert_eq!(
+            filter(Filter::LeastKvCache, &[], None, &t),
+            Vec::<usize>::new()
+        );
+    }
+
+    #[test]
+    fn primitive_no_queue_and_less_than_kv_cache_threshold() {
+        let t = Thresholds {
+            queue_critical: 0,
+            kv_cache: 0.8,
+            ..Thresholds::default()
+        };
+        let specs: [Spec<'static>; 3] = [(0, 0.0, 0, &[]), (1, 0.3, 0, &[]), (0, 1.0, 0, &[])];
+        assert_eq!(filter(Filter::HasCapacity, &specs, None, &t), vec![0]);
+    }
+
+    #[test]
+    fn primitive_low_lora_cost() {
+        let t = Thresholds::default();
+        let specs: [Spec<'static>; 3] = [
+            (0, 0.0, 2, &["model"]),
+            (0, 0.0, 2, &["another-model"]),
+            (0, 0.0, 2, &["foo", "bar"]),
+        ];
+        assert_eq!(
+            filter(Filter::LowLoraCost, &specs, Some("model"), &t),
+            vec![0, 1]
+        );
+        assert_eq!(filter(Filter::LowLoraCost, &specs, None, &t), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn primitive_lora_soft_affinity() {
+        let t = Thresholds {
+            lora_affinity: 0.75,
+            ..Thresholds::default()
+        };
+        let specs: [Spec<'static>; 2] = [(0, 0.0, 2, &["test-affinity-model"]), (0, 0.0, 2, &[])];
+        let l = loras(&specs);
+        let p = pods(&specs, &l);
+        let ask = Ask {
+            critical: true,
+            adapter: Some("test-affinity-model"),
+        };
+        let mut rng = StdRng::seed_from_u64(42);
+        let runs = 10_000;
+        let mut affine = 0;
+        for _ in 0..runs {
+            let kept = apply(Filter::LoraAffinity, &p, ask, &t, &mut rng, &[0, 1]).expect("kept");
+            assert_eq!(kept.len(), 1, "exactly one endpoint each run");
+            if kept == [0] {
+                affine += 1;
+            }
+        }
+        let share = f64::from(affine) / f64::from(runs);
+        assert!((0.70..=0.80).contains(&share), "affinity share {share}");
+        // The Higress default always prefers affinity; no adapter lets everything through.
+        let always = Thresholds::default();
+        for _ in 0..100 {
+            assert_eq!(
+                apply(Filter::LoraAffinity, &p, ask, &always, &mut rng, &[0, 1]),
+                Ok(vec![0])
+            );
+        }
+        let base = Ask {
+            adapter: None,
+            ..ask
+        };
+        assert_eq!(
+            apply(Filter::LoraAffinity, &p, base, &t, &mut rng, &[0, 1]),
+            Ok(vec![0, 1])
+        );
+    }
+
+    #[test]
+    fn thresholds_are_honoured() {
+        // With a lower low-queueing threshold, T1 goes the failure way (least queuing first).
+        let l = loras(&T12);
+        let p = pods(&T12, &l);
+        let ask = Ask {
+            critical: true,
+            adapter: Some("critical"),
+        };
+        let t = Thresholds {
+            queueing_lora: 1,
+            ..Thresholds::default()
+        };
+        // Only pod 0 has waiting < 1 → affinity fails on {0} but pod 0 cannot accept → {0}.
+        assert_eq!(
+            survivors(&p, ask, &t, &mut StdRng::seed_from_u64(1)),
+            Ok(vec![0])
+        );
+        // A sheddable request with a stricter KV threshold is dropped.
+        let t = Thresholds {
+            kv_cache: 0.15,
+            queue_critical: 2,
+            ..Thresholds::default()
+        };
+        let shed = Ask {
+            critical: false,
+            adapter: None,
+        };
+        assert_eq!(
+            survivors(&p, shed, &t, &mut StdRng::seed_from_u64(1)),
+            Err(Dropped)
+        );
+    }
+
+    #[test]
+    fn schedule_picks_uniformly_among_survivors() {
+        let specs: [Spec<'static>; 3] = [(0, 0.1, 0, &[]), (0, 0.1, 0, &[]), (9, 0.1, 0, &[])];
+        let l = loras(&specs);
+        let p = pods(&specs, &l);
+        let ask = Ask {
+            critical: true,
+            adapter: None,
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut hist = [0; 3];
+        for _ in 0..1000 {
+            let i = schedule(&p, ask, &Thresholds::default(), &mut rng)
+                .expect("not dropped")
+                .expect("one");
+            hist[i] += 1;
+        }
+        assert_eq!(hist[2], 0);
+        assert!(hist[0] > 400 && hist[1] > 400, "{hist:?}");
+        assert_eq!(
+            schedule(&[], ask, &Thresholds::default(), &mut rng),
+            Ok(None)
+        );
+    }
+}
