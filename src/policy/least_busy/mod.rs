@@ -8,7 +8,9 @@
 //! - The request's LoRA adapter is its `model` unless an endpoint reports that name as its base
 //!   model (`model_name`).
 //! - Each endpoint's waiting queue includes the requests this gateway dispatched to it since its
-//!   last scrape and that are still in flight (the [`Lease`] of each pick ends that count).
+//!   last scrape and that are still in flight (the [`Lease`] of each pick ends that count). A
+//!   sheddable request is refused only when the engines' own figures leave no room (see
+//!   `LeastBusy::engine_capacity`).
 //! - An endpoint whose metrics are unknown (never scraped, scrape failing, snapshot stale) is not
 //!   dropped: the tree runs over the known ones, and its survivors and the unknown endpoints are
 //!   compared on the signal they share, this replica's in-flight requests (ties at random). When
@@ -112,6 +114,32 @@ impl LeastBusy {
         LeastBusy { board, config }
     }
 
+    /// A sheddable request the tree dropped because of queues that include this gateway's
+    /// dispatches since the last scrape: those may well be running already (an idle engine takes
+    /// them straight into its batch), so it is refused only if the engines' own figures leave no
+    /// endpoint with capacity. Otherwise the endpoint with the shortest counted queue among those
+    /// the engines say have room, so the burst still spreads.
+    fn engine_capacity(
+        &self,
+        known: &[(EndpointId, Known)],
+        pods: &[tree::Pod<'_>],
+        ask: tree::Ask<'_>,
+        rng: &mut impl Rng,
+    ) -> Option<Vec<usize>> {
+        let reported: Vec<tree::Pod<'_>> = pods
+            .iter()
+            .zip(known)
+            .map(|(p, (_, k))| tree::Pod {
+                waiting: k.snapshot.metrics.waiting,
+                ..*p
+            })
+            .collect();
+        let room = tree::survivors(&reported, ask, &self.config.thresholds, rng).ok()?;
+        let counted = |i: usize| pods.get(i).map_or(u64::MAX, |p| p.waiting);
+        let least = room.iter().map(|&i| counted(i)).min()?;
+        Some(room.into_iter().filter(|&i| counted(i) == least).collect())
+    }
+
     /// The endpoint for this request and why.
     fn choose(
         &self,
@@ -149,14 +177,17 @@ impl LeastBusy {
         let ask = tree::Ask { critical, adapter };
         let kept = match tree::survivors(&pods, ask, &self.config.thresholds, rng) {
             Ok(kept) => kept,
-            Err(tree::Dropped) if unknown.is_empty() => {
-                log::debug!(
-                    "pool {}: no endpoint has capacity for a sheddable request",
-                    self.board.pool()
-                );
-                return Err(PolicyError::Saturated);
-            }
-            Err(tree::Dropped) => Vec::new(),
+            Err(tree::Dropped) => match self.engine_capacity(&known, &pods, ask, rng) {
+                Some(kept) => kept,
+                None if unknown.is_empty() => {
+                    log::debug!(
+                        "pool {}: no endpoint has capacity for a sheddable request",
+                        self.board.pool()
+                    );
+                    return Err(PolicyError::Saturated);
+                }
+                None => Vec::new(),
+            },
         };
         let reason_for = |id: EndpointId| {
             let runs_adapter = known
@@ -400,6 +431,41 @@ mod tests {
             l.release(Outcome::Completed);
         }
         assert_eq!(board.view(2, Instant::now()).expect("known").waiting(), 0);
+    }
+
+    /// A sheddable burst against idle engines: the dispatches since the scrape push the counted
+    /// queues over `queueThresholdCritical`, but the engines report room, so nothing is refused
+    /// and the burst still spreads evenly. Engines that themselves report full queues refuse.
+    #[tokio::test]
+    async fn a_sheddable_burst_is_not_refused_on_our_own_dispatches() {
+        let (p, board) = policy(3, &[]);
+        let endpoints = views(&[1, 1, 1]);
+        for i in 0..3 {
+            publish(&board, i, metrics(0, 0.1, 0, &[]));
+        }
+        let req = request("sheddable");
+        let mut hist = [0; 3];
+        let mut leases = Vec::new();
+        for _ in 0..60 {
+            let pick = p
+                .pick(PickInput {
+                    request: &req,
+                    endpoints: &endpoints,
+                    candidates: &ids(3),
+                })
+                .await
+                .expect("not refused");
+            hist[pick.endpoint.index()] += 1;
+            leases.push(pick.lease);
+        }
+        assert_eq!(hist, [20, 20, 20]);
+        for i in 0..3 {
+            publish(&board, i, metrics(6, 0.1, 0, &[]));
+        }
+        assert!(matches!(
+            choose(&p, &endpoints, "sheddable", &ids(3), 0),
+            Err(PolicyError::Saturated)
+        ));
     }
 
     #[test]
