@@ -4,7 +4,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{chat_turn, parse_metric, pool_yaml, Proxy};
+use common::{chat_turn, parse_metric, pool_yaml, sim_fleet, Proxy};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use vllm_sim::{SimConfig, SimHandle};
@@ -12,21 +12,12 @@ use vllm_sim::{SimConfig, SimHandle};
 const MODEL: &str = "sim/llama";
 
 async fn fleet(n: usize) -> Vec<SimHandle> {
-    let mut sims = Vec::new();
-    for i in 0..n {
-        let cfg = SimConfig {
-            model: MODEL.to_string(),
-            time_scale: 0.0,
-            seed: i as u64,
-            ..SimConfig::default()
-        };
-        sims.push(
-            vllm_sim::spawn(cfg, "127.0.0.1:0".parse().expect("addr"))
-                .await
-                .expect("spawn vllm-sim"),
-        );
-    }
-    sims
+    let base = SimConfig {
+        model: MODEL.to_string(),
+        time_scale: 0.0,
+        ..SimConfig::default()
+    };
+    sim_fleet(n, base).await
 }
 
 fn proxy_for(sims: &[SimHandle], policy: &str) -> Proxy {

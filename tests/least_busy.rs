@@ -15,7 +15,7 @@ use axum::extract::State;
 use axum::http::Uri;
 use axum::response::Response;
 use axum::Router;
-use common::{chat_body, parse_metric, pool_yaml, Proxy};
+use common::{chat_body, parse_metric, pool_yaml, sim_fleet, Proxy};
 use serde_json::{json, Value};
 use vllm_sim::{SimConfig, SimHandle};
 
@@ -448,21 +448,12 @@ async fn failing_or_hung_metrics_do_not_stop_routing() {
 const MODEL: &str = "sim/llama";
 
 async fn sims(n: usize, max_num_seqs: usize) -> Vec<SimHandle> {
-    let mut sims = Vec::new();
-    for i in 0..n {
-        let cfg = SimConfig {
-            model: MODEL.to_string(),
-            max_num_seqs,
-            seed: i as u64,
-            ..SimConfig::default()
-        };
-        sims.push(
-            vllm_sim::spawn(cfg, "127.0.0.1:0".parse().expect("addr"))
-                .await
-                .expect("spawn vllm-sim"),
-        );
-    }
-    sims
+    let base = SimConfig {
+        model: MODEL.to_string(),
+        max_num_seqs,
+        ..SimConfig::default()
+    };
+    sim_fleet(n, base).await
 }
 
 /// Send `n` chat requests at once through the proxy; every status.

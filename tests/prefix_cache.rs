@@ -469,21 +469,13 @@ async fn the_fleet_hit_rate_is_far_above_round_robin() {
 
 /// 12 conversations of 5 turns (~200 prompt tokens a turn), 4 at a time, through `policy` on
 /// `n` simulators.
-async fn fleet_hit_rate(policy: &str, n: u64) -> f64 {
-    let mut sims = Vec::new();
-    for i in 0..n {
-        let cfg = vllm_sim::SimConfig {
-            model: MODEL.to_string(),
-            time_scale: 0.0,
-            seed: i,
-            ..vllm_sim::SimConfig::default()
-        };
-        sims.push(
-            vllm_sim::spawn(cfg, "127.0.0.1:0".parse().expect("addr"))
-                .await
-                .expect("vllm-sim"),
-        );
-    }
+async fn fleet_hit_rate(policy: &str, n: usize) -> f64 {
+    let base = vllm_sim::SimConfig {
+        model: MODEL.to_string(),
+        time_scale: 0.0,
+        ..vllm_sim::SimConfig::default()
+    };
+    let sims = sim_fleet(n, base).await;
     let addrs: Vec<SocketAddr> = sims.iter().map(vllm_sim::SimHandle::addr).collect();
     let proxy = Proxy::start(&format!(
         "pools:\n{}",

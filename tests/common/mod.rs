@@ -592,3 +592,20 @@ pub async fn chat_turn(
     messages.push(serde_json::json!({"role": "assistant", "content": answer}));
     reply
 }
+
+/// `n` in-process `vllm-sim` servers on free loopback ports, configured as `base` with seeds 0..n.
+pub async fn sim_fleet(n: usize, base: vllm_sim::SimConfig) -> Vec<vllm_sim::SimHandle> {
+    let mut sims = Vec::with_capacity(n);
+    for seed in 0..n as u64 {
+        let cfg = vllm_sim::SimConfig {
+            seed,
+            ..base.clone()
+        };
+        sims.push(
+            vllm_sim::spawn(cfg, "127.0.0.1:0".parse().expect("addr"))
+                .await
+                .expect("spawn vllm-sim"),
+        );
+    }
+    sims
+}

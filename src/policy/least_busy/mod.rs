@@ -336,6 +336,32 @@ mod tests {
         p.choose(&input, &mut StdRng::seed_from_u64(seed))
     }
 
+    /// Pick `n` times for `model` over 3 endpoints without releasing: where each went, and the
+    /// leases held.
+    async fn burst(
+        p: &LeastBusy,
+        endpoints: &[crate::pool::EndpointView],
+        model: &str,
+        n: usize,
+    ) -> ([usize; 3], Vec<Option<Box<dyn Lease>>>) {
+        let req = request(model);
+        let mut hist = [0; 3];
+        let mut leases = Vec::new();
+        for _ in 0..n {
+            let pick = p
+                .pick(PickInput {
+                    request: &req,
+                    endpoints,
+                    candidates: &ids(3),
+                })
+                .await
+                .expect("pick");
+            hist[pick.endpoint.index()] += 1;
+            leases.push(pick.lease);
+        }
+        (hist, leases)
+    }
+
     /// T1–T3 through the policy: metrics on the board, the request's model decides.
     #[test]
     fn upstream_vectors_through_the_policy() {
@@ -408,27 +434,13 @@ mod tests {
         publish(&board, 0, metrics(2, 0.0, 0, &[]));
         publish(&board, 1, metrics(2, 0.0, 0, &[]));
         publish(&board, 2, metrics(0, 0.0, 0, &[]));
-        let req = request("m");
-        let mut hist = [0; 3];
-        let mut leases = Vec::new();
-        for _ in 0..30 {
-            let pick = p
-                .pick(PickInput {
-                    request: &req,
-                    endpoints: &endpoints,
-                    candidates: &ids(3),
-                })
-                .await
-                .expect("pick");
-            hist[pick.endpoint.index()] += 1;
-            leases.push(pick.lease.expect("lease"));
-        }
+        let (hist, leases) = burst(&p, &endpoints, "m", 30).await;
         // The idle-looking endpoint is filled up to the others, then the queues stay level.
         let queues = [2 + hist[0], 2 + hist[1], hist[2]];
         let (lo, hi) = (queues.iter().min(), queues.iter().max());
         assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 1), "{hist:?}");
         for l in leases {
-            l.release(Outcome::Completed);
+            l.expect("lease").release(Outcome::Completed);
         }
         assert_eq!(board.view(2, Instant::now()).expect("known").waiting(), 0);
     }
@@ -443,21 +455,7 @@ mod tests {
         for i in 0..3 {
             publish(&board, i, metrics(0, 0.1, 0, &[]));
         }
-        let req = request("sheddable");
-        let mut hist = [0; 3];
-        let mut leases = Vec::new();
-        for _ in 0..60 {
-            let pick = p
-                .pick(PickInput {
-                    request: &req,
-                    endpoints: &endpoints,
-                    candidates: &ids(3),
-                })
-                .await
-                .expect("not refused");
-            hist[pick.endpoint.index()] += 1;
-            leases.push(pick.lease);
-        }
+        let (hist, _leases) = burst(&p, &endpoints, "sheddable", 60).await;
         assert_eq!(hist, [20, 20, 20]);
         for i in 0..3 {
             publish(&board, i, metrics(6, 0.1, 0, &[]));
