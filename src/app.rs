@@ -1,37 +1,18 @@
-//! Wiring: the Pingora server with the proxy service, the admin listener and each pool's
-//! background services (health checks, state-store heartbeat, engine-metrics scraping).
-
-use std::sync::Arc;
+//! Wiring: the Pingora server with the proxy service, the admin listener, the drain watcher and
+//! the supervisor, which owns the routing table and its background work (health checks,
+//! state-store heartbeats, engine-metrics scraping, reloads, DNS refresh).
 
 use anyhow::Context;
 use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::Server;
 use pingora::services::background::background_service;
-use pingora::services::Service as _;
 
 use crate::cli::Cli;
-use crate::config::{self, Config};
+use crate::config;
 use crate::drain::{DrainService, Draining};
-use crate::pool::Pool;
-use crate::proxy::{LbProxy, Routes};
-use crate::scrape::ScrapeService;
-use crate::store::CountsService;
+use crate::proxy::LbProxy;
+use crate::supervisor::Supervisor;
 use crate::{admin, telemetry};
-
-/// Build the pools and routing table from a validated configuration, plus the health services.
-pub fn build_routes(
-    config: Config,
-) -> anyhow::Result<(Arc<Routes>, Vec<crate::pool::HealthService>)> {
-    let mut pools = Vec::with_capacity(config.pools.len());
-    let mut services = Vec::new();
-    for pc in &config.pools {
-        let (pool, health) =
-            Pool::new(pc.clone()).with_context(|| format!("pool '{}'", pc.name))?;
-        pools.push(pool);
-        services.extend(health);
-    }
-    Ok((Arc::new(Routes { config, pools }), services))
-}
 
 /// Validate the policy file, then run the server (does not return unless set-up fails).
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -58,48 +39,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let listen = config.listen.clone();
     let admin_addr = config.admin;
     let h2c = config.h2c;
-    let (routes, health_services) = build_routes(config)?;
-    let mut health_handles = Vec::new();
-    for svc in health_services {
-        health_handles.push(server.add_service(svc));
-    }
+    // Reloads re-read the file from the same place even if the working directory changes (-d).
+    let policy = std::fs::canonicalize(&policy).unwrap_or(policy);
+    let (supervisor, live, reload) = Supervisor::new(policy, config);
+    let supervisor = server.add_service(background_service("supervisor", supervisor));
 
-    let counts: Vec<_> = routes
-        .pools
-        .iter()
-        .filter_map(|p| p.counts.clone())
-        .collect();
-    if !counts.is_empty() {
-        for c in &counts {
-            log::info!(
-                "pool {}: in-flight counts in the {} state store (replica {})",
-                c.pool(),
-                c.store().kind(),
-                c.store().replica_id()
-            );
-        }
-        server.add_service(background_service(
-            "state store heartbeat",
-            CountsService::new(counts),
-        ));
-    }
-    for pool in &routes.pools {
-        if let Some(board) = pool.policy.metrics_board() {
-            server.add_service(background_service(
-                &format!("metrics {}", pool.name()),
-                ScrapeService::new(board, &pool.config.metrics),
-            ));
-        }
-    }
-    let mut options = pingora::apps::HttpServerOptions::default();
-    options.h2c = h2c;
     let draining = Draining::default();
     server.add_service(background_service(
         "drain on handover",
         DrainService(draining.clone()),
     ));
-    let proxy_app = LbProxy::new(routes, draining);
-    let mut proxy = ProxyServiceBuilder::new(&server.configuration, proxy_app)
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h2c = h2c;
+    let mut proxy = ProxyServiceBuilder::new(&server.configuration, LbProxy::new(live, draining))
         .name("llm-lb")
         .server_options(options)
         .build();
@@ -114,14 +66,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let proxy_handle = server.add_service(proxy);
-    // Serve only once every pool's health view has its first membership update.
-    for h in &health_handles {
-        proxy_handle.add_dependency(h);
-    }
+    // Serve only once the first routing table is built (health views populated).
+    server.add_service(proxy).add_dependency(&supervisor);
     if let Some(addr) = admin_addr {
-        let svc = admin::service(&addr.to_string());
-        log::info!("admin (metrics, healthz) on {addr}; {}", svc.name());
+        let svc = admin::service(&addr.to_string(), reload);
+        log::info!("admin (metrics, healthz, reload) on {addr}");
         server.add_service(svc);
     }
     server.run_forever()

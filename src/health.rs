@@ -1,6 +1,7 @@
-//! Active health checks: one Pingora `LoadBalancer` background service per pool, used only for
-//! membership and liveness (an HTTP GET of `health_check.path` on every endpoint each interval,
-//! with consecutive-result thresholds). Selection is ours (see [`crate::policy`]).
+//! Active health checks: one Pingora `LoadBalancer` per pool, used only for membership and
+//! liveness (an HTTP GET of `health_check.path` on every endpoint each interval, with
+//! consecutive-result thresholds); it runs as a task of its generation ([`crate::supervisor`]).
+//! Selection is ours (see [`crate::policy`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -10,7 +11,6 @@ use pingora::http::RequestHeader;
 use pingora::lb::health_check::{HealthObserve, HttpHealthCheck};
 use pingora::lb::selection::RoundRobin as PingoraRoundRobin;
 use pingora::lb::{discovery, Backend, Backends, LoadBalancer};
-use pingora::services::background::{background_service, GenBackgroundService};
 
 use crate::config::HealthCheckConfig;
 use crate::telemetry;
@@ -36,12 +36,13 @@ impl HealthObserve for Observer {
     }
 }
 
-/// Build the health-check service of a pool; the returned view answers "is this endpoint ready".
-pub fn service(
+/// Build the health view of a pool: it answers "is this endpoint ready" once updated, and runs
+/// its checks as a background task (`BackgroundService::start`).
+pub fn view(
     pool: &str,
     backends: BTreeSet<Backend>,
     cfg: &HealthCheckConfig,
-) -> Result<GenBackgroundService<LoadBalancer<PingoraRoundRobin>>, pingora::BError> {
+) -> Result<HealthView, pingora::BError> {
     let mut lb = LoadBalancer::<PingoraRoundRobin>::from_backends(Backends::new(
         discovery::Static::new(backends),
     ));
@@ -61,5 +62,5 @@ pub fn service(
     lb.set_health_check(Box::new(hc));
     lb.health_check_frequency = Some(cfg.interval);
     lb.parallel_health_check = true;
-    Ok(background_service(&format!("health {pool}"), lb))
+    Ok(Arc::new(lb))
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use pingora::lb::Backend;
 
-use crate::config::PoolConfig;
+use crate::config::{EndpointConfig, PoolConfig};
 use crate::health::{self, HealthView};
 use crate::policy::{self, Policy, RoundRobin};
 use crate::store::PoolCounts;
@@ -73,42 +73,46 @@ pub struct Pool {
     health: Option<HealthView>,
 }
 
-/// What [`Pool::new`] returns besides the pool: the health-check service to run.
-pub type HealthService = pingora::services::background::GenBackgroundService<
-    pingora::lb::LoadBalancer<pingora::lb::selection::RoundRobin>,
->;
-
 impl Pool {
-    /// Build a pool and, when health checks are on, the background service that feeds it.
-    pub fn new(config: PoolConfig) -> Result<(Arc<Pool>, Option<HealthService>), pingora::BError> {
-        let endpoints: Vec<EndpointView> = config
-            .endpoints
+    /// Build a pool over `endpoints` (its configuration's, resolved). Store policies use `counts`
+    /// when given (carried over from the previous generation). The health view, if any, is
+    /// empty until [`Pool::health_view`]'s first update and then kept by its background task.
+    pub fn new(
+        config: PoolConfig,
+        endpoints: &[EndpointConfig],
+        counts: Option<Arc<PoolCounts>>,
+    ) -> Result<Arc<Pool>, pingora::BError> {
+        let (policy, counts) = policy::build(&config, endpoints, counts);
+        let endpoints: Vec<EndpointView> = endpoints
             .iter()
             .map(|e| EndpointView::new(e.addr, e.weight))
             .collect();
         let weights: Vec<usize> = endpoints.iter().map(|e| e.weight).collect();
-        let (health, service) = match &config.health_check {
+        let health = match &config.health_check {
             Some(hc) => {
                 let set: BTreeSet<Backend> = endpoints.iter().map(|e| e.backend.clone()).collect();
-                let svc = health::service(&config.name, set, hc)?;
-                (Some(svc.task()), Some(svc))
+                Some(health::view(&config.name, set, hc)?)
             }
-            None => (None, None),
+            None => None,
         };
-        for e in &endpoints {
-            telemetry::add_inflight(&config.name, &e.label, 0);
-            telemetry::set_endpoint_health(&config.name, &e.label, true);
+        let labels: Vec<String> = endpoints.iter().map(|e| e.label.clone()).collect();
+        telemetry::touch_pool(&config.name, &labels, counts.is_some());
+        if let Some(c) = &counts {
+            c.set_endpoints(labels);
         }
-        let (policy, counts) = policy::build(&config);
-        let pool = Pool {
+        Ok(Arc::new(Pool {
             policy,
             counts,
             fallback: RoundRobin::new(&weights),
             endpoints,
             health,
             config,
-        };
-        Ok((Arc::new(pool), service))
+        }))
+    }
+
+    /// The health-check view, which a background task must keep current (`None`: no checks).
+    pub fn health_view(&self) -> Option<&HealthView> {
+        self.health.as_ref()
     }
 
     pub fn name(&self) -> &str {

@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use pingora_prometheus::prometheus::{
-    register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
-    GaugeVec, HistogramVec, IntCounterVec, IntGaugeVec,
+    register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, GaugeVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 /// Initialise `log` output: `RUST_LOG` if set, else info (Pingora's own chatter at warn).
@@ -70,6 +70,50 @@ static INFLIGHT: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
         "llmlb_endpoint_inflight",
         "Requests this replica has in flight to the endpoint",
         &["pool", "endpoint"]
+    )
+    .ok()
+});
+
+static INFLIGHT_GLOBAL: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_endpoint_inflight_global",
+        "Requests every replica sharing the pool's state store has in flight to the endpoint (read at each heartbeat)",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
+static ENDPOINTS: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_pool_endpoints",
+        "Endpoints in the pool now (host names expanded to their current addresses)",
+        &["pool"]
+    )
+    .ok()
+});
+
+static RELOADS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_config_reloads_total",
+        "Policy-file reloads, by trigger (sighup, admin) and result (ok, invalid = the file was rejected and the running configuration kept)",
+        &["trigger", "result"]
+    )
+    .ok()
+});
+
+static GENERATION: LazyLock<Option<IntGauge>> = LazyLock::new(|| {
+    register_int_gauge!(
+        "llmlb_config_generation",
+        "Routing-table generation in force (1 at start; +1 per applied reload or DNS change)"
+    )
+    .ok()
+});
+
+static DNS_LOOKUPS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_dns_lookups_total",
+        "Lookups of endpoint host names, by name (host:port as configured) and result (ok, error)",
+        &["name", "result"]
     )
     .ok()
 });
@@ -211,6 +255,101 @@ pub fn touch() {
     LazyLock::force(&METRICS_KNOWN);
     LazyLock::force(&ENGINE_WAITING);
     LazyLock::force(&ENGINE_KV);
+    LazyLock::force(&INFLIGHT_GLOBAL);
+    LazyLock::force(&ENDPOINTS);
+    LazyLock::force(&DNS_LOOKUPS);
+    for trigger in ["sighup", "admin"] {
+        for result in ["ok", "invalid"] {
+            count_reload_by(trigger, result, 0);
+        }
+    }
+    if let Some(m) = GENERATION.as_ref() {
+        m.set(0);
+    }
+}
+
+/// Give a pool's series their zero values, so they are exported before its first request.
+pub fn touch_pool(pool: &str, endpoints: &[String], shared_counts: bool) {
+    if let Some(m) = RETRIES.as_ref() {
+        m.with_label_values(&[pool]).inc_by(0);
+    }
+    if let Some(m) = DURATION.as_ref() {
+        m.with_label_values(&[pool]);
+    }
+    if let Some(m) = TTFB.as_ref() {
+        m.with_label_values(&[pool]);
+    }
+    if let Some(m) = TOKENS.as_ref() {
+        for kind in ["prompt", "completion", "cached"] {
+            m.with_label_values(&[pool, kind]).inc_by(0);
+        }
+    }
+    if let Some(m) = ENDPOINTS.as_ref() {
+        m.with_label_values(&[pool])
+            .set(i64::try_from(endpoints.len()).unwrap_or(i64::MAX));
+    }
+    for e in endpoints {
+        add_inflight(pool, e, 0);
+        if let Some(m) = REQUESTS.as_ref() {
+            m.with_label_values(&[pool, e, "2xx"]).inc_by(0);
+        }
+        if shared_counts {
+            set_inflight_global(pool, e, 0);
+        }
+    }
+    if shared_counts {
+        set_store_breaker(pool, false);
+    }
+}
+
+/// Drop the gauges of an endpoint that left its pool (counters stay: they only grow).
+pub fn forget_endpoint(pool: &str, endpoint: &str) {
+    let labels = [pool, endpoint];
+    for m in [
+        &HEALTH,
+        &INFLIGHT,
+        &INFLIGHT_GLOBAL,
+        &METRICS_KNOWN,
+        &ENGINE_WAITING,
+    ] {
+        if let Some(m) = m.as_ref() {
+            let _ = m.remove_label_values(&labels);
+        }
+    }
+    for m in [&SCRAPE_AGE, &ENGINE_KV] {
+        if let Some(m) = m.as_ref() {
+            let _ = m.remove_label_values(&labels);
+        }
+    }
+}
+
+pub fn set_inflight_global(pool: &str, endpoint: &str, n: u64) {
+    if let Some(m) = INFLIGHT_GLOBAL.as_ref() {
+        m.with_label_values(&[pool, endpoint])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+pub fn count_reload(trigger: &str, result: &str) {
+    count_reload_by(trigger, result, 1);
+}
+
+fn count_reload_by(trigger: &str, result: &str, n: u64) {
+    if let Some(m) = RELOADS.as_ref() {
+        m.with_label_values(&[trigger, result]).inc_by(n);
+    }
+}
+
+pub fn set_generation(id: u64) {
+    if let Some(m) = GENERATION.as_ref() {
+        m.set(i64::try_from(id).unwrap_or(i64::MAX));
+    }
+}
+
+pub fn count_dns_lookup(name: &str, result: &str) {
+    if let Some(m) = DNS_LOOKUPS.as_ref() {
+        m.with_label_values(&[name, result]).inc();
+    }
 }
 
 pub fn observe_timing(

@@ -34,6 +34,8 @@ pub struct PolicyFile {
     pub max_attempts: Option<usize>,
     pub expose_endpoint_header: Option<bool>,
     pub upstream: Option<UpstreamFile>,
+    /// How often `host:port` endpoints are resolved again (ms).
+    pub dns_refresh_ms: Option<u64>,
     pub pools: Vec<PoolFile>,
 }
 

@@ -7,7 +7,7 @@
 
 pub mod file;
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9091";
 /// Default listener.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Default `dns_refresh_ms`: how often `host:port` endpoints are resolved again.
+pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
 
 /// A problem in the policy file, located by its field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +65,8 @@ pub struct Config {
     /// reveals internal addresses).
     pub expose_endpoint_header: bool,
     pub upstream: UpstreamConfig,
+    /// How often endpoints given by host name are resolved again.
+    pub dns_refresh: Duration,
     pub pools: Vec<PoolConfig>,
     /// Accepted but ignored settings, reported once at start.
     pub warnings: Vec<Issue>,
@@ -84,7 +88,8 @@ pub struct UpstreamConfig {
 pub struct PoolConfig {
     pub name: String,
     pub models: Vec<String>,
-    pub endpoints: Vec<EndpointConfig>,
+    /// As written; [`crate::resolve`] turns them into addresses.
+    pub endpoints: Vec<EndpointSpec>,
     pub health_check: Option<HealthCheckConfig>,
     pub metrics: MetricsConfig,
     pub policy: PolicyKind,
@@ -101,7 +106,7 @@ pub struct PoolConfig {
 }
 
 /// The state store a pool's policy uses.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StoreConfig {
     /// In-process (no Redis keys in `lb_config`): correct for a single gateway replica.
     Embedded,
@@ -116,7 +121,63 @@ impl PoolConfig {
     }
 }
 
-/// One inference server.
+/// One configured endpoint: an address or a host name, and a weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub address: Address,
+    pub weight: usize,
+}
+
+/// Where an endpoint is: a fixed `IP:port`, or `host:port` resolved at start and every
+/// `dns_refresh_ms` (each address it resolves to is an endpoint).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Ip(a) => write!(f, "{a}"),
+            Address::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl Address {
+    /// Parse `IP:port` or `host:port` (without resolving anything).
+    pub fn parse(value: &str) -> Result<Address, String> {
+        if let Ok(a) = value.parse::<SocketAddr>() {
+            return Ok(Address::Ip(a));
+        }
+        let Some((host, port)) = value.rsplit_once(':') else {
+            return Err(format!("'{value}' needs a port (host:port)"));
+        };
+        let port = match port.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return Err(format!("'{value}': '{port}' is not a port")),
+        };
+        let valid_label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        let name = host.strip_suffix('.').unwrap_or(host);
+        if name.len() > 253 || !name.split('.').all(valid_label) {
+            return Err(format!(
+                "'{value}' is neither an IP:port address nor a host:port name"
+            ));
+        }
+        Ok(Address::Name {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// One inference server at a resolved address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointConfig {
     pub addr: SocketAddr,
@@ -252,6 +313,11 @@ impl Config {
             write_timeout: v.millis("upstream.write_timeout_ms", up.write_timeout_ms, 60_000),
             idle_timeout: v.millis("upstream.idle_timeout_ms", up.idle_timeout_ms, 4_000),
         };
+        let dns_refresh = v.millis(
+            "dns_refresh_ms",
+            file.dns_refresh_ms,
+            DEFAULT_DNS_REFRESH.as_millis() as u64,
+        );
         if file.pools.is_empty() {
             v.issue("pools", "at least one pool is required");
         }
@@ -280,6 +346,7 @@ impl Config {
             max_attempts,
             expose_endpoint_header: file.expose_endpoint_header.unwrap_or(false),
             upstream,
+            dns_refresh,
             pools,
             warnings: v.warnings,
         })
@@ -338,36 +405,6 @@ impl Validator {
         Duration::from_millis(ms)
     }
 
-    /// An endpoint address: `IP:port`, or `host:port` resolved once now (every address it
-    /// resolves to becomes an endpoint).
-    fn endpoint_addrs(&mut self, path: &str, value: &str) -> Vec<SocketAddr> {
-        if let Ok(a) = value.parse::<SocketAddr>() {
-            return vec![a];
-        }
-        if !value.contains(':') {
-            self.issue(path, &format!("'{value}' needs a port (host:port)"));
-            return vec![];
-        }
-        match value.to_socket_addrs() {
-            Ok(addrs) => {
-                let mut out: Vec<SocketAddr> = Vec::new();
-                for a in addrs {
-                    if !out.contains(&a) {
-                        out.push(a);
-                    }
-                }
-                if out.is_empty() {
-                    self.issue(path, &format!("'{value}' resolves to no address"));
-                }
-                out
-            }
-            Err(e) => {
-                self.issue(path, &format!("cannot resolve '{value}': {e}"));
-                vec![]
-            }
-        }
-    }
-
     fn pool(&mut self, path: &str, p: PoolFile) -> Option<PoolConfig> {
         let before = self.issues.len();
         if p.name.is_empty()
@@ -388,7 +425,7 @@ impl Validator {
         if p.endpoints.is_empty() {
             self.issue(&format!("{path}.endpoints"), "list at least one endpoint");
         }
-        let mut endpoints: Vec<EndpointConfig> = Vec::new();
+        let mut endpoints: Vec<EndpointSpec> = Vec::new();
         for (j, e) in p.endpoints.iter().enumerate() {
             let epath = format!("{path}.endpoints[{j}]");
             let (address, weight) = match e {
@@ -398,12 +435,12 @@ impl Validator {
             if weight == 0 {
                 self.issue(&format!("{epath}.weight"), "must be at least 1");
             }
-            for addr in self.endpoint_addrs(&epath, address) {
-                if endpoints.iter().any(|x| x.addr == addr) {
-                    self.issue(&epath, &format!("duplicate endpoint {addr}"));
-                } else {
-                    endpoints.push(EndpointConfig { addr, weight });
+            match Address::parse(address) {
+                Ok(address) if endpoints.iter().any(|x| x.address == address) => {
+                    self.issue(&epath, &format!("duplicate endpoint {address}"));
                 }
+                Ok(address) => endpoints.push(EndpointSpec { address, weight }),
+                Err(e) => self.issue(&epath, &e),
             }
         }
         let health_check = match p.health_check {

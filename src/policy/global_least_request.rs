@@ -14,7 +14,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{Lease, Outcome, Pick, PickInput, Policy, PolicyError};
-use crate::pool::EndpointId;
 use crate::store::{pick_least, PoolCounts, Skip};
 use crate::telemetry;
 
@@ -33,21 +32,22 @@ impl GlobalLeastRequest {
 /// One count held in the store for one attempt.
 pub(super) struct StoreLease {
     counts: Arc<PoolCounts>,
-    endpoint: usize,
+    /// The endpoint's label: the count is released against it even after a reload.
+    endpoint: String,
 }
 
 impl StoreLease {
-    pub(super) fn boxed(counts: &Arc<PoolCounts>, endpoint: usize) -> Box<dyn Lease> {
+    pub(super) fn boxed(counts: &Arc<PoolCounts>, endpoint: &str) -> Box<dyn Lease> {
         Box::new(StoreLease {
             counts: counts.clone(),
-            endpoint,
+            endpoint: endpoint.to_owned(),
         })
     }
 }
 
 impl Lease for StoreLease {
     fn release(self: Box<Self>, _outcome: Outcome) {
-        self.counts.release(self.endpoint);
+        self.counts.release(&self.endpoint);
     }
 }
 
@@ -58,12 +58,12 @@ impl Policy for GlobalLeastRequest {
     }
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
-        let indices: Vec<usize> = input.candidates.iter().map(|c| c.index()).collect();
-        match self.counts.acquire(&indices, self.max).await {
-            Ok(endpoint) => Ok(Pick {
-                endpoint: EndpointId::new(endpoint),
+        let labels = input.candidate_labels()?;
+        match self.counts.acquire(&labels, self.max).await {
+            Ok(i) => Ok(Pick {
+                endpoint: input.candidates[i],
                 reason: "least_request",
-                lease: Some(StoreLease::boxed(&self.counts, endpoint)),
+                lease: Some(StoreLease::boxed(&self.counts, labels[i])),
             }),
             Err(Skip::Saturated) => Err(PolicyError::Saturated),
             Err(Skip::Fallback(reason)) => {
@@ -105,12 +105,12 @@ pub(super) fn local_least(input: &PickInput<'_>, max: Option<u64>) -> Result<Pic
 mod tests {
     use super::super::testing::{ids, views};
     use super::*;
+    use crate::pool::EndpointId;
     use crate::request::LlmRequest;
     use crate::store::MemoryStore;
 
-    fn policy(n: usize, max: Option<u64>) -> (GlobalLeastRequest, Arc<PoolCounts>) {
-        let labels = (0..n).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect();
-        let counts = Arc::new(PoolCounts::new(Arc::new(MemoryStore::new()), "p", labels));
+    fn policy(max: Option<u64>) -> (GlobalLeastRequest, Arc<PoolCounts>) {
+        let counts = Arc::new(PoolCounts::new(Arc::new(MemoryStore::new()), "p"));
         (GlobalLeastRequest::new(counts.clone(), max), counts)
     }
 
@@ -131,7 +131,7 @@ mod tests {
 
     #[tokio::test]
     async fn held_picks_spread_evenly_and_leases_release() {
-        let (p, counts) = policy(3, None);
+        let (p, counts) = policy(None);
         let mut leases = Vec::new();
         let mut hist = [0; 3];
         for _ in 0..9 {
@@ -155,7 +155,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_candidates_and_the_cap() {
-        let (p, _counts) = policy(3, Some(1));
+        let (p, _counts) = policy(Some(1));
         let only = [EndpointId::new(2)];
         let first = pick(&p, 3, &only).await.expect("pick");
         assert_eq!(first.endpoint, EndpointId::new(2));
@@ -168,7 +168,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sick_store_falls_back_to_local_counts() {
-        let (p, counts) = policy(3, None);
+        let (p, counts) = policy(None);
         for _ in 0..crate::store::TRIP_AFTER {
             counts.trip_for_test();
         }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::{PolicyKind, PoolConfig, StoreConfig};
+use crate::config::{EndpointConfig, PolicyKind, PoolConfig, StoreConfig};
 use crate::pool::{EndpointId, EndpointView};
 use crate::request::LlmRequest;
 use crate::scrape::MetricsBoard;
@@ -36,6 +36,17 @@ pub struct PickInput<'a> {
     pub endpoints: &'a [EndpointView],
     /// Healthy endpoints not yet tried for this request; never empty.
     pub candidates: &'a [EndpointId],
+}
+
+impl<'a> PickInput<'a> {
+    /// The candidates' labels (`ip:port`), in order: how the state store names endpoints.
+    pub fn candidate_labels(&self) -> Result<Vec<&'a str>, PolicyError> {
+        self.candidates
+            .iter()
+            .map(|c| self.endpoints.get(c.index()).map(|e| e.label.as_str()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| PolicyError::Unavailable("a candidate is not in the pool".into()))
+    }
 }
 
 /// A policy's choice.
@@ -103,26 +114,32 @@ pub trait Policy: Send + Sync {
     }
 }
 
-/// Build the policy a pool's configuration asks for, and the shared in-flight counts it keeps
-/// (for policies that use a store; they need [`crate::store::CountsService`] running).
-pub fn build(pool: &PoolConfig) -> (Arc<dyn Policy>, Option<Arc<PoolCounts>>) {
-    let weights: Vec<usize> = pool.endpoints.iter().map(|e| e.weight).collect();
+/// Build the policy a pool's configuration asks for over `endpoints`. Policies that keep state in
+/// a store use `counts` (the previous generation's, carried over a reload) or new counts in the
+/// store the configuration names; the supervisor keeps their heartbeat running.
+pub fn build(
+    pool: &PoolConfig,
+    endpoints: &[EndpointConfig],
+    counts: Option<Arc<PoolCounts>>,
+) -> (Arc<dyn Policy>, Option<Arc<PoolCounts>>) {
+    let weights: Vec<usize> = endpoints.iter().map(|e| e.weight).collect();
+    let counts = || counts.unwrap_or_else(|| new_counts(pool));
     match pool.policy {
         PolicyKind::RoundRobin => (Arc::new(RoundRobin::new(&weights)), None),
         PolicyKind::Random => (Arc::new(Random::new()), None),
         PolicyKind::GlobalLeastRequest => {
-            let counts = pool_counts(pool);
+            let counts = counts();
             let policy = GlobalLeastRequest::new(counts.clone(), pool.max_inflight);
             (Arc::new(policy), Some(counts))
         }
         PolicyKind::PrefixCache => {
-            let counts = pool_counts(pool);
+            let counts = counts();
             let settings = pool.prefix.unwrap_or_default();
             let policy = PrefixCache::new(counts.clone(), pool.max_inflight, settings);
             (Arc::new(policy), Some(counts))
         }
         PolicyKind::LeastBusy => {
-            let labels = pool.endpoints.iter().map(|e| e.addr.to_string()).collect();
+            let labels = endpoints.iter().map(|e| e.addr.to_string()).collect();
             let board = MetricsBoard::new(&pool.name, labels, pool.metrics.interval);
             let config = pool.least_busy.clone().unwrap_or_default();
             (Arc::new(LeastBusy::new(Arc::new(board), config)), None)
@@ -130,14 +147,13 @@ pub fn build(pool: &PoolConfig) -> (Arc<dyn Policy>, Option<Arc<PoolCounts>>) {
     }
 }
 
-/// The pool's counts in the store its configuration names (embedded when none).
-fn pool_counts(pool: &PoolConfig) -> Arc<PoolCounts> {
+/// New counts for the pool in the store its configuration names (embedded when none).
+fn new_counts(pool: &PoolConfig) -> Arc<PoolCounts> {
     let store: Arc<dyn InflightStore> = match &pool.store {
         Some(StoreConfig::Redis(redis)) => Arc::new(RedisStore::new(RedisConfig::clone(redis))),
         Some(StoreConfig::Embedded) | None => Arc::new(MemoryStore::new()),
     };
-    let labels = pool.endpoints.iter().map(|e| e.addr.to_string()).collect();
-    Arc::new(PoolCounts::new(store, &pool.name, labels))
+    Arc::new(PoolCounts::new(store, &pool.name))
 }
 
 #[cfg(test)]

@@ -25,7 +25,6 @@ use async_trait::async_trait;
 
 use super::global_least_request::{local_least, StoreLease};
 use super::{Pick, PickInput, Policy, PolicyError};
-use crate::pool::EndpointId;
 use crate::store::{PoolCounts, PrefixOutcome, PrefixSettings, Skip};
 use crate::telemetry;
 
@@ -57,24 +56,24 @@ impl Policy for PrefixCache {
     }
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
-        let indices: Vec<usize> = input.candidates.iter().map(|c| c.index()).collect();
+        let labels = input.candidate_labels()?;
         let blocks = &input.request.blocks;
         let chain = &blocks[..blocks.len().min(MAX_CHAIN_BLOCKS)];
         match self
             .counts
-            .acquire_prefix(&indices, chain, self.max, self.settings)
+            .acquire_prefix(&labels, chain, self.max, self.settings)
             .await
         {
-            Ok((endpoint, acquired)) => {
+            Ok((i, acquired)) => {
                 telemetry::observe_prefix_match(self.counts.pool(), acquired.matched);
                 Ok(Pick {
-                    endpoint: EndpointId::new(endpoint),
+                    endpoint: input.candidates[i],
                     reason: match acquired.outcome {
                         PrefixOutcome::Hit => "prefix_hit",
                         PrefixOutcome::Diverted => "prefix_diverted",
                         PrefixOutcome::Miss => "prefix_miss",
                     },
-                    lease: Some(StoreLease::boxed(&self.counts, endpoint)),
+                    lease: Some(StoreLease::boxed(&self.counts, labels[i])),
                 })
             }
             Err(Skip::Saturated) => Err(PolicyError::Saturated),
@@ -93,12 +92,12 @@ mod tests {
     use super::super::testing::{ids, views};
     use super::super::Outcome;
     use super::*;
+    use crate::pool::EndpointId;
     use crate::request::LlmRequest;
     use crate::store::{LoadGuard, MemoryStore};
 
-    fn policy(n: usize) -> PrefixCache {
-        let labels = (0..n).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect();
-        let counts = Arc::new(PoolCounts::new(Arc::new(MemoryStore::new()), "p", labels));
+    fn policy() -> PrefixCache {
+        let counts = Arc::new(PoolCounts::new(Arc::new(MemoryStore::new()), "p"));
         let settings = PrefixSettings {
             guard: LoadGuard {
                 absolute: 2,
@@ -134,7 +133,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_conversation_sticks_and_misses_spread() {
-        let p = policy(3);
+        let p = policy();
         let first = pick(&p, &chat(&["hello"]), &ids(3)).await;
         assert_eq!(first.reason, "prefix_miss");
         first.lease.expect("lease").release(Outcome::Completed);
@@ -149,7 +148,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_busy_holder_is_skipped() {
-        let p = policy(3);
+        let p = policy();
         let mut held = Vec::new();
         for _ in 0..3 {
             let pick = pick(&p, &chat(&["shared"]), &ids(3)).await;
@@ -165,7 +164,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_holder_that_is_not_a_candidate_is_a_miss() {
-        let p = policy(3);
+        let p = policy();
         let first = pick(&p, &chat(&["a"]), &ids(3)).await;
         let others: Vec<EndpointId> = ids(3)
             .into_iter()
@@ -180,7 +179,7 @@ mod tests {
 
     #[tokio::test]
     async fn long_chains_are_capped() {
-        let p = policy(3);
+        let p = policy();
         let doc = "x".repeat(crate::prefix::CHUNK_BYTES * (MAX_CHAIN_BLOCKS + 10));
         let request = chat(&[&doc]);
         assert!(request.blocks.len() > MAX_CHAIN_BLOCKS);

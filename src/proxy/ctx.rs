@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::generation::Routes;
 use crate::policy::{Lease, Outcome};
 use crate::pool::{EndpointId, InflightGuard, Pool};
 use crate::request::LlmRequest;
@@ -17,6 +18,8 @@ use crate::request::LlmRequest;
 /// Where a request goes: its pool and what we understood of it.
 #[derive(Clone)]
 pub struct Route {
+    /// The routing table the request started with: it keeps it to the end, retries included.
+    pub routes: Arc<Routes>,
     pub pool: Arc<Pool>,
     pub request: Arc<LlmRequest>,
 }
@@ -145,8 +148,8 @@ mod tests {
             "pools:\n  - name: p\n    models: ['*']\n    endpoints: ['127.0.0.1:1']\n    health_check: {enabled: false}\n    lb_policy: round_robin\n",
         )
         .expect("config");
-        let (pool, _) = Pool::new(c.pools[0].clone()).expect("pool");
-        pool
+        let endpoints = crate::resolve::expand(&c, &Default::default());
+        Pool::new(c.pools[0].clone(), &endpoints[0], None).expect("pool")
     }
 
     #[test]

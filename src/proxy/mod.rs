@@ -39,29 +39,24 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use ctx::{Attempt, SubrequestInput};
 pub use ctx::{RequestCtx, Role, Route};
 
-use crate::config::Config;
+use crate::config::UpstreamConfig;
 use crate::drain::Draining;
+use crate::generation::Live;
 use crate::policy::{Outcome, Pick, PickInput, PolicyError};
-use crate::pool::Pool;
 use crate::request::LlmRequest;
 use crate::telemetry;
 
-/// The routing table: validated configuration and the pools built from it.
-pub struct Routes {
-    pub config: Config,
-    pub pools: Vec<Arc<Pool>>,
-}
-
 /// llm-lb's proxy application.
 pub struct LbProxy {
-    routes: Arc<Routes>,
+    live: Live,
     draining: Draining,
 }
 
 impl LbProxy {
-    /// A proxy over `routes`; once `draining` is set, responses close their client connection.
-    pub fn new(routes: Arc<Routes>, draining: Draining) -> Self {
-        LbProxy { routes, draining }
+    /// A proxy over the routing table in force in `live`; once `draining` is set, responses
+    /// close their client connection.
+    pub fn new(live: Live, draining: Draining) -> Self {
+        LbProxy { live, draining }
     }
 
     /// Whether another attempt may be made for this request.
@@ -70,7 +65,7 @@ impl LbProxy {
             return false;
         };
         let tried = ctx.shared.lock().tried.clone();
-        tried.len() < self.routes.config.max_attempts
+        tried.len() < route.routes.config.max_attempts
             && !route.pool.candidates(&tried).ids.is_empty()
     }
 
@@ -129,8 +124,7 @@ impl LbProxy {
         }
     }
 
-    fn peer(&self, addr: std::net::SocketAddr) -> HttpPeer {
-        let up = &self.routes.config.upstream;
+    fn peer(addr: std::net::SocketAddr, up: &UpstreamConfig) -> HttpPeer {
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(up.connect_timeout);
         peer.options.total_connection_timeout = Some(up.connect_timeout);
@@ -192,14 +186,19 @@ impl ProxyHttp for LbProxy {
 
         // Record the body in Pingora's retry buffer (≤ 64 KiB) so it is replayed upstream.
         session.as_downstream_mut().enable_retry_buffering();
-        let body = body::read(session, self.routes.config.max_body_bytes).await?;
+        let Some(routes) = self.live.current() else {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(503),
+                "llm-lb is starting: no routing table yet",
+            );
+        };
+        let body = body::read(session, routes.config.max_body_bytes).await?;
         ctx.request_bytes = body.len();
         let request = LlmRequest::parse(&body);
-        let Some(pool) = self
-            .routes
+        let Some(pool) = routes
             .config
             .pool_index(request.model.as_deref())
-            .and_then(|i| self.routes.pools.get(i))
+            .and_then(|i| routes.pools.get(i))
             .cloned()
         else {
             let model = request.model.as_deref().unwrap_or_default();
@@ -209,6 +208,7 @@ impl ProxyHttp for LbProxy {
             );
         };
         ctx.route = Some(Route {
+            routes,
             pool,
             request: Arc::new(request),
         });
@@ -232,8 +232,9 @@ impl ProxyHttp for LbProxy {
             previous.finish(Outcome::Failed);
             telemetry::count_retry(pool.name());
         }
+        let config = &route.routes.config;
         let tried = ctx.shared.lock().tried.clone();
-        if tried.len() >= self.routes.config.max_attempts {
+        if tried.len() >= config.max_attempts {
             return Error::e_explain(
                 ErrorType::HTTPStatus(502),
                 format!("gave up after {} attempts", tried.len()),
@@ -302,7 +303,7 @@ impl ProxyHttp for LbProxy {
             pick.lease,
             pool.inflight_guard(pick.endpoint),
         ));
-        Ok(Box::new(self.peer(addr)))
+        Ok(Box::new(Self::peer(addr, &config.upstream)))
     }
 
     fn fail_to_connect(
@@ -370,7 +371,11 @@ impl ProxyHttp for LbProxy {
         let elapsed = ctx.started.elapsed();
         let mut shared = ctx.shared.lock();
         shared.first_byte.get_or_insert(elapsed);
-        if self.routes.config.expose_endpoint_header {
+        let expose = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.routes.config.expose_endpoint_header);
+        if expose {
             if let Some(addr) = shared.endpoint {
                 upstream_response.insert_header("x-llm-lb-endpoint", addr.to_string())?;
             }

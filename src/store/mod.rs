@@ -65,7 +65,7 @@ pub use self::memory::MemoryStore;
 pub use self::pool_counts::{PoolCounts, PrefixSettings, Skip};
 
 pub use self::redis::{RedisConfig, RedisMode, RedisStore};
-pub use self::service::CountsService;
+pub use self::service::heartbeat;
 
 use std::time::Duration;
 

@@ -10,14 +10,16 @@
 //!   requests skip the store without waiting at all.
 //! - [`PoolCounts::release`] — sends the store call from a spawned task, so a slow store never
 //!   delays the end of a response.
-//! - [`PoolCounts::tick`] — called by [`CountsService`](super::CountsService) every heartbeat
-//!   interval: the heartbeat that keeps this replica alive, the repair described below, and the
-//!   breaker's probe.
+//! - [`PoolCounts::tick`] — called by the [`heartbeat`](super::heartbeat) loop every heartbeat
+//!   interval: the heartbeat that keeps this replica alive, the repair described below, the
+//!   breaker's probe, and the global in-flight view (`llmlb_endpoint_inflight_global`).
 //!
 //! # Staying exact when calls fail
 //!
 //! `held[e]` is what this replica really holds in the store for endpoint `e` (acquired and not yet
-//! released). A call whose effect is unknown (timed out or cancelled — Redis may still execute
+//! released). It is keyed by the endpoint's label (`ip:port`), not by a position in one endpoint
+//! list, so one `PoolCounts` outlives configuration reloads and DNS changes: requests still in
+//! flight on a previous generation's endpoints release against the same counts. A call whose effect is unknown (timed out or cancelled — Redis may still execute
 //! it), a release skipped while the breaker is open, a store that lost its data (restart,
 //! failover) or a client library that silently re-sent a script would leave the shared counts
 //! wrong for as long as this replica lives — Higress's leak. So every tick is a
@@ -29,10 +31,11 @@
 //! costs an uncontended read lock, and at worst one restore round trip once per tick. A call that
 //! timed out may still reach the store after the restore; the next tick undoes it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::RwLock;
 
 use super::breaker::Breaker;
@@ -91,24 +94,25 @@ impl Chosen for PrefixAcquired {
 pub struct PoolCounts {
     store: Arc<dyn InflightStore>,
     pool: String,
-    /// Endpoint labels (`ip:port`) indexed like the pool's endpoints.
-    labels: Vec<String>,
-    /// Per endpoint: counts this replica holds in the store. Changed only under a `gate` guard.
-    held: Vec<AtomicU64>,
+    /// Per endpoint label: counts this replica holds in the store (no zero entries). Changed only
+    /// under a `gate` guard.
+    held: Mutex<HashMap<String, u64>>,
+    /// The pool's current endpoints, whose totals each tick exports as the global in-flight view.
+    endpoints: Mutex<Vec<String>>,
     /// Store calls read-lock it; a restore write-locks it (see the module docs).
     gate: RwLock<()>,
     breaker: Breaker,
 }
 
 impl PoolCounts {
-    /// Counts for `pool` whose endpoints are `labels`, kept in `store`.
-    pub fn new(store: Arc<dyn InflightStore>, pool: &str, labels: Vec<String>) -> Self {
+    /// Counts for `pool`, kept in `store`.
+    pub fn new(store: Arc<dyn InflightStore>, pool: &str) -> Self {
         telemetry::set_store_breaker(pool, false);
         PoolCounts {
-            held: labels.iter().map(|_| AtomicU64::new(0)).collect(),
+            held: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(Vec::new()),
             store,
             pool: pool.to_owned(),
-            labels,
             gate: RwLock::new(()),
             breaker: Breaker::default(),
         }
@@ -125,32 +129,42 @@ impl PoolCounts {
 
     /// Requests this replica holds in the store, over all endpoints.
     pub fn held_total(&self) -> u64 {
-        self.held.iter().map(|h| h.load(Ordering::SeqCst)).sum()
+        self.held.lock().values().sum()
     }
 
-    /// Pick the least loaded of `candidates` (endpoint indices) over all replicas and count one
-    /// more for it. Returns the chosen endpoint index.
-    pub async fn acquire(&self, candidates: &[usize], max: Option<u64>) -> Result<usize, Skip> {
-        let labels = self.labels_of(candidates)?;
-        let call = self.store.acquire_least(&self.pool, &labels, max);
+    /// The pool's current endpoints (labels), reported by each tick's global view.
+    pub fn set_endpoints(&self, labels: Vec<String>) {
+        *self.endpoints.lock() = labels;
+    }
+
+    /// What this replica holds for `label`.
+    pub fn held(&self, label: &str) -> u64 {
+        self.held.lock().get(label).copied().unwrap_or(0)
+    }
+
+    /// Pick the least loaded of `candidates` (endpoint labels) over all replicas and count one
+    /// more for it. Returns the chosen candidate's position in `candidates`.
+    pub async fn acquire(&self, candidates: &[&str], max: Option<u64>) -> Result<usize, Skip> {
+        self.ready(candidates)?;
+        let call = self.store.acquire_least(&self.pool, candidates, max);
         let (index, _) = self.counted("acquire", candidates, call).await?;
         Ok(index)
     }
 
-    /// [`InflightStore::acquire_prefix`] over `candidates` (endpoint indices): the holder of the
+    /// [`InflightStore::acquire_prefix`] over `candidates` (endpoint labels): the holder of the
     /// longest prefix of `chain` unless the guard diverts, counted like [`PoolCounts::acquire`].
-    /// Returns the chosen endpoint index and how it was chosen.
+    /// Returns the chosen candidate's position and how it was chosen.
     pub async fn acquire_prefix(
         &self,
-        candidates: &[usize],
+        candidates: &[&str],
         chain: &[u64],
         max: Option<u64>,
         settings: PrefixSettings,
     ) -> Result<(usize, PrefixAcquired), Skip> {
-        let labels = self.labels_of(candidates)?;
+        self.ready(candidates)?;
         let query = PrefixQuery {
             chain,
-            candidates: &labels,
+            candidates,
             max,
             guard: settings.guard,
             ttl: settings.ttl,
@@ -159,37 +173,31 @@ impl PoolCounts {
         self.counted("acquire_prefix", candidates, call).await
     }
 
-    /// The labels of `candidates`, or why the store is not to be asked.
-    fn labels_of(&self, candidates: &[usize]) -> Result<Vec<&str>, Skip> {
+    /// Why the store is not to be asked about `candidates`, if it is not.
+    fn ready(&self, candidates: &[&str]) -> Result<(), Skip> {
         if self.breaker.is_open() {
             return Err(Skip::Fallback("store_breaker_open"));
         }
-        let labels: Vec<&str> = candidates
-            .iter()
-            .filter_map(|i| self.labels.get(*i).map(String::as_str))
-            .collect();
-        if labels.len() != candidates.len() || labels.is_empty() {
+        if candidates.is_empty() {
             return Err(Skip::Fallback("store_error"));
         }
-        Ok(labels)
+        Ok(())
     }
 
     /// Run an acquiring store `call` under the gate and the timeout, count what it chose in
-    /// `held`, and feed the breaker. Returns the chosen endpoint index and the store's answer.
+    /// `held`, and feed the breaker. Returns the chosen candidate's position and the answer.
     async fn counted<T: Chosen>(
         &self,
         op: &'static str,
-        candidates: &[usize],
+        candidates: &[&str],
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<(usize, T), Skip> {
         let started = Instant::now();
         let call = async {
             let _gate = self.gate.read().await;
             let result = call.await;
-            if let Ok(a) = &result {
-                if let Some(held) = candidates.get(a.index()).and_then(|i| self.held.get(*i)) {
-                    held.fetch_add(1, Ordering::SeqCst);
-                }
+            if let Some(label) = result.as_ref().ok().and_then(|a| candidates.get(a.index())) {
+                *self.held.lock().entry((*label).to_owned()).or_default() += 1;
             }
             result
         };
@@ -197,9 +205,9 @@ impl PoolCounts {
         telemetry::store_call(&self.pool, op, outcome(&result), started.elapsed());
         match result {
             Ok(a) => match candidates.get(a.index()) {
-                Some(&index) => {
+                Some(_) => {
                     self.on_success();
-                    Ok((index, a))
+                    Ok((a.index(), a))
                 }
                 None => {
                     self.on_failure(&StoreError::Protocol("index out of range".into()));
@@ -217,17 +225,15 @@ impl PoolCounts {
         }
     }
 
-    /// Release one count of endpoint `index` acquired with [`PoolCounts::acquire`]. Returns at
+    /// Release one count of endpoint `label` acquired with [`PoolCounts::acquire`]. Returns at
     /// once; the store call runs in a spawned task.
-    pub fn release(self: &Arc<Self>, index: usize) {
-        let Some(label) = self.labels.get(index).cloned() else {
-            return;
-        };
+    pub fn release(self: &Arc<Self>, label: &str) {
+        let label = label.to_owned();
         let runtime = match tokio::runtime::Handle::try_current() {
             Ok(rt) if !self.breaker.is_open() => rt,
             // No store call: forget the count here; the next tick's restore removes it there.
             _ => {
-                self.forget(index);
+                self.forget(&label);
                 return;
             }
         };
@@ -236,7 +242,7 @@ impl PoolCounts {
             let started = Instant::now();
             let call = async {
                 let _gate = this.gate.read().await;
-                this.forget(index);
+                this.forget(&label);
                 this.store.release(&this.pool, &label).await
             };
             let result = this.bounded(call).await;
@@ -254,19 +260,37 @@ impl PoolCounts {
         let started = Instant::now();
         let call = async {
             let _gate = self.gate.write().await;
-            let held: Vec<(&str, u64)> = self
-                .labels
+            let held: Vec<(String, u64)> = self
+                .held
+                .lock()
                 .iter()
-                .zip(&self.held)
-                .map(|(l, h)| (l.as_str(), h.load(Ordering::SeqCst)))
+                .map(|(l, n)| (l.clone(), *n))
                 .collect();
+            let held: Vec<(&str, u64)> = held.iter().map(|(l, n)| (l.as_str(), *n)).collect();
             self.store.restore(&self.pool, &held).await
         };
         let result = self.bounded(call).await;
         telemetry::store_call(&self.pool, "restore", outcome(&result), started.elapsed());
         match result {
             Ok(()) => self.on_success(),
-            Err(e) => self.on_failure(&e),
+            Err(e) => return self.on_failure(&e),
+        }
+        // The global view: what every replica has in flight to each current endpoint.
+        let labels = self.endpoints.lock().clone();
+        let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+        if refs.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let result = self.bounded(self.store.inflight(&self.pool, &refs)).await;
+        telemetry::store_call(&self.pool, "inflight", outcome(&result), started.elapsed());
+        match result {
+            Ok(totals) => {
+                for (label, n) in refs.iter().zip(totals) {
+                    telemetry::set_inflight_global(&self.pool, label, n);
+                }
+            }
+            Err(e) => log::debug!("pool {}: global in-flight view: {e}", self.pool),
         }
     }
 
@@ -288,9 +312,13 @@ impl PoolCounts {
         }
     }
 
-    fn forget(&self, index: usize) {
-        if let Some(held) = self.held.get(index) {
-            let _ = held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    fn forget(&self, label: &str) {
+        let mut held = self.held.lock();
+        if let Some(n) = held.get_mut(label) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(label);
+            }
         }
     }
 
@@ -352,10 +380,9 @@ mod tests {
     use super::*;
     use crate::store::MemoryStore;
 
-    fn counts(n: usize) -> (Arc<PoolCounts>, MemoryStore) {
+    fn counts() -> (Arc<PoolCounts>, MemoryStore) {
         let store = MemoryStore::new();
-        let labels = (0..n).map(|i| format!("ep{i}")).collect();
-        let counts = PoolCounts::new(Arc::new(store.clone()), "p", labels);
+        let counts = PoolCounts::new(Arc::new(store.clone()), "p");
         (Arc::new(counts), store)
     }
 
@@ -378,33 +405,63 @@ mod tests {
 
     #[tokio::test]
     async fn acquire_and_release_keep_store_and_held_in_step() {
-        let (c, store) = counts(3);
+        let (c, store) = counts();
+        let eps = ["ep0", "ep1", "ep2"];
         let mut picks = Vec::new();
         for _ in 0..6 {
-            picks.push(c.acquire(&[0, 1, 2], None).await.expect("acquire"));
+            picks.push(c.acquire(&eps, None).await.expect("acquire"));
         }
         assert_eq!(totals(&store, 3).await, vec![2, 2, 2]);
         assert_eq!(c.held_total(), 6);
+        assert_eq!(c.held("ep1"), 2);
         for i in picks {
-            c.release(i);
+            c.release(eps[i]);
         }
         settle(&store, 3, vec![0, 0, 0]).await;
         assert_eq!(c.held_total(), 0);
+        assert!(c.held.lock().is_empty(), "no zero entries are kept");
+    }
+
+    #[tokio::test]
+    async fn counts_outlive_the_endpoint_list() {
+        // A reload replaced ep0 by ep9 while a request on ep0 was in flight: both stay counted
+        // until the old request ends, and the tick restores exactly that.
+        let (c, store) = counts();
+        c.acquire(&["ep0"], None).await.expect("old generation");
+        c.acquire(&["ep9"], None).await.expect("new generation");
+        c.tick().await;
+        let refs = ["ep0", "ep9"];
+        assert_eq!(
+            store.inflight("p", &refs).await.expect("inflight"),
+            vec![1, 1]
+        );
+        c.release("ep0");
+        for _ in 0..1000 {
+            if c.held("ep0") == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        c.tick().await;
+        assert_eq!(
+            store.inflight("p", &refs).await.expect("inflight"),
+            vec![0, 1]
+        );
     }
 
     #[tokio::test]
     async fn saturation_is_a_verdict_not_a_failure() {
-        let (c, _) = counts(1);
-        c.acquire(&[0], Some(1)).await.expect("room");
-        assert_eq!(c.acquire(&[0], Some(1)).await, Err(Skip::Saturated));
+        let (c, _) = counts();
+        c.acquire(&["ep0"], Some(1)).await.expect("room");
+        assert_eq!(c.acquire(&["ep0"], Some(1)).await, Err(Skip::Saturated));
         assert!(!c.breaker.is_open());
         assert_eq!(c.held_total(), 1);
     }
 
     #[tokio::test]
     async fn every_tick_restores_what_is_held() {
-        let (c, store) = counts(2);
-        c.acquire(&[0], None).await.expect("acquire");
+        let (c, store) = counts();
+        c.acquire(&["ep0"], None).await.expect("acquire");
         // The store drifted (a lost release, a late timed-out call, a restart that lost data).
         store
             .acquire_least("p", &["ep1"], None)
@@ -422,17 +479,17 @@ mod tests {
 
     #[tokio::test]
     async fn with_the_breaker_open_releases_wait_for_the_probe() {
-        let (c, store) = counts(1);
-        c.acquire(&[0], None).await.expect("acquire");
+        let (c, store) = counts();
+        c.acquire(&["ep0"], None).await.expect("acquire");
         for _ in 0..crate::store::TRIP_AFTER {
             c.trip_for_test();
         }
         assert!(c.breaker.is_open());
         assert_eq!(
-            c.acquire(&[0], None).await,
+            c.acquire(&["ep0"], None).await,
             Err(Skip::Fallback("store_breaker_open"))
         );
-        c.release(0);
+        c.release("ep0");
         assert_eq!(c.held_total(), 0);
         assert_eq!(totals(&store, 1).await, vec![1], "not sent while open");
         // The probe succeeds: the breaker closes and the skipped release is applied.
@@ -443,13 +500,13 @@ mod tests {
 
     #[test]
     fn release_outside_a_runtime_is_applied_by_the_next_tick() {
-        let (c, store) = counts(1);
+        let (c, store) = counts();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .expect("runtime");
-        rt.block_on(c.acquire(&[0], None)).expect("acquire");
-        c.release(0);
+        rt.block_on(c.acquire(&["ep0"], None)).expect("acquire");
+        c.release("ep0");
         assert_eq!(c.held_total(), 0);
         rt.block_on(async {
             assert_eq!(totals(&store, 1).await, vec![1]);

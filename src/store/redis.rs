@@ -121,6 +121,22 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
+/// The same server, credentials, database and store settings (a reload keeps the store then).
+impl PartialEq for RedisConfig {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (self.info.redis_settings(), other.info.redis_settings());
+        format!("{:?}", self.info.addr()) == format!("{:?}", other.info.addr())
+            && a.username() == b.username()
+            && a.password() == b.password()
+            && a.db() == b.db()
+            && self.mode == other.mode
+            && self.timeout == other.timeout
+            && self.dead_after == other.dead_after
+            && self.namespace == other.namespace
+            && self.replica_id == other.replica_id
+    }
+}
+
 impl RedisConfig {
     fn with_info(info: ConnectionInfo) -> Self {
         RedisConfig {

@@ -1,0 +1,343 @@
+//! The supervisor: the background service that owns the routing table's generations.
+//!
+//! - **Start.** Resolves endpoint names, builds generation 1 and only then reports ready, so the
+//!   proxy (which depends on it) never serves without a routing table.
+//! - **Reload** on SIGHUP or [`ReloadHandle::reload`] (the admin listener's `POST /-/reload`):
+//!   the policy file is read and validated first; if it is invalid the running generation stays
+//!   and the error is logged, counted (`llmlb_config_reloads_total{result="invalid"}`) and
+//!   returned. Otherwise the new generation is built and swapped in: new requests use it at once,
+//!   requests in flight finish on the one they started with (see [`crate::generation`]).
+//!   `listen`, `admin` and `h2c` are bound at start; a change to them needs a restart or `-u`.
+//! - **DNS.** Every `dns_refresh_ms`, names are resolved again; when a pool's address set
+//!   changes, a new generation with the same configuration is swapped in (added addresses join,
+//!   removed ones drain).
+//! - **State-store heartbeats.** One [`heartbeat`] loop per [`PoolCounts`] in use. When a
+//!   generation no longer uses some counts (pool removed, store changed), their loop drains what
+//!   is still held, withdraws, and ends.
+//! - **Clean-up.** Once a replaced generation has nothing in flight, the gauges of endpoints that
+//!   left are dropped.
+//! - **Shutdown.** Stops the tasks, lets every heartbeat loop drain and withdraw, then returns.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::services::ServiceReadyNotifier;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{self, Config};
+use crate::generation::{Generation, Live, Routes};
+use crate::resolve::{self, Answers};
+use crate::store::{heartbeat, PoolCounts};
+use crate::telemetry;
+
+/// How often replaced generations are checked for the end of their requests.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a reload was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The policy file could not be read or is invalid; the running configuration stays.
+    #[error("{0}")]
+    Invalid(String),
+    /// The new routing table could not be built; the running configuration stays.
+    #[error("{0}")]
+    Failed(String),
+    /// The supervisor is not running (starting or shutting down).
+    #[error("the supervisor is not running")]
+    NotRunning,
+}
+
+type ReloadReply = oneshot::Sender<Result<u64, ReloadError>>;
+
+/// Asks the supervisor to reload the policy file (what SIGHUP does).
+#[derive(Clone)]
+pub struct ReloadHandle(mpsc::Sender<ReloadReply>);
+
+impl ReloadHandle {
+    /// Reload and wait for the verdict: the new generation's id, or why nothing changed.
+    pub async fn reload(&self) -> Result<u64, ReloadError> {
+        let (reply, verdict) = oneshot::channel();
+        self.0
+            .send(reply)
+            .await
+            .map_err(|_| ReloadError::NotRunning)?;
+        verdict.await.unwrap_or(Err(ReloadError::NotRunning))
+    }
+}
+
+/// The supervisor service; see the module docs.
+pub struct Supervisor {
+    policy_path: PathBuf,
+    live: Live,
+    /// Taken by `start`: the configuration validated at start, and the reload requests.
+    start: Mutex<Option<(Config, mpsc::Receiver<ReloadReply>)>>,
+}
+
+impl Supervisor {
+    /// A supervisor for the policy file at `policy_path`, already validated as `config`. Returns
+    /// it with the [`Live`] routing table it maintains and a handle to request reloads.
+    pub fn new(policy_path: PathBuf, config: Config) -> (Supervisor, Live, ReloadHandle) {
+        let live = Live::default();
+        let (tx, rx) = mpsc::channel(8);
+        let supervisor = Supervisor {
+            policy_path,
+            live: live.clone(),
+            start: Mutex::new(Some((config, rx))),
+        };
+        (supervisor, live, ReloadHandle(tx))
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Supervisor {
+    async fn start_with_ready_notifier(
+        &self,
+        mut shutdown: ShutdownWatch,
+        ready: ServiceReadyNotifier,
+    ) {
+        let Some((config, mut requests)) = self.start.lock().take() else {
+            return;
+        };
+        let mut state = State {
+            policy_path: self.policy_path.clone(),
+            live: self.live.clone(),
+            current: None,
+            answers: Answers::new(),
+            heartbeats: Vec::new(),
+            retired: Vec::new(),
+            next_id: 1,
+        };
+        let answers = resolve::resolve(&config, &state.answers).await;
+        if let Err(e) = state.apply(config, answers).await {
+            log::error!("cannot build the routing table: {e}");
+        }
+        ready.notify_ready();
+
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::error!("cannot watch SIGHUP ({e}); reload with POST /-/reload instead");
+                None
+            }
+        };
+        let mut dns = tokio::time::interval(state.dns_refresh());
+        dns.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        dns.reset();
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                Some(()) = async { hangup.as_mut()?.recv().await } => {
+                    let _ = state.reload("sighup").await;
+                    dns = reset_interval(state.dns_refresh());
+                }
+                Some(reply) = requests.recv() => {
+                    let _ = reply.send(state.reload("admin").await);
+                    dns = reset_interval(state.dns_refresh());
+                }
+                _ = dns.tick() => state.refresh_dns().await,
+                _ = sweep.tick() => state.sweep(),
+                _ = shutdown.changed() => break,
+            }
+        }
+        state.shutdown().await;
+    }
+}
+
+fn reset_interval(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval(period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i.reset();
+    i
+}
+
+/// One heartbeat loop and the switch that tells it to drain and end.
+struct Heartbeat {
+    counts: Arc<PoolCounts>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+struct State {
+    policy_path: PathBuf,
+    live: Live,
+    current: Option<Generation>,
+    answers: Answers,
+    heartbeats: Vec<Heartbeat>,
+    /// Replaced routing tables whose requests may still be in flight.
+    retired: Vec<Arc<Routes>>,
+    next_id: u64,
+}
+
+impl State {
+    fn dns_refresh(&self) -> Duration {
+        self.current
+            .as_ref()
+            .map_or(config::DEFAULT_DNS_REFRESH, |g| g.routes.config.dns_refresh)
+    }
+
+    /// Re-read the policy file and apply it; on any error the running generation stays.
+    async fn reload(&mut self, trigger: &str) -> Result<u64, ReloadError> {
+        let path = self.policy_path.display().to_string();
+        let config = match config::load(&self.policy_path) {
+            Ok(c) => c,
+            Err(e) => {
+                telemetry::count_reload(trigger, "invalid");
+                log::error!("reload ({trigger}): policy file {path} rejected, the running configuration stays: {e}");
+                return Err(ReloadError::Invalid(format!("policy file {path}: {e}")));
+            }
+        };
+        for w in &config.warnings {
+            log::warn!("policy file {path}: {w}");
+        }
+        if let Some(running) = self.current.as_ref().map(|g| &g.routes.config) {
+            if running.listen != config.listen
+                || running.admin != config.admin
+                || running.h2c != config.h2c
+            {
+                log::warn!("reload ({trigger}): listen, admin and h2c are bound at start; their new values apply after a restart or an upgrade (-u)");
+            }
+        }
+        let answers = resolve::resolve(&config, &self.answers).await;
+        match self.apply(config, answers).await {
+            Ok(id) => {
+                telemetry::count_reload(trigger, "ok");
+                log::info!("reload ({trigger}): policy file {path} applied as generation {id}");
+                Ok(id)
+            }
+            Err(e) => {
+                telemetry::count_reload(trigger, "failed");
+                log::error!("reload ({trigger}): {e}; the running configuration stays");
+                Err(ReloadError::Failed(e.to_string()))
+            }
+        }
+    }
+
+    /// Resolve names again; when an address set changed, swap in a generation that has it.
+    async fn refresh_dns(&mut self) {
+        let Some(config) = self.current.as_ref().map(|g| g.routes.config.clone()) else {
+            return;
+        };
+        if !resolve::has_names(&config) {
+            return;
+        }
+        let answers = resolve::resolve(&config, &self.answers).await;
+        let changed = self
+            .current
+            .as_ref()
+            .is_some_and(|g| g.endpoints != resolve::expand(&config, &answers));
+        if !changed {
+            self.answers = answers;
+            return;
+        }
+        match self.apply(config, answers).await {
+            Ok(id) => log::info!("endpoint addresses changed: generation {id} in force"),
+            Err(e) => log::error!("endpoint addresses changed but {e}; keeping the old ones"),
+        }
+    }
+
+    /// Build a generation of `config` over `answers` and put it in force.
+    async fn apply(
+        &mut self,
+        config: Config,
+        answers: Answers,
+    ) -> Result<u64, crate::generation::BuildError> {
+        let endpoints = resolve::expand(&config, &answers);
+        for (pool, eps) in config.pools.iter().zip(&endpoints) {
+            if eps.is_empty() {
+                log::warn!(
+                    "pool {}: no endpoint address yet; its requests get 503 until one resolves",
+                    pool.name
+                );
+            }
+        }
+        let id = self.next_id;
+        let previous = self.current.as_ref().map(|g| g.routes.clone());
+        let next = Generation::build(id, config, endpoints, previous.as_deref()).await?;
+        self.next_id += 1;
+        self.answers = answers;
+        next.start();
+        self.live.set(next.routes.clone());
+        telemetry::set_generation(id);
+        if let Some(old) = self.current.replace(next) {
+            old.stop();
+            self.retired.push(old.routes.clone());
+        }
+        self.track_counts();
+        Ok(id)
+    }
+
+    /// Start heartbeats for counts the current generation uses; tell the others to drain.
+    fn track_counts(&mut self) {
+        let in_use: Vec<Arc<PoolCounts>> = self
+            .current
+            .iter()
+            .flat_map(|g| g.counts().cloned())
+            .collect();
+        for hb in &self.heartbeats {
+            if !in_use.iter().any(|c| Arc::ptr_eq(c, &hb.counts)) {
+                let _ = hb.stop.send(true);
+            }
+        }
+        for counts in in_use {
+            if self
+                .heartbeats
+                .iter()
+                .any(|h| Arc::ptr_eq(&h.counts, &counts))
+            {
+                continue;
+            }
+            log::info!(
+                "pool {}: in-flight counts in the {} state store (replica {})",
+                counts.pool(),
+                counts.store().kind(),
+                counts.store().replica_id()
+            );
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(heartbeat(counts.clone(), stopped));
+            self.heartbeats.push(Heartbeat { counts, stop, task });
+        }
+    }
+
+    /// Forget finished heartbeats, and the gauges of endpoints that left once their replaced
+    /// generation has nothing in flight.
+    fn sweep(&mut self) {
+        self.heartbeats.retain(|h| !h.task.is_finished());
+        let Some(current) = self.current.as_ref().map(|g| g.routes.clone()) else {
+            return;
+        };
+        let present: HashSet<(&str, &str)> = current.endpoint_labels().collect();
+        self.retired.retain(|old| {
+            if !old.idle() {
+                return true;
+            }
+            for (pool, label) in old.endpoint_labels() {
+                if !present.contains(&(pool, label)) {
+                    telemetry::forget_endpoint(pool, label);
+                }
+            }
+            false
+        });
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(g) = self.current.take() {
+            g.stop();
+        }
+        for hb in &self.heartbeats {
+            let _ = hb.stop.send(true);
+        }
+        for hb in self.heartbeats {
+            if let Err(e) = hb.task.await {
+                log::error!("state store heartbeat loop failed: {e}");
+            }
+        }
+    }
+}
