@@ -96,7 +96,7 @@ impl Pool {
             None => None,
         };
         let labels: Vec<String> = endpoints.iter().map(|e| e.label.clone()).collect();
-        telemetry::touch_pool(&config.name, &labels, counts.is_some());
+        telemetry::touch_pool(&config.name, &labels, policy.as_ref(), counts.is_some());
         if let Some(c) = &counts {
             c.set_endpoints(labels);
         }

@@ -74,7 +74,8 @@ impl LlmRequest {
         }
     }
 
-    /// Why this request must be routed by the fallback rather than the pool's policy, if it must.
+    /// Why the request is routed by the pool's fallback instead of its policy (one of
+    /// [`FALLBACK_REASONS`]), if it is.
     pub fn fallback_reason(&self) -> Option<&'static str> {
         match self.body {
             BodyKind::Empty => Some("no_body"),
@@ -84,6 +85,9 @@ impl LlmRequest {
         }
     }
 }
+
+/// Why a request is routed by its pool's fallback (`llmlb_fallback_total` reasons).
+pub const FALLBACK_REASONS: [&str; 3] = ["no_body", "not_json", "no_prompt"];
 
 #[cfg(test)]
 mod tests {

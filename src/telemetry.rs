@@ -5,6 +5,8 @@
 
 use std::sync::LazyLock;
 
+use crate::policy::Policy;
+
 use pingora_prometheus::prometheus::{
     register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge,
     register_int_gauge_vec, GaugeVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
@@ -269,7 +271,21 @@ pub fn touch() {
 }
 
 /// Give a pool's series their zero values, so they are exported before its first request.
-pub fn touch_pool(pool: &str, endpoints: &[String], shared_counts: bool) {
+pub fn touch_pool(pool: &str, endpoints: &[String], policy: &dyn Policy, shared_counts: bool) {
+    if let Some(m) = PICKS.as_ref() {
+        for reason in policy.reasons().iter().chain(&["fallback"]) {
+            m.with_label_values(&[pool, policy.name(), reason])
+                .inc_by(0);
+        }
+    }
+    if let Some(m) = FALLBACKS.as_ref() {
+        let store = ["store_timeout", "store_error", "store_breaker_open"];
+        let store = if shared_counts { &store[..] } else { &[] };
+        let reasons = crate::request::FALLBACK_REASONS.iter().chain(store);
+        for reason in reasons.chain(&["no_healthy_endpoint"]) {
+            m.with_label_values(&[pool, reason]).inc_by(0);
+        }
+    }
     if let Some(m) = RETRIES.as_ref() {
         m.with_label_values(&[pool]).inc_by(0);
     }

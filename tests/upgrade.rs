@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -18,44 +16,8 @@ async fn upgrade_under_load_loses_nothing() {
         "pools:\n{}",
         pool_yaml("main", "[\"*\"]", &addrs, "prefix_cache", "")
     ));
-    let stop = Arc::new(AtomicBool::new(false));
     let url = old.url("/v1/chat/completions");
-    let workers: Vec<_> = (0..4)
-        .map(|w| {
-            let (stop, url) = (stop.clone(), url.clone());
-            tokio::spawn(async move {
-                // Keep-alive connections, as real clients use them.
-                let client = reqwest::Client::builder()
-                    .timeout(Duration::from_secs(30))
-                    .build()
-                    .expect("client");
-                let (mut ok, mut failed) = (0usize, Vec::new());
-                let mut i = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    let body = chat_body_with(&format!("worker-{w}"), 200 + i % 300, false, false);
-                    match client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
-                        .await
-                    {
-                        Ok(r) => {
-                            let status = r.status().as_u16();
-                            match r.bytes().await {
-                                Ok(_) if status == 200 => ok += 1,
-                                Ok(_) => failed.push(format!("status {status}")),
-                                Err(e) => failed.push(format!("body: {e:?}")),
-                            }
-                        }
-                        Err(e) => failed.push(format!("{e:?}")),
-                    }
-                }
-                (ok, failed)
-            })
-        })
-        .collect();
+    let load = Load::start(&url, 4);
 
     tokio::time::sleep(Duration::from_millis(800)).await;
     // Two streams in flight on the old process across the handover.
@@ -92,13 +54,9 @@ async fn upgrade_under_load_loses_nothing() {
     }
     let handed_over = quit_at.elapsed();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Ordering::SeqCst);
-    let (mut ok, mut failed) = (0, Vec::new());
-    for w in workers {
-        let (o, f) = w.await.expect("worker");
-        ok += o;
-        failed.extend(f);
-    }
+    let sent = load.finish().await;
+    let failed = failures(&sent);
+    let ok = sent.len() - failed.len();
     let (served_old, served_new) = (old.access_lines().len(), new.access_lines().len());
     eprintln!(
         "upgrade: {ok} ok, {} failed; old served {served_old}, new served {served_new}; old exited {handed_over:?} after SIGQUIT",

@@ -57,6 +57,10 @@ impl Policy for GlobalLeastRequest {
         "global_least_request"
     }
 
+    fn reasons(&self) -> &'static [&'static str] {
+        &["least_request", "local_least_request"]
+    }
+
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
         let labels = input.candidate_labels()?;
         match self.counts.acquire(&labels, self.max).await {

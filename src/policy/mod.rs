@@ -104,6 +104,9 @@ pub trait Policy: Send + Sync {
     /// The `lb_policy` name.
     fn name(&self) -> &'static str;
 
+    /// Every pick reason the policy reports (label values of `llmlb_picks_total`).
+    fn reasons(&self) -> &'static [&'static str];
+
     /// Choose one of `input.candidates`.
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError>;
 

@@ -55,6 +55,15 @@ impl Policy for PrefixCache {
         "prefix_cache"
     }
 
+    fn reasons(&self) -> &'static [&'static str] {
+        &[
+            "prefix_hit",
+            "prefix_diverted",
+            "prefix_miss",
+            "local_least_request",
+        ]
+    }
+
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
         let labels = input.candidate_labels()?;
         let blocks = &input.request.blocks;

@@ -21,6 +21,10 @@ impl Policy for Random {
         "random"
     }
 
+    fn reasons(&self) -> &'static [&'static str] {
+        &["random"]
+    }
+
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
         let weight = |id: &crate::pool::EndpointId| {
             input

@@ -60,6 +60,10 @@ impl Policy for RoundRobin {
         "round_robin"
     }
 
+    fn reasons(&self) -> &'static [&'static str] {
+        &["round_robin"]
+    }
+
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
         Ok(Pick {
             endpoint: self.pick_sync(input.candidates)?,

@@ -74,6 +74,11 @@ impl Drop for Backend {
 
 impl Backend {
     pub async fn start() -> Backend {
+        Self::start_at("127.0.0.1:0").await
+    }
+
+    /// A backend listening on `addr` (e.g. `127.0.0.12:0`, or a fixed port on another 127.x).
+    pub async fn start_at(addr: &str) -> Backend {
         let state = Arc::new(BackendState {
             seen: Mutex::default(),
             unhealthy: AtomicBool::new(false),
@@ -88,9 +93,7 @@ impl Backend {
             .fallback(handle)
             .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -357,9 +360,42 @@ impl Proxy {
         let conf = write_pingora_conf_with_grace(dir.path(), grace_s);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
-        let p = Self::spawn(dir, &conf, &policy, addr, admin, &[]);
+        let p = Self::spawn(dir, &conf, &policy, addr, admin, &[], None);
         p.wait_listening();
         p
+    }
+
+    /// [`Proxy::start`] in a private mount namespace whose `/etc/hosts` is `hosts` (bind-mounted,
+    /// so rewriting the file in place changes what names resolve to for this process only).
+    pub fn start_with_hosts(rest_yaml: &str, hosts: &std::path::Path) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (port, admin_port) = (free_port(), free_port());
+        let policy = dir.path().join("policy.yaml");
+        std::fs::write(
+            &policy,
+            format!("listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin_port}\n{rest_yaml}"),
+        )
+        .expect("write policy");
+        let conf = write_pingora_conf(dir.path());
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+        let p = Self::spawn(dir, &conf, &policy, addr, admin, &[], Some(hosts));
+        p.wait_listening();
+        p
+    }
+
+    /// The policy file this process was started with (rewrite it, then reload).
+    pub fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("policy.yaml")
+    }
+
+    /// Replace the policy file, keeping this process's listen and admin addresses.
+    pub fn write_policy(&self, rest_yaml: &str) {
+        std::fs::write(
+            self.policy_path(),
+            format!("listen: {}\nadmin: {}\n{rest_yaml}", self.addr, self.admin),
+        )
+        .expect("write policy");
     }
 
     /// Start the binary with `extra` arguments; logs go to `dir`.
@@ -370,10 +406,27 @@ impl Proxy {
         addr: SocketAddr,
         admin: SocketAddr,
         extra: &[&str],
+        hosts: Option<&std::path::Path>,
     ) -> Proxy {
         let log = dir.path().join("llm-lb.log");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(binary())
+        let mut command = match hosts {
+            None => Command::new(binary()),
+            Some(hosts) => {
+                // `unshare` and `sh` exec in place: the child's pid is llm-lb's.
+                let mut c = Command::new("unshare");
+                c.args([
+                    "--mount",
+                    "sh",
+                    "-c",
+                    "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+                ])
+                .arg(hosts)
+                .arg(binary());
+                c
+            }
+        };
+        let child = command
             .args([
                 "-c",
                 conf.to_str().expect("utf8"),
@@ -406,6 +459,7 @@ impl Proxy {
             self.addr,
             self.admin,
             &["-u"],
+            None,
         )
     }
 
@@ -470,6 +524,23 @@ impl Proxy {
             .text()
             .await
             .expect("metrics text")
+    }
+
+    /// Poll `/metrics` until the sample `name{labels}` equals `want` (panics after 20 s).
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.metric(name, labels).await;
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} is {got:?}, not {want}; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The value of one sample line of `/metrics` whose text starts with `prefix`.
@@ -608,4 +679,106 @@ pub async fn sim_fleet(n: usize, base: vllm_sim::SimConfig) -> Vec<vllm_sim::Sim
         );
     }
     sims
+}
+
+/// One request sent by [`Load`]: when it was sent and how it ended.
+#[derive(Debug)]
+pub struct Sent {
+    pub at: Instant,
+    /// When the answer (or the error) was complete.
+    pub done: Instant,
+    /// Status and the `x-llm-lb-endpoint` / `x-llm-lb-policy` headers, or the client error.
+    pub result: Result<(u16, String, String), String>,
+}
+
+impl Sent {
+    /// The endpoint that answered with 200, if it did.
+    pub fn ok_endpoint(&self) -> Option<&str> {
+        match &self.result {
+            Ok((200, endpoint, _)) => Some(endpoint),
+            _ => None,
+        }
+    }
+}
+
+/// Continuous load: `workers` keep-alive clients sending chat requests to `url` back to back
+/// until [`Load::finish`].
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<Vec<Sent>>>,
+}
+
+impl Load {
+    pub fn start(url: &str, workers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = (0..workers)
+            .map(|w| {
+                let (stop, url) = (stop.clone(), url.to_owned());
+                tokio::spawn(async move {
+                    let client = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(30))
+                        .build()
+                        .expect("client");
+                    let mut sent = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        i += 1;
+                        let body =
+                            chat_body_with(&format!("worker-{w}"), 200 + i % 300, false, false);
+                        let at = Instant::now();
+                        let result = match client
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .body(body)
+                            .send()
+                            .await
+                        {
+                            Ok(r) => {
+                                let header = |n: &str| {
+                                    r.headers()
+                                        .get(n)
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or("-")
+                                        .to_owned()
+                                };
+                                let (endpoint, policy) =
+                                    (header("x-llm-lb-endpoint"), header("x-llm-lb-policy"));
+                                let status = r.status().as_u16();
+                                match r.bytes().await {
+                                    Ok(_) => Ok((status, endpoint, policy)),
+                                    Err(e) => Err(format!("body: {e:?}")),
+                                }
+                            }
+                            Err(e) => Err(format!("{e:?}")),
+                        };
+                        sent.push(Sent {
+                            at,
+                            done: Instant::now(),
+                            result,
+                        });
+                    }
+                    sent
+                })
+            })
+            .collect();
+        Load { stop, workers }
+    }
+
+    /// Stop the clients and return every request they sent.
+    pub async fn finish(self) -> Vec<Sent> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut all = Vec::new();
+        for w in self.workers {
+            all.extend(w.await.expect("load worker"));
+        }
+        all
+    }
+}
+
+/// The requests that did not end with a 200, as text.
+pub fn failures(sent: &[Sent]) -> Vec<String> {
+    sent.iter()
+        .filter(|s| s.ok_endpoint().is_none())
+        .map(|s| format!("{:?}", s.result))
+        .collect()
 }

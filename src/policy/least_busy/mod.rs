@@ -253,6 +253,10 @@ impl Policy for LeastBusy {
         "least_busy"
     }
 
+    fn reasons(&self) -> &'static [&'static str] {
+        &[REASON, REASON_AFFINITY, REASON_UNKNOWN]
+    }
+
     fn metrics_board(&self) -> Option<Arc<MetricsBoard>> {
         Some(self.board.clone())
     }
