@@ -306,6 +306,8 @@ pub fn touch_pool(pool: &str, endpoints: &[String], policy: &dyn Policy, shared_
     }
     for e in endpoints {
         add_inflight(pool, e, 0);
+        // A new health view starts healthy; its checks report every change.
+        set_endpoint_health(pool, e, true);
         if let Some(m) = REQUESTS.as_ref() {
             m.with_label_values(&[pool, e, "2xx"]).inc_by(0);
         }
