@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod health;
+pub mod outlier;
 pub mod policy;
 pub mod pool;
 pub mod prefix;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::outlier::Observed;
 use crate::policy::{Lease, Outcome};
 use crate::pool::{EndpointId, InflightGuard, Pool};
 use crate::request::LlmRequest;
@@ -65,7 +66,9 @@ pub struct SubrequestInput {
 pub struct Attempt {
     pub endpoint: EndpointId,
     lease: Option<Box<dyn Lease>>,
-    _inflight: InflightGuard,
+    inflight: InflightGuard,
+    /// What the attempt saw of its upstream, for passive health.
+    pub observed: Observed,
 }
 
 impl Attempt {
@@ -77,12 +80,14 @@ impl Attempt {
         Attempt {
             endpoint,
             lease,
-            _inflight: inflight,
+            inflight,
+            observed: Observed::default(),
         }
     }
 
-    /// Release with a verdict.
+    /// Release with a verdict, and tell the pool's outlier detector how the endpoint did.
     pub fn finish(mut self, outcome: Outcome) {
+        self.inflight.report(self.observed.verdict(outcome));
         if let Some(lease) = self.lease.take() {
             lease.release(outcome);
         }
