@@ -376,8 +376,10 @@ fn backend_body(model: &'static str) -> BodyFn {
 }
 
 /// Redis is killed and restarted (empty) while `global_least_request` and `prefix_cache` pools
-/// serve load through it: no request fails (the store is skipped while it is down), and once it
-/// is back the replica counts in it again and its counts return to exactly zero.
+/// serve load through it, with three long requests held open across the outage: no request
+/// fails (the store is skipped while it is down); once Redis is back the replica counts in it
+/// again, its heartbeat restores the held requests' counts into the empty Redis (the store then
+/// agrees with what the backends really serve), and everything returns to exactly zero.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted() {
     let mut redis = RedisServer::start().expect("redis-server");
@@ -398,6 +400,12 @@ async fn redis_killed_and_restarted() {
     );
     let proxy = Proxy::start(&conf(5000, &pools));
     let rss_before = rss_kib(proxy.pid());
+    let client = client();
+    let mut held_open = Vec::new();
+    for _ in 0..3 {
+        held_open.push(held(&client, &proxy, "m-glr").await);
+    }
+    assert_eq!(store_counts(&redis.url(), "glr", &all).0, vec![1, 1, 1]);
     let url = proxy.url("/v1/chat/completions");
     let mut load = Load::start(url.clone(), 2, 100_000, 0, backend_body("m-glr"));
     load.add(url, 2, 100_000, 1, backend_body("m-pfx"));
@@ -489,9 +497,9 @@ async fn redis_killed_and_restarted() {
     );
 }
 
-/// Held stream through `proxy` (first event received).
-async fn held(client: &reqwest::Client, proxy: &Proxy) -> reqwest::Response {
-    let body = json!({"model": "m", "stream": true, "hold": true,
+/// Held stream of `model` through `proxy` (first event received).
+async fn held(client: &reqwest::Client, proxy: &Proxy, model: &str) -> reqwest::Response {
+    let body = json!({"model": model, "stream": true, "hold": true,
         "messages": [{"role": "user", "content": "hold me"}]});
     let mut r = client
         .post(proxy.url("/v1/chat/completions"))
@@ -529,7 +537,7 @@ async fn gateway_replica_sigkilled_under_load() {
     let client = client();
     let mut on_b = Vec::new();
     for _ in 0..3 {
-        on_b.push(held(&client, &b).await);
+        on_b.push(held(&client, &b, "m").await);
     }
     let (totals, _) = store_counts(&redis.url(), "main", &all);
     assert_eq!(totals, vec![1, 1, 1]);
@@ -604,7 +612,7 @@ async fn gateway_replica_sigkilled_under_load() {
     // The survivor balances on the real load again.
     let mut on_a = Vec::new();
     for _ in 0..3 {
-        on_a.push(held(&client, &a).await);
+        on_a.push(held(&client, &a, "m").await);
     }
     assert_eq!(store_counts(&url, "main", &all).0, vec![1, 1, 1]);
     for backend in &backends {
@@ -744,7 +752,7 @@ async fn soak() {
     let mut rss_warm = 0;
     let mut round = 0usize;
     while started.elapsed() < Duration::from_secs(secs) {
-        let victim = round % all.len();
+        let victim = (round + round / 4) % all.len();
         let load = Load::start(
             proxy.url("/v1/chat/completions"),
             8,
