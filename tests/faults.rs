@@ -38,14 +38,25 @@ async fn fleet(n: usize) -> Vec<SimHandle> {
 
 /// A chat request for a simulator: `tokens` output tokens, streamed every other request.
 fn sim_body(tokens: u32) -> BodyFn {
+    sim_body_sized(tokens, false)
+}
+
+/// [`sim_body`]; with `big`, every third body is over 64 KiB (the subrequest path).
+fn sim_body_sized(tokens: u32, big: bool) -> BodyFn {
+    let document = "lighthouse keeper log entry. ".repeat(2600);
     Arc::new(move |i| {
         let stream = i % 2 == 0;
+        let content = if big && i % 3 == 0 {
+            format!("{document}\nrequest {i}: summarise the log")
+        } else {
+            format!("request {i}: tell me about lighthouses")
+        };
         let body = json!({
             "model": MODEL,
             "stream": stream,
             "max_tokens": tokens,
             "ignore_eos": true,
-            "messages": [{"role": "user", "content": format!("request {i}: tell me about lighthouses")}],
+            "messages": [{"role": "user", "content": content}],
         });
         (serde_json::to_vec(&body).expect("json"), stream)
     })
@@ -69,7 +80,8 @@ async fn metric(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// A backend is killed mid-run (every connection closed, the port refuses): requests in flight
 /// to it may fail, requests sent after it died must not — they are retried on another endpoint
-/// until passive health ejects it (before the active health check notices).
+/// until passive health ejects it (before the active health check notices). A third of the
+/// bodies are over 64 KiB, so retries through fresh subrequests are exercised too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_killed_mid_run() {
     let mut sims = fleet(3).await;
@@ -80,7 +92,13 @@ async fn backend_killed_mid_run() {
         &pool_yaml("sim", "[\"*\"]", &all, "round_robin", ""),
     ));
     let rss_before = rss_kib(proxy.pid());
-    let load = Load::start(proxy.url("/v1/chat/completions"), 6, 400, 0, sim_body(8));
+    let load = Load::start(
+        proxy.url("/v1/chat/completions"),
+        6,
+        400,
+        0,
+        sim_body_sized(8, true),
+    );
     load.wait_sent(30, Duration::from_secs(30)).await;
 
     let dead = sims.remove(2);
@@ -238,6 +256,122 @@ async fn hanging_backend_is_ejected() {
             "after the ejection: {}",
             Tally::of(later.iter().copied()).text()
         ),
+    );
+}
+
+/// 4xx answers are the client's fault: a server answering every request with 400 (or 429) is
+/// never ejected, however many come in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_never_eject() {
+    let sims = fleet(3).await;
+    let all = addrs(&sims);
+    let proxy = Proxy::start(&conf(
+        5000,
+        &pool_yaml(
+            "sim",
+            "[\"*\"]",
+            &all,
+            "round_robin",
+            "    outlier_detection: {consecutive_failures: 2}\n",
+        ),
+    ));
+    let client = client();
+    let url = proxy.url("/v1/chat/completions");
+    let body = sim_body(2);
+    let mut samples = Vec::new();
+    for status in [400, 429] {
+        sims[2].faults().set_fail(1.0, status).expect("faults");
+        for i in 0..12 {
+            let (b, stream) = body(i);
+            samples.push(send(&client, &url, b, stream, 0).await);
+        }
+    }
+    let tally = Tally::of(&samples);
+    assert_eq!(tally.failed, 8, "{}", tally.text());
+    assert_eq!(
+        tally.why.keys().collect::<Vec<_>>(),
+        vec!["status 400", "status 429"]
+    );
+    let text = proxy.metrics().await;
+    assert_eq!(metric_sum(&text, "llmlb_outlier_ejections_total"), 0.0);
+    drop(client);
+    let settled = assert_settled(&proxy, &all).await;
+    report(
+        "client_errors_never_eject",
+        &tally,
+        settled.rss_kib,
+        &settled,
+        "no ejection",
+    );
+}
+
+/// An ejected endpoint is admitted again when its period ends — without any request having to
+/// notice (the gauge and the log line follow the clock) — and serves its share again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejected_endpoint_returns_after_its_period() {
+    let sims = fleet(3).await;
+    let all = addrs(&sims);
+    let victim = all[2].to_string();
+    let proxy = Proxy::start(&conf(
+        5000,
+        &pool_yaml(
+            "sim",
+            "[\"*\"]",
+            &all,
+            "round_robin",
+            "    outlier_detection: {consecutive_failures: 2, base_ejection_ms: 800}\n",
+        ),
+    ));
+    let client = client();
+    let url = proxy.url("/v1/chat/completions");
+    let body = sim_body(2);
+    sims[2].faults().set_fail(1.0, 503).expect("faults");
+    let mut samples = Vec::new();
+    for i in 0..30 {
+        let (b, stream) = body(i);
+        samples.push(send(&client, &url, b, stream, 0).await);
+        if proxy
+            .metric("llmlb_endpoint_ejected", &[("endpoint", &victim)])
+            .await
+            == Some(1.0)
+        {
+            break;
+        }
+    }
+    let tally = Tally::of(&samples);
+    assert_eq!(tally.failed, 2, "{}", tally.text());
+    sims[2].faults().clear();
+    eventually("back from ejection", Duration::from_secs(10), async || {
+        let gauge = proxy
+            .metric("llmlb_endpoint_ejected", &[("endpoint", &victim)])
+            .await;
+        if gauge == Some(0.0) && proxy.log_text().contains("is back from ejection") {
+            Ok(())
+        } else {
+            Err(format!("gauge {gauge:?}"))
+        }
+    })
+    .await;
+    let mut after = Vec::new();
+    for i in 0..9 {
+        let (b, stream) = body(100 + i);
+        after.push(send(&client, &url, b, stream, 0).await);
+    }
+    let back = Tally::of(&after);
+    assert_eq!(back.failed, 0, "{}", back.text());
+    let on_victim = after
+        .iter()
+        .filter(|s| s.endpoint.as_deref() == Some(victim.as_str()))
+        .count();
+    assert_eq!(on_victim, 3, "round robin gives it its share again");
+    drop(client);
+    let settled = assert_settled(&proxy, &all).await;
+    report(
+        "ejected_endpoint_returns_after_its_period",
+        &tally,
+        settled.rss_kib,
+        &settled,
+        &format!("after its return: {}, {on_victim} on it", back.text()),
     );
 }
 
