@@ -11,6 +11,7 @@ pub mod config;
 pub mod drain;
 pub mod generation;
 pub mod health;
+pub mod outlier;
 pub mod policy;
 pub mod pool;
 pub mod prefix;

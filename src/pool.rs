@@ -9,6 +9,7 @@ use pingora::lb::Backend;
 
 use crate::config::{EndpointConfig, PoolConfig};
 use crate::health::{self, HealthView};
+use crate::outlier::{Outliers, Verdict};
 use crate::policy::{self, Policy, RoundRobin};
 use crate::store::PoolCounts;
 use crate::telemetry;
@@ -71,6 +72,8 @@ pub struct Pool {
     /// Routes requests the policy cannot judge (no body, not JSON, no prompt).
     pub fallback: RoundRobin,
     health: Option<HealthView>,
+    /// Passive health: endpoints ejected for failing requests.
+    outliers: Arc<Outliers>,
 }
 
 impl Pool {
@@ -98,9 +101,11 @@ impl Pool {
         let labels: Vec<String> = endpoints.iter().map(|e| e.label.clone()).collect();
         telemetry::touch_pool(&config.name, &labels, policy.as_ref(), counts.is_some());
         if let Some(c) = &counts {
-            c.set_endpoints(labels);
+            c.set_endpoints(labels.clone());
         }
+        let outliers = Outliers::new(&config.name, labels, config.outlier);
         Ok(Arc::new(Pool {
+            outliers,
             policy,
             counts,
             fallback: RoundRobin::new(&weights),
@@ -108,6 +113,13 @@ impl Pool {
             health,
             config,
         }))
+    }
+
+    /// The first pool of `config` over its IP endpoints (tests).
+    #[cfg(test)]
+    pub(crate) fn first_of(config: &crate::config::Config) -> Arc<Pool> {
+        let endpoints = crate::resolve::expand(config, &Default::default());
+        Pool::new(config.pools[0].clone(), &endpoints[0], None).expect("pool")
     }
 
     /// The health-check view, which a background task must keep current (`None`: no checks).
@@ -132,13 +144,36 @@ impl Pool {
         }
     }
 
-    /// Endpoints a request may try next: healthy ones not yet tried. When none is healthy, every
-    /// untried endpoint (health checks may lag; trying beats refusing) — `panic` is then true.
+    /// Whether the endpoint is ejected for failing requests (see [`crate::outlier`]).
+    pub fn is_ejected(&self, id: EndpointId) -> bool {
+        self.outliers.is_ejected(id.index())
+    }
+
+    /// Record how an attempt on `id` ended (passive health).
+    pub fn report(&self, id: EndpointId, verdict: Verdict) {
+        self.outliers.report(id.index(), verdict);
+    }
+
+    /// Endpoints a request may try next: healthy, not ejected and not yet tried. When ejection
+    /// leaves none, the healthy untried ones (ejection never empties a pool). When none is
+    /// healthy, every untried endpoint (health checks may lag; trying beats refusing) — `panic`
+    /// is then true.
     pub fn candidates(&self, tried: &[EndpointId]) -> Candidates {
         let untried = (0..self.endpoints.len())
             .map(EndpointId::new)
             .filter(|id| !tried.contains(id));
         let healthy: Vec<EndpointId> = untried.clone().filter(|id| self.is_healthy(*id)).collect();
+        let admitted: Vec<EndpointId> = healthy
+            .iter()
+            .copied()
+            .filter(|id| !self.is_ejected(*id))
+            .collect();
+        if !admitted.is_empty() {
+            return Candidates {
+                ids: admitted,
+                panic: false,
+            };
+        }
         if healthy.is_empty() {
             Candidates {
                 ids: untried.collect(),
@@ -178,11 +213,44 @@ pub struct InflightGuard {
     id: EndpointId,
 }
 
+impl InflightGuard {
+    /// Report the attempt's verdict to the endpoint's pool (passive health).
+    pub fn report(&self, verdict: Verdict) {
+        self.pool.report(self.id, verdict);
+    }
+}
+
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         if let Some(e) = self.pool.endpoint(self.id) {
             e.inflight.fetch_sub(1, Ordering::Relaxed);
             telemetry::add_inflight(self.pool.name(), &e.label, -1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::outlier::Failure;
+
+    #[test]
+    fn ejected_endpoints_are_candidates_only_as_a_last_resort() {
+        let c = Config::from_yaml(
+            "pools:\n  - name: p\n    models: ['*']\n    endpoints: ['127.0.0.1:1', '127.0.0.1:2', '127.0.0.1:3']\n    health_check: {enabled: false}\n    outlier_detection: {consecutive_failures: 2}\n    lb_policy: round_robin\n",
+        )
+        .expect("config");
+        let pool = Pool::first_of(&c);
+        let id = EndpointId::new;
+        for _ in 0..2 {
+            pool.report(id(2), Verdict::Failure(Failure::Status(503)));
+        }
+        assert!(pool.is_ejected(id(2)));
+        assert_eq!(pool.candidates(&[]).ids, vec![id(0), id(1)]);
+        assert_eq!(pool.candidates(&[id(0)]).ids, vec![id(1)]);
+        let last = pool.candidates(&[id(0), id(1)]);
+        assert_eq!(last.ids, vec![id(2)], "ejection never empties a pool");
+        assert!(!last.panic);
     }
 }

@@ -67,6 +67,24 @@ static HEALTH: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
     .ok()
 });
 
+static EJECTIONS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_outlier_ejections_total",
+        "Endpoints ejected by passive health checking, by the last failure's kind (connect, timeout, reset, 5xx)",
+        &["pool", "endpoint", "reason"]
+    )
+    .ok()
+});
+
+static EJECTED: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_endpoint_ejected",
+        "1 while the endpoint is ejected for failing requests",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
 static INFLIGHT: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "llmlb_endpoint_inflight",
@@ -245,6 +263,8 @@ pub fn touch() {
     LazyLock::force(&RETRIES);
     LazyLock::force(&HEALTH);
     LazyLock::force(&INFLIGHT);
+    LazyLock::force(&EJECTIONS);
+    LazyLock::force(&EJECTED);
     LazyLock::force(&STORE_CALLS);
     LazyLock::force(&STORE_SECONDS);
     LazyLock::force(&STORE_BREAKER);
@@ -326,6 +346,7 @@ pub fn forget_endpoint(pool: &str, endpoint: &str) {
     for m in [
         &HEALTH,
         &INFLIGHT,
+        &EJECTED,
         &INFLIGHT_GLOBAL,
         &METRICS_KNOWN,
         &ENGINE_WAITING,
@@ -479,6 +500,19 @@ pub fn set_endpoint_health(pool: &str, endpoint: &str, healthy: bool) {
     if let Some(m) = HEALTH.as_ref() {
         m.with_label_values(&[pool, endpoint])
             .set(i64::from(healthy));
+    }
+}
+
+pub fn count_ejection(pool: &str, endpoint: &str, reason: &str) {
+    if let Some(m) = EJECTIONS.as_ref() {
+        m.with_label_values(&[pool, endpoint, reason]).inc();
+    }
+}
+
+pub fn set_endpoint_ejected(pool: &str, endpoint: &str, ejected: bool) {
+    if let Some(m) = EJECTED.as_ref() {
+        m.with_label_values(&[pool, endpoint])
+            .set(i64::from(ejected));
     }
 }
 

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -48,7 +47,7 @@ async fn a_host_name_endpoint_follows_its_address_set() {
         Backend::start_at(&format!("127.0.0.12:{port}")).await,
         Backend::start_at(&format!("127.0.0.13:{port}")).await,
     ];
-    let at = |i: usize| -> String { SocketAddr::from(b[i].addr).to_string() };
+    let at = |i: usize| -> String { b[i].addr.to_string() };
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("hosts");
     hosts(&file, &["127.0.0.11", "127.0.0.12"]);

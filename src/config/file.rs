@@ -58,6 +58,7 @@ pub struct PoolFile {
     pub endpoints: Vec<EndpointFile>,
     pub health_check: Option<HealthCheckFile>,
     pub metrics: Option<MetricsFile>,
+    pub outlier_detection: Option<OutlierFile>,
     pub lb_policy: String,
     pub lb_config: Option<LbConfigFile>,
 }
@@ -87,6 +88,17 @@ pub struct HealthCheckFile {
     pub timeout_ms: Option<u64>,
     pub healthy_threshold: Option<usize>,
     pub unhealthy_threshold: Option<usize>,
+}
+
+/// Passive health: ejection of endpoints that fail requests (see [`crate::outlier`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierFile {
+    pub enabled: Option<bool>,
+    pub consecutive_failures: Option<u32>,
+    pub base_ejection_ms: Option<u64>,
+    pub max_ejection_ms: Option<u64>,
+    pub max_ejected_percent: Option<u8>,
 }
 
 /// Engine-metrics scraping (used by `least_busy`).

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use file::{EndpointFile, LbConfigFile, OneOrMany, PolicyFile, PoolFile};
 
+use crate::outlier::OutlierConfig;
 use crate::policy::LeastBusyConfig;
 use crate::store::{LoadGuard, PrefixSettings, RedisConfig, StoreConfigError};
 
@@ -103,6 +104,8 @@ pub struct PoolConfig {
     pub prefix: Option<PrefixSettings>,
     /// `least_busy`'s thresholds and critical models (`None` for other policies).
     pub least_busy: Option<LeastBusyConfig>,
+    /// Passive health (`outlier_detection`); `None` when disabled.
+    pub outlier: Option<OutlierConfig>,
 }
 
 /// The state store a pool's policy uses.
@@ -535,6 +538,13 @@ impl Validator {
                 }
             }
         }
+        let outlier =
+            OutlierConfig::from_file(p.outlier_detection.as_ref()).unwrap_or_else(|bad| {
+                for i in bad {
+                    self.issue(&format!("{path}.outlier_detection.{}", i.key), &i.reason);
+                }
+                None
+            });
         if self.issues.len() > before {
             return None;
         }
@@ -550,6 +560,7 @@ impl Validator {
             store,
             prefix,
             least_busy,
+            outlier,
         })
     }
 
@@ -709,6 +720,32 @@ mod tests {
         let t = err_text(&format!("{MIN}    health_check: {{pathh: /x}}\n"));
         assert!(
             t.contains("pools[0].health_check") && t.contains("pathh"),
+            "{t}"
+        );
+        let t = err_text(&format!("{MIN}    outlier_detection: {{consecutive: 3}}\n"));
+        assert!(
+            t.contains("pools[0].outlier_detection") && t.contains("consecutive"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn outlier_detection_is_on_by_default_and_validated() {
+        let c = Config::from_yaml(MIN).expect("valid");
+        assert_eq!(
+            c.pools[0].outlier,
+            Some(crate::outlier::OutlierConfig::default())
+        );
+        let off = format!("{MIN}    outlier_detection: {{enabled: false}}\n");
+        assert_eq!(
+            Config::from_yaml(&off).expect("valid").pools[0].outlier,
+            None
+        );
+        let t = err_text(&format!(
+            "{MIN}    outlier_detection: {{consecutive_failures: 0}}\n"
+        ));
+        assert!(
+            t.contains("pools[0].outlier_detection.consecutive_failures"),
             "{t}"
         );
     }

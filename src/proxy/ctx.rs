@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::generation::Routes;
+use crate::outlier::Observed;
 use crate::policy::{Lease, Outcome};
 use crate::pool::{EndpointId, InflightGuard, Pool};
 use crate::request::LlmRequest;
@@ -68,7 +69,9 @@ pub struct SubrequestInput {
 pub struct Attempt {
     pub endpoint: EndpointId,
     lease: Option<Box<dyn Lease>>,
-    _inflight: InflightGuard,
+    inflight: InflightGuard,
+    /// What the attempt saw of its upstream, for passive health.
+    pub observed: Observed,
 }
 
 impl Attempt {
@@ -80,12 +83,14 @@ impl Attempt {
         Attempt {
             endpoint,
             lease,
-            _inflight: inflight,
+            inflight,
+            observed: Observed::default(),
         }
     }
 
-    /// Release with a verdict.
+    /// Release with a verdict, and tell the pool's outlier detector how the endpoint did.
     pub fn finish(mut self, outcome: Outcome) {
+        self.inflight.report(self.observed.verdict(outcome));
         if let Some(lease) = self.lease.take() {
             lease.release(outcome);
         }
@@ -148,8 +153,7 @@ mod tests {
             "pools:\n  - name: p\n    models: ['*']\n    endpoints: ['127.0.0.1:1']\n    health_check: {enabled: false}\n    lb_policy: round_robin\n",
         )
         .expect("config");
-        let endpoints = crate::resolve::expand(&c, &Default::default());
-        Pool::new(c.pools[0].clone(), &endpoints[0], None).expect("pool")
+        Pool::first_of(&c)
     }
 
     #[test]

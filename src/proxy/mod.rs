@@ -314,6 +314,9 @@ impl ProxyHttp for LbProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         log::debug!("connect to {peer} failed: {e}");
+        if let Some(attempt) = ctx.attempt.as_mut() {
+            attempt.observed.error(&e);
+        }
         if self.may_retry(ctx) {
             e.set_retry(true);
         }
@@ -331,6 +334,13 @@ impl ProxyHttp for LbProxy {
         let mut e = e.more_context(format!("Peer: {peer}"));
         // Retryable only when a reused (stale keep-alive) connection failed before any answer.
         e.retry.decide_reuse(client_reused);
+        if let Some(attempt) = ctx.attempt.as_mut() {
+            if client_reused && e.retry() {
+                attempt.observed.stale_connection();
+            } else {
+                attempt.observed.error(&e);
+            }
+        }
         let retry = e.retry() && session.response_written().is_none() && self.may_retry(ctx);
         match ctx.role {
             Role::Sub => {
@@ -355,6 +365,18 @@ impl ProxyHttp for LbProxy {
     ) -> Result<()> {
         // The body was read (and any 100-continue answered) before the upstream was chosen.
         upstream_request.remove_header(&http::header::EXPECT);
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(attempt) = ctx.attempt.as_mut() {
+            attempt.observed.status(upstream_response.status.as_u16());
+        }
         Ok(())
     }
 
@@ -440,7 +462,10 @@ impl ProxyHttp for LbProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if let Some(attempt) = ctx.attempt.take() {
+        if let Some(mut attempt) = ctx.attempt.take() {
+            if let Some(e) = e {
+                attempt.observed.error(e);
+            }
             attempt.finish(outcome_of(e));
         }
         if ctx.role == Role::Sub {

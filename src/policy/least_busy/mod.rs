@@ -478,8 +478,7 @@ mod tests {
                 "pools:\n  - name: p\n    models: ['*']\n    endpoints: ['127.0.0.1:9000', '127.0.0.1:9001', '127.0.0.1:9002']\n    health_check: {enabled: false}\n    lb_policy: round_robin\n",
             )
             .expect("config");
-            let endpoints = crate::resolve::expand(&cfg, &Default::default());
-            crate::pool::Pool::new(cfg.pools[0].clone(), &endpoints[0], None).expect("pool")
+            crate::pool::Pool::first_of(&cfg)
         };
         // Every endpoint unknown: this replica's least request.
         let (id, reason) = choose(&p, &pool.endpoints, "m", &ids(3), 0).expect("pick");
