@@ -126,6 +126,13 @@ pub struct LbConfigFile {
     /// …or more than this fraction of the least loaded endpoint's count above it, whichever is
     /// larger (default 0.5).
     pub loadGuardRelative: Option<f64>,
+    /// llm-lb's additions: TLS to Redis. `tls: true` with a host-name `serviceFQDN` (a `rediss://`
+    /// URL implies it); the server is verified against `tlsCaFile` (PEM) or the system's trust
+    /// store; `tlsCertFile` + `tlsKeyFile` (PEM) present a client certificate.
+    pub tls: Option<bool>,
+    pub tlsCaFile: Option<String>,
+    pub tlsCertFile: Option<String>,
+    pub tlsKeyFile: Option<String>,
     /// Higress's own knobs that have no meaning here (accepted, warned about).
     pub cleanInterval: Option<serde_yaml::Value>,
     pub enableDetailLog: Option<serde_yaml::Value>,

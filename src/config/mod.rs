@@ -559,7 +559,7 @@ impl Validator {
         let redis_only = "ignored: only used with a Redis store (serviceFQDN)";
         let prefix = kind == PolicyKind::PrefixCache;
         let least_busy = kind == PolicyKind::LeastBusy;
-        let set: [(&str, bool, bool, &str); 19] = [
+        let set: [(&str, bool, bool, &str); 23] = [
             ("serviceFQDN", redis, store, ""),
             (
                 "servicePort",
@@ -580,6 +580,25 @@ impl Validator {
             (
                 "replicaTimeout",
                 c.replicaTimeout.is_some(),
+                store && redis,
+                redis_only,
+            ),
+            ("tls", c.tls.is_some(), store && redis, redis_only),
+            (
+                "tlsCaFile",
+                c.tlsCaFile.is_some(),
+                store && redis,
+                redis_only,
+            ),
+            (
+                "tlsCertFile",
+                c.tlsCertFile.is_some(),
+                store && redis,
+                redis_only,
+            ),
+            (
+                "tlsKeyFile",
+                c.tlsKeyFile.is_some(),
                 store && redis,
                 redis_only,
             ),
