@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::Service as _;
@@ -98,11 +97,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         "drain on handover",
         DrainService(draining.clone()),
     ));
-    let proxy_app = LbProxy::new(routes, draining);
-    let mut proxy = ProxyServiceBuilder::new(&server.configuration, proxy_app)
-        .name("llm-lb")
-        .server_options(options)
-        .build();
+    // Protocol detection with a deadline (Pingora's own h2c sniffing waits forever).
+    let mut proxy = crate::proxy::h2c::service(&server.configuration, "llm-lb", options, || {
+        LbProxy::new(routes.clone(), draining.clone())
+    });
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
     }

@@ -30,6 +30,8 @@ pub struct PolicyFile {
     pub listen: Option<OneOrMany<String>>,
     pub admin: Option<String>,
     pub max_body_bytes: Option<u64>,
+    pub body_timeout_ms: Option<u64>,
+    pub max_header_bytes: Option<u64>,
     pub h2c: Option<bool>,
     pub max_attempts: Option<usize>,
     pub expose_endpoint_header: Option<bool>,

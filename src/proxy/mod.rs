@@ -23,6 +23,7 @@
 mod body;
 mod ctx;
 pub mod errors;
+pub mod h2c;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -192,7 +193,7 @@ impl ProxyHttp for LbProxy {
 
         // Record the body in Pingora's retry buffer (≤ 64 KiB) so it is replayed upstream.
         session.as_downstream_mut().enable_retry_buffering();
-        let body = body::read(session, self.routes.config.max_body_bytes).await?;
+        let body = body::read(session, &self.routes.config).await?;
         ctx.request_bytes = body.len();
         let request = LlmRequest::parse(&body);
         let Some(pool) = self
