@@ -82,45 +82,37 @@ where
     Service::new(name.to_string(), sniffer)
 }
 
-impl<SV> ProtocolSniffer<SV>
-where
-    SV: ProxyHttp + Send + Sync + 'static,
-    SV::CTX: Send + Sync,
-{
-    /// Read the first bytes while they may still be the HTTP/2 preface. `None`: the client sent
-    /// nothing usable in time, closed, or the server is shutting down.
-    async fn first_bytes(
-        &self,
-        stream: &mut Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<([u8; 24], usize)> {
-        let mut first = [0u8; 24];
-        let mut n = 0;
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut shutdown = shutdown.clone();
-        while n < first.len() && H2_PREFACE.starts_with(&first[..n]) {
-            let read = tokio::select! {
-                r = tokio::time::timeout_at(deadline, stream.read(&mut first[n..])) => r,
-                _ = shutdown.changed() => return None,
-            };
-            match read {
-                Ok(Ok(0)) => return None,
-                Ok(Ok(k)) => n += k,
-                Ok(Err(e)) => {
-                    log::debug!("reading the first bytes of a connection: {e}");
-                    return None;
-                }
-                Err(_) => {
-                    log::debug!(
-                        "connection sent {n} bytes in {:?}, closing it",
-                        self.timeout
-                    );
-                    return None;
-                }
+/// Read the first bytes of a connection while they may still be the HTTP/2 preface: at most 24,
+/// and only one read when the first byte already differs. `None`: nothing usable within
+/// `timeout` (or a partial preface), the client closed, or the server is shutting down.
+async fn read_preface(
+    stream: &mut Stream,
+    timeout: Duration,
+    shutdown: &ShutdownWatch,
+) -> Option<([u8; 24], usize)> {
+    let mut first = [0u8; 24];
+    let mut n = 0;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut shutdown = shutdown.clone();
+    while n < first.len() && H2_PREFACE.starts_with(&first[..n]) {
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(deadline, stream.read(&mut first[n..])) => r,
+            _ = shutdown.changed() => return None,
+        };
+        match read {
+            Ok(Ok(0)) => return None,
+            Ok(Ok(k)) => n += k,
+            Ok(Err(e)) => {
+                log::debug!("reading the first bytes of a connection: {e}");
+                return None;
+            }
+            Err(_) => {
+                log::debug!("connection sent {n} bytes in {timeout:?}, closing it");
+                return None;
             }
         }
-        Some((first, n))
     }
+    Some((first, n))
 }
 
 #[async_trait]
@@ -141,7 +133,7 @@ where
             // Not a plain socket (cannot put bytes back): Pingora's own detection.
             return h2c.process_new(stream, shutdown).await;
         }
-        let (first, n) = self.first_bytes(&mut stream, shutdown).await?;
+        let (first, n) = read_preface(&mut stream, self.timeout, shutdown).await?;
         let mut tcp: Box<TcpStream> = stream.into_any().downcast().ok()?;
         tcp.rewind(&first[..n]);
         let stream: Stream = tcp;
@@ -157,5 +149,84 @@ where
         if let Some(h2c) = &self.h2c {
             h2c.cleanup().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A server-side stream and the client socket talking to it.
+    async fn pair() -> (Stream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (Box::new(TcpStream::from(server)), client)
+    }
+
+    const T: Duration = Duration::from_millis(300);
+
+    #[tokio::test]
+    async fn http1_is_recognised_from_its_first_byte_and_replayed() {
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let (mut server, mut client) = pair().await;
+        client
+            .write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .await
+            .expect("write");
+        let (first, n) = read_preface(&mut server, Duration::from_secs(30), &shutdown)
+            .await
+            .expect("decided without waiting for 24 bytes");
+        assert!(n >= 1 && first[0] == b'G');
+        let mut tcp: Box<TcpStream> = server.into_any().downcast().expect("tcp");
+        tcp.rewind(&first[..n]);
+        let mut all = vec![0u8; 18];
+        tcp.read_exact(&mut all).await.expect("read");
+        assert_eq!(&all, b"GET / HTTP/1.0\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn the_preface_is_read_whole() {
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let (mut server, mut client) = pair().await;
+        for piece in H2_PREFACE.chunks(5) {
+            client.write_all(piece).await.expect("write");
+            client.flush().await.expect("flush");
+        }
+        let (first, n) = read_preface(&mut server, Duration::from_secs(30), &shutdown)
+            .await
+            .expect("preface");
+        assert_eq!(&first[..n], H2_PREFACE);
+    }
+
+    #[tokio::test]
+    async fn silence_or_a_partial_preface_is_dropped_after_the_timeout() {
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let (mut server, _client) = pair().await;
+        assert!(read_preface(&mut server, T, &shutdown).await.is_none());
+        let (mut server, mut client) = pair().await;
+        client.write_all(b"PRI * HT").await.expect("write");
+        assert!(read_preface(&mut server, T, &shutdown).await.is_none());
+        // A client that closes, and a server shutting down, end the wait too.
+        let (mut server, client) = pair().await;
+        drop(client);
+        assert!(
+            read_preface(&mut server, Duration::from_secs(30), &shutdown)
+                .await
+                .is_none()
+        );
+        let (tx, shutdown) = tokio::sync::watch::channel(false);
+        let (mut server, _client) = pair().await;
+        let wait = read_preface(&mut server, Duration::from_secs(30), &shutdown);
+        let stop = async {
+            tokio::task::yield_now().await;
+            let _ = tx.send(true);
+        };
+        let (got, ()) = tokio::join!(wait, stop);
+        assert!(got.is_none());
     }
 }
