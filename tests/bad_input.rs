@@ -657,3 +657,42 @@ async fn memory_stays_bounded_under_large_bodies() {
     );
     assert_healthy(&proxy, &b, "memory").await;
 }
+
+/// The same limits over h2c (HTTP/2 without TLS): over-limit body 413, oversized header fields
+/// 431 (below the h2 layer's own 64 KiB header-list limit), garbage JSON forwarded byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_gets_the_same_answers() {
+    let b = Backend::start().await;
+    let proxy = start(&b);
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let url = proxy.url("/v1/chat/completions");
+    let send = |body: Vec<u8>, header: Option<String>| {
+        let mut r = client.post(&url).body(body);
+        if let Some(h) = header {
+            r = r.header("x-big", h);
+        }
+        async move {
+            let r = r.send().await.expect("send");
+            assert_eq!(r.version(), reqwest::Version::HTTP_2);
+            let status = r.status().as_u16();
+            (status, r.text().await.expect("text"))
+        }
+    };
+    let (status, text) = send(vec![b'x'; MAX_BODY + 1], None).await;
+    assert_eq!(status, 413, "{text}");
+    let (status, text) = send(CHAT.to_vec(), Some("a".repeat(40 * 1024))).await;
+    assert_eq!(status, 431, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(v["error"]["code"], "headers_too_large");
+    assert_eq!(b.count(), 0);
+    let garbage = nested(100_000);
+    let (status, _) = send(garbage.clone(), None).await;
+    assert_eq!(status, 200);
+    let seen = b.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body_sha256, sha256_hex(&garbage));
+    assert_healthy(&proxy, &b, "h2c").await;
+}
