@@ -696,3 +696,27 @@ async fn h2c_gets_the_same_answers() {
     assert_eq!(seen[0].body_sha256, sha256_hex(&garbage));
     assert_healthy(&proxy, &b, "h2c").await;
 }
+
+/// The limits are on by default and validated.
+#[test]
+fn limits_default_on_and_are_validated() {
+    use llm_lb::config::{
+        Config, DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES,
+    };
+    let pools = "pools:\n  - name: p\n    models: ['*']\n    endpoints: ['127.0.0.1:1']\n    lb_policy: round_robin\n";
+    let c = Config::from_yaml(pools).expect("config");
+    assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    assert_eq!(DEFAULT_MAX_BODY_BYTES, 32 << 20);
+    assert_eq!(c.body_timeout, DEFAULT_BODY_TIMEOUT);
+    assert_eq!(DEFAULT_BODY_TIMEOUT, Duration::from_secs(60));
+    assert_eq!(c.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
+    assert_eq!(DEFAULT_MAX_HEADER_BYTES, 64 << 10);
+    for (setting, key) in [
+        ("body_timeout_ms: 0", "body_timeout_ms"),
+        ("max_header_bytes: 100", "max_header_bytes"),
+        ("max_body_bytes: 0", "max_body_bytes"),
+    ] {
+        let e = Config::from_yaml(&format!("{setting}\n{pools}")).expect_err(setting);
+        assert!(e.to_string().starts_with(key), "{e}");
+    }
+}
