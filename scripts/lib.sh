@@ -10,6 +10,7 @@ ensure_packages() {
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
     command -v curl >/dev/null 2>&1 || missing+=(curl)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)   # tests/security.rs: TLS certificates
     if ((${#missing[@]})); then
         step "installing ${missing[*]}"
         local sudo=""

@@ -3,7 +3,6 @@
 //! state-store heartbeats, engine-metrics scraping, reloads, DNS refresh).
 
 use anyhow::Context;
-use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::Server;
 use pingora::services::background::background_service;
 
@@ -51,10 +50,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     ));
     let mut options = pingora::apps::HttpServerOptions::default();
     options.h2c = h2c;
-    let mut proxy = ProxyServiceBuilder::new(&server.configuration, LbProxy::new(live, draining))
-        .name("llm-lb")
-        .server_options(options)
-        .build();
+    // Protocol detection with a deadline (Pingora's own h2c sniffing waits forever). Every
+    // instance reads the same live routing table.
+    let mut proxy = crate::proxy::h2c::service(&server.configuration, "llm-lb", options, || {
+        LbProxy::new(live.clone(), draining.clone())
+    });
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
     }

@@ -30,6 +30,8 @@ pub struct PolicyFile {
     pub listen: Option<OneOrMany<String>>,
     pub admin: Option<String>,
     pub max_body_bytes: Option<u64>,
+    pub body_timeout_ms: Option<u64>,
+    pub max_header_bytes: Option<u64>,
     pub h2c: Option<bool>,
     pub max_attempts: Option<usize>,
     pub expose_endpoint_header: Option<bool>,
@@ -140,6 +142,13 @@ pub struct LbConfigFile {
     /// …or more than this fraction of the least loaded endpoint's count above it, whichever is
     /// larger (default 0.5).
     pub loadGuardRelative: Option<f64>,
+    /// llm-lb's additions: TLS to Redis. `tls: true` with a host-name `serviceFQDN` (a `rediss://`
+    /// URL implies it); the server is verified against `tlsCaFile` (PEM) or the system's trust
+    /// store; `tlsCertFile` + `tlsKeyFile` (PEM) present a client certificate.
+    pub tls: Option<bool>,
+    pub tlsCaFile: Option<String>,
+    pub tlsCertFile: Option<String>,
+    pub tlsKeyFile: Option<String>,
     /// Higress's own knobs that have no meaning here (accepted, warned about).
     pub cleanInterval: Option<serde_yaml::Value>,
     pub enableDetailLog: Option<serde_yaml::Value>,

@@ -19,6 +19,10 @@ use crate::store::{LoadGuard, PrefixSettings, RedisConfig, StoreConfigError};
 
 /// Default `max_body_bytes`: 32 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Default `body_timeout_ms`: the whole request body must arrive within 60 s.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `max_header_bytes`: 64 KiB of request target and header fields (Envoy: 60 KiB).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Default admin listener (loopback only).
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9091";
 /// Default listener.
@@ -59,6 +63,10 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub max_body_bytes: usize,
+    /// Deadline for reading the whole request body (408 after it: slow-loris bodies).
+    pub body_timeout: Duration,
+    /// Request target and header fields above this many bytes: 414 / 431.
+    pub max_header_bytes: usize,
     pub h2c: bool,
     /// Upstream attempts per request (first try + retries on other endpoints).
     pub max_attempts: usize,
@@ -300,6 +308,18 @@ impl Config {
         if max_body_bytes == 0 {
             v.issue("max_body_bytes", "must be greater than 0");
         }
+        let body_timeout = v.millis(
+            "body_timeout_ms",
+            file.body_timeout_ms,
+            DEFAULT_BODY_TIMEOUT.as_millis() as u64,
+        );
+        let max_header_bytes = file
+            .max_header_bytes
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+        if max_header_bytes < 1024 {
+            v.issue("max_header_bytes", "must be at least 1024");
+        }
         let max_attempts = file.max_attempts.unwrap_or(3);
         if max_attempts == 0 {
             v.issue("max_attempts", "must be at least 1");
@@ -345,6 +365,8 @@ impl Config {
             listen,
             admin,
             max_body_bytes,
+            body_timeout,
+            max_header_bytes,
             h2c: file.h2c.unwrap_or(true),
             max_attempts,
             expose_endpoint_header: file.expose_endpoint_header.unwrap_or(false),
@@ -607,7 +629,7 @@ impl Validator {
         let redis_only = "ignored: only used with a Redis store (serviceFQDN)";
         let prefix = kind == PolicyKind::PrefixCache;
         let least_busy = kind == PolicyKind::LeastBusy;
-        let set: [(&str, bool, bool, &str); 19] = [
+        let set: [(&str, bool, bool, &str); 23] = [
             ("serviceFQDN", redis, store, ""),
             (
                 "servicePort",
@@ -628,6 +650,25 @@ impl Validator {
             (
                 "replicaTimeout",
                 c.replicaTimeout.is_some(),
+                store && redis,
+                redis_only,
+            ),
+            ("tls", c.tls.is_some(), store && redis, redis_only),
+            (
+                "tlsCaFile",
+                c.tlsCaFile.is_some(),
+                store && redis,
+                redis_only,
+            ),
+            (
+                "tlsCertFile",
+                c.tlsCertFile.is_some(),
+                store && redis,
+                redis_only,
+            ),
+            (
+                "tlsKeyFile",
+                c.tlsKeyFile.is_some(),
                 store && redis,
                 redis_only,
             ),
@@ -705,6 +746,8 @@ mod tests {
         assert_eq!(c.listen, vec!["0.0.0.0:8080".parse().expect("addr")]);
         assert_eq!(c.admin, Some("127.0.0.1:9091".parse().expect("addr")));
         assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(c.body_timeout, DEFAULT_BODY_TIMEOUT);
+        assert_eq!(c.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
         assert_eq!(c.max_attempts, 3);
         let p = &c.pools[0];
         assert_eq!(p.policy, PolicyKind::RoundRobin);

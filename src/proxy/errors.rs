@@ -8,12 +8,15 @@ use pingora::{Error, ErrorType};
 /// The OpenAI error `type` and `code` for a status we generate.
 fn kind(status: u16) -> (&'static str, &'static str) {
     match status {
-        400 => ("invalid_request_error", "bad_request"),
         404 => ("invalid_request_error", "model_not_found"),
+        408 => ("invalid_request_error", "request_timeout"),
         413 => ("invalid_request_error", "request_too_large"),
+        414 => ("invalid_request_error", "uri_too_long"),
+        431 => ("invalid_request_error", "headers_too_large"),
         429 => ("rate_limit_error", "overloaded"),
         503 => ("server_error", "no_endpoint_available"),
         504 => ("server_error", "upstream_timeout"),
+        400..=499 => ("invalid_request_error", "bad_request"),
         _ => ("server_error", "upstream_error"),
     }
 }

@@ -23,6 +23,7 @@
 mod body;
 mod ctx;
 pub mod errors;
+pub mod h2c;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -192,7 +193,7 @@ impl ProxyHttp for LbProxy {
                 "llm-lb is starting: no routing table yet",
             );
         };
-        let body = body::read(session, routes.config.max_body_bytes).await?;
+        let body = body::read(session, &routes.config).await?;
         ctx.request_bytes = body.len();
         let request = LlmRequest::parse(&body);
         let Some(pool) = routes

@@ -14,14 +14,21 @@
 //! | `timeout` | ms per Redis call, default 50 (0 = default); a call that takes longer fails with [`StoreError::Timeout`] |
 //! | `keyPrefix` | (llm-lb) key namespace, default `llmlb` |
 //! | `replicaTimeout` | (llm-lb) ms without heartbeat before a replica's counts are removed, default 10000, 1000..=15000; `timeout` must be at most half of it |
+//! | `tls` | (llm-lb) `true`: TLS to a host-name `serviceFQDN` (same as a `rediss://` URL) |
+//! | `tlsCaFile` | (llm-lb) PEM file of the CA(s) that signed the server's certificate; default: the system's trust store |
+//! | `tlsCertFile`, `tlsKeyFile` | (llm-lb) PEM client certificate and key, for servers that require them (`tls-auth-clients`) |
 //!
 //! `serviceFQDN` may be a URL: `redis://[user[:password]@]host[:port][/db]`, `rediss://…` (TLS) or
 //! `redis+unix:///path/redis.sock[?db=N]`. Percent-encode special characters of the user and
 //! password. `username`, `password` and `database` may still be given as separate keys when the
 //! URL leaves them out (e.g. to keep the password out of the URL); giving one in both places, or
-//! `servicePort` with a URL, is an error. `rediss://` needs a redis-rs TLS feature
-//! (`tokio-rustls-comp` or `tokio-native-tls-comp`); without it such a URL is rejected when the
-//! configuration is loaded.
+//! `servicePort` with a URL, is an error.
+//!
+//! **TLS** (`rediss://…` or `tls: true`) uses rustls. The server's certificate is always verified,
+//! host name included, against `tlsCaFile` or else the system's trust store; redis-rs's
+//! `#insecure` URL fragment is refused, there is no way to turn verification off. The PEM files
+//! are read and parsed when the configuration is loaded (so `-t` checks them); nothing else in
+//! them is interpreted.
 //!
 //! Whether the server is a standalone Redis or a Redis Cluster node is detected on the first
 //! connection (`INFO cluster`), so one address works for both; [`RedisConfig::with_mode`] forces
@@ -64,8 +71,9 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{
-    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
-    IntoConnectionInfo, RedisError, Script, ScriptInvocation, ServerErrorKind,
+    AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionAddr, ConnectionInfo, ErrorKind,
+    FromRedisValue, IntoConnectionInfo, RedisError, Script, ScriptInvocation, ServerErrorKind,
+    TlsCertificates,
 };
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
@@ -85,6 +93,75 @@ pub const MIN_REPLICA_TIMEOUT_MS: u64 = 1000;
 /// Key namespace used unless configured otherwise.
 pub const DEFAULT_NAMESPACE: &str = "llmlb";
 
+/// PEM contents for a TLS connection to Redis (see [`RedisConfig::with_tls`]).
+#[derive(Clone, Default)]
+pub struct TlsFiles {
+    /// CA certificate(s) the server's certificate must chain to; `None`: the system's trust store.
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate chain and private key, for servers that authenticate clients.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsFiles {
+    /// Read the files an `lb_config` names (`tlsCaFile`, `tlsCertFile` + `tlsKeyFile`).
+    pub fn from_lb_config(c: &LbConfigFile) -> Result<Self, StoreConfigError> {
+        let ca = c
+            .tlsCaFile
+            .as_deref()
+            .map(|p| read_file("tlsCaFile", p))
+            .transpose()?;
+        let client = match (c.tlsCertFile.as_deref(), c.tlsKeyFile.as_deref()) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((
+                read_file("tlsCertFile", cert)?,
+                read_file("tlsKeyFile", key)?,
+            )),
+            (Some(_), None) => {
+                return Err(StoreConfigError::invalid(
+                    "tlsKeyFile",
+                    "required with tlsCertFile",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(StoreConfigError::invalid(
+                    "tlsCertFile",
+                    "required with tlsKeyFile",
+                ))
+            }
+        };
+        Ok(TlsFiles { ca, client })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.client.is_none()
+    }
+}
+
+fn read_file(key: &'static str, path: &str) -> Result<Vec<u8>, StoreConfigError> {
+    std::fs::read(path)
+        .map_err(|e| StoreConfigError::invalid(key, format!("cannot read {path}: {e}")))
+}
+
+/// Check that `pem` holds at least one PEM item of the expected kind (never echoing its content).
+fn check_pem(pem: &[u8], key: &'static str, what: &str) -> Result<(), StoreConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let ok = if what == "CERTIFICATE" {
+        let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+        matches!(certs, Ok(c) if !c.is_empty())
+    } else {
+        PrivateKeyDer::from_pem_slice(pem).is_ok()
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreConfigError::invalid(
+            key,
+            format!("no PEM {what} found in the file"),
+        ))
+    }
+}
+
 /// Standalone server or Redis Cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RedisMode {
@@ -101,6 +178,9 @@ pub enum RedisMode {
 #[derive(Clone)]
 pub struct RedisConfig {
     info: ConnectionInfo,
+    /// CA and client certificate for TLS (`None`: plain TCP or Unix socket). Already applied to
+    /// `info`; kept for the cluster client, which connects to the nodes it discovers with them.
+    tls: Option<TlsCertificates>,
     mode: RedisMode,
     timeout: Duration,
     dead_after: Duration,
@@ -112,6 +192,7 @@ impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
             .field("address", &self.address())
+            .field("tls", &self.tls.is_some())
             .field("mode", &self.mode)
             .field("timeout", &self.timeout)
             .field("dead_replica_after", &self.dead_after)
@@ -141,6 +222,7 @@ impl RedisConfig {
     fn with_info(info: ConnectionInfo) -> Self {
         RedisConfig {
             info,
+            tls: None,
             mode: RedisMode::Auto,
             timeout: DEFAULT_TIMEOUT,
             dead_after: DEFAULT_DEAD_REPLICA_AFTER,
@@ -157,7 +239,72 @@ impl RedisConfig {
                 format!("bad Redis URL: {}", url_error(url, &e)),
             )
         })?;
-        Ok(Self::with_info(info))
+        if let ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+            return Err(StoreConfigError::invalid(
+                "serviceFQDN",
+                "'#insecure' (TLS without certificate verification) is not supported; give the \
+                 server's CA in tlsCaFile instead",
+            ));
+        }
+        let mut config = Self::with_info(info);
+        if config.is_tls() {
+            config = config.with_tls(TlsFiles::default())?;
+        }
+        Ok(config)
+    }
+
+    /// Whether connections use TLS (`rediss://` or `tls: true`).
+    pub fn is_tls(&self) -> bool {
+        matches!(self.info.addr(), ConnectionAddr::TcpTls { .. })
+    }
+
+    /// Connect with TLS, verifying the server against `files.ca` (PEM) or else the system's trust
+    /// store, presenting `files.client` (certificate and key, PEM) when given. A host-name address
+    /// becomes a TLS one; a Unix socket cannot.
+    pub fn with_tls(mut self, files: TlsFiles) -> Result<Self, StoreConfigError> {
+        let addr = match self.info.addr() {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                ConnectionAddr::TcpTls {
+                    host: host.clone(),
+                    port: *port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            }
+            _ => {
+                return Err(StoreConfigError::invalid(
+                    "tls",
+                    "TLS needs a TCP address, not a Unix socket",
+                ))
+            }
+        };
+        if let Some(ca) = &files.ca {
+            check_pem(ca, "tlsCaFile", "CERTIFICATE")?;
+        }
+        if let Some((cert, key)) = &files.client {
+            check_pem(cert, "tlsCertFile", "CERTIFICATE")?;
+            check_pem(key, "tlsKeyFile", "PRIVATE KEY")?;
+        }
+        // redis-rs asks rustls for the process-wide crypto provider; make it ring (the only one
+        // built in) explicitly, so adding a dependency that enables another one cannot break TLS.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certs = TlsCertificates {
+            client_tls: files
+                .client
+                .map(|(client_cert, client_key)| ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }),
+            root_cert: files.ca,
+        };
+        let info = self.info.clone().set_addr(addr);
+        // Parses the PEM now, so a bad file fails at load time (and `-t`), not on first use.
+        let client = Client::build_with_tls(info, certs.clone()).map_err(|e| {
+            StoreConfigError::invalid("tlsCaFile", format!("unusable TLS settings: {e}"))
+        })?;
+        self.info = client.get_connection_info().clone();
+        self.tls = Some(certs);
+        Ok(self)
     }
 
     /// From a host name (or IP address) and port, without credentials.
@@ -193,6 +340,34 @@ impl RedisConfig {
         } else {
             Self::from_host(fqdn, c.servicePort.unwrap_or(6379))?
         };
+        let files = TlsFiles::from_lb_config(c)?;
+        match (c.tls, config.is_tls()) {
+            (Some(false), true) => {
+                return Err(StoreConfigError::invalid(
+                    "tls",
+                    "false contradicts the rediss:// URL",
+                ))
+            }
+            (Some(true), false) if is_url => {
+                return Err(StoreConfigError::invalid(
+                    "tls",
+                    "use a rediss:// URL for TLS (this one is not)",
+                ))
+            }
+            (Some(true), _) | (_, true) => config = config.with_tls(files)?,
+            (_, false) if !files.is_empty() => {
+                let key = if c.tlsCaFile.is_some() {
+                    "tlsCaFile"
+                } else {
+                    "tlsCertFile"
+                };
+                return Err(StoreConfigError::invalid(
+                    key,
+                    "only used with TLS (a rediss:// URL or tls: true)",
+                ));
+            }
+            _ => {}
+        }
         let (url_user, url_password, url_db) = {
             let r = config.info.redis_settings();
             (r.username().is_some(), r.password().is_some(), r.db() != 0)
@@ -358,12 +533,6 @@ fn host_port(host: &str, port: u16) -> String {
 
 /// Describe a URL rejected by redis-rs without its credentials.
 fn url_error(url: &str, e: &RedisError) -> String {
-    let scheme = url.split("://").next().unwrap_or_default();
-    if matches!(scheme, "rediss" | "valkeys") && e.to_string().contains("TLS") {
-        return "rediss:// needs TLS support (redis-rs feature tokio-rustls-comp or \
-                tokio-native-tls-comp), which this build lacks"
-            .to_owned();
-    }
     let mut text = e.to_string();
     // redis-rs does not echo the URL today; scrub the user-info part in case a version does.
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
@@ -800,7 +969,11 @@ impl RedisStore {
                     "Redis Cluster has only database 0".into(),
                 ));
             }
-            let conn = ClusterClientBuilder::new(vec![self.config.info.clone()])
+            let mut builder = ClusterClientBuilder::new(vec![self.config.info.clone()]);
+            if let Some(certs) = &self.config.tls {
+                builder = builder.certs(certs.clone());
+            }
+            let conn = builder
                 .connection_timeout(t)
                 .response_timeout(t)
                 .retries(2)
@@ -1133,17 +1306,67 @@ mod tests {
         assert!(err("{serviceFQDN: 'http://h'}").starts_with("serviceFQDN:"));
     }
 
+    /// A CA certificate (public part only) for parsing tests; nothing is signed with it.
+    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBkjCCATmgAwIBAgIUbuHhuDaP1rFt8sUK015V6B1XzTgwCgYIKoZIzj0EAwIw\nHjEcMBoGA1UEAwwTbGxtLWxiIHVuaXQtdGVzdCBDQTAgFw0yNjExMjExNTMwMTBa\nGA8yMTI2MTAyODE1MzAxMFowHjEcMBoGA1UEAwwTbGxtLWxiIHVuaXQtdGVzdCBD\nQTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABCG3nJ2J0XZ1C7F0HUgb1YayssiY\npqJFrkZZETs6G66We92CGRtu9WHZ/w8ICrhIwkmV1NBBCVYI2Fu2hJS7q4mjUzBR\nMB0GA1UdDgQWBBQgV5kJql7dyZNcXk7bn2ul9CqXIjAfBgNVHSMEGDAWgBQgV5kJ\nql7dyZNcXk7bn2ul9CqXIjAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cA\nMEQCID3s7d0DyIZCINTujkEna2WBgwdnwVaVNRyxzQRyRN8sAiAdtZZTSDQqeY8h\nMH4DIhARcMsNWRw4WNDpZ0BAx22vtg==\n-----END CERTIFICATE-----";
+
+    fn ca_file() -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp");
+        std::io::Write::write_all(&mut f, TEST_CA.as_bytes()).expect("write");
+        f
+    }
+
     #[test]
-    fn rediss_is_tls_or_clearly_refused() {
-        // Without a redis-rs TLS feature the URL is refused at load time, with a clear message.
-        match RedisConfig::from_lb_config(&lb("{serviceFQDN: 'rediss://u:pw@h:6380'}")) {
-            Ok(c) => assert_eq!(c.expect("redis").address(), "rediss://u@h:6380/0"),
-            Err(e) => {
-                let e = e.to_string();
-                assert!(e.contains("TLS"), "{e}");
-                assert!(!e.contains("pw"), "{e}");
-            }
-        }
+    fn rediss_is_tls_with_verification() {
+        let c = cfg("{serviceFQDN: 'rediss://u:pw@h:6380'}");
+        assert!(c.is_tls());
+        assert_eq!(c.address(), "rediss://u@h:6380/0");
+        assert!(!format!("{c:?}").contains("pw"));
+        // Host-name form with the llm-lb key, and a CA bundle.
+        let ca = ca_file();
+        let c = cfg(&format!(
+            "{{serviceFQDN: h, servicePort: 6380, tls: true, tlsCaFile: '{}'}}",
+            ca.path().display()
+        ));
+        assert!(c.is_tls());
+        assert_eq!(c.address(), "rediss://h:6380/0");
+        assert!(!cfg("{serviceFQDN: h}").is_tls());
+        assert!(!cfg("{serviceFQDN: h, tls: false}").is_tls());
+    }
+
+    #[test]
+    fn tls_settings_are_checked_at_load() {
+        // Verification cannot be switched off.
+        let e = err("{serviceFQDN: 'rediss://h:6380/#insecure'}");
+        assert!(
+            e.starts_with("serviceFQDN:") && e.contains("tlsCaFile"),
+            "{e}"
+        );
+        assert!(err("{serviceFQDN: 'rediss://h', tls: false}").starts_with("tls:"));
+        assert!(err("{serviceFQDN: 'redis://h', tls: true}").starts_with("tls:"));
+        assert!(err("{serviceFQDN: h, tlsCaFile: /x.pem}").starts_with("tlsCaFile:"));
+        assert!(
+            err("{serviceFQDN: h, tls: true, tlsCaFile: /nonexistent/ca.pem}")
+                .starts_with("tlsCaFile: cannot read")
+        );
+        let mut junk = tempfile::NamedTempFile::new().expect("temp");
+        std::io::Write::write_all(&mut junk, b"not a certificate").expect("write");
+        let e = err(&format!(
+            "{{serviceFQDN: h, tls: true, tlsCaFile: '{}'}}",
+            junk.path().display()
+        ));
+        assert!(e.starts_with("tlsCaFile: no PEM CERTIFICATE"), "{e}");
+        let ca = ca_file();
+        let p = ca.path().display();
+        assert!(err(&format!(
+            "{{serviceFQDN: h, tls: true, tlsCertFile: '{p}'}}"
+        ))
+        .starts_with("tlsKeyFile: required"));
+        // A certificate is not a private key.
+        assert!(err(&format!(
+            "{{serviceFQDN: h, tls: true, tlsCertFile: '{p}', tlsKeyFile: '{p}'}}"
+        ))
+        .starts_with("tlsKeyFile: no PEM PRIVATE KEY"));
+        assert!(err("{serviceFQDN: 'redis+unix:///tmp/r.sock', tls: true}").starts_with("tls:"));
     }
 
     #[test]
