@@ -294,10 +294,19 @@ async fn json_garbage_is_forwarded_unharmed() {
     assert_healthy(&proxy, &b, "json garbage").await;
     // Bodies the policy could not judge were routed by the fallback, and counted.
     let m = proxy.metrics().await;
-    let not_json =
-        parse_metric(&m, "llmlb_fallback_total", &[("reason", "not_json")]).unwrap_or(0.0);
-    let no_prompt =
-        parse_metric(&m, "llmlb_fallback_total", &[("reason", "no_prompt")]).unwrap_or(0.0);
+    let count = |reason: &str| -> f64 {
+        ["chat", "rest"]
+            .iter()
+            .filter_map(|pool| {
+                parse_metric(
+                    &m,
+                    "llmlb_fallback_total",
+                    &[("pool", pool), ("reason", reason)],
+                )
+            })
+            .sum()
+    };
+    let (not_json, no_prompt) = (count("not_json"), count("no_prompt"));
     assert!(not_json >= 13.0, "{m}");
     assert!(no_prompt >= 5.0, "{m}");
 }
