@@ -348,9 +348,18 @@ impl Proxy {
 
     /// [`Proxy::start`] with a graceful-shutdown grace period of `grace_s` seconds.
     pub fn start_with_grace(rest_yaml: &str, grace_s: u64) -> Proxy {
+        Self::launch(rest_yaml, grace_s, None)
+    }
+
+    /// [`Proxy::start`] in a private mount namespace whose `/etc/hosts` is `hosts` (bind-mounted,
+    /// so rewriting the file in place changes what names resolve to for this process only).
+    pub fn start_with_hosts(rest_yaml: &str, hosts: &std::path::Path) -> Proxy {
+        Self::launch(rest_yaml, 1, Some(hosts))
+    }
+
+    fn launch(rest_yaml: &str, grace_s: u64, hosts: Option<&std::path::Path>) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let admin_port = free_port();
+        let (port, admin_port) = (free_port(), free_port());
         let policy = dir.path().join("policy.yaml");
         std::fs::write(
             &policy,
@@ -360,26 +369,7 @@ impl Proxy {
         let conf = write_pingora_conf_with_grace(dir.path(), grace_s);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
-        let p = Self::spawn(dir, &conf, &policy, addr, admin, &[], None);
-        p.wait_listening();
-        p
-    }
-
-    /// [`Proxy::start`] in a private mount namespace whose `/etc/hosts` is `hosts` (bind-mounted,
-    /// so rewriting the file in place changes what names resolve to for this process only).
-    pub fn start_with_hosts(rest_yaml: &str, hosts: &std::path::Path) -> Proxy {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (port, admin_port) = (free_port(), free_port());
-        let policy = dir.path().join("policy.yaml");
-        std::fs::write(
-            &policy,
-            format!("listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin_port}\n{rest_yaml}"),
-        )
-        .expect("write policy");
-        let conf = write_pingora_conf(dir.path());
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
-        let p = Self::spawn(dir, &conf, &policy, addr, admin, &[], Some(hosts));
+        let p = Self::spawn(dir, &conf, &policy, addr, admin, &[], hosts);
         p.wait_listening();
         p
     }
