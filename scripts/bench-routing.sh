@@ -14,11 +14,12 @@
 #             tokens, concurrency 20 (the seed article's workload)
 #   unique    single-turn prompts that share nothing (affinity must cost nothing)
 #   hot       every session starts with the same long system prompt (affinity must not hot-spot)
-#   replicas  the seed workload through three llm-lb replicas; AIPerf spreads requests over them
-#             round robin (Redis-shared state vs each replica on its own embedded store)
+#   replicas  the seed workload through three llm-lb replicas behind an nginx that spreads
+#             requests over them round robin, so the turns of a session reach different replicas
+#             (Redis-shared state vs each replica on its own embedded store)
 #
 # Environment knobs (all optional):
-#   ROUTING_PORT_BASE   first port (default 28000; uses BASE+1..3, BASE+80..99, BASE+379)
+#   ROUTING_PORT_BASE   first port (default 28000; uses BASE+1..3, BASE+80..95, BASE+379)
 #   ROUTING_TIME_SCALE  vllm-sim --time-scale (default 0.5: simulated times run twice as fast)
 #   ROUTING_KV_BLOCKS   KV-cache blocks per server, 16 tokens each (default 4096 = 64k tokens)
 #   ROUTING_REPEATS     rounds; each round runs every policy once, in order (default 1)
@@ -56,6 +57,7 @@ SESSIONS="${ROUTING_SESSIONS:-60}"
 MODEL="bench/llama-3.1-8b"
 LB_PORT=$((BASE + 80))
 SGL_PORT=$((BASE + 90))
+FRONT_PORT=$((BASE + 95))
 REDIS_PORT=$((BASE + 379))
 RESULTS="$ROOT/bench/results/routing"
 WORK="$ROOT/bench/work/routing"
@@ -64,12 +66,13 @@ trap bench_cleanup EXIT
 trap 'exit 130' INT TERM
 
 ensure_packages
+ensure_bench_packages
 ensure_rust
 bench_build
 bench_venv
 case " $POLICIES " in *" sglang_cache_aware "*) bench_sgl_venv ;; esac
 ports_free $((BASE + 1)) $((BASE + 2)) $((BASE + 3)) "$LB_PORT" $((LB_PORT + 1)) $((LB_PORT + 2)) \
-    "$SGL_PORT" "$REDIS_PORT"
+    "$SGL_PORT" "$FRONT_PORT" "$REDIS_PORT"
 
 rm -rf "$WORK"
 mkdir -p "$WORK" "$RESULTS"
@@ -142,9 +145,20 @@ start_routers() {
         policy_yaml "$r" "$policy" "$store" >"$RUN_DIR/policy$r.yaml"
         start_llmlb "$WORK/pingora.yaml" "$RUN_DIR/policy$r.yaml" "$RUN_DIR/llm-lb$r.log" $((LB_PORT + r))
         ROUTER_PIDS+=("$LB_PID")
-        URLS+=("http://127.0.0.1:$((LB_PORT + r))")
         ADMINS+=($((LB_PORT + 10 + r)))
     done
+    if ((replicas == 1)); then
+        URLS+=("http://127.0.0.1:$LB_PORT")
+    else
+        # Spread requests over the replicas per request, as a layer-7 balancer in front of
+        # gateway replicas does (AIPerf's own --url round robin keeps a session on one URL,
+        # which would never test shared state).
+        local ups=()
+        for ((r = 0; r < replicas; r++)); do ups+=("127.0.0.1:$((LB_PORT + r))"); done
+        start_nginx "$FRONT_PORT" "$RUN_DIR/nginx" "${ups[@]}"
+        ROUTER_PIDS+=("$NGINX_PID")
+        URLS+=("http://127.0.0.1:$FRONT_PORT")
+    fi
     # Health checks mark the endpoints healthy on their first round; give them one.
     sleep 1.2
 }
