@@ -599,14 +599,24 @@ def overhead_plot(data, st, plt):
     if not targets:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    names = [OVERHEAD_TITLE[t].replace(" (", "\n(").replace("llm-lb ", "llm-lb\n").replace("SGLang router ", "SGLang\n") for t in targets]
+    short = {
+        "direct": "direct",
+        "nginx": "nginx",
+        "llm-lb_round_robin": "llm-lb RR",
+        "llm-lb_prefix_cache": "llm-lb PC",
+        "llm-lb_prefix_cache_redis": "llm-lb PC\nRedis",
+        "llm-lb_global_least_request_redis": "llm-lb GLR\nRedis",
+        "sglang_round_robin": "SGLang RR",
+        "sglang_cache_aware": "SGLang\ncache_aware",
+    }
+    names = [short.get(t, t) for t in targets]
     for ax, key, title in ((axes[0], "rps", "requests/s (higher is better)"), (axes[1], "p99", "p99 latency, ms (lower is better)")):
         med = [statistics.median(st[t][key]) for t in targets]
         lo = [m - min(st[t][key]) for m, t in zip(med, targets)]
         hi = [max(st[t][key]) - m for m, t in zip(med, targets)]
         ax.bar(range(len(targets)), med, yerr=[lo, hi], capsize=3, color="#55a868")
         ax.set_xticks(range(len(targets)))
-        ax.set_xticklabels(names, fontsize=6.5, rotation=0)
+        ax.set_xticklabels(names, fontsize=7, rotation=35, ha="right")
         ax.set_title(title, fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle("Proxy overhead: oha against one instant vllm-sim (median, min–max over rounds)", fontsize=10)

@@ -5,7 +5,7 @@
 # throughput, the fleet's prefix-cache hit rate (from the simulators' own counters) and the
 # oracle bound, then regenerates docs/benchmarks.md.
 #
-#   ./scripts/bench-routing.sh                 # everything (about 25 minutes on 2 cores)
+#   ./scripts/bench-routing.sh                 # everything (about 20 minutes on 2 cores)
 #   ROUTING_SCENARIOS=seed ./scripts/bench-routing.sh        # the seed workload only
 #   ROUTING_REPEATS=3 ./scripts/bench-routing.sh             # interleaved repeats, shows spread
 #
