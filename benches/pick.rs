@@ -1,0 +1,123 @@
+//! Cost of one pick (and the release of its lease) per policy on the embedded store, for pools
+//! of 4 to 1024 endpoints. The pool comes from a policy file, as in production; `least_busy`
+//! gets a fresh engine-metrics snapshot for every endpoint, so it runs its whole filter tree;
+//! `prefix_cache` routes a 4-turn conversation that is already cached (the hit path, which
+//! walks the chain and records it again).
+//!
+//! `cargo bench --bench pick` (add `-- --quick` for a fast run).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use llm_lb::config::Config;
+use llm_lb::policy::{self, Outcome, PickInput};
+use llm_lb::pool::{EndpointId, EndpointView};
+use llm_lb::request::LlmRequest;
+use llm_lb::scrape::EndpointMetrics;
+
+const SIZES: [usize; 5] = [4, 16, 64, 256, 1024];
+const POLICIES: [&str; 5] = [
+    "round_robin",
+    "random",
+    "global_least_request",
+    "prefix_cache",
+    "least_busy",
+];
+
+fn addr(i: usize) -> String {
+    format!("10.{}.{}.{}:8000", i / 65536, (i / 256) % 256, i % 256)
+}
+
+fn config(policy: &str, n: usize) -> Config {
+    let endpoints: Vec<String> = (0..n).map(|i| format!("\"{}\"", addr(i))).collect();
+    let yaml = format!(
+        "listen: 127.0.0.1:18080\nadmin: \"off\"\npools:\n  - name: bench\n    models: [\"*\"]\n    \
+         endpoints: [{}]\n    lb_policy: {policy}\n",
+        endpoints.join(", ")
+    );
+    Config::from_yaml(&yaml).expect("valid policy file")
+}
+
+fn conversation() -> LlmRequest {
+    let mut messages =
+        vec![serde_json::json!({"role": "system", "content": "Be helpful. ".repeat(80)})];
+    for t in 0..4 {
+        messages.push(
+            serde_json::json!({"role": "user", "content": format!("question {t} ").repeat(40)}),
+        );
+        messages.push(
+            serde_json::json!({"role": "assistant", "content": format!("answer {t} ").repeat(120)}),
+        );
+    }
+    messages.push(serde_json::json!({"role": "user", "content": "and now?"}));
+    let body = serde_json::json!({"model": "m", "stream": true, "messages": messages});
+    LlmRequest::parse(&serde_json::to_vec(&body).expect("json"))
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let request = conversation();
+    let mut group = c.benchmark_group("pick");
+    group.measurement_time(Duration::from_secs(3));
+    group.warm_up_time(Duration::from_secs(1));
+    for name in POLICIES {
+        for n in SIZES {
+            let cfg = config(name, n);
+            let pool = &cfg.pools[0];
+            let resolved = llm_lb::resolve::expand(&cfg, &Default::default());
+            let (policy, _counts) = policy::build(pool, &resolved[0], None);
+            let endpoints: Vec<EndpointView> = (0..n)
+                .map(|i| EndpointView::new(addr(i).parse().expect("addr"), 1))
+                .collect();
+            let candidates: Vec<EndpointId> = (0..n).map(EndpointId::new).collect();
+            let board = policy.metrics_board();
+            let publish = || {
+                if let Some(board) = &board {
+                    for i in 0..n {
+                        let m = EndpointMetrics {
+                            waiting: (i % 7) as u64,
+                            running: (i % 5) as u64,
+                            kv_cache_usage: (i % 10) as f64 / 20.0,
+                            ..EndpointMetrics::default()
+                        };
+                        board.publish(i, m, Instant::now(), board.dispatched(i));
+                    }
+                }
+            };
+            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let policy = policy.clone();
+                    let (endpoints, candidates, request) = (&endpoints, &candidates, &request);
+                    publish();
+                    async move {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            let pick = policy
+                                .pick(PickInput {
+                                    request,
+                                    endpoints,
+                                    candidates,
+                                })
+                                .await
+                                .expect("pick");
+                            black_box(pick.endpoint);
+                            if let Some(lease) = pick.lease {
+                                lease.release(Outcome::Completed);
+                            }
+                        }
+                        start.elapsed()
+                    }
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(pick, benches);
+criterion_main!(pick);

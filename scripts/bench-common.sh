@@ -1,0 +1,248 @@
+# Helpers shared by scripts/bench-*.sh (sourced, not run). Every process a benchmark starts is
+# started through these helpers, recorded by pid, and stopped by pid in the EXIT trap, so a
+# benchmark leaves nothing behind even when it fails or is interrupted.
+#
+# Expects ROOT to be set (the repository) and scripts/lib.sh to be sourced.
+
+BENCH_PIDS=()          # every process started (in start order)
+BENCH_GROUPS=()        # process groups of foreground clients (bench_run_group)
+BENCH_PY=""            # python of the benchmark venv (set by bench_venv)
+BENCH_SGL_PY=""        # python of the sglang-router venv (set by bench_sgl_venv)
+
+# Start a command in the background, logging to $1; record its pid in BENCH_PIDS and $LAST_PID.
+bench_spawn() {
+    local log=$1
+    shift
+    "$@" >"$log" 2>&1 &
+    LAST_PID=$!
+    BENCH_PIDS+=("$LAST_PID")
+}
+
+# Stop one process started by bench_spawn: SIGTERM, then SIGKILL after $2 seconds (default 10).
+bench_stop() {
+    local pid=$1 secs=${2:-10} i
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < secs * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+# Stop every process this benchmark started, newest first.
+bench_stop_all() {
+    local i
+    for ((i = ${#BENCH_PIDS[@]} - 1; i >= 0; i--)); do
+        bench_stop "${BENCH_PIDS[i]}" 10
+    done
+    BENCH_PIDS=()
+}
+
+# The EXIT trap: stop everything, then make sure nothing we started survives (children of
+# nginx and the Python routers included: they are found by their parent pid before it dies).
+bench_cleanup() {
+    local rc=$?
+    set +e
+    local kids=()
+    local pid
+    for pid in "${BENCH_PIDS[@]}"; do
+        kids+=($(pgrep -P "$pid" 2>/dev/null))
+    done
+    for pid in "${BENCH_GROUPS[@]}"; do
+        kill -KILL -- "-$pid" 2>/dev/null
+    done
+    bench_stop_all
+    for pid in "${kids[@]}"; do
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+    done
+    return $rc
+}
+
+# Run a client (and every process it forks) in its own process group, log to $2, at most $1
+# seconds; return its exit status. The group is killed on timeout and by bench_cleanup.
+bench_run_group() {
+    local secs=$1 log=$2 pid rc=0 i
+    shift 2
+    setsid "$@" >"$log" 2>&1 </dev/null &
+    pid=$!
+    BENCH_GROUPS+=("$pid")
+    for ((i = 0; i < secs * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "timed out after ${secs}s: $1" >&2
+        kill -TERM -- "-$pid" 2>/dev/null || true
+        sleep 2
+        kill -KILL -- "-$pid" 2>/dev/null || true
+        rc=124
+    fi
+    wait "$pid" || rc=$?
+    # Whatever the client left in its group goes too.
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    return "$rc"
+}
+
+# Wait until http://127.0.0.1:$1$2 answers 200 (or fail after $3 seconds).
+wait_http() {
+    local port=$1 path=$2 secs=${3:-30} i
+    for ((i = 0; i < secs * 10; i++)); do
+        if curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$port$path" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "http://127.0.0.1:$port$path did not answer 200 within ${secs}s" >&2
+    return 1
+}
+
+# Fail if something already listens on one of the given ports (a leftover of another run).
+ports_free() {
+    local port
+    for port in "$@"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "port 127.0.0.1:$port is in use: pick another base port (see the usage text)" >&2
+            exit 1
+        fi
+    done
+}
+
+# Release builds of llm-lb and vllm-sim.
+bench_build() {
+    step "building llm-lb and vllm-sim (release; the first build takes several minutes)"
+    (cd "$ROOT" && cargo build --release -q -p llm-lb -p vllm-sim)
+    LLMLB_BIN="$ROOT/target/release/llm-lb"
+    SIM_BIN="$ROOT/target/release/vllm-sim"
+}
+
+# The benchmark venv (AIPerf, matplotlib), shared with scripts/sim-clients.sh.
+bench_venv() {
+    local venv="${LLMLB_VENV:-$ROOT/target/py-venv}"
+    command -v python3 >/dev/null || { echo "python3 is required" >&2; exit 1; }
+    if [ ! -x "$venv/bin/python" ]; then
+        step "creating venv $venv"
+        python3 -m venv "$venv"
+    fi
+    if ! "$venv/bin/python" - <<'EOF' 2>/dev/null; then
+import sys
+from importlib.metadata import version
+sys.exit(0 if version("aiperf") == "0.13.0" else 1)
+EOF
+        step "installing aiperf==0.13.0 and matplotlib into $venv (a few minutes the first time)"
+        "$venv/bin/pip" install -q --disable-pip-version-check "aiperf==0.13.0" matplotlib
+    fi
+    "$venv/bin/python" -c 'import matplotlib' 2>/dev/null ||
+        "$venv/bin/pip" install -q --disable-pip-version-check matplotlib
+    BENCH_PY="$venv/bin/python"
+    BENCH_VENV="$venv"
+}
+
+# A separate venv for the SGLang router (its web stack must not disturb AIPerf's).
+bench_sgl_venv() {
+    local venv="${LLMLB_SGL_VENV:-$ROOT/target/sgl-venv}"
+    if [ ! -x "$venv/bin/python" ]; then
+        step "creating venv $venv"
+        python3 -m venv "$venv"
+    fi
+    if ! "$venv/bin/python" -c 'from importlib.metadata import version; import sys; sys.exit(0 if version("sglang-router") == "0.3.2" else 1)' 2>/dev/null; then
+        step "installing sglang-router==0.3.2 into $venv"
+        "$venv/bin/pip" install -q --disable-pip-version-check "sglang-router==0.3.2"
+    fi
+    BENCH_SGL_PY="$venv/bin/python"
+}
+
+# Start the SGLang router (0.3.2) on $1 with policy $2 in front of the worker URLs $3...; log $LOGDIR.
+start_sglang() {
+    local port=$1 policy=$2 log=$3
+    shift 3
+    # HF_ENDPOINT: the router tries to fetch a tokenizer when a worker reports a model path;
+    # keep any such attempt on loopback.
+    bench_spawn "$log" env HF_ENDPOINT=http://127.0.0.1:9 "$BENCH_SGL_PY" -m sglang_router.launch_router \
+        --host 127.0.0.1 --port "$port" --prometheus-host 127.0.0.1 --prometheus-port $((port + 1)) \
+        --policy "$policy" --worker-urls "$@" --shutdown-grace-period-secs 1 \
+        --worker-startup-check-interval 1 --log-level warn
+    SGL_PID=$LAST_PID
+    # Its own /health is 200 with no worker; /readiness waits for a healthy worker.
+    wait_http "$port" /readiness 60
+}
+
+# A Pingora server file for a run in $1 (pid file and upgrade socket there, short grace).
+write_pingora_yaml() {
+    local dir=$1
+    sed -e "s#/tmp/llm-lb.pid#$dir/llm-lb.pid#" -e "s#/tmp/llm-lb-upgrade.sock#$dir/upgrade.sock#" \
+        -e "s#grace_period_seconds: 600#grace_period_seconds: 1#" \
+        -e "s#graceful_shutdown_timeout_seconds: 10#graceful_shutdown_timeout_seconds: 1#" \
+        "$ROOT/conf/pingora.yaml" >"$dir/pingora.yaml"
+}
+
+# Start llm-lb with pingora file $1 and policy file $2, logging to $3; wait for port $4.
+start_llmlb() {
+    local pingora=$1 policy=$2 log=$3 port=$4
+    "$LLMLB_BIN" -c "$pingora" -p "$policy" -t >/dev/null 2>"$log.check" || {
+        cat "$log.check" >&2
+        echo "llm-lb rejected $policy" >&2
+        exit 1
+    }
+    bench_spawn "$log" env RUST_LOG="${BENCH_RUST_LOG:-warn}" "$LLMLB_BIN" -c "$pingora" -p "$policy"
+    LB_PID=$LAST_PID
+    wait_port "$port" 30
+}
+
+# Start redis-server on port $1 in the foreground of a background job (so we hold its pid).
+start_redis() {
+    local port=$1 dir=$2
+    mkdir -p "$dir"
+    bench_spawn "$dir/redis.log" redis-server --port "$port" --bind 127.0.0.1 --save '' \
+        --appendonly no --daemonize no --dir "$dir"
+    REDIS_PID=$LAST_PID
+    wait_port "$port" 30
+}
+
+# Start nginx (round robin over the upstreams $3...) listening on $1, files under $2.
+start_nginx() {
+    local port=$1 dir=$2 servers="" u
+    shift 2
+    for u in "$@"; do servers="$servers server $u;"; done
+    mkdir -p "$dir/logs" "$dir/tmp"
+    cat >"$dir/nginx.conf" <<NGINX
+worker_processes 2;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $dir/tmp/body; proxy_temp_path $dir/tmp/proxy;
+  fastcgi_temp_path $dir/tmp/fastcgi; uwsgi_temp_path $dir/tmp/uwsgi; scgi_temp_path $dir/tmp/scgi;
+  upstream llm { $servers keepalive 64; }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      proxy_pass http://llm; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_buffering off; proxy_request_buffering off; proxy_cache off; proxy_read_timeout 3600s;
+    }
+  }
+}
+NGINX
+    bench_spawn "$dir/nginx.out" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log"
+    NGINX_PID=$LAST_PID
+    wait_port "$port" 30
+}
+
+# Packages the benchmarks need besides lib.sh's: nginx (nginx-light) and curl.
+ensure_bench_packages() {
+    local missing=()
+    command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
+    if ((${#missing[@]})); then
+        step "installing ${missing[*]}"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}

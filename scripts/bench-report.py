@@ -1,0 +1,880 @@
+#!/usr/bin/env python3
+"""Collect, summarise and publish llm-lb's benchmark results.
+
+Called by scripts/bench-*.sh; usable by hand on the files they leave in bench/results/:
+
+  bench-report.py collect-routing ...     one routing run -> bench/results/routing/<run>.json
+  bench-report.py summarize-routing ...   every routing run -> bench/results/routing.{json,csv}
+  bench-report.py collect-overhead ...    oha outputs -> bench/results/overhead.{json,csv}
+  bench-report.py collect-micro ...       criterion estimates -> bench/results/micro.{json,csv}
+  bench-report.py render                  tables and plots -> docs/benchmarks.md, docs/img/*.png,
+                                          README's headline block
+
+Only the blocks between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers are rewritten;
+the prose around them is kept.
+"""
+import argparse
+import csv
+import datetime
+import glob
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+IMG = os.path.join(ROOT, "docs", "img")
+README = os.path.join(ROOT, "README.md")
+BLOCK = 16  # vLLM's KV block size (vllm-sim default)
+
+POLICY_ORDER = [
+    "round_robin",
+    "global_least_request",
+    "prefix_cache",
+    "least_busy",
+    "sglang_cache_aware",
+    "prefix_cache_3x_redis",
+    "prefix_cache_3x_unshared",
+]
+POLICY_TITLE = {
+    "round_robin": "round_robin (no LB)",
+    "global_least_request": "global_least_request",
+    "prefix_cache": "prefix_cache",
+    "least_busy": "least_busy",
+    "sglang_cache_aware": "SGLang router cache_aware",
+    "prefix_cache_3x_redis": "prefix_cache, 3 replicas, Redis",
+    "prefix_cache_3x_unshared": "prefix_cache, 3 replicas, unshared",
+}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def now_utc():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def fetch(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+def samples(text, name):
+    """(labels, value) of every sample of metric `name` in a Prometheus exposition."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        rest = line[len(name):]
+        if rest[:1] not in ("{", " "):
+            continue
+        labels = {}
+        if rest.startswith("{"):
+            body, _, rest = rest[1:].partition("}")
+            for m in re.finditer(r'(\w+)="((?:[^"\\]|\\.)*)"', body):
+                labels[m.group(1)] = m.group(2)
+        try:
+            out.append((labels, float(rest.strip().split()[0])))
+        except (ValueError, IndexError):
+            pass
+    return out
+
+
+def total(text, name):
+    return sum(v for _, v in samples(text, name))
+
+
+def git_rev():
+    try:
+        return subprocess.check_output(
+            ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], text=True
+        ).strip()
+    except Exception:
+        return "unknown"
+
+
+def machine():
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = f", {int(line.split()[1]) / 1048576:.0f} GiB RAM"
+    except OSError:
+        pass
+    distro = ""
+    try:
+        for line in open("/etc/os-release"):
+            if line.startswith("PRETTY_NAME="):
+                distro = ", " + line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return f"{os.cpu_count()} vCPU ({cpu}){mem}{distro}, Linux {platform.release()}"
+
+
+def fmt(v, digits=0, suffix=""):
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}{suffix}"
+
+
+def pct(v):
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
+def spread(values, digits=0, suffix="", scale=1.0):
+    """Mean, and min–max when there are several values."""
+    vals = [v * scale for v in values if v is not None]
+    if not vals:
+        return "–"
+    m = statistics.mean(vals)
+    if len(vals) == 1:
+        return f"{m:,.{digits}f}{suffix}"
+    return f"{m:,.{digits}f}{suffix} ({min(vals):,.{digits}f}–{max(vals):,.{digits}f})"
+
+
+def replace_block(text, name, content):
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    new = f"{begin}\n{content.rstrip()}\n{end}"
+    if pat.search(text):
+        return pat.sub(lambda _: new, text)
+    return text  # no such block: leave the document alone
+
+
+# ---------------------------------------------------------------- routing
+
+
+def oracle(records):
+    """Hit rate if every turn found its whole previous context (prompt + reply) cached, with
+    vLLM's rules: full blocks only, at most floor((n-1)/16)*16 tokens of an n-token prompt."""
+    by_conv = {}
+    for r in records:
+        by_conv.setdefault(r["conversation"], []).append(r)
+    hits = queries = 0
+    for turns in by_conv.values():
+        turns.sort(key=lambda r: r["turn"])
+        prev = None
+        for r in turns:
+            n = r["isl"]
+            cap = (max(n - 1, 0) // BLOCK) * BLOCK
+            ctx = r.get("shared_prefix", 0)
+            if prev is not None:
+                ctx = max(ctx, prev["isl"] + prev["osl"])
+            hits += min((ctx // BLOCK) * BLOCK, cap)
+            queries += n
+            prev = r
+    return hits / queries if queries else None
+
+
+def cmd_collect_routing(a):
+    art = a.aiperf
+    summary = json.load(open(os.path.join(art, "profile_export_aiperf.json")))
+
+    def stat(key, field):
+        v = summary.get(key) or {}
+        return v.get(field)
+
+    records = []
+    for line in open(os.path.join(art, "profile_export.jsonl")):
+        d = json.loads(line)
+        m, x = d.get("metadata", {}), d.get("metrics", {})
+        if d.get("error") or "time_to_first_token" not in x:
+            continue
+        records.append(
+            {
+                "conversation": m.get("conversation_id"),
+                "turn": m.get("turn_index", 0),
+                "isl": x.get("input_sequence_length", {}).get("value", 0),
+                "osl": x.get("output_sequence_length", {}).get("value", 0),
+                "ttft_ms": x["time_to_first_token"]["value"],
+                "latency_ms": x.get("request_latency", {}).get("value"),
+                "cached": x.get("usage_prompt_cache_read_tokens", {}).get("value", 0),
+            }
+        )
+    # Shared system prompt (hot scenario): the tokens every first turn could find cached,
+    # measured as what the best-placed first turn actually found.
+    firsts = [r["cached"] for r in records if r["turn"] == 0]
+    shared = max(firsts) if firsts else 0
+    if shared:
+        for r in records:
+            if r["turn"] == 0:
+                r["shared_prefix"] = shared
+
+    sims = []
+    for url in a.sims:
+        text = fetch(url + "/metrics")
+        ttft_sum = total(text, "vllm:time_to_first_token_seconds_sum")
+        ttft_n = total(text, "vllm:time_to_first_token_seconds_count")
+        sims.append(
+            {
+                "url": url,
+                "hits": total(text, "vllm:prefix_cache_hits_total"),
+                "queries": total(text, "vllm:prefix_cache_queries_total"),
+                "requests": total(text, "vllm:request_success_total"),
+                "preemptions": total(text, "vllm:num_preemptions_total"),
+                "ttft_ms_mean": 1000 * ttft_sum / ttft_n if ttft_n else None,
+                "ttft_n": ttft_n,
+            }
+        )
+    hits = sum(s["hits"] for s in sims)
+    queries = sum(s["queries"] for s in sims)
+    served = [s["requests"] for s in sims]
+    ttft_n = sum(s["ttft_n"] for s in sims)
+    server_ttft = (
+        sum((s["ttft_ms_mean"] or 0) * s["ttft_n"] for s in sims) / ttft_n if ttft_n else None
+    )
+
+    picks, replica_requests = {}, []
+    for port in a.admins or []:
+        text = fetch(f"http://127.0.0.1:{port}/metrics")
+        for labels, v in samples(text, "llmlb_picks_total"):
+            picks[labels.get("reason", "?")] = picks.get(labels.get("reason", "?"), 0) + v
+        replica_requests.append(total(text, "llmlb_requests_total"))
+
+    errors = summary.get("error_summary") or []
+    out = {
+        "scenario": a.scenario,
+        "label": a.label,
+        "policy": a.policy,
+        "replicas": a.replicas,
+        "store": a.store,
+        "round": a.round,
+        "wall_s": float(a.wall_end) - float(a.wall_start),
+        "finished": now_utc(),
+        "requests": stat("request_count", "avg"),
+        "errors": sum(e.get("count", 0) for e in errors) if isinstance(errors, list) else errors,
+        "ttft_ms": {k: stat("time_to_first_token", k) for k in ("avg", "p50", "p90", "p99")},
+        "latency_ms": {k: stat("request_latency", k) for k in ("avg", "p50", "p90", "p99")},
+        "output_tok_s": stat("output_token_throughput", "avg"),
+        "request_throughput": stat("request_throughput", "avg"),
+        "hit_rate": hits / queries if queries else None,
+        "oracle_hit_rate": oracle(records),
+        "server_ttft_ms": server_ttft,
+        "served_per_server": served,
+        "max_share": max(served) / sum(served) if sum(served) else None,
+        "preemptions": sum(s["preemptions"] for s in sims),
+        "picks": picks,
+        "replica_requests": replica_requests,
+        "ttft_samples_ms": sorted(round(r["ttft_ms"], 2) for r in records),
+    }
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    json.dump(out, open(a.out, "w"), indent=1)
+    print(
+        f"   TTFT mean {fmt(out['ttft_ms']['avg'], 1)} ms p99 {fmt(out['ttft_ms']['p99'], 1)} ms | "
+        f"latency mean {fmt(out['latency_ms']['avg'])} ms | {fmt(out['output_tok_s'])} tok/s | "
+        f"hit rate {pct(out['hit_rate'])} (oracle {pct(out['oracle_hit_rate'])}) | "
+        f"served {served} | {out['wall_s']:.0f} s"
+    )
+
+
+ROUTING_FIELDS = [
+    ("ttft_mean_ms", lambda r: r["ttft_ms"]["avg"]),
+    ("ttft_p99_ms", lambda r: r["ttft_ms"]["p99"]),
+    ("latency_mean_ms", lambda r: r["latency_ms"]["avg"]),
+    ("latency_p99_ms", lambda r: r["latency_ms"]["p99"]),
+    ("output_tok_s", lambda r: r["output_tok_s"]),
+    ("hit_rate", lambda r: r["hit_rate"]),
+    ("oracle_hit_rate", lambda r: r["oracle_hit_rate"]),
+    ("server_ttft_mean_ms", lambda r: r["server_ttft_ms"]),
+    ("max_server_share", lambda r: r["max_share"]),
+    ("errors", lambda r: r["errors"]),
+    ("wall_s", lambda r: r["wall_s"]),
+]
+
+
+def cmd_summarize_routing(a):
+    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.dir, "*.json")))]
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["scenario"], r["label"]), []).append(r)
+    summary = {
+        "generated": now_utc(),
+        "git": git_rev(),
+        "machine": machine(),
+        "elapsed_s": a.elapsed,
+        "time_scale": a.time_scale,
+        "kv_blocks": a.kv_blocks,
+        "repeats": a.repeats,
+        "results": [],
+    }
+    prev = os.path.join(RESULTS, "routing.json")
+    if os.path.exists(prev):
+        # Keep the timing of scenarios that this invocation did not run.
+        try:
+            summary["previous_elapsed_s"] = json.load(open(prev)).get("elapsed_by_scenario", {})
+        except Exception:
+            pass
+    elapsed_by = dict(summary.get("previous_elapsed_s", {}))
+    for (scenario, label), rs in sorted(groups.items()):
+        row = {"scenario": scenario, "label": label, "rounds": len(rs)}
+        for name, get in ROUTING_FIELDS:
+            row[name] = [get(r) for r in rs]
+        row["served_per_server"] = [r["served_per_server"] for r in rs]
+        row["picks"] = [r["picks"] for r in rs]
+        row["replica_requests"] = [r["replica_requests"] for r in rs]
+        row["finished"] = max(r["finished"] for r in rs)
+        summary["results"].append(row)
+    for scenario in {r["scenario"] for r in runs}:
+        elapsed_by[scenario] = sum(r["wall_s"] for r in runs if r["scenario"] == scenario)
+    summary["elapsed_by_scenario"] = elapsed_by
+    summary.pop("previous_elapsed_s", None)
+    json.dump(summary, open(os.path.join(RESULTS, "routing.json"), "w"), indent=1)
+    with open(os.path.join(RESULTS, "routing.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["scenario", "label", "round"] + [n for n, _ in ROUTING_FIELDS])
+        for r in sorted(runs, key=lambda r: (r["scenario"], r["label"], r["round"])):
+            w.writerow(
+                [r["scenario"], r["label"], r["round"]]
+                + [("" if g(r) is None else round(g(r), 4)) for _, g in ROUTING_FIELDS]
+            )
+    print("wrote", os.path.relpath(os.path.join(RESULTS, "routing.json"), ROOT))
+
+
+def mean(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def routing_table(rows, rr=None, ratio=True):
+    """Metric rows, one column per policy (the seed article's layout)."""
+    cols = sorted(rows, key=lambda r: POLICY_ORDER.index(r["label"]) if r["label"] in POLICY_ORDER else 99)
+    head = "| metric | " + " | ".join(POLICY_TITLE.get(r["label"], r["label"]) for r in cols) + " |"
+    sep = "|---|" + "---:|" * len(cols)
+    lines = [head, sep]
+
+    def line(title, key, digits=0, suffix="", scale=1.0, vs_rr=False):
+        cells = []
+        for r in cols:
+            cell = spread(r[key], digits, suffix, scale)
+            if vs_rr and rr is not None and r is not rr and mean(rr[key]) and mean(r[key]) is not None:
+                cell += f" (×{mean(r[key]) / mean(rr[key]):.2f})"
+            cells.append(cell)
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+
+    line("TTFT mean (ms)", "ttft_mean_ms", 1, vs_rr=ratio)
+    line("TTFT P99 (ms)", "ttft_p99_ms", 1, vs_rr=ratio)
+    line("request latency mean (ms)", "latency_mean_ms", 0, vs_rr=ratio)
+    line("request latency P99 (ms)", "latency_p99_ms", 0, vs_rr=ratio)
+    line("output tokens/s", "output_tok_s", 0, vs_rr=ratio)
+    line("fleet prefix-cache hit rate", "hit_rate", 1, " %", 100)
+    line("oracle hit rate (bound)", "oracle_hit_rate", 1, " %", 100)
+    line("TTFT mean at the servers (ms)", "server_ttft_mean_ms", 1)
+    line("busiest server's share of requests", "max_server_share", 0, " %", 100)
+    errs = [sum(v or 0 for v in r["errors"]) for r in cols]
+    if any(errs):
+        lines.append("| failed requests | " + " | ".join(str(int(e)) for e in errs) + " |")
+    return "\n".join(lines)
+
+
+def routing_blocks(data):
+    blocks = {}
+    by = {}
+    for r in data["results"]:
+        by.setdefault(r["scenario"], []).append(r)
+    for scenario, rows in by.items():
+        rr = next((r for r in rows if r["label"] == "round_robin"), None)
+        blocks[f"routing-{scenario}"] = routing_table(rows, rr, ratio=rr is not None)
+    el = data.get("elapsed_by_scenario", {})
+    meta = [
+        f"Generated {data['generated']} from commit `{data['git']}` by `scripts/bench-routing.sh` "
+        f"on {data['machine']}.",
+        f"vllm-sim `--time-scale {data['time_scale']}`, `--kv-blocks {data['kv_blocks']}` per server, "
+        f"{data['repeats']} round(s) per policy"
+        + (" (cells: mean, and min–max over the rounds)" if int(data["repeats"]) > 1 else "")
+        + ".",
+        "Time spent in the runs: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(el.items()))
+        + f" (the last invocation, build excluded: {data['elapsed_s'] / 60:.1f} min).",
+    ]
+    blocks["routing-meta"] = "\n".join(meta)
+    # Request placement and pick reasons, for the discussion.
+    lines = ["| scenario | policy | requests per server | llm-lb pick reasons |", "|---|---|---|---|"]
+    for scenario, rows in sorted(by.items()):
+        for r in sorted(rows, key=lambda r: POLICY_ORDER.index(r["label"]) if r["label"] in POLICY_ORDER else 99):
+            served = " / ".join(str(int(x)) for x in r["served_per_server"][0])
+            picks = r["picks"][0]
+            reasons = ", ".join(f"{k} {int(v)}" for k, v in sorted(picks.items(), key=lambda kv: -kv[1])) or "–"
+            lines.append(f"| {scenario} | {POLICY_TITLE.get(r['label'], r['label'])} | {served} | {reasons} |")
+    blocks["routing-placement"] = "\n".join(lines)
+    return blocks
+
+
+def routing_plots(data, plt):
+    seed = [r for r in data["results"] if r["scenario"] == "seed"]
+    if not seed:
+        return
+    seed.sort(key=lambda r: POLICY_ORDER.index(r["label"]) if r["label"] in POLICY_ORDER else 99)
+    runs = {}
+    for p in glob.glob(os.path.join(RESULTS, "routing", "seed-*.json")):
+        r = json.load(open(p))
+        runs.setdefault(r["label"], []).extend(r["ttft_samples_ms"])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in seed:
+        xs = sorted(runs.get(r["label"], []))
+        if not xs:
+            continue
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        ax.step(xs, ys, where="post", label=POLICY_TITLE.get(r["label"], r["label"]))
+    ax.set_xscale("log")
+    lo = min((min(v) for v in runs.values() if v), default=1)
+    ax.set_xlim(left=max(lo * 0.8, 5))
+    ax.set_xlabel("time to first token (ms, log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("Seed workload: TTFT CDF per policy (AIPerf, 3 vllm-sim)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(IMG, "routing-ttft-cdf.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    names = [POLICY_TITLE.get(r["label"], r["label"]).replace(" (no LB)", "\n(no LB)").replace("SGLang router ", "SGLang\n") for r in seed]
+    vals = [100 * (mean(r["hit_rate"]) or 0) for r in seed]
+    bars = ax.bar(names, vals, color="#4c72b0")
+    orc = mean([mean(r["oracle_hit_rate"]) for r in seed])
+    if orc:
+        ax.axhline(100 * orc, color="#c44e52", linestyle="--", label=f"oracle bound {100 * orc:.0f} %")
+        ax.legend(fontsize=8, loc="lower right")
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.0f} %", ha="center", fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("fleet prefix-cache hit rate (%)")
+    ax.set_title("Seed workload: prefix-cache hit rate per policy")
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(IMG, "routing-hit-rate.png"), dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- overhead
+
+
+def cmd_collect_overhead(a):
+    rows = []
+    for path in sorted(glob.glob(os.path.join(a.dir, "*.json"))):
+        name = os.path.basename(path)[:-5]
+        target, _, rnd = name.rpartition("-r")
+        d = json.load(open(path))
+        s = d["summary"]
+        lat = d.get("latencyPercentiles", {})
+        codes = d.get("statusCodeDistribution", {})
+        ok = sum(v for k, v in codes.items() if k.startswith("2"))
+        total_n = sum(codes.values()) + sum(d.get("errorDistribution", {}).values())
+        rows.append(
+            {
+                "target": target,
+                "round": int(rnd),
+                "rps": s["requestsPerSec"],
+                "p50_ms": 1000 * lat.get("p50", 0),
+                "p99_ms": 1000 * lat.get("p99", 0),
+                "ok": ok,
+                "total": total_n,
+            }
+        )
+    meta = json.load(open(a.meta)) if a.meta and os.path.exists(a.meta) else {}
+    out = {
+        "generated": now_utc(),
+        "git": git_rev(),
+        "machine": machine(),
+        **meta,
+        "runs": rows,
+    }
+    json.dump(out, open(os.path.join(RESULTS, "overhead.json"), "w"), indent=1)
+    with open(os.path.join(RESULTS, "overhead.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["target", "round", "rps", "p50_ms", "p99_ms", "ok", "total"])
+        for r in rows:
+            w.writerow([r["target"], r["round"], round(r["rps"], 1), round(r["p50_ms"], 3), round(r["p99_ms"], 3), r["ok"], r["total"]])
+    print("wrote", os.path.relpath(os.path.join(RESULTS, "overhead.json"), ROOT))
+
+
+OVERHEAD_ORDER = [
+    "direct",
+    "nginx",
+    "llm-lb_round_robin",
+    "llm-lb_prefix_cache",
+    "llm-lb_prefix_cache_redis",
+    "llm-lb_global_least_request_redis",
+    "sglang_round_robin",
+    "sglang_cache_aware",
+]
+OVERHEAD_TITLE = {
+    "direct": "direct (no proxy)",
+    "nginx": "nginx round robin",
+    "llm-lb_round_robin": "llm-lb round_robin",
+    "llm-lb_prefix_cache": "llm-lb prefix_cache (embedded)",
+    "llm-lb_prefix_cache_redis": "llm-lb prefix_cache (Redis)",
+    "llm-lb_global_least_request_redis": "llm-lb global_least_request (Redis)",
+    "sglang_round_robin": "SGLang router round_robin",
+    "sglang_cache_aware": "SGLang router cache_aware",
+}
+
+
+def overhead_stats(data):
+    """Per target: lists over rounds of rps, p50, p99 and the per-round ratios to nginx and
+    to direct (ratios are taken within a round: the runs of a round are back to back)."""
+    rounds = {}
+    for r in data["runs"]:
+        rounds.setdefault(r["round"], {})[r["target"]] = r
+    stats = {}
+    for rnd, targets in rounds.items():
+        for t, r in targets.items():
+            s = stats.setdefault(t, {k: [] for k in ("rps", "p50", "p99", "rps_nginx", "p50_nginx", "p99_nginx", "rps_direct", "p50_direct", "p99_direct", "ok", "total")})
+            s["rps"].append(r["rps"])
+            s["p50"].append(r["p50_ms"])
+            s["p99"].append(r["p99_ms"])
+            s["ok"].append(r["ok"])
+            s["total"].append(r["total"])
+            for base in ("nginx", "direct"):
+                b = targets.get(base)
+                if b:
+                    s[f"rps_{base}"].append(r["rps"] / b["rps"] if b["rps"] else None)
+                    s[f"p50_{base}"].append(r["p50_ms"] / b["p50_ms"] if b["p50_ms"] else None)
+                    s[f"p99_{base}"].append(r["p99_ms"] / b["p99_ms"] if b["p99_ms"] else None)
+    return stats
+
+
+def ratio_cell(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "–"
+    m = statistics.median(vals)
+    if len(vals) == 1:
+        return f"{m:.2f}"
+    return f"{m:.2f} ({min(vals):.2f}–{max(vals):.2f})"
+
+
+def med_cell(vals, digits):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "–"
+    m = statistics.median(vals)
+    if len(vals) == 1:
+        return f"{m:,.{digits}f}"
+    return f"{m:,.{digits}f} ({min(vals):,.{digits}f}–{max(vals):,.{digits}f})"
+
+
+def overhead_blocks(data):
+    st = overhead_stats(data)
+    targets = [t for t in OVERHEAD_ORDER if t in st] + sorted(t for t in st if t not in OVERHEAD_ORDER)
+    lines = [
+        "| target | requests/s | p50 (ms) | p99 (ms) | req/s ÷ nginx | p50 ÷ nginx | p99 ÷ nginx | req/s ÷ direct | p50 ÷ direct | p99 ÷ direct | non-2xx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in targets:
+        s = st[t]
+        bad = sum(s["total"]) - sum(s["ok"])
+        lines.append(
+            f"| {OVERHEAD_TITLE.get(t, t)} | {med_cell(s['rps'], 0)} | {med_cell(s['p50'], 2)} | {med_cell(s['p99'], 2)} | "
+            f"{ratio_cell(s['rps_nginx'])} | {ratio_cell(s['p50_nginx'])} | {ratio_cell(s['p99_nginx'])} | "
+            f"{ratio_cell(s['rps_direct'])} | {ratio_cell(s['p50_direct'])} | {ratio_cell(s['p99_direct'])} | {bad} |"
+        )
+    meta = (
+        f"Generated {data['generated']} from commit `{data['git']}` by `scripts/bench-overhead.sh` on "
+        f"{data['machine']}. {data.get('rounds', '?')} interleaved rounds of {data.get('duration', '?')} per target "
+        f"(after a {data.get('warmup', '?')} warm-up), oha {data.get('oha_version', '')}, {data.get('connections', '?')} connections, "
+        f"{data.get('body_bytes', '?')}-byte streaming chat body, backend `vllm-sim --time-scale 0` "
+        f"({data.get('max_tokens', '?')} output tokens). Cells: median over rounds (min–max); ratios are taken "
+        f"within each round, then the median. Whole script: {data.get('elapsed_s', 0) / 60:.1f} min (build excluded)."
+    )
+    return {"overhead": "\n".join(lines), "overhead-meta": meta}, st
+
+
+def overhead_plot(data, st, plt):
+    targets = [t for t in OVERHEAD_ORDER if t in st]
+    if not targets:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    short = {
+        "direct": "direct",
+        "nginx": "nginx",
+        "llm-lb_round_robin": "llm-lb RR",
+        "llm-lb_prefix_cache": "llm-lb PC",
+        "llm-lb_prefix_cache_redis": "llm-lb PC\nRedis",
+        "llm-lb_global_least_request_redis": "llm-lb GLR\nRedis",
+        "sglang_round_robin": "SGLang RR",
+        "sglang_cache_aware": "SGLang\ncache_aware",
+    }
+    names = [short.get(t, t) for t in targets]
+    for ax, key, title in ((axes[0], "rps", "requests/s (higher is better)"), (axes[1], "p99", "p99 latency, ms (lower is better)")):
+        med = [statistics.median(st[t][key]) for t in targets]
+        lo = [m - min(st[t][key]) for m, t in zip(med, targets)]
+        hi = [max(st[t][key]) - m for m, t in zip(med, targets)]
+        ax.bar(range(len(targets)), med, yerr=[lo, hi], capsize=3, color="#55a868")
+        ax.set_xticks(range(len(targets)))
+        ax.set_xticklabels(names, fontsize=7, rotation=35, ha="right")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("Proxy overhead: oha against one instant vllm-sim (median, min–max over rounds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(IMG, "overhead.png"), dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- micro
+
+
+def cmd_collect_micro(a):
+    rows = []
+    for est in glob.glob(os.path.join(a.criterion, "**", "new", "estimates.json"), recursive=True):
+        bench_dir = os.path.dirname(os.path.dirname(est))
+        bj = os.path.join(bench_dir, "new", "benchmark.json")
+        if not os.path.exists(bj):
+            continue
+        b = json.load(open(bj))
+        group = b.get("group_id", "")
+        if not (group.startswith("parse") or group.startswith("pick")):
+            continue
+        e = json.load(open(est))
+        rows.append(
+            {
+                "group": group,
+                "function": b.get("function_id"),
+                "parameter": b.get("value_str"),
+                "throughput": b.get("throughput"),
+                "mean_ns": e["mean"]["point_estimate"],
+                "mean_lo_ns": e["mean"]["confidence_interval"]["lower_bound"],
+                "mean_hi_ns": e["mean"]["confidence_interval"]["upper_bound"],
+            }
+        )
+    out = {"generated": now_utc(), "git": git_rev(), "machine": machine(), "rows": rows}
+    json.dump(out, open(os.path.join(RESULTS, "micro.json"), "w"), indent=1)
+    with open(os.path.join(RESULTS, "micro.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["group", "function", "parameter", "mean_ns", "ci_lo_ns", "ci_hi_ns"])
+        for r in sorted(rows, key=lambda r: (r["group"], str(r["function"]), num(r["parameter"]))):
+            w.writerow([r["group"], r["function"], r["parameter"], round(r["mean_ns"], 1), round(r["mean_lo_ns"], 1), round(r["mean_hi_ns"], 1)])
+    print("wrote", os.path.relpath(os.path.join(RESULTS, "micro.json"), ROOT), f"({len(rows)} benchmarks)")
+
+
+def num(s):
+    m = re.match(r"(\d+)", str(s or ""))
+    return int(m.group(1)) if m else 0
+
+
+def human_time(ns):
+    if ns < 1e3:
+        return f"{ns:.0f} ns"
+    if ns < 1e6:
+        return f"{ns / 1e3:.1f} µs"
+    return f"{ns / 1e6:.2f} ms"
+
+
+def human_bytes(n):
+    return f"{n // 1048576} MiB" if n >= 1048576 else f"{n // 1024} KiB"
+
+
+def micro_blocks(data):
+    rows = data["rows"]
+    parse = sorted((r for r in rows if r["group"].startswith("parse")), key=lambda r: (str(r["function"]), num(r["parameter"])))
+    lines = ["| body | " + " | ".join(sorted({str(r['function']) for r in parse})) + " | throughput |", None]
+    funcs = sorted({str(r["function"]) for r in parse})
+    lines[1] = "|---|" + "---:|" * (len(funcs) + 1)
+    for size in sorted({num(r["parameter"]) for r in parse}):
+        cells = []
+        thr = ""
+        for f in funcs:
+            r = next((r for r in parse if str(r["function"]) == f and num(r["parameter"]) == size), None)
+            cells.append(human_time(r["mean_ns"]) if r else "–")
+            if r and f == funcs[-1]:
+                thr = f"{size / (r['mean_ns'] / 1e9) / 1048576:,.0f} MiB/s"
+        lines.append(f"| {human_bytes(size)} | " + " | ".join(cells) + f" | {thr} |")
+    pick = [r for r in rows if r["group"].startswith("pick")]
+    policies = [p for p in ["round_robin", "random", "global_least_request", "prefix_cache", "least_busy"] if any(r["function"] == p for r in pick)]
+    plines = ["| endpoints | " + " | ".join(policies) + " |", "|---:|" + "---:|" * len(policies)]
+    for n in sorted({num(r["parameter"]) for r in pick}):
+        cells = []
+        for p in policies:
+            r = next((r for r in pick if r["function"] == p and num(r["parameter"]) == n), None)
+            cells.append(human_time(r["mean_ns"]) if r else "–")
+        plines.append(f"| {n} | " + " | ".join(cells) + " |")
+    meta = f"Generated {data['generated']} from commit `{data['git']}` by `scripts/bench-micro.sh` on {data['machine']}. Criterion mean per iteration."
+    return {"micro-parse": "\n".join(lines), "micro-pick": "\n".join(plines), "micro-meta": meta}
+
+
+def micro_plot(data, plt):
+    rows = data["rows"]
+    parse = [r for r in rows if r["group"].startswith("parse")]
+    pick = [r for r in rows if r["group"].startswith("pick")]
+    if not parse and not pick:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for f in sorted({str(r["function"]) for r in parse}):
+        pts = sorted((num(r["parameter"]), r["mean_ns"] / 1e3) for r in parse if str(r["function"]) == f)
+        axes[0].plot([p[0] / 1024 for p in pts], [p[1] for p in pts], marker="o", label=f)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("request body (KiB)")
+    axes[0].set_ylabel("µs per request")
+    axes[0].set_title("body parse + prefix block hashing", fontsize=10)
+    axes[0].legend(fontsize=8)
+    axes[0].grid(True, which="both", alpha=0.3)
+    for p in ["round_robin", "random", "global_least_request", "prefix_cache", "least_busy"]:
+        pts = sorted((num(r["parameter"]), r["mean_ns"] / 1e3) for r in pick if r["function"] == p)
+        if pts:
+            axes[1].plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("endpoints in the pool")
+    axes[1].set_ylabel("µs per pick (+ release)")
+    axes[1].set_title("pick cost, embedded store", fontsize=10)
+    axes[1].legend(fontsize=8)
+    axes[1].grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(IMG, "micro.png"), dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- render
+
+
+def headline(routing, overhead_st):
+    parts = []
+    if routing:
+        seed = {r["label"]: r for r in routing["results"] if r["scenario"] == "seed"}
+        rr, pc = seed.get("round_robin"), seed.get("prefix_cache")
+        if rr and pc:
+            parts.append(
+                f"- **Seed workload** (60 five-turn chat sessions, concurrency 20, three simulated vLLM servers): "
+                f"`prefix_cache` cuts mean TTFT from {mean(rr['ttft_mean_ms']):.0f} ms to {mean(pc['ttft_mean_ms']):.0f} ms "
+                f"(×{mean(pc['ttft_mean_ms']) / mean(rr['ttft_mean_ms']):.2f}) and P99 TTFT from {mean(rr['ttft_p99_ms']):.0f} to "
+                f"{mean(pc['ttft_p99_ms']):.0f} ms, and raises the fleet prefix-cache hit rate from "
+                f"{100 * mean(rr['hit_rate']):.0f} % to {100 * mean(pc['hit_rate']):.0f} % "
+                f"(oracle bound {100 * mean(pc['oracle_hit_rate']):.0f} %) against round robin."
+            )
+            sg = seed.get("sglang_cache_aware")
+            if sg:
+                parts.append(
+                    f"- Same workload through the SGLang router's `cache_aware`: TTFT {mean(sg['ttft_mean_ms']):.0f} ms, "
+                    f"hit rate {100 * mean(sg['hit_rate']):.0f} %."
+                )
+        rep = {r["label"]: r for r in routing["results"] if r["scenario"] == "replicas"}
+        if "prefix_cache_3x_redis" in rep:
+            r3 = rep["prefix_cache_3x_redis"]
+            un = rep.get("prefix_cache_3x_unshared")
+            s = (f"- **Three llm-lb replicas sharing Redis**, requests spread over them round robin: hit rate "
+                 f"{100 * mean(r3['hit_rate']):.0f} %, TTFT {mean(r3['ttft_mean_ms']):.0f} ms")
+            if un:
+                s += f" (unshared embedded stores: {100 * mean(un['hit_rate']):.0f} %, {mean(un['ttft_mean_ms']):.0f} ms)"
+            parts.append(s + ".")
+    if overhead_st:
+        def med(t, k):
+            v = [x for x in overhead_st.get(t, {}).get(k, []) if x is not None]
+            return statistics.median(v) if v else None
+        rr = "llm-lb_round_robin"
+        if rr in overhead_st and med(rr, "rps_nginx"):
+            s = (f"- **Overhead** (oha, one instant backend): llm-lb `round_robin` serves "
+                 f"{med(rr, 'rps_nginx'):.2f}× nginx's requests/s (p99 ×{med(rr, 'p99_nginx'):.2f}); "
+                 f"`prefix_cache` {med('llm-lb_prefix_cache', 'rps_nginx') or 0:.2f}× embedded, "
+                 f"{med('llm-lb_prefix_cache_redis', 'rps_nginx') or 0:.2f}× with Redis")
+            if "sglang_cache_aware" in overhead_st:
+                s += f"; the SGLang router's `cache_aware` {med('sglang_cache_aware', 'rps_nginx'):.2f}×"
+            parts.append(s + ".")
+    return "\n".join(parts)
+
+
+def cmd_render(_a):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+        print("matplotlib missing: tables only", file=sys.stderr)
+    os.makedirs(IMG, exist_ok=True)
+    if not os.path.exists(DOC):
+        print(f"{DOC} is missing: nothing to render into", file=sys.stderr)
+        return 1
+    text = open(DOC).read()
+    routing = overhead = None
+    st = None
+    p = os.path.join(RESULTS, "routing.json")
+    if os.path.exists(p):
+        routing = json.load(open(p))
+        for k, v in routing_blocks(routing).items():
+            text = replace_block(text, k, v)
+        if plt:
+            routing_plots(routing, plt)
+    p = os.path.join(RESULTS, "overhead.json")
+    if os.path.exists(p):
+        overhead = json.load(open(p))
+        blocks, st = overhead_blocks(overhead)
+        for k, v in blocks.items():
+            text = replace_block(text, k, v)
+        if plt:
+            overhead_plot(overhead, st, plt)
+    p = os.path.join(RESULTS, "micro.json")
+    if os.path.exists(p):
+        micro = json.load(open(p))
+        for k, v in micro_blocks(micro).items():
+            text = replace_block(text, k, v)
+        if plt:
+            micro_plot(micro, plt)
+    head = headline(routing, st)
+    text = replace_block(text, "headline", head)
+    open(DOC, "w").write(text)
+    if os.path.exists(README):
+        r = open(README).read()
+        r2 = replace_block(r, "headline", head)
+        if r2 != r:
+            open(README, "w").write(r2)
+    print("rendered", os.path.relpath(DOC, ROOT))
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect-routing")
+    c.add_argument("--aiperf", required=True)
+    c.add_argument("--scenario", required=True)
+    c.add_argument("--label", required=True)
+    c.add_argument("--policy", required=True)
+    c.add_argument("--replicas", type=int, default=1)
+    c.add_argument("--store", default="embedded")
+    c.add_argument("--round", type=int, default=1)
+    c.add_argument("--wall-start", required=True)
+    c.add_argument("--wall-end", required=True)
+    c.add_argument("--sims", nargs="+", required=True)
+    c.add_argument("--admins", nargs="*", default=[])
+    c.add_argument("--out", required=True)
+    s = sub.add_parser("summarize-routing")
+    s.add_argument("--dir", required=True)
+    s.add_argument("--elapsed", type=float, default=0)
+    s.add_argument("--time-scale", default="")
+    s.add_argument("--kv-blocks", default="")
+    s.add_argument("--repeats", default="1")
+    o = sub.add_parser("collect-overhead")
+    o.add_argument("--dir", required=True)
+    o.add_argument("--meta")
+    m = sub.add_parser("collect-micro")
+    m.add_argument("--criterion", required=True)
+    sub.add_parser("render")
+    a = ap.parse_args()
+    fn = {
+        "collect-routing": cmd_collect_routing,
+        "summarize-routing": cmd_summarize_routing,
+        "collect-overhead": cmd_collect_overhead,
+        "collect-micro": cmd_collect_micro,
+        "render": cmd_render,
+    }[a.cmd]
+    return fn(a) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

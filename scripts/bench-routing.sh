@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# Routing quality: three simulated vLLM servers (finite KV cache, realistic time-scaled costs)
+# behind each llm-lb policy and behind the SGLang router, driven by a real LLM benchmark client
+# (AIPerf, with a tokenizer built locally). Reports TTFT, request latency, output token
+# throughput, the fleet's prefix-cache hit rate (from the simulators' own counters) and the
+# oracle bound, then regenerates docs/benchmarks.md.
+#
+#   ./scripts/bench-routing.sh                 # everything (about 20 minutes on 2 cores)
+#   ROUTING_SCENARIOS=seed ./scripts/bench-routing.sh        # the seed workload only
+#   ROUTING_REPEATS=3 ./scripts/bench-routing.sh             # interleaved repeats, shows spread
+#
+# Scenarios (ROUTING_SCENARIOS, space separated; default "seed unique hot replicas"):
+#   seed      multi-turn chat: 60 sessions x 5 turns, ~200 input tokens per turn, ~800 output
+#             tokens, concurrency 20 (the seed article's workload)
+#   unique    single-turn prompts that share nothing (affinity must cost nothing)
+#   hot       every session starts with the same long system prompt (affinity must not hot-spot)
+#   replicas  the seed workload through three llm-lb replicas behind an nginx that spreads
+#             requests over them round robin, so the turns of a session reach different replicas
+#             (Redis-shared state vs each replica on its own embedded store)
+#
+# Environment knobs (all optional):
+#   ROUTING_PORT_BASE   first port (default 28000; uses BASE+1..3, BASE+80..95, BASE+379)
+#   ROUTING_TIME_SCALE  vllm-sim --time-scale (default 0.5: simulated times run twice as fast)
+#   ROUTING_KV_BLOCKS   KV-cache blocks per server, 16 tokens each (default 4096 = 64k tokens)
+#   ROUTING_REPEATS     rounds; each round runs every policy once, in order (default 1)
+#   ROUTING_POLICIES    subset of: round_robin global_least_request prefix_cache least_busy
+#                       sglang_cache_aware (default: all)
+#   ROUTING_SESSIONS    sessions of the seed workload (default 60)
+#   ROUTING_NO_REPORT=1 do not regenerate docs/benchmarks.md
+#   LLMLB_VENV, LLMLB_SGL_VENV  Python venvs (default target/py-venv, target/sgl-venv)
+# Results: bench/results/routing/*.json (one file per run) and bench/results/routing.{json,csv}.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+source "$ROOT/scripts/lib.sh"
+source "$ROOT/scripts/bench-common.sh"
+
+case "${1:-}" in
+    -h | --help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    "") ;;
+    *)
+        echo "unknown argument: $1 (see --help)" >&2
+        exit 2
+        ;;
+esac
+
+BASE="${ROUTING_PORT_BASE:-28000}"
+TIME_SCALE="${ROUTING_TIME_SCALE:-0.5}"
+KV_BLOCKS="${ROUTING_KV_BLOCKS:-4096}"
+REPEATS="${ROUTING_REPEATS:-1}"
+SCENARIOS="${ROUTING_SCENARIOS:-seed unique hot replicas}"
+POLICIES="${ROUTING_POLICIES:-round_robin global_least_request prefix_cache least_busy sglang_cache_aware}"
+SESSIONS="${ROUTING_SESSIONS:-60}"
+MODEL="bench/llama-3.1-8b"
+LB_PORT=$((BASE + 80))
+SGL_PORT=$((BASE + 90))
+FRONT_PORT=$((BASE + 95))
+REDIS_PORT=$((BASE + 379))
+RESULTS="$ROOT/bench/results/routing"
+WORK="$ROOT/bench/work/routing"
+
+trap bench_cleanup EXIT
+trap 'exit 130' INT TERM
+
+ensure_packages
+ensure_bench_packages
+ensure_rust
+bench_build
+bench_venv
+case " $POLICIES " in *" sglang_cache_aware "*) bench_sgl_venv ;; esac
+ports_free $((BASE + 1)) $((BASE + 2)) $((BASE + 3)) "$LB_PORT" $((LB_PORT + 1)) $((LB_PORT + 2)) \
+    "$SGL_PORT" "$FRONT_PORT" "$REDIS_PORT"
+
+rm -rf "$WORK"
+mkdir -p "$WORK" "$RESULTS"
+TOKENIZER="$ROOT/target/bench-tokenizer"
+CORPUS="$("$BENCH_PY" -c 'import aiperf, os; print(os.path.join(os.path.dirname(aiperf.__file__), "dataset/generator/assets/shakespeare.txt"))')"
+"$BENCH_PY" "$ROOT/vllm-sim/py/make_tokenizer.py" "$TOKENIZER" "$CORPUS" >/dev/null
+write_pingora_yaml "$WORK"
+
+SIM_URLS=()
+SIM_ADDRS=()
+for i in 1 2 3; do
+    SIM_URLS+=("http://127.0.0.1:$((BASE + i))")
+    SIM_ADDRS+=("127.0.0.1:$((BASE + i))")
+done
+
+# Fresh simulators for each run (cold caches, zeroed counters).
+# Costs (model ms): an 8B model on one mid-range GPU: 5 ms per request + 0.1 ms per uncached
+# prompt token of prefill (10k tokens/s), 10 ms per decode step, 1.5x slower at a full batch of 16.
+start_sims() {
+    local i
+    SIM_PIDS=()
+    for i in 1 2 3; do
+        bench_spawn "$RUN_DIR/sim$i.log" "$SIM_BIN" --host 127.0.0.1 --port $((BASE + i)) \
+            --model "$MODEL" --seed "$i" --time-scale "$TIME_SCALE" --kv-blocks "$KV_BLOCKS" \
+            --max-num-seqs 16 --prefill-overhead-ms 5 --prefill-ms-per-token 0.1 --itl-ms 10 \
+            --load-factor 1.5
+        SIM_PIDS+=("$LAST_PID")
+    done
+    for i in 1 2 3; do wait_port $((BASE + i)) 30; done
+}
+
+# A policy file for one llm-lb replica ($1: index 0..2) with lb_policy $2 and store $3.
+policy_yaml() {
+    local idx=$1 policy=$2 store=$3 lbcfg="{}"
+    if [ "$store" = redis ]; then
+        lbcfg="{serviceFQDN: 127.0.0.1, servicePort: $REDIS_PORT, timeout: 50}"
+    fi
+    cat <<YAML
+listen: 127.0.0.1:$((LB_PORT + idx))
+admin: 127.0.0.1:$((LB_PORT + 10 + idx))
+pools:
+  - name: bench
+    models: ["*"]
+    endpoints: ["${SIM_ADDRS[0]}", "${SIM_ADDRS[1]}", "${SIM_ADDRS[2]}"]
+    health_check: {path: /health, interval_ms: 1000, timeout_ms: 500}
+    metrics: {path: /metrics, interval_ms: 100}
+    lb_policy: $policy
+    lb_config: $lbcfg
+YAML
+}
+
+# Start the router(s) for $1 (a policy name, or sglang_cache_aware), $2 replicas, store $3.
+# Sets URLS (what AIPerf targets) and ADMINS (llm-lb admin ports).
+start_routers() {
+    local policy=$1 replicas=$2 store=$3 r
+    URLS=()
+    ADMINS=()
+    ROUTER_PIDS=()
+    if [ "$policy" = sglang_cache_aware ]; then
+        start_sglang "$SGL_PORT" cache_aware "$RUN_DIR/sglang.log" "${SIM_URLS[@]}"
+        ROUTER_PIDS+=("$SGL_PID")
+        URLS+=("http://127.0.0.1:$SGL_PORT")
+        return
+    fi
+    if [ "$store" = redis ]; then
+        start_redis "$REDIS_PORT" "$RUN_DIR/redis"
+        ROUTER_PIDS+=("$REDIS_PID")
+    fi
+    for ((r = 0; r < replicas; r++)); do
+        policy_yaml "$r" "$policy" "$store" >"$RUN_DIR/policy$r.yaml"
+        start_llmlb "$WORK/pingora.yaml" "$RUN_DIR/policy$r.yaml" "$RUN_DIR/llm-lb$r.log" $((LB_PORT + r))
+        ROUTER_PIDS+=("$LB_PID")
+        ADMINS+=($((LB_PORT + 10 + r)))
+    done
+    if ((replicas == 1)); then
+        URLS+=("http://127.0.0.1:$LB_PORT")
+    else
+        # Spread requests over the replicas per request, as a layer-7 balancer in front of
+        # gateway replicas does (AIPerf's own --url round robin keeps a session on one URL,
+        # which would never test shared state).
+        local ups=()
+        for ((r = 0; r < replicas; r++)); do ups+=("127.0.0.1:$((LB_PORT + r))"); done
+        start_nginx "$FRONT_PORT" "$RUN_DIR/nginx" "${ups[@]}"
+        ROUTER_PIDS+=("$NGINX_PID")
+        URLS+=("http://127.0.0.1:$FRONT_PORT")
+    fi
+    # Health checks mark the endpoints healthy on their first round; give them one.
+    sleep 1.2
+}
+
+# AIPerf arguments of a scenario.
+scenario_args() {
+    case "$1" in
+        seed | replicas)
+            echo "--isl 200 --isl-stddev 40 --osl 800 --osl-stddev 200 \
+                --conversation-num $SESSIONS --conversation-turn-mean 5 --conversation-turn-stddev 0 \
+                --conversation-turn-delay-mean 0 --concurrency 20" ;;
+        unique)
+            echo "--isl 1000 --isl-stddev 200 --osl 200 --osl-stddev 50 \
+                --conversation-num 200 --conversation-turn-mean 1 --conversation-turn-stddev 0 \
+                --concurrency 20" ;;
+        hot)
+            echo "--shared-system-prompt-length 2000 --isl 200 --isl-stddev 40 --osl 400 --osl-stddev 100 \
+                --conversation-num 60 --conversation-turn-mean 3 --conversation-turn-stddev 0 \
+                --conversation-turn-delay-mean 0 --concurrency 20" ;;
+    esac
+}
+
+# Policies a scenario runs: "label policy replicas store".
+scenario_runs() {
+    local p
+    case "$1" in
+        seed | unique | hot)
+            for p in $POLICIES; do echo "$p $p 1 embedded"; done ;;
+        replicas)
+            echo "prefix_cache_3x_redis prefix_cache 3 redis"
+            echo "prefix_cache_3x_unshared prefix_cache 3 embedded" ;;
+    esac
+}
+
+run_one() {
+    local scenario=$1 label=$2 policy=$3 replicas=$4 store=$5 round=$6
+    RUN_DIR="$WORK/$scenario-$label-r$round"
+    mkdir -p "$RUN_DIR"
+    step "[$scenario] $label (round $round of $REPEATS)"
+    start_sims
+    start_routers "$policy" "$replicas" "$store"
+    local url_args=() u t0 t1
+    for u in "${URLS[@]}"; do url_args+=(--url "$u"); done
+    t0=$(date +%s.%N)
+    # AIPerf 0.13.0 cannot load a local tokenizer with HF_HUB_OFFLINE=1 set; a dead endpoint
+    # keeps it offline instead. It runs in its own process group, so that its worker processes
+    # are stopped with it whatever happens.
+    # shellcheck disable=SC2046
+    if ! bench_run_group 1500 "$RUN_DIR/aiperf.out" env -u HF_HUB_OFFLINE HF_ENDPOINT=http://127.0.0.1:9 \
+        "$BENCH_VENV/bin/aiperf" profile -m "$MODEL" --tokenizer "$TOKENIZER" --endpoint-type chat \
+        "${url_args[@]}" --streaming --extra-inputs ignore_eos:true $(scenario_args "$scenario") \
+        --use-server-token-count --no-gpu-telemetry --no-server-metrics --random-seed 1 --ui none \
+        --artifact-dir "$RUN_DIR/aiperf"; then
+        tail -n 30 "$RUN_DIR/aiperf.out" >&2
+        echo "AIPerf failed (log: $RUN_DIR/aiperf.out)" >&2
+        exit 1
+    fi
+    t1=$(date +%s.%N)
+    "$BENCH_PY" "$ROOT/scripts/bench-report.py" collect-routing --aiperf "$RUN_DIR/aiperf" \
+        --scenario "$scenario" --label "$label" --policy "$policy" --replicas "$replicas" \
+        --store "$store" --round "$round" --wall-start "$t0" --wall-end "$t1" \
+        --sims "${SIM_URLS[@]}" --admins "${ADMINS[@]}" --out "$RESULTS/$scenario-$label-r$round.json"
+    local pid
+    for pid in "${ROUTER_PIDS[@]}" "${SIM_PIDS[@]}"; do bench_stop "$pid" 10; done
+}
+
+START=$(date +%s)
+for scenario in $SCENARIOS; do
+    rm -f "$RESULTS/$scenario-"*.json
+done
+for scenario in $SCENARIOS; do
+    for ((round = 1; round <= REPEATS; round++)); do
+        while read -r label policy replicas store; do
+            run_one "$scenario" "$label" "$policy" "$replicas" "$store" "$round"
+        done < <(scenario_runs "$scenario")
+    done
+done
+ELAPSED=$(($(date +%s) - START))
+step "all runs done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s"
+
+"$BENCH_PY" "$ROOT/scripts/bench-report.py" summarize-routing --dir "$RESULTS" \
+    --elapsed "$ELAPSED" --time-scale "$TIME_SCALE" --kv-blocks "$KV_BLOCKS" --repeats "$REPEATS"
+if [ "${ROUTING_NO_REPORT:-0}" != 1 ]; then
+    "$BENCH_PY" "$ROOT/scripts/bench-report.py" render
+fi
