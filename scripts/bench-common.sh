@@ -9,6 +9,24 @@ BENCH_GROUPS=()        # process groups of foreground clients (bench_run_group)
 BENCH_PY=""            # python of the benchmark venv (set by bench_venv)
 BENCH_SGL_PY=""        # python of the sglang-router venv (set by bench_sgl_venv)
 
+# The command line of a bench script ($1) with its arguments: --help prints the script's header
+# comment; no other argument is accepted (knobs are environment variables).
+bench_args() {
+    local script=$1
+    shift
+    case "${1:-}" in
+        -h | --help)
+            sed -n '2,/^set -euo/p' "$script" | sed '$d' | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        "") ;;
+        *)
+            echo "unknown argument: $1 (see --help)" >&2
+            exit 2
+            ;;
+    esac
+}
+
 # Start a command in the background, logging to $1; record its pid in BENCH_PIDS and $LAST_PID.
 bench_spawn() {
     local log=$1

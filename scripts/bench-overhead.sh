@@ -29,17 +29,7 @@ cd "$ROOT"
 source "$ROOT/scripts/lib.sh"
 source "$ROOT/scripts/bench-common.sh"
 
-case "${1:-}" in
-    -h | --help)
-        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-        exit 0
-        ;;
-    "") ;;
-    *)
-        echo "unknown argument: $1 (see --help)" >&2
-        exit 2
-        ;;
-esac
+bench_args "$0" "$@"
 
 BASE="${OVERHEAD_PORT_BASE:-27000}"
 ROUNDS="${OVERHEAD_ROUNDS:-5}"
