@@ -82,7 +82,7 @@ fn benches(c: &mut Criterion) {
                         let m = EndpointMetrics {
                             waiting: (i % 7) as u64,
                             running: (i % 5) as u64,
-                            kv_cache_usage: (i % 10) as f64 / 20.0,
+                            kv_cache_usage: Some((i % 10) as f64 / 20.0),
                             ..EndpointMetrics::default()
                         };
                         board.publish(i, m, Instant::now(), board.dispatched(i));

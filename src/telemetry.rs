@@ -58,6 +58,16 @@ static RETRIES: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
     .ok()
 });
 
+static RECONNECTS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_upstream_reconnects_total",
+        "Attempts sent again to the same endpoint over a fresh connection because the pooled \
+         keep-alive connection they reused had been closed by the server",
+        &["pool"]
+    )
+    .ok()
+});
+
 static HEALTH: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "llmlb_endpoint_healthy",
@@ -261,6 +271,7 @@ pub fn touch() {
     LazyLock::force(&PICKS);
     LazyLock::force(&FALLBACKS);
     LazyLock::force(&RETRIES);
+    LazyLock::force(&RECONNECTS);
     LazyLock::force(&HEALTH);
     LazyLock::force(&INFLIGHT);
     LazyLock::force(&EJECTIONS);
@@ -301,13 +312,18 @@ pub fn touch_pool(pool: &str, endpoints: &[String], policy: &dyn Policy, shared_
     if let Some(m) = FALLBACKS.as_ref() {
         let store = ["store_timeout", "store_error", "store_breaker_open"];
         let store = if shared_counts { &store[..] } else { &[] };
-        let reasons = crate::request::FALLBACK_REASONS.iter().chain(store);
+        let reasons = crate::request::FALLBACK_REASONS
+            .iter()
+            .chain(store)
+            .chain(policy.fallback_reasons());
         for reason in reasons.chain(&["no_healthy_endpoint"]) {
             m.with_label_values(&[pool, reason]).inc_by(0);
         }
     }
-    if let Some(m) = RETRIES.as_ref() {
-        m.with_label_values(&[pool]).inc_by(0);
+    for family in [&RETRIES, &RECONNECTS] {
+        if let Some(m) = family.as_ref() {
+            m.with_label_values(&[pool]).inc_by(0);
+        }
     }
     if let Some(m) = DURATION.as_ref() {
         m.with_label_values(&[pool]);
@@ -453,13 +469,14 @@ pub fn set_metrics_known(pool: &str, endpoint: &str, known: bool) {
 }
 
 /// What an endpoint's engine reported (waiting queue, KV-cache use) at a successful scrape.
-pub fn set_engine_load(pool: &str, endpoint: &str, waiting: u64, kv_cache_usage: f64) {
+pub fn set_engine_load(pool: &str, endpoint: &str, waiting: u64, kv_cache_usage: Option<f64>) {
     if let Some(m) = ENGINE_WAITING.as_ref() {
         m.with_label_values(&[pool, endpoint])
             .set(i64::try_from(waiting).unwrap_or(i64::MAX));
     }
-    if let Some(m) = ENGINE_KV.as_ref() {
-        m.with_label_values(&[pool, endpoint]).set(kv_cache_usage);
+    // Engines that export no KV-cache use (llama.cpp) have no series.
+    if let (Some(m), Some(kv)) = (ENGINE_KV.as_ref(), kv_cache_usage) {
+        m.with_label_values(&[pool, endpoint]).set(kv);
     }
 }
 
@@ -492,6 +509,12 @@ pub fn count_fallback(pool: &str, reason: &str) {
 
 pub fn count_retry(pool: &str) {
     if let Some(m) = RETRIES.as_ref() {
+        m.with_label_values(&[pool]).inc();
+    }
+}
+
+pub fn count_reconnect(pool: &str) {
+    if let Some(m) = RECONNECTS.as_ref() {
         m.with_label_values(&[pool]).inc();
     }
 }
@@ -533,6 +556,8 @@ pub struct AccessLog<'a> {
     pub reason: &'a str,
     pub status: u16,
     pub attempts: usize,
+    /// Times the request was sent again to the same endpoint over a fresh connection.
+    pub reconnects: usize,
     pub duration: std::time::Duration,
     pub ttfb: Option<std::time::Duration>,
     pub request_bytes: usize,
@@ -545,7 +570,7 @@ impl AccessLog<'_> {
         let dash = |s: Option<&str>| s.unwrap_or("-").to_string();
         log::info!(
             target: "llm_lb::access",
-            "method={} path={} model={} pool={} endpoint={} policy={} reason={} status={} attempts={} duration_ms={:.1} ttfb_ms={} req_bytes={} resp_bytes={} error={}",
+            "method={} path={} model={} pool={} endpoint={} policy={} reason={} status={} attempts={} reconnects={} duration_ms={:.1} ttfb_ms={} req_bytes={} resp_bytes={} error={}",
             self.method,
             self.path,
             dash(self.model),
@@ -555,6 +580,7 @@ impl AccessLog<'_> {
             if self.reason.is_empty() { "-" } else { self.reason },
             self.status,
             self.attempts,
+            self.reconnects,
             self.duration.as_secs_f64() * 1000.0,
             self.ttfb.map_or_else(|| "-".to_string(), |t| format!("{:.1}", t.as_secs_f64() * 1000.0)),
             self.request_bytes,

@@ -562,7 +562,7 @@ fn start_closing_keepalive_backend() -> (SocketAddr, std::sync::Arc<std::sync::a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_keepalive_connections_do_not_fail_posts() {
+async fn stale_keepalive_connections_are_retried_on_the_same_endpoint() {
     let (a, served_a) = start_closing_keepalive_backend();
     let b = Backend::start().await;
     let proxy = Proxy::start(&format!(
@@ -576,29 +576,84 @@ async fn stale_keepalive_connections_do_not_fail_posts() {
         )
     ));
     let c = h1();
+    // `a` sees small, small, large, large, small, small: every second one of its requests reuses
+    // the previous one's pooled connection (a reconnect is not pooled for reuse) and meets a close.
     for i in 0..12 {
-        let size = if i % 4 < 2 { 100 } else { 200 * 1024 };
+        let size = if i % 8 < 4 { 100 } else { 200 * 1024 };
         let body = chat_body(MODEL, size, false);
         let sha = sha256_hex(&body);
         let (status, text) = post(&c, &proxy.url("/v1/chat/completions"), body).await;
         assert_eq!(status, 200, "request {i}: {text}\n{}", proxy.log_text());
-        assert!(text.contains(&sha), "byte-exact after the retry");
+        assert!(text.contains(&sha), "byte-exact after the reconnect");
     }
-    assert_eq!(served_a.load(Ordering::SeqCst) + b.count(), 12);
-    let retries = proxy
-        .metric("llmlb_retries_total", &[])
-        .await
-        .unwrap_or(0.0);
-    assert!(
-        retries >= 2.0,
-        "stale connections were met and retried elsewhere: {retries}"
-    );
+    // Round robin alternates, and a stale connection does not move a request: six each.
+    assert_eq!(served_a.load(Ordering::SeqCst), 6, "{}", proxy.log_text());
+    assert_eq!(b.count(), 6);
+    let metric = |name: &'static str| {
+        let proxy = &proxy;
+        async move {
+            proxy
+                .metric(name, &[("pool", "main")])
+                .await
+                .unwrap_or(-1.0)
+        }
+    };
+    assert_eq!(metric("llmlb_retries_total").await, 0.0, "nothing moved");
+    let reconnects = metric("llmlb_upstream_reconnects_total").await;
+    assert!(reconnects >= 2.0, "stale connections met: {reconnects}");
     let lines = proxy.access_lines();
     assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("attempts=2") && l.contains("req_bytes=2")),
-        "a large body was retried:\n{}",
+        lines.iter().all(|l| l.contains("attempts=1 ")),
+        "{lines:#?}"
+    );
+    let a_label = format!("endpoint={a} ");
+    // Large bodies are proxied by a subrequest (`Role::Parent`), small ones directly.
+    for (body, large) in [("small", false), ("large", true)] {
+        assert!(
+            lines.iter().any(|l| l.contains(&a_label)
+                && l.contains("reconnects=1 ")
+                && l.contains("req_bytes=204946 ") == large),
+            "a {body} body was sent again to {a} over a fresh connection:\n{}",
+            lines.join("\n")
+        );
+    }
+    wait_inflight_zero(&proxy).await;
+}
+
+/// With one endpoint there is nowhere else to go: a stale connection used to end in 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_keepalive_connection_to_the_only_endpoint_does_not_fail() {
+    let (a, served_a) = start_closing_keepalive_backend();
+    let proxy = Proxy::start(&format!(
+        "pools:\n{}",
+        pool_yaml(
+            "main",
+            "[\"*\"]",
+            &[a],
+            "round_robin",
+            "    health_check: {enabled: false}\n"
+        )
+    ));
+    let c = h1();
+    for i in 0..4 {
+        let (status, text) = post(
+            &c,
+            &proxy.url("/v1/chat/completions"),
+            chat_body(MODEL, 100, false),
+        )
+        .await;
+        assert_eq!(status, 200, "request {i}: {text}\n{}", proxy.log_text());
+    }
+    assert_eq!(served_a.load(Ordering::SeqCst), 4);
+    let lines = proxy.access_lines();
+    let reconnected = lines.iter().filter(|l| l.contains("reconnects=1 ")).count();
+    // Requests 2 and 4 reuse the connection of 1 and 3; the fresh ones are not pooled for reuse.
+    assert!(
+        reconnected >= 1,
+        "stale connections were met:\n{}",
         lines.join("\n")
     );
+    assert!(lines
+        .iter()
+        .all(|l| l.contains("attempts=1 ") && l.contains("status=200")));
 }

@@ -107,6 +107,12 @@ pub trait Policy: Send + Sync {
     /// Every pick reason the policy reports (label values of `llmlb_picks_total`).
     fn reasons(&self) -> &'static [&'static str];
 
+    /// Reasons of `llmlb_fallback_total` the policy itself reports, beyond the proxy's and the
+    /// store's.
+    fn fallback_reasons(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Choose one of `input.candidates`.
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError>;
 

@@ -46,8 +46,14 @@ pub struct Shared {
     pub endpoint: Option<SocketAddr>,
     pub policy: &'static str,
     pub reason: &'static str,
-    /// A subrequest failed in a way that is safe to retry on another endpoint.
-    pub retry_elsewhere: bool,
+    /// A subrequest failed in a way that is safe to retry (elsewhere, or over a fresh connection
+    /// when [`Shared::reconnect`] holds the attempt): the parent runs a new subrequest.
+    pub retry_due: bool,
+    /// An attempt whose pooled keep-alive connection turned out closed before any answer: the next
+    /// attempt reuses it (same endpoint, same lease) over a fresh connection.
+    pub reconnect: Option<Attempt>,
+    /// How many times the request was sent again over a fresh connection to the same endpoint.
+    pub reconnects: usize,
     /// Response body bytes sent to the client.
     pub response_bytes: usize,
     /// Time to the first response body byte (for SSE: the first event, about the first token), or
@@ -94,6 +100,15 @@ impl Attempt {
         if let Some(lease) = self.lease.take() {
             lease.release(outcome);
         }
+    }
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attempt")
+            .field("endpoint", &self.endpoint)
+            .field("observed", &self.observed)
+            .finish_non_exhaustive()
     }
 }
 

@@ -7,7 +7,8 @@
 //! upstream_peer    finish the previous attempt (retry) → candidates (healthy, untried)
 //!                  → policy.pick (or the round-robin fallback) → Attempt {lease, in-flight}
 //! fail_to_connect  retry on another endpoint while attempts and candidates remain
-//! error_while_proxy  stale pooled connection and nothing sent yet → retry elsewhere
+//! error_while_proxy  stale pooled connection, nothing answered → same endpoint, fresh connection;
+//!                  engine died before answering → retry elsewhere
 //! response_*       stream through chunk by chunk (SSE), count bytes and time to first byte
 //! fail_to_proxy    OpenAI-style JSON error unless the response already started
 //! logging          finish the attempt (exactly once; CTX drop covers every other path), access log
@@ -19,12 +20,21 @@
 //! are proxied by a Pingora subrequest whose body is preset from memory, so they arrive byte-exact
 //! with their original Content-Length. A subrequest cannot replay its body for a second attempt,
 //! so for those the parent runs a new subrequest when a retry is due.
+//!
+//! **Stale keep-alive connections.** Engines close idle keep-alive connections (uvicorn under vLLM
+//! and SGLang, and llama.cpp, after 5 s). A request that reuses a pooled connection the engine has
+//! just closed fails before any answer; that says nothing about the endpoint, so the request goes
+//! to the *same* endpoint again over a fresh connection (the attempt, its lease and its in-flight
+//! count are kept; it is not a retry, is not excluded and does not count toward outlier
+//! ejection). Only a fresh connection's failure moves a request elsewhere. Pooled connections are
+//! kept idle for less than engines keep them (`upstream.idle_timeout_ms`), so the race is rare.
 
 mod body;
 mod ctx;
 pub mod errors;
 pub mod h2c;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -114,15 +124,39 @@ impl LbProxy {
                     return Ok(true);
                 }
                 Err(failed) => {
-                    let again = std::mem::take(&mut ctx.shared.lock().retry_elsewhere);
+                    let mut shared = ctx.shared.lock();
+                    let again = std::mem::take(&mut shared.retry_due);
                     if again && !failed.state.header_received {
-                        telemetry::count_retry(route.pool.name());
+                        if shared.reconnect.is_none() {
+                            telemetry::count_retry(route.pool.name());
+                        }
                         continue;
                     }
                     return Err(failed.error);
                 }
             }
         }
+    }
+
+    /// Send the request again to the endpoint of `attempt`, whose pooled connection was closed by
+    /// the server, over a connection of its own.
+    fn reconnect(
+        &self,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        attempt: Attempt,
+    ) -> Result<Box<HttpPeer>> {
+        let pool = &route.pool;
+        let Some(endpoint) = pool.endpoint(attempt.endpoint) else {
+            attempt.finish(Outcome::Failed);
+            return Error::e_explain(ErrorType::InternalError, "reconnect to an unknown endpoint");
+        };
+        ctx.shared.lock().reconnects += 1;
+        telemetry::count_reconnect(pool.name());
+        let mut peer = Self::peer(endpoint.addr, &route.routes.config.upstream);
+        peer.group_key = fresh_connection_group();
+        ctx.attempt = Some(attempt);
+        Ok(Box::new(peer))
     }
 
     fn peer(addr: std::net::SocketAddr, up: &UpstreamConfig) -> HttpPeer {
@@ -134,6 +168,12 @@ impl LbProxy {
         peer.options.idle_timeout = Some(up.idle_timeout);
         peer
     }
+}
+
+/// A connection-pool group no other attempt uses: a peer with it always gets a fresh connection.
+fn fresh_connection_group() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 fn outcome_of(e: Option<&Error>) -> Outcome {
@@ -229,11 +269,15 @@ impl ProxyHttp for LbProxy {
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
         let pool = &route.pool;
+        let config = &route.routes.config;
+        let stale = ctx.shared.lock().reconnect.take();
+        if let Some(attempt) = stale {
+            return self.reconnect(ctx, &route, attempt);
+        }
         if let Some(previous) = ctx.attempt.take() {
             previous.finish(Outcome::Failed);
             telemetry::count_retry(pool.name());
         }
-        let config = &route.routes.config;
         let tried = ctx.shared.lock().tried.clone();
         if tried.len() >= config.max_attempts {
             return Error::e_explain(
@@ -333,21 +377,38 @@ impl ProxyHttp for LbProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        // Retryable only when a reused (stale keep-alive) connection failed before any answer.
+        // Pingora marks the errors of a reused connection that failed before any answer as
+        // retryable when the connection was reused: a stale keep-alive connection.
         e.retry.decide_reuse(client_reused);
-        if let Some(attempt) = ctx.attempt.as_mut() {
-            if client_reused && e.retry() {
-                attempt.observed.stale_connection();
-            } else {
+        let stale = client_reused && e.retry() && session.response_written().is_none();
+        let retry = if stale {
+            // Nobody's fault: same endpoint, same attempt, fresh connection.
+            log::debug!("pooled connection to {peer} was closed by the server; reconnecting");
+            let attempt = ctx.attempt.take();
+            let mut shared = ctx.shared.lock();
+            shared.reconnect = attempt;
+            shared.reconnect.is_some()
+        } else {
+            // An engine that died (crash, kill, reset) before answering produced nothing the
+            // client saw: the request is as new, and goes elsewhere.
+            let died_unanswered = *e.esource() == ErrorSource::Upstream
+                && matches!(
+                    e.etype(),
+                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+                )
+                && ctx.attempt.as_ref().is_some_and(|a| !a.observed.answered());
+            if let Some(attempt) = ctx.attempt.as_mut() {
                 attempt.observed.error(&e);
             }
-        }
-        let retry = e.retry() && session.response_written().is_none() && self.may_retry(ctx);
+            (e.retry() || died_unanswered)
+                && session.response_written().is_none()
+                && self.may_retry(ctx)
+        };
         match ctx.role {
             Role::Sub => {
                 // A subrequest cannot send its body twice; the parent runs a fresh one.
                 if retry {
-                    ctx.shared.lock().retry_elsewhere = true;
+                    ctx.shared.lock().retry_due = true;
                 }
                 e.set_retry(false);
             }
@@ -463,7 +524,15 @@ impl ProxyHttp for LbProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if let Some(mut attempt) = ctx.attempt.take() {
+        let attempt = match ctx.role {
+            // A subrequest's reconnect is the parent's to run (or to finish here).
+            Role::Sub => ctx.attempt.take(),
+            Role::Direct | Role::Parent => ctx
+                .attempt
+                .take()
+                .or_else(|| ctx.shared.lock().reconnect.take()),
+        };
+        if let Some(mut attempt) = attempt {
             if let Some(e) = e {
                 attempt.observed.error(e);
             }
@@ -494,6 +563,7 @@ impl ProxyHttp for LbProxy {
             reason: shared.reason,
             status,
             attempts: shared.tried.len(),
+            reconnects: shared.reconnects,
             duration: ctx.started.elapsed(),
             ttfb: shared.first_byte,
             request_bytes: ctx.request_bytes,

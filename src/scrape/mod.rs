@@ -59,8 +59,8 @@ pub struct EndpointMetrics {
     pub waiting: u64,
     /// Requests in the running batch (not used by the filter tree; logged).
     pub running: u64,
-    /// KV-cache use, 0–1.
-    pub kv_cache_usage: f64,
+    /// KV-cache use, 0–1, when the engine exports it (llama.cpp does not).
+    pub kv_cache_usage: Option<f64>,
     pub lora: Lora,
     /// The served base model (`model_name` label), when the engine names it.
     pub model: Option<String>,
@@ -100,6 +100,11 @@ impl Known {
     /// The engine's waiting queue plus this gateway's dispatches since the scrape.
     pub fn waiting(&self) -> u64 {
         self.snapshot.metrics.waiting.saturating_add(self.fresh)
+    }
+
+    /// The engine's running batch plus this gateway's dispatches since the scrape.
+    pub fn running(&self) -> u64 {
+        self.snapshot.metrics.running.saturating_add(self.fresh)
     }
 }
 

@@ -1,14 +1,16 @@
 //! An engine's `/metrics` (Prometheus text exposition) read into [`EndpointMetrics`].
 //!
-//! | signal | vLLM V1 | vLLM V0 | SGLang |
-//! |---|---|---|---|
-//! | waiting queue | `vllm:num_requests_waiting` | same | `sglang:num_queue_reqs` |
-//! | running batch | `vllm:num_requests_running` | same | `sglang:num_running_reqs` |
-//! | KV-cache use (0–1) | `vllm:kv_cache_usage_perc` | `vllm:gpu_cache_usage_perc` | `sglang:token_usage` |
-//! | LoRA adapters | `vllm:lora_requests_info` | same | — |
+//! | signal | vLLM V1 | vLLM V0 | SGLang | llama.cpp (`--metrics`) |
+//! |---|---|---|---|---|
+//! | waiting queue | `vllm:num_requests_waiting` | same | `sglang:num_queue_reqs` | `llamacpp:requests_deferred` |
+//! | running batch | `vllm:num_requests_running` | same | `sglang:num_running_reqs` | `llamacpp:requests_processing` |
+//! | KV-cache use (0–1) | `vllm:kv_cache_usage_perc` | `vllm:gpu_cache_usage_perc` | `sglang:token_usage` | — |
+//! | LoRA adapters | `vllm:lora_requests_info` | same | — | — |
 //!
 //! The first name of a row that is present wins (vLLM 0.9 exports both KV names). The waiting
-//! queue and KV-cache use are required; without them the scrape fails. A missing
+//! queue is required, and so is KV-cache use for vLLM and SGLang; without them the scrape fails
+//! (an unknown exposition is a counted scrape failure, never a guess). llama.cpp exports no
+//! KV-cache use: its metrics have [`EndpointMetrics::kv_cache_usage`] `None`. A missing
 //! `vllm:lora_requests_info` means no LoRA (no adapters, no room for any), not missing data; of its
 //! series the one with the largest value (the time it was last set) is the current one, as in the
 //! Inference Extension. Several series of one family — data-parallel engines (`engine`,
@@ -26,8 +28,18 @@ use prom_text_format_parser::{Metric, Sample, ScrapeParseError};
 
 use super::{EndpointMetrics, Lora};
 
-const WAITING: &[&str] = &["vllm:num_requests_waiting", "sglang:num_queue_reqs"];
-const RUNNING: &[&str] = &["vllm:num_requests_running", "sglang:num_running_reqs"];
+const WAITING: &[&str] = &[
+    "vllm:num_requests_waiting",
+    "sglang:num_queue_reqs",
+    LLAMA_CPP_WAITING,
+];
+const RUNNING: &[&str] = &[
+    "vllm:num_requests_running",
+    "sglang:num_running_reqs",
+    "llamacpp:requests_processing",
+];
+/// llama.cpp's waiting queue: requests deferred until a slot frees up.
+const LLAMA_CPP_WAITING: &str = "llamacpp:requests_deferred";
 const KV_CACHE: &[&str] = &[
     "vllm:kv_cache_usage_perc",
     "vllm:gpu_cache_usage_perc",
@@ -40,7 +52,7 @@ const LORA: &str = "vllm:lora_requests_info";
 pub enum ParseError {
     #[error("not Prometheus text: {0}")]
     Syntax(String),
-    #[error("no {0} metric (vllm: or sglang: names)")]
+    #[error("no {0} metric (vllm:, sglang: or llamacpp: names)")]
     Missing(&'static str),
     #[error("{metric} has an unusable value {value}")]
     Invalid { metric: String, value: String },
@@ -91,7 +103,11 @@ pub fn parse(text: &str) -> Result<EndpointMetrics, ParseError> {
     }
     let (waiting_name, waiting) =
         first(&families, WAITING).ok_or(ParseError::Missing("waiting-queue"))?;
-    let (_, kv) = first(&families, KV_CACHE).ok_or(ParseError::Missing("KV-cache usage"))?;
+    let kv_cache_usage = match first(&families, KV_CACHE) {
+        Some((_, kv)) => Some(kv_usage(kv)?),
+        None if waiting_name == LLAMA_CPP_WAITING => None,
+        None => return Err(ParseError::Missing("KV-cache usage")),
+    };
     let running = match first(&families, RUNNING) {
         Some((name, m)) => count(name, m)?,
         None => 0,
@@ -99,7 +115,7 @@ pub fn parse(text: &str) -> Result<EndpointMetrics, ParseError> {
     Ok(EndpointMetrics {
         waiting: count(waiting_name, waiting)?,
         running,
-        kv_cache_usage: kv_usage(kv)?,
+        kv_cache_usage,
         lora: families
             .iter()
             .find(|m| m.name == LORA)
@@ -222,7 +238,7 @@ mod tests {
         let m = parse(&fixture("vllm-v1.txt")).expect("parse");
         assert_eq!(m.waiting, 2);
         assert_eq!(m.running, 4);
-        assert_eq!(m.kv_cache_usage, 0.3417);
+        assert_eq!(m.kv_cache_usage, Some(0.3417));
         assert_eq!(m.lora.running, vec!["sql-lora", "tweet-lora"]);
         assert_eq!(m.lora.max, 2);
         assert_eq!(m.model.as_deref(), Some(MODEL));
@@ -231,7 +247,10 @@ mod tests {
     #[test]
     fn vllm_v0() {
         let m = parse(&fixture("vllm-v0.txt")).expect("parse");
-        assert_eq!((m.waiting, m.running, m.kv_cache_usage), (2, 4, 0.3417));
+        assert_eq!(
+            (m.waiting, m.running, m.kv_cache_usage),
+            (2, 4, Some(0.3417))
+        );
         // V0 label order, and the current series is not the last one.
         assert_eq!(m.lora.running, vec!["sql-lora", "tweet-lora"]);
         assert_eq!(m.lora.max, 2);
@@ -241,9 +260,31 @@ mod tests {
     #[test]
     fn sglang() {
         let m = parse(&fixture("sglang.txt")).expect("parse");
-        assert_eq!((m.waiting, m.running, m.kv_cache_usage), (2, 4, 0.28));
+        assert_eq!((m.waiting, m.running, m.kv_cache_usage), (2, 4, Some(0.28)));
         assert_eq!(m.lora, Lora::default(), "no LoRA metric: no LoRA");
         assert_eq!(m.model.as_deref(), Some(MODEL));
+    }
+
+    /// llama.cpp's `llama-server --metrics` (build 11434): no KV-cache use, slots as the batch.
+    #[test]
+    fn llama_cpp() {
+        let m = parse(&fixture("llama-cpp.txt")).expect("llama.cpp exposition");
+        assert_eq!((m.waiting, m.running, m.kv_cache_usage), (0, 0, None));
+        let busy = fixture("llama-cpp.txt")
+            .replace(
+                "llamacpp:requests_processing 0",
+                "llamacpp:requests_processing 4",
+            )
+            .replace(
+                "llamacpp:requests_deferred 0",
+                "llamacpp:requests_deferred 3",
+            );
+        let m = parse(&busy).expect("busy");
+        assert_eq!((m.waiting, m.running, m.kv_cache_usage), (3, 4, None));
+        assert!(m.lora.running.is_empty() && m.model.is_none());
+        // Without the deferred-requests gauge it is an unknown exposition, not an idle engine.
+        let no_queue = fixture("llama-cpp.txt").replace("llamacpp:requests_deferred", "x");
+        assert_eq!(parse(&no_queue), Err(ParseError::Missing("waiting-queue")));
     }
 
     #[test]
@@ -264,7 +305,7 @@ mod tests {
             e.set_lora_info("old".into(), String::new(), 50.0);
             e.set_lora_info("sql,tweet".into(), "chat".into(), 100.0);
             let m = parse(&render(&info, &e)).expect("parse");
-            assert_eq!((m.waiting, m.running, m.kv_cache_usage), (5, 3, 0.25));
+            assert_eq!((m.waiting, m.running, m.kv_cache_usage), (5, 3, Some(0.25)));
             assert_eq!(m.lora.running, vec!["sql", "tweet"]);
             assert_eq!(m.lora.max, 2);
             assert_eq!(m.model.as_deref(), Some("sim/m"));
@@ -277,7 +318,7 @@ mod tests {
                     vllm:gpu_cache_usage_perc{model_name=\"m\"} 0.9\n\
                     vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.5\n";
         let m = parse(text).expect("parse");
-        assert_eq!(m.kv_cache_usage, 0.5);
+        assert_eq!(m.kv_cache_usage, Some(0.5));
         assert_eq!(m.lora, Lora::default());
         assert_eq!(m.running, 0, "running is optional");
     }
@@ -291,7 +332,7 @@ mod tests {
                     vllm:kv_cache_usage_perc{engine=\"1\",model_name=\"m\"} 0.7\n\
                     sglang:num_queue_reqs{tp_rank=\"0\"} 5\n";
         let m = parse(text).expect("parse");
-        assert_eq!((m.waiting, m.kv_cache_usage), (7, 0.7));
+        assert_eq!((m.waiting, m.kv_cache_usage), (7, Some(0.7)));
         let text = "sglang:num_queue_reqs{tp_rank=\"0\"} 5\n\
                     sglang:num_queue_reqs{tp_rank=\"1\"} 5\n\
                     sglang:token_usage{tp_rank=\"0\"} 0.1\n";
@@ -348,6 +389,9 @@ mod tests {
         let text =
             "weird_family{} 1\r\nvllm:num_requests_waiting 3\r\nvllm:kv_cache_usage_perc 0.25";
         let m = parse(text).expect("parse");
-        assert_eq!((m.waiting, m.kv_cache_usage, m.model), (3, 0.25, None));
+        assert_eq!(
+            (m.waiting, m.kv_cache_usage, m.model),
+            (3, Some(0.25), None)
+        );
     }
 }

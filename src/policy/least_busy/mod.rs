@@ -43,6 +43,8 @@ pub const REASON: &str = "least_busy";
 pub const REASON_AFFINITY: &str = "least_busy_lora_affinity";
 /// Pick reason: an endpoint whose metrics are unknown, by in-flight count.
 pub const REASON_UNKNOWN: &str = "unknown_metrics_least_request";
+/// `llmlb_fallback_total` reason when no candidate's metrics are known.
+const FALLBACK_UNKNOWN: &str = "metrics_unknown";
 
 /// The policy's settings from `lb_config`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -156,7 +158,7 @@ impl LeastBusy {
             }
         }
         if known.is_empty() {
-            telemetry::count_fallback(self.board.pool(), "metrics_unknown");
+            telemetry::count_fallback(self.board.pool(), FALLBACK_UNKNOWN);
             return Ok((local_least(input, None)?.endpoint, REASON_UNKNOWN));
         }
         let model = input.request.model.as_deref();
@@ -171,6 +173,7 @@ impl LeastBusy {
             .map(|(_, k)| tree::Pod {
                 waiting: k.waiting(),
                 kv_cache: k.snapshot.metrics.kv_cache_usage,
+                running: k.running(),
                 lora: &k.snapshot.metrics.lora,
             })
             .collect();
@@ -257,6 +260,10 @@ impl Policy for LeastBusy {
         &[REASON, REASON_AFFINITY, REASON_UNKNOWN]
     }
 
+    fn fallback_reasons(&self) -> &'static [&'static str] {
+        &[FALLBACK_UNKNOWN]
+    }
+
     fn metrics_board(&self) -> Option<Arc<MetricsBoard>> {
         Some(self.board.clone())
     }
@@ -294,7 +301,7 @@ mod tests {
         EndpointMetrics {
             waiting,
             running: 0,
-            kv_cache_usage: kv,
+            kv_cache_usage: Some(kv),
             lora: Lora {
                 running: running.iter().map(|s| s.to_string()).collect(),
                 max,

@@ -21,6 +21,10 @@
 //! running the adapter or with room for it. Both let everything through when the request names no
 //! adapter. **Least queuing** keeps `min ≤ waiting ≤ min + (max − min) / n` (integer division, as
 //! upstream), **least KV cache** the same on KV-cache use (float division).
+//!
+//! Engines that export no KV-cache use (llama.cpp) pass the capacity filter's KV test, and when
+//! an endpoint's KV use is unknown, **least KV cache** compares the running batches instead (the
+//! same band rule): the nearest signal of how full an engine is that every engine reports.
 
 use rand::Rng;
 
@@ -56,8 +60,10 @@ impl Default for Thresholds {
 pub struct Pod<'a> {
     /// Waiting queue (the engine's, plus this gateway's dispatches since the scrape).
     pub waiting: u64,
-    /// KV-cache use, 0–1.
-    pub kv_cache: f64,
+    /// KV-cache use, 0–1, when the engine reports it.
+    pub kv_cache: Option<f64>,
+    /// Running batch (the engine's, plus this gateway's dispatches since the scrape).
+    pub running: u64,
     pub lora: &'a Lora,
 }
 
@@ -210,21 +216,21 @@ fn apply(
             }
         }
         Filter::LowQueueing => keep(&|p| p.waiting < t.queueing_lora),
-        Filter::HasCapacity => keep(&|p| p.waiting <= t.queue_critical && p.kv_cache <= t.kv_cache),
-        Filter::LeastQueuing => {
-            let waiting: Vec<u64> = input.iter().filter_map(pod).map(|p| p.waiting).collect();
-            let min = waiting.iter().copied().min().unwrap_or(0);
-            let max = waiting.iter().copied().max().unwrap_or(0);
-            let n = u64::try_from(input.len()).unwrap_or(u64::MAX).max(1);
-            let limit = min.saturating_add((max - min) / n);
-            keep(&|p| p.waiting >= min && p.waiting <= limit)
+        Filter::HasCapacity => {
+            keep(&|p| p.waiting <= t.queue_critical && p.kv_cache.is_none_or(|kv| kv <= t.kv_cache))
         }
+        Filter::LeastQueuing => least_band(input, pods, |p| p.waiting),
         Filter::LeastKvCache => {
-            let kv: Vec<f64> = input.iter().filter_map(pod).map(|p| p.kv_cache).collect();
-            let min = kv.iter().copied().fold(f64::INFINITY, f64::min);
-            let max = kv.iter().copied().fold(0.0, f64::max);
-            let limit = min + (max - min) / input.len().max(1) as f64;
-            keep(&|p| p.kv_cache >= min && p.kv_cache <= limit)
+            let kv: Option<Vec<f64>> = input.iter().filter_map(pod).map(|p| p.kv_cache).collect();
+            match kv {
+                Some(kv) => {
+                    let min = kv.iter().copied().fold(f64::INFINITY, f64::min);
+                    let max = kv.iter().copied().fold(0.0, f64::max);
+                    let limit = min + (max - min) / input.len().max(1) as f64;
+                    keep(&|p| p.kv_cache.is_some_and(|kv| kv >= min && kv <= limit))
+                }
+                None => least_band(input, pods, |p| p.running),
+            }
         }
         Filter::LoraAffinity => match ask.adapter {
             None => input.to_vec(),
@@ -252,6 +258,27 @@ fn apply(
     })
 }
 
+/// The endpoints whose `value` is within `min + (max − min) / n` (integer division, as upstream).
+fn least_band(input: &[usize], pods: &[Pod<'_>], value: impl Fn(&Pod<'_>) -> u64) -> Vec<usize> {
+    let values: Vec<u64> = input
+        .iter()
+        .filter_map(|i| pods.get(*i))
+        .map(&value)
+        .collect();
+    let min = values.iter().copied().min().unwrap_or(0);
+    let max = values.iter().copied().max().unwrap_or(0);
+    let n = u64::try_from(input.len()).unwrap_or(u64::MAX).max(1);
+    let limit = min.saturating_add((max - min) / n);
+    input
+        .iter()
+        .copied()
+        .filter(|i| {
+            pods.get(*i)
+                .is_some_and(|p| (min..=limit).contains(&value(p)))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,7 +304,8 @@ mod tests {
             .zip(loras)
             .map(|((q, kv, _, _), lora)| Pod {
                 waiting: *q,
-                kv_cache: *kv,
+                kv_cache: Some(*kv),
+                running: 0,
                 lora,
             })
             .collect()
@@ -296,6 +324,39 @@ mod tests {
             &Thresholds::default(),
             &mut StdRng::seed_from_u64(1),
         )
+    }
+
+    /// llama.cpp reports no KV-cache use: capacity is the queue alone, and the least loaded by
+    /// running batch wins among equally short queues.
+    #[test]
+    fn without_kv_cache_use_the_running_batch_decides() {
+        let none = Lora::default();
+        let pod = |waiting, running| Pod {
+            waiting,
+            kv_cache: None,
+            running,
+            lora: &none,
+        };
+        let sheddable = Ask {
+            critical: false,
+            adapter: None,
+        };
+        let t = Thresholds::default();
+        let mut rng = StdRng::seed_from_u64(7);
+        let pods = [pod(0, 4), pod(0, 1), pod(1, 0), pod(0, 3)];
+        assert_eq!(survivors(&pods, sheddable, &t, &mut rng), Ok(vec![1]));
+        // Over the queue threshold everywhere: a sheddable request is dropped.
+        let full = [pod(6, 4), pod(7, 4)];
+        assert_eq!(survivors(&full, sheddable, &t, &mut rng), Err(Dropped));
+        // One endpoint that reports KV use among ones that do not: compared by running batch.
+        let mixed = [
+            pod(0, 2),
+            Pod {
+                kv_cache: Some(0.1),
+                ..pod(0, 5)
+            },
+        ];
+        assert_eq!(survivors(&mixed, sheddable, &t, &mut rng), Ok(vec![0]));
     }
 
     /// Upstream `filter_test.go` pods for T1 and T2.
