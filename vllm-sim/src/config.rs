@@ -6,7 +6,8 @@
 use crate::error::SimError;
 
 /// Everything that shapes a simulated vLLM server. Durations are in milliseconds of
-/// *model* time; `time_scale` converts them to wall-clock time.
+/// *model* time; `time_scale` converts them to wall-clock time. The exception is
+/// `keep_alive_timeout_ms`, which is wall-clock time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
     /// Served (base) model name, as in `vllm serve MODEL`.
@@ -46,6 +47,11 @@ pub struct SimConfig {
     pub max_model_len: usize,
     /// Token budget of one engine step (vLLM `--max-num-batched-tokens`, chunked prefill).
     pub max_num_batched_tokens: usize,
+    /// Idle keep-alive timeout of HTTP/1.1 connections, wall-clock ms, **not** scaled by
+    /// `time_scale`. A connection that receives no request bytes for this long after a
+    /// response is closed (plain TCP close), as uvicorn's `--timeout-keep-alive` (5 s) does
+    /// under vLLM. 0 never closes idle connections.
+    pub keep_alive_timeout_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -69,6 +75,7 @@ impl Default for SimConfig {
             seed: 0,
             max_model_len: 32768,
             max_num_batched_tokens: 8192,
+            keep_alive_timeout_ms: 5000,
         }
     }
 }
@@ -164,6 +171,12 @@ impl SimConfig {
                 },
             })
             .collect()
+    }
+
+    /// The idle keep-alive timeout as a wall-clock duration; `None` when disabled (0).
+    pub fn keep_alive_timeout(&self) -> Option<std::time::Duration> {
+        (self.keep_alive_timeout_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.keep_alive_timeout_ms))
     }
 
     /// Usable KV blocks (the null block excluded).

@@ -4,6 +4,8 @@
 //! vLLM V1-style prefix cache (16-token blocks, chained hashes, LRU of freed blocks), runs a
 //! continuous-batching scheduler with a FIFO waiting queue, takes modelled time for prefill
 //! and decode, and exposes vLLM's Prometheus metrics. Faults can be injected at run time.
+//! Like uvicorn under vLLM, it closes a keep-alive connection left idle for
+//! [`SimConfig::keep_alive_timeout_ms`] (5 s by default; see [`keep_alive`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), vllm_sim::SimError> {
@@ -22,6 +24,7 @@
 pub mod config;
 pub mod error;
 pub mod faults;
+pub mod keep_alive;
 pub mod kv_cache;
 pub mod metrics;
 pub mod openai;
@@ -114,6 +117,7 @@ pub async fn spawn(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimErr
     );
     let (engine, client) = scheduler::engine(cfg.clone(), faults.clone());
     let shared = client.shared().clone();
+    let keep_alive = cfg.keep_alive_timeout();
     let state = AppState {
         loras: Arc::new(cfg.loras()),
         exposition: Arc::new(ExpositionInfo {
@@ -128,7 +132,7 @@ pub async fn spawn(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimErr
         faults: faults.clone(),
     };
     let engine = tokio::spawn(engine.run());
-    let server = tokio::spawn(server::serve(listener, server::router(state)));
+    let server = tokio::spawn(server::serve(listener, server::router(state), keep_alive));
     Ok(SimHandle {
         addr: local,
         faults,

@@ -9,7 +9,8 @@ use vllm_sim::SimConfig;
 
 /// A simulated vLLM server: OpenAI-compatible API, vLLM V1 prefix caching, continuous
 /// batching, vLLM metrics and fault injection. Durations are model milliseconds, multiplied
-/// by --time-scale. Faults can be changed at run time with GET|PUT|DELETE /admin/faults.
+/// by --time-scale (except --keep-alive-timeout-ms, which is wall-clock). Faults can be
+/// changed at run time with GET|PUT|DELETE /admin/faults.
 #[derive(Debug, Parser)]
 #[command(name = "vllm-sim", version)]
 struct Cli {
@@ -74,6 +75,11 @@ struct Cli {
     /// Token budget of one engine step (chunked prefill).
     #[arg(long, default_value_t = SimConfig::default().max_num_batched_tokens)]
     max_num_batched_tokens: usize,
+    /// Close a keep-alive connection idle this long after its last response, wall-clock ms,
+    /// not scaled by --time-scale (uvicorn's --timeout-keep-alive under vLLM is 5 s); 0 never
+    /// closes idle connections.
+    #[arg(long, default_value_t = SimConfig::default().keep_alive_timeout_ms)]
+    keep_alive_timeout_ms: u64,
 }
 
 impl Cli {
@@ -98,6 +104,7 @@ impl Cli {
             seed: self.seed,
             max_model_len: self.max_model_len,
             max_num_batched_tokens: self.max_num_batched_tokens,
+            keep_alive_timeout_ms: self.keep_alive_timeout_ms,
         };
         (cfg, addr)
     }

@@ -1,21 +1,22 @@
 //! HTTP plumbing: the shared handler state, the router and an accept loop that owns every
 //! connection, so stopping the server really closes its sockets (kept-alive ones included).
+//! Each connection is served by [`keep_alive::serve_connection`], which closes idle
+//! keep-alive connections as uvicorn does.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::config::{LoraModule, SimConfig};
 use crate::faults::{self, FaultControl};
+use crate::keep_alive;
 use crate::metrics::ExpositionInfo;
 use crate::openai;
 use crate::scheduler::EngineClient;
@@ -75,8 +76,9 @@ async fn not_found() -> (StatusCode, Json<serde_json::Value>) {
 }
 
 /// Accepts connections until the task is dropped or aborted; every connection task lives in
-/// a [`JoinSet`] owned here, so they all end with it.
-pub async fn serve(listener: TcpListener, app: Router) {
+/// a [`JoinSet`] owned here, so they all end with it. A connection idle for
+/// `keep_alive_timeout` after a response is closed; `None` keeps idle connections open.
+pub async fn serve(listener: TcpListener, app: Router, keep_alive_timeout: Option<Duration>) {
     let mut conns: JoinSet<()> = JoinSet::new();
     loop {
         tokio::select! {
@@ -85,17 +87,12 @@ pub async fn serve(listener: TcpListener, app: Router) {
                     Ok(a) => a,
                     Err(_) => {
                         // e.g. too many open files: back off briefly instead of spinning
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let svc = TowerToHyperService::new(app.clone());
-                conns.spawn(async move {
-                    let _ = Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
-                });
+                conns.spawn(keep_alive::serve_connection(stream, app.clone(), keep_alive_timeout));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }

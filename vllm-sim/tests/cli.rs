@@ -22,6 +22,7 @@ const FLAGS: &[&str] = &[
     "--fail-rate",
     "--fail-status",
     "--seed",
+    "--keep-alive-timeout-ms",
 ];
 
 #[test]
