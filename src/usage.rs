@@ -1,7 +1,8 @@
 //! Token counts from the `usage` object at the end of an OpenAI-style response.
 //!
-//! vLLM and SGLang put `usage` last: at the end of a JSON completion, and in the last data event
-//! before `[DONE]` of a stream (with `stream_options.include_usage`). So the proxy keeps only the
+//! vLLM, SGLang and llama.cpp put `usage` at the end: last in a JSON completion (llama.cpp adds
+//! only `id` and a few hundred bytes of `timings` after it), and in the last data event before
+//! `[DONE]` of a stream (with `stream_options.include_usage`). So the proxy keeps only the
 //! last [`TAIL_BYTES`] of each response body ([`Tail`]) and reads the counts from there when the
 //! response ends — no parsing of the whole body, bounded memory per request.
 
@@ -98,6 +99,43 @@ mod tests {
             })
         );
         assert!(t.0.len() <= TAIL_BYTES);
+    }
+
+    /// Real and representative engine responses, fed in small pieces as a stream arrives.
+    #[test]
+    fn engine_fixtures() {
+        let read = |body: &str| {
+            let mut t = Tail::default();
+            for piece in body.as_bytes().chunks(17) {
+                t.push(piece);
+            }
+            t.usage()
+        };
+        let usage = |prompt, completion, cached| {
+            Some(Usage {
+                prompt,
+                completion,
+                cached,
+            })
+        };
+        let fixture = |name| {
+            std::fs::read_to_string(format!(
+                "{}/tests/fixtures/usage/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .expect("fixture")
+        };
+        assert_eq!(read(&fixture("llama-cpp-chat.json")), usage(45, 40, 0));
+        assert_eq!(
+            read(&fixture("llama-cpp-chat-stream.txt")),
+            usage(45, 40, 44)
+        );
+        assert_eq!(
+            read(&fixture("llama-cpp-completion-stream.txt")),
+            usage(4, 20, 0)
+        );
+        assert_eq!(read(&fixture("vllm-chat-stream.txt")), usage(1034, 3, 1024));
+        assert_eq!(read(&fixture("sglang-chat.json")), usage(1034, 3, 1024));
     }
 
     #[test]

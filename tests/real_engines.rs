@@ -425,8 +425,6 @@ async fn least_busy_reads_llama_cpp_metrics_and_avoids_busy_engines() {
     for i in 0..4 {
         let mut messages = vec![json!({"role": "user", "content": user_message(9, i)})];
         short_endpoints.push(turn(&c, &proxy, &mut messages).await.endpoint);
-        // Until the next scrape, the engine still counts the finished request as running.
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let busy = [long_a.await.expect("long a"), long_b.await.expect("long b")];
     assert_ne!(

@@ -11,8 +11,11 @@
 //! interval would all see the same idlest-looking endpoint. So the board numbers the requests this
 //! gateway dispatches to each endpoint ([`MetricsBoard::dispatch`]); those dispatched after the
 //! snapshot's scrape was sent and still in flight are added to its waiting queue
-//! ([`Known::waiting`]). The correction is approximate at the edges: a request that finishes while
-//! a scrape is on the wire is counted until the next snapshot.
+//! ([`Known::waiting`], [`Known::running`]). Requests dispatched *before* the scrape was sent that
+//! finish after the snapshot was published were in the engine's figures and are gone: they are
+//! taken off its running batch ([`Known::running`]), so an engine that just finished its only
+//! request does not look busy until the next scrape. The correction is approximate at the edges:
+//! a request that finishes while a scrape is on the wire is counted until the next snapshot.
 
 pub mod parse;
 mod service;
@@ -77,6 +80,9 @@ pub struct Snapshot {
     dispatched_before: u64,
     /// Requests numbered above `dispatched_before` that have finished since publication.
     finished_since: AtomicU64,
+    /// Requests numbered up to `dispatched_before` (in flight when the scrape was sent, so in its
+    /// figures) that have finished since publication.
+    finished_counted: AtomicU64,
 }
 
 /// One endpoint's slot on the board.
@@ -94,6 +100,8 @@ pub struct Known {
     pub snapshot: Arc<Snapshot>,
     /// Requests dispatched after the scrape was sent and not finished yet.
     pub fresh: u64,
+    /// Requests in the snapshot's figures that have finished since.
+    pub gone: u64,
 }
 
 impl Known {
@@ -102,9 +110,14 @@ impl Known {
         self.snapshot.metrics.waiting.saturating_add(self.fresh)
     }
 
-    /// The engine's running batch plus this gateway's dispatches since the scrape.
+    /// The engine's running batch, less this gateway's requests that finished since the scrape,
+    /// plus its dispatches since the scrape.
     pub fn running(&self) -> u64 {
-        self.snapshot.metrics.running.saturating_add(self.fresh)
+        self.snapshot
+            .metrics
+            .running
+            .saturating_sub(self.gone)
+            .saturating_add(self.fresh)
     }
 }
 
@@ -174,9 +187,12 @@ impl MetricsBoard {
             return;
         };
         if let Some(s) = slot.current.load().as_ref() {
-            if number > s.dispatched_before {
-                s.finished_since.fetch_add(1, Ordering::Relaxed);
-            }
+            let counter = if number > s.dispatched_before {
+                &s.finished_since
+            } else {
+                &s.finished_counted
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -195,6 +211,7 @@ impl MetricsBoard {
                 taken,
                 dispatched_before: before,
                 finished_since: AtomicU64::new(0),
+                finished_counted: AtomicU64::new(0),
             })));
         }
     }
@@ -220,7 +237,12 @@ impl MetricsBoard {
             .load(Ordering::Relaxed)
             .saturating_sub(snapshot.dispatched_before)
             .saturating_sub(snapshot.finished_since.load(Ordering::Relaxed));
-        Some(Known { snapshot, fresh })
+        let gone = snapshot.finished_counted.load(Ordering::Relaxed);
+        Some(Known {
+            snapshot,
+            fresh,
+            gone,
+        })
     }
 }
 
@@ -287,5 +309,29 @@ mod tests {
         // Other endpoints are independent.
         assert_eq!(b.dispatch(1), 1);
         assert_eq!(b.dispatched(0), 4);
+    }
+
+    #[test]
+    fn requests_in_the_scrape_that_finish_leave_the_running_batch() {
+        let b = board();
+        let t0 = Instant::now();
+        let (one, two) = (b.dispatch(0), b.dispatch(0));
+        // The engine runs both when the scrape is sent.
+        let running = |n| EndpointMetrics {
+            running: n,
+            ..EndpointMetrics::default()
+        };
+        b.publish(0, running(2), t0, b.dispatched(0));
+        assert_eq!(b.view(0, t0).expect("known").running(), 2);
+        b.finish(0, one);
+        assert_eq!(b.view(0, t0).expect("known").running(), 1, "one is gone");
+        let three = b.dispatch(0);
+        assert_eq!(b.view(0, t0).expect("known").running(), 2, "three is fresh");
+        b.finish(0, two);
+        b.finish(0, three);
+        assert_eq!(b.view(0, t0).expect("known").running(), 0);
+        // Another gateway's requests in the engine's figures are never taken off.
+        b.publish(0, running(3), t0, b.dispatched(0));
+        assert_eq!(b.view(0, t0).expect("known").running(), 3);
     }
 }
