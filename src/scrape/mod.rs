@@ -3,7 +3,7 @@
 //! lock-free for the request path.
 //!
 //! [`ScrapeService`] GETs every endpoint's `metrics.path` every `metrics.interval_ms` and publishes
-//! what [`parse`] makes of it as a [`Snapshot`] in the pool's [`MetricsBoard`]. The request path
+//! what [`parse()`] makes of it as a [`Snapshot`] in the pool's [`MetricsBoard`]. The request path
 //! reads the board with [`MetricsBoard::view`]: no snapshot, or one older than
 //! [`STALE_AFTER_INTERVALS`] intervals, means the endpoint's metrics are unknown.
 //!

@@ -30,7 +30,7 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Idle pooled connections are closed after this (below uvicorn's 5 s keep-alive).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// A scrape gives up after the interval, within [`MIN_SCRAPE_TIMEOUT`]–[`MAX_SCRAPE_TIMEOUT`].
+/// A scrape gives up after the interval, within [`MIN_SCRAPE_TIMEOUT`]–`MAX_SCRAPE_TIMEOUT`.
 /// Scrapes of one endpoint never overlap (the next waits for the previous), so a hung endpoint
 /// costs its own loop one timeout per attempt and nothing else.
 pub fn scrape_timeout(interval: Duration) -> Duration {
