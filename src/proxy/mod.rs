@@ -377,8 +377,8 @@ impl ProxyHttp for LbProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        // Pingora marks the errors of a reused connection that failed before any answer as
-        // retryable when the connection was reused: a stale keep-alive connection.
+        // Pingora leaves "retry only if the connection was reused" to us: a reused connection
+        // that failed before any answer is a stale keep-alive connection the server closed.
         e.retry.decide_reuse(client_reused);
         let stale = client_reused && e.retry() && session.response_written().is_none();
         let retry = if stale {
