@@ -27,10 +27,9 @@ impl Tail {
 
     /// The token counts of the last `usage` object, if the tail holds one.
     pub fn usage(&self) -> Option<Usage> {
-        let text = std::str::from_utf8(&self.0).unwrap_or_else(|e| {
-            // A multi-byte character cut at the start of the tail.
-            std::str::from_utf8(&self.0[e.valid_up_to()..]).unwrap_or_default()
-        });
+        // The tail may start in the middle of a multi-byte character (or hold other invalid
+        // bytes): they are replaced; `usage` itself is ASCII.
+        let text = String::from_utf8_lossy(&self.0);
         let at = text.rfind("\"usage\"")?;
         let usage = &text[at..];
         Some(Usage {
@@ -136,6 +135,32 @@ mod tests {
         );
         assert_eq!(read(&fixture("vllm-chat-stream.txt")), usage(1034, 3, 1024));
         assert_eq!(read(&fixture("sglang-chat.json")), usage(1034, 3, 1024));
+    }
+
+    /// A non-ASCII reply: the kept tail starts inside a character.
+    #[test]
+    fn tail_starting_mid_character() {
+        let usage = br#""},"usage":{"prompt_tokens":7,"completion_tokens":500}}"#;
+        let mut body: Vec<u8> = "\u{e9}".repeat(600).into_bytes();
+        if body[body.len() + usage.len() - TAIL_BYTES] & 0xc0 != 0x80 {
+            body.push(b'a');
+        }
+        body.extend_from_slice(usage);
+        let mut t = Tail::default();
+        t.push(&body);
+        assert_eq!(
+            t.0[0] & 0xc0,
+            0x80,
+            "the tail starts with a continuation byte"
+        );
+        assert_eq!(
+            t.usage(),
+            Some(Usage {
+                prompt: 7,
+                completion: 500,
+                cached: 0
+            })
+        );
     }
 
     #[test]
