@@ -132,6 +132,9 @@ impl PoolConfig {
     }
 }
 
+/// The largest endpoint `weight`: round robin unrolls one cycle of the weights' sum.
+pub const MAX_WEIGHT: usize = 1000;
+
 /// One configured endpoint: an address or a host name, and a weight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointSpec {
@@ -457,8 +460,11 @@ impl Validator {
                 EndpointFile::Address(a) => (a.as_str(), 1),
                 EndpointFile::Detailed(d) => (d.address.as_str(), d.weight.unwrap_or(1)),
             };
-            if weight == 0 {
-                self.issue(&format!("{epath}.weight"), "must be at least 1");
+            if !(1..=MAX_WEIGHT).contains(&weight) {
+                self.issue(
+                    &format!("{epath}.weight"),
+                    &format!("must be between 1 and {MAX_WEIGHT}"),
+                );
             }
             match Address::parse(address) {
                 Ok(address) if endpoints.iter().any(|x| x.address == address) => {
@@ -804,6 +810,16 @@ mod tests {
         assert!(t.contains("pools[0].endpoints[0]"), "{t}");
         let t = err_text(&format!("admin: nowhere\n{MIN}"));
         assert!(t.starts_with("admin: "), "{t}");
+        for weight in [0, MAX_WEIGHT + 1, usize::MAX] {
+            let t = err_text(&MIN.replace(
+                "'127.0.0.1:8001'",
+                &format!("{{address: '127.0.0.1:8001', weight: {weight}}}"),
+            ));
+            assert!(
+                t.contains("pools[0].endpoints[0].weight: must be between 1 and 1000"),
+                "{weight}: {t}"
+            );
+        }
     }
 
     #[test]
