@@ -116,6 +116,24 @@ impl Drop for Engine {
     }
 }
 
+/// Three engines for one test, which has the fleet to itself until this is dropped.
+struct Bed {
+    engines: Vec<Engine>,
+    /// The engines' logs (dropped after the engines).
+    _dir: tempfile::TempDir,
+    _alone: tokio::sync::MutexGuard<'static, ()>,
+}
+
+async fn bed() -> Bed {
+    let alone = FLEET.lock().await;
+    let dir = tempfile::tempdir().expect("dir");
+    Bed {
+        engines: fleet(dir.path(), 3).await,
+        _dir: dir,
+        _alone: alone,
+    }
+}
+
 /// `n` engines, each answering `/health` with 200 (503 while the model loads).
 async fn fleet(dir: &std::path::Path, n: usize) -> Vec<Engine> {
     let engines: Vec<Engine> = (0..n).map(|i| Engine::start(dir, i)).collect();
@@ -309,10 +327,8 @@ async fn assert_first_attempts(proxy: &Proxy, requests: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_cache_keeps_conversations_on_their_engine_and_warm() {
-    let _one = FLEET.lock().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let engines = fleet(dir.path(), 3).await;
-    let proxy = proxy(&engines, "prefix_cache", "", "");
+    let Bed { engines, .. } = &bed().await;
+    let proxy = proxy(engines, "prefix_cache", "", "");
     let all = conversations(&proxy, 4, 4, Duration::ZERO).await;
     assert_sticky_and_warm(&all, &proxy);
     let used: std::collections::BTreeSet<&str> =
@@ -321,7 +337,7 @@ async fn prefix_cache_keeps_conversations_on_their_engine_and_warm() {
     assert_first_attempts(&proxy, 16).await;
     // The engines' own counters agree with what the clients saw.
     let mut cached = 0.0;
-    for e in &engines {
+    for e in engines.iter() {
         cached += e.metric("prompt_tokens_cached_total").await;
     }
     let reported: u64 = all.iter().flatten().map(|t| t.cached_tokens).sum();
@@ -330,11 +346,9 @@ async fn prefix_cache_keeps_conversations_on_their_engine_and_warm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_gaps_longer_than_the_engines_keep_alive_move_no_turn() {
-    let _one = FLEET.lock().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let engines = fleet(dir.path(), 3).await;
+    let Bed { engines, .. } = &bed().await;
     // Default upstream settings: pooled connections are dropped before the engine's 5 s.
-    let proxy = proxy(&engines, "prefix_cache", "", "");
+    let proxy = proxy(engines, "prefix_cache", "", "");
     let all = conversations(&proxy, 2, 3, Duration::from_secs(6)).await;
     assert_sticky_and_warm(&all, &proxy);
     assert_first_attempts(&proxy, 6).await;
@@ -344,11 +358,9 @@ async fn idle_gaps_longer_than_the_engines_keep_alive_move_no_turn() {
 /// right when the engine closes them. Whatever the race does, a turn never moves or fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turns_racing_the_engines_keep_alive_close_never_move() {
-    let _one = FLEET.lock().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let engines = fleet(dir.path(), 3).await;
+    let Bed { engines, .. } = &bed().await;
     let proxy = proxy(
-        &engines,
+        engines,
         "prefix_cache",
         "",
         "upstream: {idle_timeout_ms: 60000}\n",
@@ -368,17 +380,15 @@ async fn turns_racing_the_engines_keep_alive_close_never_move() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_busy_reads_llama_cpp_metrics_and_avoids_busy_engines() {
-    let _one = FLEET.lock().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let engines = fleet(dir.path(), 3).await;
+    let Bed { engines, .. } = &bed().await;
     let proxy = proxy(
-        &engines,
+        engines,
         "least_busy",
         "    metrics: {path: /metrics, interval_ms: 200}\n",
         "",
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    for e in &engines {
+    for e in engines.iter() {
         let label = e.addr.to_string();
         while proxy
             .metric("llmlb_endpoint_metrics_known", &[("endpoint", &label)])
@@ -445,7 +455,7 @@ async fn least_busy_reads_llama_cpp_metrics_and_avoids_busy_engines() {
         )
         .await;
     assert_eq!(unknown, Some(0.0), "never routed blind");
-    for e in &engines {
+    for e in engines.iter() {
         let label = e.addr.to_string();
         assert!(
             proxy
@@ -459,10 +469,8 @@ async fn least_busy_reads_llama_cpp_metrics_and_avoids_busy_engines() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_with_usage_and_completions_work() {
-    let _one = FLEET.lock().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let engines = fleet(dir.path(), 3).await;
-    let proxy = proxy(&engines, "prefix_cache", "", "");
+    let Bed { engines, .. } = &bed().await;
+    let proxy = proxy(engines, "prefix_cache", "", "");
     let c = client();
     // Chat, streamed, with the usage chunk at the end.
     let text = c
@@ -536,10 +544,9 @@ async fn streaming_with_usage_and_completions_work() {
 /// warm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_engine_is_failed_over_with_nothing_lost() {
-    let _one = FLEET.lock().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let mut engines = fleet(dir.path(), 3).await;
-    let proxy = proxy(&engines, "prefix_cache", "", "");
+    let mut bed = bed().await;
+    let engines = &mut bed.engines;
+    let proxy = proxy(engines, "prefix_cache", "", "");
     // Six conversations in flight at once, two per engine, generating for a while.
     let first_turns: Vec<_> = (0..6)
         .map(|conv| {
