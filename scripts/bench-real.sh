@@ -271,7 +271,7 @@ start_router() {
 # --- meta, workload --------------------------------------------------------------------------
 COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 DIRTY=false
-[ -z "$(git -C "$ROOT" status --porcelain 2>/dev/null)" ] || DIRTY=true
+[ -z "$(git -C "$ROOT" status --porcelain -- . ":(exclude)bench/results" 2>/dev/null)" ] || DIRTY=true
 CPU="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
 MEM_GIB="$(awk '/MemTotal/ {printf "%.0f", $2 / 1048576}' /proc/meminfo)"
 ENGINE_DESC="external fleet: ${ENDPOINTS}"
@@ -284,7 +284,7 @@ export META_COMMAND="$COMMAND" META_COMMIT="$COMMIT" META_DIRTY="$DIRTY" META_CP
     META_CONCURRENCY="$CONCURRENCY" META_USER_TOKENS="$USER_TOKENS" META_SYSTEM_TOKENS="$SYSTEM_TOKENS" \
     META_MAX_TOKENS="$MAX_TOKENS" META_THINK="$THINK" META_REPEATS="$REPEATS" META_ROUTERS="$ROUTERS" \
     META_SEED="$SEED" META_MODEL="$MODEL" META_OPENAI="$OPENAI_VERSION" META_SGL="$NEED_SGL" \
-    META_CHANGED="$(git -C "$ROOT" status --porcelain 2>/dev/null | tr '\n' ';')" \
+    META_CHANGED="$(git -C "$ROOT" status --porcelain -- . ":(exclude)bench/results" 2>/dev/null | tr '\n' ';')" \
     META_LLMLB_SHA="$( ((NEED_LB)) && sha256sum "$LLMLB_BIN" | cut -c1-16 || true)"
 "$PY" - "$OUT/meta.json" <<'EOF'
 import datetime, json, os, sys
