@@ -159,17 +159,23 @@ EOF
     BENCH_VENV="$venv"
 }
 
-# A separate venv for the SGLang router (its web stack must not disturb AIPerf's).
-bench_sgl_venv() {
-    local venv="${LLMLB_SGL_VENV:-$ROOT/target/sgl-venv}"
+# A venv at $1 holding $2 at version $3 (created or fixed up when it does not).
+bench_pinned_venv() {
+    local venv=$1 package=$2 version=$3
     if [ ! -x "$venv/bin/python" ]; then
         step "creating venv $venv"
         python3 -m venv "$venv"
     fi
-    if ! "$venv/bin/python" -c 'from importlib.metadata import version; import sys; sys.exit(0 if version("sglang-router") == "0.3.2" else 1)' 2>/dev/null; then
-        step "installing sglang-router==0.3.2 into $venv"
-        "$venv/bin/pip" install -q --disable-pip-version-check "sglang-router==0.3.2"
+    if ! "$venv/bin/python" -c 'from importlib.metadata import version; import sys; sys.exit(0 if version(sys.argv[1]) == sys.argv[2] else 1)' "$package" "$version" 2>/dev/null; then
+        step "installing $package==$version into $venv"
+        "$venv/bin/pip" install -q --disable-pip-version-check "$package==$version"
     fi
+}
+
+# A separate venv for the SGLang router (its web stack must not disturb AIPerf's).
+bench_sgl_venv() {
+    local venv="${LLMLB_SGL_VENV:-$ROOT/target/sgl-venv}"
+    bench_pinned_venv "$venv" sglang-router 0.3.2
     BENCH_SGL_PY="$venv/bin/python"
 }
 

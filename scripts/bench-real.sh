@@ -126,14 +126,7 @@ ensure_rust
 # --- clients, routers and engines ----------------------------------------------------------
 OPENAI_VERSION=3.54.0
 VENV="${LLMLB_REAL_VENV:-$ROOT/target/bench-real-venv}"
-if [ ! -x "$VENV/bin/python" ]; then
-    step "creating venv $VENV"
-    python3 -m venv "$VENV"
-fi
-if ! "$VENV/bin/python" -c "from importlib.metadata import version; import sys; sys.exit(version('openai') != '$OPENAI_VERSION')" 2>/dev/null; then
-    step "installing openai==$OPENAI_VERSION into $VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check "openai==$OPENAI_VERSION"
-fi
+bench_pinned_venv "$VENV" openai "$OPENAI_VERSION"
 PY="$VENV/bin/python"
 HELPER="$ROOT/scripts/bench_real.py"
 
