@@ -10,20 +10,13 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use llm_lb::config::Config;
-use llm_lb::policy::{self, Outcome, PickInput};
-use llm_lb::pool::{EndpointId, EndpointView};
+use llm_lb::config::{Config, PolicyKind};
+use llm_lb::endpoint::{EndpointId, EndpointView, Outcome};
+use llm_lb::policy::{self, PickInput, Registry};
 use llm_lb::request::LlmRequest;
 use llm_lb::scrape::EndpointMetrics;
 
 const SIZES: [usize; 5] = [4, 16, 64, 256, 1024];
-const POLICIES: [&str; 5] = [
-    "round_robin",
-    "random",
-    "global_least_request",
-    "prefix_cache",
-    "least_busy",
-];
 
 fn addr(i: usize) -> String {
     format!("10.{}.{}.{}:8000", i / 65536, (i / 256) % 256, i % 256)
@@ -65,17 +58,25 @@ fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
     group.measurement_time(Duration::from_secs(3));
     group.warm_up_time(Duration::from_secs(1));
-    for name in POLICIES {
+    for name in PolicyKind::ALL.iter().map(|k| k.name()) {
         for n in SIZES {
             let cfg = config(name, n);
             let pool = &cfg.pools[0];
-            let resolved = llm_lb::resolve::expand(&cfg, &Default::default());
-            let (policy, _counts) = policy::build(pool, &resolved[0], None);
+            let resolved = llm_lb::routing::resolve::expand(&cfg, &Default::default());
+            let deps = llm_lb::routing::deps::build(pool, &resolved[0], None);
+            let board = deps.board.clone();
+            let policy = policy::build(
+                &pool.name,
+                &pool.policy,
+                &resolved[0],
+                deps,
+                &Registry::new(),
+            )
+            .expect("policy");
             let endpoints: Vec<EndpointView> = (0..n)
                 .map(|i| EndpointView::new(addr(i).parse().expect("addr"), 1))
                 .collect();
             let candidates: Vec<EndpointId> = (0..n).map(EndpointId::new).collect();
-            let board = policy.metrics_board();
             let publish = || {
                 if let Some(board) = &board {
                     for i in 0..n {

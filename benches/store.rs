@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use llm_lb::store::{InflightStore, MemoryStore, RedisConfig, RedisStore};
+use llm_lb::config::RedisConfig;
+use llm_lb::store::{InflightStore, MemoryStore, RedisStore};
 
 const SIZES: [usize; 3] = [4, 16, 64];
 

@@ -9,7 +9,7 @@ use pingora::protocols::http::ServerSession;
 use pingora::services::listening::Service;
 use pingora_prometheus::prometheus::{self, Encoder, TextEncoder};
 
-use crate::supervisor::{ReloadError, ReloadHandle};
+use crate::routing::{ReloadError, ReloadHandle};
 
 /// Serves the admin endpoints.
 pub struct AdminApp {

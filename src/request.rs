@@ -7,6 +7,7 @@
 use serde_json::Value;
 
 use crate::prefix::{self, BlockKey};
+use crate::telemetry::FallbackReason;
 
 /// How the request body looked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,19 +76,16 @@ impl LlmRequest {
     }
 
     /// Why the request is routed by the pool's fallback instead of its policy (one of
-    /// [`FALLBACK_REASONS`]), if it is.
-    pub fn fallback_reason(&self) -> Option<&'static str> {
+    /// [`FallbackReason::REQUEST`]), if it is.
+    pub fn fallback_reason(&self) -> Option<FallbackReason> {
         match self.body {
-            BodyKind::Empty => Some("no_body"),
-            BodyKind::NotJson => Some("not_json"),
-            BodyKind::Json if self.blocks.is_empty() => Some("no_prompt"),
+            BodyKind::Empty => Some(FallbackReason::NoBody),
+            BodyKind::NotJson => Some(FallbackReason::NotJson),
+            BodyKind::Json if self.blocks.is_empty() => Some(FallbackReason::NoPrompt),
             BodyKind::Json => None,
         }
     }
 }
-
-/// Why a request is routed by its pool's fallback (`llmlb_fallback_total` reasons).
-pub const FALLBACK_REASONS: [&str; 3] = ["no_body", "not_json", "no_prompt"];
 
 #[cfg(test)]
 mod tests {
@@ -106,25 +104,28 @@ mod tests {
 
     #[test]
     fn tolerant_of_anything() {
-        assert_eq!(LlmRequest::parse(b"").fallback_reason(), Some("no_body"));
+        assert_eq!(
+            LlmRequest::parse(b"").fallback_reason(),
+            Some(FallbackReason::NoBody)
+        );
         assert_eq!(
             LlmRequest::parse(b"not json").fallback_reason(),
-            Some("not_json")
+            Some(FallbackReason::NotJson)
         );
         assert_eq!(
             LlmRequest::parse(b"[1,2]").fallback_reason(),
-            Some("not_json")
+            Some(FallbackReason::NotJson)
         );
         assert_eq!(
             LlmRequest::parse(b"{\"model\":\"m\"").fallback_reason(),
-            Some("not_json")
+            Some(FallbackReason::NotJson)
         );
         let r = LlmRequest::parse(br#"{"model":5,"stream":"yes","messages":7}"#);
         assert_eq!(r.model, None);
         assert!(!r.stream);
-        assert_eq!(r.fallback_reason(), Some("no_prompt"));
+        assert_eq!(r.fallback_reason(), Some(FallbackReason::NoPrompt));
         let r = LlmRequest::parse(br#"{"model":"m","input":"embed me"}"#);
-        assert_eq!(r.fallback_reason(), Some("no_prompt"));
+        assert_eq!(r.fallback_reason(), Some(FallbackReason::NoPrompt));
         let r = LlmRequest::parse(br#"{"model":"m","prompt":"once upon"}"#);
         assert_eq!(r.blocks.len(), 1);
     }

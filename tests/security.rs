@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use llm_lb::config::file::LbConfigFile;
-use llm_lb::store::{InflightStore, RedisConfig, RedisStore};
+use llm_lb::config::RedisConfig;
+use llm_lb::store::{InflightStore, RedisStore};
 use redis_harness::RedisServer;
 
 const PASSWORD: &str = "tls-Pa55word-9f3c";

@@ -11,9 +11,9 @@ mod redis_harness;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use llm_lb::config::{LoadGuard, RedisConfig};
 use llm_lb::store::{
-    InflightStore, LoadGuard, MemoryStore, PrefixOutcome, PrefixQuery, RedisConfig, RedisStore,
-    StoreError, MAX_HOLDERS,
+    InflightStore, MemoryStore, PrefixOutcome, PrefixQuery, RedisStore, StoreError, MAX_HOLDERS,
 };
 use redis_harness::{RedisCluster, RedisServer};
 

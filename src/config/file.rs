@@ -62,7 +62,8 @@ pub struct PoolFile {
     pub metrics: Option<MetricsFile>,
     pub outlier_detection: Option<OutlierFile>,
     pub lb_policy: String,
-    pub lb_config: Option<LbConfigFile>,
+    /// A built-in policy's keys ([`LbConfigFile`]) or a custom policy's own.
+    pub lb_config: Option<serde_yaml::Value>,
 }
 
 /// `"127.0.0.1:8001"` or `{address: "127.0.0.1:8001", weight: 2}`.

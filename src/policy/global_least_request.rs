@@ -13,8 +13,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Lease, Outcome, Pick, PickInput, Policy, PolicyError};
-use crate::store::{pick_least, PoolCounts, Skip};
+use super::local::{local_least, StoreLease};
+use super::{Pick, PickInput, Policy, PolicyError};
+use crate::config::PolicyKind;
+use crate::store::{PoolCounts, Skip};
 use crate::telemetry;
 
 /// The policy of one pool.
@@ -24,37 +26,16 @@ pub struct GlobalLeastRequest {
 }
 
 impl GlobalLeastRequest {
+    /// Count in `counts`; refuse when every candidate has `max` in flight.
     pub fn new(counts: Arc<PoolCounts>, max: Option<u64>) -> Self {
         GlobalLeastRequest { counts, max }
-    }
-}
-
-/// One count held in the store for one attempt.
-pub(super) struct StoreLease {
-    counts: Arc<PoolCounts>,
-    /// The endpoint's label: the count is released against it even after a reload.
-    endpoint: String,
-}
-
-impl StoreLease {
-    pub(super) fn boxed(counts: &Arc<PoolCounts>, endpoint: &str) -> Box<dyn Lease> {
-        Box::new(StoreLease {
-            counts: counts.clone(),
-            endpoint: endpoint.to_owned(),
-        })
-    }
-}
-
-impl Lease for StoreLease {
-    fn release(self: Box<Self>, _outcome: Outcome) {
-        self.counts.release(&self.endpoint);
     }
 }
 
 #[async_trait]
 impl Policy for GlobalLeastRequest {
     fn name(&self) -> &'static str {
-        "global_least_request"
+        PolicyKind::GlobalLeastRequest.name()
     }
 
     fn reasons(&self) -> &'static [&'static str] {
@@ -78,38 +59,12 @@ impl Policy for GlobalLeastRequest {
     }
 }
 
-/// The candidate with the fewest requests in flight from this replica (ties at random): the
-/// fallback of the store policies.
-pub(super) fn local_least(input: &PickInput<'_>, max: Option<u64>) -> Result<Pick, PolicyError> {
-    let counts: Vec<u64> = input
-        .candidates
-        .iter()
-        .map(|c| {
-            input
-                .endpoints
-                .get(c.index())
-                .map_or(u64::MAX, |e| e.inflight())
-        })
-        .collect();
-    if counts.is_empty() {
-        return Err(PolicyError::Unavailable("no candidates".into()));
-    }
-    let (i, least) = pick_least(&counts, rand::random());
-    if max.is_some_and(|m| least >= m) {
-        return Err(PolicyError::Saturated);
-    }
-    Ok(Pick {
-        endpoint: input.candidates[i],
-        reason: "local_least_request",
-        lease: None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::testing::{ids, views};
     use super::*;
-    use crate::pool::EndpointId;
+    use crate::endpoint::EndpointId;
+    use crate::endpoint::Outcome;
     use crate::request::LlmRequest;
     use crate::store::MemoryStore;
 

@@ -6,31 +6,38 @@
 //! that are healthy and not yet tried for this request; the policy returns one of them and,
 //! optionally, a [`Lease`] that the proxy releases exactly once when the attempt ends (success,
 //! error, retry on another endpoint, client abort, or the request context being dropped).
+//!
+//! The policies whose choice is a synchronous function of local state are also offered as
+//! Pingora `BackendSelection`s (see [`crate::selection`]). A program adds its own `lb_policy`
+//! through a [`Registry`].
 
+mod build;
 mod global_least_request;
 pub mod least_busy;
+mod local;
 mod prefix_cache;
 mod random;
+mod registry;
 mod round_robin;
 
+pub use build::{build, Deps};
 pub use global_least_request::GlobalLeastRequest;
-pub use least_busy::{LeastBusy, LeastBusyConfig};
+pub use least_busy::LeastBusy;
 pub use prefix_cache::{PrefixCache, MAX_CHAIN_BLOCKS};
 pub use random::Random;
+pub use registry::{CustomContext, Factory, Registry, RegistryError};
 pub use round_robin::RoundRobin;
 
-use std::sync::Arc;
+pub use crate::endpoint::{EndpointId, EndpointView, Outcome};
 
 use async_trait::async_trait;
 
-use crate::config::{EndpointConfig, PolicyKind, PoolConfig, StoreConfig};
-use crate::pool::{EndpointId, EndpointView};
 use crate::request::LlmRequest;
-use crate::scrape::MetricsBoard;
-use crate::store::{InflightStore, MemoryStore, PoolCounts, RedisConfig, RedisStore};
+use crate::telemetry::FallbackReason;
 
 /// Everything a policy may look at for one pick.
 pub struct PickInput<'a> {
+    /// What the request asks for (model, prompt blocks).
     pub request: &'a LlmRequest,
     /// Every endpoint of the pool, indexed by [`EndpointId`].
     pub endpoints: &'a [EndpointView],
@@ -51,24 +58,12 @@ impl<'a> PickInput<'a> {
 
 /// A policy's choice.
 pub struct Pick {
+    /// The chosen candidate.
     pub endpoint: EndpointId,
     /// Why this endpoint (bounded label set, e.g. `round_robin`, `prefix_hit`).
     pub reason: &'static str,
     /// Accounting to release when the attempt ends.
     pub lease: Option<Box<dyn Lease>>,
-}
-
-/// How an attempt ended, passed to [`Lease::release`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The upstream answered (any status) and the response was relayed.
-    Completed,
-    /// The attempt failed (connect error, upstream error, timeout); the request may be retried.
-    Failed,
-    /// The client went away.
-    Aborted,
-    /// The request context was dropped without a verdict (e.g. shutdown).
-    Dropped,
 }
 
 /// Per-attempt accounting held by a policy (e.g. an in-flight count in the state store).
@@ -109,60 +104,12 @@ pub trait Policy: Send + Sync {
 
     /// Reasons of `llmlb_fallback_total` the policy itself reports, beyond the proxy's and the
     /// store's.
-    fn fallback_reasons(&self) -> &'static [&'static str] {
+    fn fallback_reasons(&self) -> &'static [FallbackReason] {
         &[]
     }
 
     /// Choose one of `input.candidates`.
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError>;
-
-    /// The engine metrics this policy reads, which a [`crate::scrape::ScrapeService`] must keep
-    /// current (policies that scrape nothing: `None`).
-    fn metrics_board(&self) -> Option<Arc<MetricsBoard>> {
-        None
-    }
-}
-
-/// Build the policy a pool's configuration asks for over `endpoints`. Policies that keep state in
-/// a store use `counts` (the previous generation's, carried over a reload) or new counts in the
-/// store the configuration names; the supervisor keeps their heartbeat running.
-pub fn build(
-    pool: &PoolConfig,
-    endpoints: &[EndpointConfig],
-    counts: Option<Arc<PoolCounts>>,
-) -> (Arc<dyn Policy>, Option<Arc<PoolCounts>>) {
-    let weights: Vec<usize> = endpoints.iter().map(|e| e.weight).collect();
-    let counts = || counts.unwrap_or_else(|| new_counts(pool));
-    match pool.policy {
-        PolicyKind::RoundRobin => (Arc::new(RoundRobin::new(&weights)), None),
-        PolicyKind::Random => (Arc::new(Random::new()), None),
-        PolicyKind::GlobalLeastRequest => {
-            let counts = counts();
-            let policy = GlobalLeastRequest::new(counts.clone(), pool.max_inflight);
-            (Arc::new(policy), Some(counts))
-        }
-        PolicyKind::PrefixCache => {
-            let counts = counts();
-            let settings = pool.prefix.unwrap_or_default();
-            let policy = PrefixCache::new(counts.clone(), pool.max_inflight, settings);
-            (Arc::new(policy), Some(counts))
-        }
-        PolicyKind::LeastBusy => {
-            let labels = endpoints.iter().map(|e| e.addr.to_string()).collect();
-            let board = MetricsBoard::new(&pool.name, labels, pool.metrics.interval);
-            let config = pool.least_busy.clone().unwrap_or_default();
-            (Arc::new(LeastBusy::new(Arc::new(board), config)), None)
-        }
-    }
-}
-
-/// New counts for the pool in the store its configuration names (embedded when none).
-fn new_counts(pool: &PoolConfig) -> Arc<PoolCounts> {
-    let store: Arc<dyn InflightStore> = match &pool.store {
-        Some(StoreConfig::Redis(redis)) => Arc::new(RedisStore::new(RedisConfig::clone(redis))),
-        Some(StoreConfig::Embedded) | None => Arc::new(MemoryStore::new()),
-    };
-    Arc::new(PoolCounts::new(store, &pool.name))
 }
 
 #[cfg(test)]

@@ -23,9 +23,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::global_least_request::{local_least, StoreLease};
+use super::local::{local_least, StoreLease};
 use super::{Pick, PickInput, Policy, PolicyError};
-use crate::store::{PoolCounts, PrefixOutcome, PrefixSettings, Skip};
+use crate::config::{PolicyKind, PrefixSettings};
+use crate::store::{PoolCounts, PrefixOutcome, Skip};
 use crate::telemetry;
 
 /// Blocks of a chain looked up and recorded: the first 256 × 2 KiB = 512 KiB of a prompt. Longer
@@ -52,7 +53,7 @@ impl PrefixCache {
 #[async_trait]
 impl Policy for PrefixCache {
     fn name(&self) -> &'static str {
-        "prefix_cache"
+        PolicyKind::PrefixCache.name()
     }
 
     fn reasons(&self) -> &'static [&'static str] {
@@ -101,9 +102,10 @@ mod tests {
     use super::super::testing::{ids, views};
     use super::super::Outcome;
     use super::*;
-    use crate::pool::EndpointId;
+    use crate::config::LoadGuard;
+    use crate::endpoint::EndpointId;
     use crate::request::LlmRequest;
-    use crate::store::{LoadGuard, MemoryStore};
+    use crate::store::MemoryStore;
 
     fn policy() -> PrefixCache {
         let counts = Arc::new(PoolCounts::new(Arc::new(MemoryStore::new()), "p"));

@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use rand::Rng;
 
 use super::{Pick, PickInput, Policy, PolicyError};
+use crate::config::PolicyKind;
 
 /// Weighted random choice.
 #[derive(Default)]
@@ -18,7 +19,7 @@ impl Random {
 #[async_trait]
 impl Policy for Random {
     fn name(&self) -> &'static str {
-        "random"
+        PolicyKind::Random.name()
     }
 
     fn reasons(&self) -> &'static [&'static str] {
@@ -26,7 +27,7 @@ impl Policy for Random {
     }
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
-        let weight = |id: &crate::pool::EndpointId| {
+        let weight = |id: &crate::endpoint::EndpointId| {
             input
                 .endpoints
                 .get(id.index())
@@ -55,8 +56,8 @@ impl Policy for Random {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::EndpointId;
     use crate::policy::testing::{histogram, ids};
-    use crate::pool::EndpointId;
 
     #[tokio::test]
     async fn only_candidates_and_roughly_weighted() {

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_trait::async_trait;
 
 use super::{Pick, PickInput, Policy, PolicyError};
-use crate::pool::EndpointId;
+use crate::config::PolicyKind;
+use crate::endpoint::EndpointId;
 
 /// Weighted round robin.
 pub struct RoundRobin {
@@ -57,7 +58,7 @@ impl RoundRobin {
 #[async_trait]
 impl Policy for RoundRobin {
     fn name(&self) -> &'static str {
-        "round_robin"
+        PolicyKind::RoundRobin.name()
     }
 
     fn reasons(&self) -> &'static [&'static str] {

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::generation::Routes;
-use crate::outlier::Observed;
-use crate::policy::{Lease, Outcome};
-use crate::pool::{EndpointId, InflightGuard, Pool};
+use crate::endpoint::{EndpointId, Outcome};
+use crate::health::Observed;
+use crate::policy::Lease;
 use crate::request::LlmRequest;
+use crate::routing::{InflightGuard, Pool, Routes};
 
 /// Where a request goes: its pool and what we understood of it.
 #[derive(Clone)]

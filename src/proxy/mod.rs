@@ -30,6 +30,7 @@
 //! kept idle for less than engines keep them (`upstream.idle_timeout_ms`), so the race is rare.
 
 mod body;
+pub mod choose;
 mod ctx;
 pub mod errors;
 pub mod h2c;
@@ -47,14 +48,16 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use choose::ChooseError;
 use ctx::{Attempt, SubrequestInput};
 pub use ctx::{RequestCtx, Role, Route};
 
 use crate::config::UpstreamConfig;
 use crate::drain::Draining;
-use crate::generation::Live;
-use crate::policy::{Outcome, Pick, PickInput, PolicyError};
+use crate::endpoint::Outcome;
+use crate::policy::PolicyError;
 use crate::request::LlmRequest;
+use crate::routing::Live;
 use crate::telemetry;
 
 /// llm-lb's proxy application.
@@ -184,16 +187,19 @@ fn outcome_of(e: Option<&Error>) -> Outcome {
     }
 }
 
-fn policy_error(pool: &str, e: PolicyError) -> Box<Error> {
+fn choose_error(pool: &str, e: ChooseError) -> Box<Error> {
     match e {
-        PolicyError::Saturated => Error::explain(
+        ChooseError::Policy(PolicyError::Saturated) => Error::explain(
             ErrorType::HTTPStatus(429),
             format!("every endpoint of pool '{pool}' is at capacity; retry later"),
         ),
-        PolicyError::Unavailable(why) => Error::explain(
+        ChooseError::Policy(PolicyError::Unavailable(why)) => Error::explain(
             ErrorType::HTTPStatus(503),
             format!("no endpoint of pool '{pool}' is available: {why}"),
         ),
+        ChooseError::GaveUp(_) => Error::explain(ErrorType::HTTPStatus(502), e.to_string()),
+        ChooseError::NoCandidate(_) => Error::explain(ErrorType::HTTPStatus(503), e.to_string()),
+        ChooseError::NotACandidate => Error::explain(ErrorType::InternalError, e.to_string()),
     }
 }
 
@@ -236,12 +242,7 @@ impl ProxyHttp for LbProxy {
         let body = body::read(session, &routes.config).await?;
         ctx.request_bytes = body.len();
         let request = LlmRequest::parse(&body);
-        let Some(pool) = routes
-            .config
-            .pool_index(request.model.as_deref())
-            .and_then(|i| routes.pools.get(i))
-            .cloned()
-        else {
+        let Some(pool) = routes.pool_for(request.model.as_deref()).cloned() else {
             let model = request.model.as_deref().unwrap_or_default();
             return Error::e_explain(
                 ErrorType::HTTPStatus(404),
@@ -279,75 +280,26 @@ impl ProxyHttp for LbProxy {
             telemetry::count_retry(pool.name());
         }
         let tried = ctx.shared.lock().tried.clone();
-        if tried.len() >= config.max_attempts {
-            return Error::e_explain(
-                ErrorType::HTTPStatus(502),
-                format!("gave up after {} attempts", tried.len()),
-            );
-        }
-        let candidates = pool.candidates(&tried);
-        if candidates.ids.is_empty() {
-            return Error::e_explain(
-                ErrorType::HTTPStatus(503),
-                format!("no endpoint of pool '{}' is available", pool.name()),
-            );
-        }
-        if candidates.panic {
-            telemetry::count_fallback(pool.name(), "no_healthy_endpoint");
-        }
-        let pick = match route.request.fallback_reason() {
-            Some(reason) => {
-                telemetry::count_fallback(pool.name(), reason);
-                Pick {
-                    endpoint: pool
-                        .fallback
-                        .pick_sync(&candidates.ids)
-                        .map_err(|e| policy_error(pool.name(), e))?,
-                    reason: "fallback",
-                    lease: None,
+        let chosen = match choose::choose(pool, &route.request, &tried, config.max_attempts).await {
+            Ok(chosen) => chosen,
+            Err(e) => {
+                if let ChooseError::Policy(p) = &e {
+                    let mut shared = ctx.shared.lock();
+                    shared.policy = pool.policy.name();
+                    shared.reason = p.label();
                 }
-            }
-            None => {
-                let input = PickInput {
-                    request: &route.request,
-                    endpoints: &pool.endpoints,
-                    candidates: &candidates.ids,
-                };
-                match pool.policy.pick(input).await {
-                    Ok(pick) => pick,
-                    Err(e) => {
-                        let mut shared = ctx.shared.lock();
-                        shared.policy = pool.policy.name();
-                        shared.reason = e.label();
-                        drop(shared);
-                        return Err(policy_error(pool.name(), e));
-                    }
-                }
+                return Err(choose_error(pool.name(), e));
             }
         };
-        let Some(endpoint) = pool
-            .endpoint(pick.endpoint)
-            .filter(|_| candidates.ids.contains(&pick.endpoint))
-        else {
-            if let Some(lease) = pick.lease {
-                lease.release(Outcome::Failed);
-            }
-            return Error::e_explain(ErrorType::InternalError, "policy picked a non-candidate");
-        };
-        let addr = endpoint.addr;
-        telemetry::count_pick(pool.name(), pool.policy.name(), pick.reason);
+        let addr = chosen.addr;
         {
             let mut shared = ctx.shared.lock();
-            shared.tried.push(pick.endpoint);
+            shared.tried.push(chosen.attempt.endpoint);
             shared.endpoint = Some(addr);
-            shared.policy = pool.policy.name();
-            shared.reason = pick.reason;
+            shared.policy = chosen.policy;
+            shared.reason = chosen.reason;
         }
-        ctx.attempt = Some(Attempt::new(
-            pick.endpoint,
-            pick.lease,
-            pool.inflight_guard(pick.endpoint),
-        ));
+        ctx.attempt = Some(chosen.attempt);
         Ok(Box::new(Self::peer(addr, &config.upstream)))
     }
 
@@ -550,7 +502,7 @@ impl ProxyHttp for LbProxy {
         telemetry::count_request(pool_label, endpoint.as_deref().unwrap_or("-"), status);
         telemetry::observe_timing(pool_label, ctx.started.elapsed(), shared.first_byte);
         if let Some(usage) = shared.tail.usage() {
-            telemetry::count_tokens(pool_label, usage);
+            telemetry::count_tokens(pool_label, usage.prompt, usage.completion, usage.cached);
         }
         let error = e.map(|e| e.etype().as_str());
         telemetry::AccessLog {

@@ -16,10 +16,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 
+use crate::config::{
+    check_dead_replica_after, check_replica_id, InvalidKey, DEFAULT_DEAD_REPLICA_AFTER,
+};
+
 use super::{
-    check_call, heartbeat_interval_for, new_replica_id, pick_least, prefix_choice,
-    validate_dead_after, validate_replica_id, Acquired, InflightStore, PrefixAcquired, PrefixQuery,
-    StoreConfigError, StoreError, DEFAULT_DEAD_REPLICA_AFTER, MAX_HOLDERS,
+    check_call, heartbeat_interval_for, new_replica_id, pick_least, prefix_choice, Acquired,
+    InflightStore, PrefixAcquired, PrefixQuery, StoreError, MAX_HOLDERS,
 };
 
 /// The embedded store. Cheap to clone; clones are the same replica.
@@ -65,15 +68,15 @@ impl MemoryStore {
     }
 
     /// Set the dead-replica timeout of this handle (more than 0, at most 15 s).
-    pub fn with_dead_replica_after(mut self, d: Duration) -> Result<Self, StoreConfigError> {
-        validate_dead_after(d)?;
+    pub fn with_dead_replica_after(mut self, d: Duration) -> Result<Self, InvalidKey> {
+        check_dead_replica_after(d)?;
         self.dead_after = d;
         Ok(self)
     }
 
     /// Set this handle's replica id (no `|`, no whitespace).
-    pub fn with_replica_id(mut self, id: &str) -> Result<Self, StoreConfigError> {
-        validate_replica_id(id)?;
+    pub fn with_replica_id(mut self, id: &str) -> Result<Self, InvalidKey> {
+        check_replica_id(id)?;
         self.replica = id.into();
         Ok(self)
     }

@@ -62,19 +62,17 @@ mod service;
 
 pub use self::breaker::TRIP_AFTER;
 pub use self::memory::MemoryStore;
-pub use self::pool_counts::{PoolCounts, PrefixSettings, Skip};
+pub use self::pool_counts::{PoolCounts, Skip};
 
-pub use self::redis::{RedisConfig, RedisMode, RedisStore};
+pub use self::redis::RedisStore;
 pub use self::service::heartbeat;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-/// Dead-replica timeout used unless configured otherwise.
-pub const DEFAULT_DEAD_REPLICA_AFTER: Duration = Duration::from_secs(10);
-/// Largest accepted dead-replica timeout (issue #4: survivors forget a dead replica within 15 s).
-pub const MAX_DEAD_REPLICA_AFTER: Duration = Duration::from_secs(15);
+use crate::config::LoadGuard;
+
 /// Redis keys of a pool expire after this long without any write (heartbeats write every second).
 pub const KEY_TTL: Duration = Duration::from_secs(3600);
 
@@ -85,26 +83,6 @@ pub struct Acquired {
     pub index: usize,
     /// In-flight requests to the chosen endpoint over all live replicas, this one included.
     pub inflight: u64,
-}
-
-/// How [`InflightStore::acquire_prefix`] weighs cache affinity against load: the endpoint that
-/// holds the longest prefix is skipped when it has more than `max(absolute, ⌊least × per_mille /
-/// 1000⌋)` requests in flight above the least loaded candidate (`least`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LoadGuard {
-    pub absolute: u64,
-    /// The relative threshold in thousandths (500 = half the least loaded endpoint's count).
-    pub per_mille: u64,
-}
-
-impl LoadGuard {
-    /// Whether a holder with `holder` in flight is too busy compared with `least`.
-    pub fn too_busy(&self, holder: u64, least: u64) -> bool {
-        let extra = self
-            .absolute
-            .max(least.saturating_mul(self.per_mille) / 1000);
-        holder > least.saturating_add(extra)
-    }
 }
 
 /// One [`InflightStore::acquire_prefix`] call.
@@ -176,30 +154,6 @@ impl StoreError {
         match self {
             StoreError::Timeout | StoreError::Unavailable(_) | StoreError::Protocol(_) => true,
             StoreError::Saturated | StoreError::InvalidInput(_) => false,
-        }
-    }
-}
-
-/// Why a store configuration was rejected. Never contains a password.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreConfigError {
-    /// A setting has an unusable value; `key` is the `lb_config` key (or builder setting).
-    #[error("{key}: {reason}")]
-    Invalid { key: &'static str, reason: String },
-}
-
-impl StoreConfigError {
-    /// The same error reported under the configuration key the user wrote.
-    fn rekey(self, key: &'static str) -> Self {
-        match self {
-            StoreConfigError::Invalid { reason, .. } => StoreConfigError::Invalid { key, reason },
-        }
-    }
-
-    fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
-        StoreConfigError::Invalid {
-            key,
-            reason: reason.into(),
         }
     }
 }
@@ -296,31 +250,6 @@ pub fn new_replica_id() -> String {
         std::process::id(),
         rand::random::<u32>()
     )
-}
-
-/// Check a caller-chosen replica id.
-fn validate_replica_id(id: &str) -> Result<(), StoreConfigError> {
-    if id.is_empty() || id.len() > 200 || id.contains('|') || id.chars().any(char::is_whitespace) {
-        return Err(StoreConfigError::invalid(
-            "replica_id",
-            "must be 1..=200 characters without '|' or whitespace",
-        ));
-    }
-    Ok(())
-}
-
-/// Check a dead-replica timeout: more than zero and at most [`MAX_DEAD_REPLICA_AFTER`].
-fn validate_dead_after(d: Duration) -> Result<(), StoreConfigError> {
-    if d.is_zero() || d > MAX_DEAD_REPLICA_AFTER {
-        return Err(StoreConfigError::invalid(
-            "dead_replica_after",
-            format!(
-                "must be more than 0 and at most {} s, got {d:?}",
-                MAX_DEAD_REPLICA_AFTER.as_secs()
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Heartbeat period for a dead-replica timeout: a quarter of it, at most one second.
@@ -447,16 +376,16 @@ mod tests {
         let a = new_replica_id();
         let b = new_replica_id();
         assert_ne!(a, b);
-        assert!(validate_replica_id(&a).is_ok(), "{a}");
+        assert!(crate::config::check_replica_id(&a).is_ok(), "{a}");
         assert!(a.contains(&format!("-{}-", std::process::id())));
     }
 
     #[test]
     fn dead_after_bounds() {
-        assert!(validate_dead_after(Duration::from_secs(10)).is_ok());
-        assert!(validate_dead_after(Duration::from_secs(15)).is_ok());
-        assert!(validate_dead_after(Duration::from_secs(16)).is_err());
-        assert!(validate_dead_after(Duration::ZERO).is_err());
+        assert!(crate::config::check_dead_replica_after(Duration::from_secs(10)).is_ok());
+        assert!(crate::config::check_dead_replica_after(Duration::from_secs(15)).is_ok());
+        assert!(crate::config::check_dead_replica_after(Duration::from_secs(16)).is_err());
+        assert!(crate::config::check_dead_replica_after(Duration::ZERO).is_err());
         assert_eq!(
             heartbeat_interval_for(Duration::from_secs(10)),
             Duration::from_secs(1)
@@ -470,7 +399,7 @@ mod tests {
     #[test]
     fn bad_replica_ids_are_rejected() {
         for id in ["", "a|b", "a b", &"x".repeat(201)] {
-            assert!(validate_replica_id(id).is_err(), "{id:?}");
+            assert!(crate::config::check_replica_id(id).is_err(), "{id:?}");
         }
     }
 

@@ -39,8 +39,9 @@ use parking_lot::Mutex;
 use tokio::sync::RwLock;
 
 use super::breaker::Breaker;
-use super::{Acquired, InflightStore, LoadGuard, PrefixAcquired, PrefixQuery, StoreError};
-use crate::telemetry;
+use super::{Acquired, InflightStore, PrefixAcquired, PrefixQuery, StoreError};
+use crate::config::PrefixSettings;
+use crate::telemetry::{self, FallbackReason};
 
 /// Why a request was not counted in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,28 +49,7 @@ pub enum Skip {
     /// Every candidate is at the cap (`maxRequestCount`): refuse the request.
     Saturated,
     /// The store could not be used; choose locally. The reason is a metric label.
-    Fallback(&'static str),
-}
-
-/// How `prefix_cache` asks for prefixes: see [`PrefixQuery`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrefixSettings {
-    pub guard: LoadGuard,
-    pub ttl: Duration,
-}
-
-impl Default for PrefixSettings {
-    /// Higress's `redisKeyTTL` (30 min); a holder may carry 8 requests, or half the least loaded
-    /// endpoint's count, more than the least loaded endpoint.
-    fn default() -> Self {
-        PrefixSettings {
-            guard: LoadGuard {
-                absolute: 8,
-                per_mille: 500,
-            },
-            ttl: Duration::from_secs(1800),
-        }
-    }
+    Fallback(FallbackReason),
 }
 
 /// A store answer that names a chosen candidate.
@@ -176,10 +156,10 @@ impl PoolCounts {
     /// Why the store is not to be asked about `candidates`, if it is not.
     fn ready(&self, candidates: &[&str]) -> Result<(), Skip> {
         if self.breaker.is_open() {
-            return Err(Skip::Fallback("store_breaker_open"));
+            return Err(Skip::Fallback(FallbackReason::StoreBreakerOpen));
         }
         if candidates.is_empty() {
-            return Err(Skip::Fallback("store_error"));
+            return Err(Skip::Fallback(FallbackReason::StoreError));
         }
         Ok(())
     }
@@ -211,7 +191,7 @@ impl PoolCounts {
                 }
                 None => {
                     self.on_failure(&StoreError::Protocol("index out of range".into()));
-                    Err(Skip::Fallback("store_error"))
+                    Err(Skip::Fallback(FallbackReason::StoreError))
                 }
             },
             Err(StoreError::Saturated) => {
@@ -358,10 +338,10 @@ impl PoolCounts {
 const GATE_SLACK: Duration = Duration::from_millis(5);
 
 /// The `reason` label of a fallback caused by `e`.
-fn fallback_reason(e: &StoreError) -> &'static str {
+fn fallback_reason(e: &StoreError) -> FallbackReason {
     match e {
-        StoreError::Timeout => "store_timeout",
-        _ => "store_error",
+        StoreError::Timeout => FallbackReason::StoreTimeout,
+        _ => FallbackReason::StoreError,
     }
 }
 
@@ -487,7 +467,7 @@ mod tests {
         assert!(c.breaker.is_open());
         assert_eq!(
             c.acquire(&["ep0"], None).await,
-            Err(Skip::Fallback("store_breaker_open"))
+            Err(Skip::Fallback(FallbackReason::StoreBreakerOpen))
         );
         c.release("ep0");
         assert_eq!(c.held_total(), 0);

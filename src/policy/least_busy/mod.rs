@@ -28,14 +28,12 @@ use std::time::Instant;
 use async_trait::async_trait;
 use rand::Rng;
 
-pub use tree::Thresholds;
-
-use super::global_least_request::local_least;
-use super::{Lease, Outcome, Pick, PickInput, Policy, PolicyError};
-use crate::config::file::LbConfigFile;
-use crate::pool::EndpointId;
+use super::local::local_least;
+use super::{Lease, Pick, PickInput, Policy, PolicyError};
+use crate::config::{LeastBusyConfig, PolicyKind};
+use crate::endpoint::{EndpointId, Outcome};
 use crate::scrape::{Known, MetricsBoard};
-use crate::telemetry;
+use crate::telemetry::{self, FallbackReason};
 
 /// Pick reason: the tree chose.
 pub const REASON: &str = "least_busy";
@@ -43,67 +41,6 @@ pub const REASON: &str = "least_busy";
 pub const REASON_AFFINITY: &str = "least_busy_lora_affinity";
 /// Pick reason: an endpoint whose metrics are unknown, by in-flight count.
 pub const REASON_UNKNOWN: &str = "unknown_metrics_least_request";
-/// `llmlb_fallback_total` reason when no candidate's metrics are known.
-const FALLBACK_UNKNOWN: &str = "metrics_unknown";
-
-/// The policy's settings from `lb_config`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LeastBusyConfig {
-    pub thresholds: Thresholds,
-    /// `criticalModels`: requests for these models are critical.
-    pub critical_models: Vec<String>,
-}
-
-/// An unusable `lb_config` value.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{key}: {reason}")]
-pub struct InvalidKey {
-    pub key: &'static str,
-    pub reason: String,
-}
-
-impl LeastBusyConfig {
-    /// Read and check the keys `least_busy` uses; every problem is reported.
-    pub fn from_lb_config(c: &LbConfigFile) -> Result<Self, Vec<InvalidKey>> {
-        let mut issues = Vec::new();
-        let mut bad = |key: &'static str, reason: &str| {
-            issues.push(InvalidKey {
-                key,
-                reason: reason.to_string(),
-            })
-        };
-        let d = Thresholds::default();
-        let fraction = |v: Option<f64>, default: f64| v.unwrap_or(default);
-        let thresholds = Thresholds {
-            queueing_lora: c.queueingThresholdLoRA.unwrap_or(d.queueing_lora),
-            queue_critical: c.queueThresholdCritical.unwrap_or(d.queue_critical),
-            kv_cache: fraction(c.kvCacheThreshold, d.kv_cache),
-            lora_affinity: fraction(c.loraAffinityThreshold, d.lora_affinity),
-        };
-        if thresholds.queueing_lora == 0 {
-            bad("queueingThresholdLoRA", "must be at least 1");
-        }
-        for (key, v) in [
-            ("kvCacheThreshold", thresholds.kv_cache),
-            ("loraAffinityThreshold", thresholds.lora_affinity),
-        ] {
-            if !(0.0..=1.0).contains(&v) {
-                bad(key, "must be between 0 and 1");
-            }
-        }
-        let critical_models = c.criticalModels.clone().unwrap_or_default();
-        if critical_models.iter().any(|m| m.is_empty()) {
-            bad("criticalModels", "model names must not be empty");
-        }
-        if !issues.is_empty() {
-            return Err(issues);
-        }
-        Ok(LeastBusyConfig {
-            thresholds,
-            critical_models,
-        })
-    }
-}
 
 /// The policy of one pool.
 pub struct LeastBusy {
@@ -158,7 +95,7 @@ impl LeastBusy {
             }
         }
         if known.is_empty() {
-            telemetry::count_fallback(self.board.pool(), FALLBACK_UNKNOWN);
+            telemetry::count_fallback(self.board.pool(), FallbackReason::MetricsUnknown);
             return Ok((local_least(input, None)?.endpoint, REASON_UNKNOWN));
         }
         let model = input.request.model.as_deref();
@@ -253,19 +190,15 @@ impl Lease for DispatchLease {
 #[async_trait]
 impl Policy for LeastBusy {
     fn name(&self) -> &'static str {
-        "least_busy"
+        PolicyKind::LeastBusy.name()
     }
 
     fn reasons(&self) -> &'static [&'static str] {
         &[REASON, REASON_AFFINITY, REASON_UNKNOWN]
     }
 
-    fn fallback_reasons(&self) -> &'static [&'static str] {
-        &[FALLBACK_UNKNOWN]
-    }
-
-    fn metrics_board(&self) -> Option<Arc<MetricsBoard>> {
-        Some(self.board.clone())
+    fn fallback_reasons(&self) -> &'static [FallbackReason] {
+        &[FallbackReason::MetricsUnknown]
     }
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
@@ -333,7 +266,7 @@ mod tests {
 
     fn choose(
         p: &LeastBusy,
-        endpoints: &[crate::pool::EndpointView],
+        endpoints: &[crate::endpoint::EndpointView],
         model: &str,
         candidates: &[EndpointId],
         seed: u64,
@@ -351,7 +284,7 @@ mod tests {
     /// leases held.
     async fn burst(
         p: &LeastBusy,
-        endpoints: &[crate::pool::EndpointView],
+        endpoints: &[crate::endpoint::EndpointView],
         model: &str,
         n: usize,
     ) -> ([usize; 3], Vec<Option<Box<dyn Lease>>>) {
@@ -480,26 +413,17 @@ mod tests {
     #[test]
     fn unknown_endpoints_compete_on_in_flight_counts() {
         let (p, board) = policy(3, &[]);
-        let pool = {
-            let cfg = crate::config::Config::from_yaml(
-                "pools:\n  - name: p\n    models: ['*']\n    endpoints: ['127.0.0.1:9000', '127.0.0.1:9001', '127.0.0.1:9002']\n    health_check: {enabled: false}\n    lb_policy: round_robin\n",
-            )
-            .expect("config");
-            crate::pool::Pool::first_of(&cfg)
-        };
+        let endpoints = views(&[1, 1, 1]);
         // Every endpoint unknown: this replica's least request.
-        let (id, reason) = choose(&p, &pool.endpoints, "m", &ids(3), 0).expect("pick");
+        let (id, reason) = choose(&p, &endpoints, "m", &ids(3), 0).expect("pick");
         assert_eq!(reason, REASON_UNKNOWN);
         assert!(id.index() < 3);
         // Endpoint 0 known and idle; 1 and 2 unknown. Endpoint 2 carries two requests of ours.
         publish(&board, 0, metrics(0, 0.1, 0, &[]));
-        let _g = [
-            pool.inflight_guard(EndpointId::new(2)),
-            pool.inflight_guard(EndpointId::new(2)),
-        ];
+        endpoints[2].add_inflight(2);
         let mut seen = [0; 3];
         for seed in 0..200 {
-            let (id, reason) = choose(&p, &pool.endpoints, "m", &ids(3), seed).expect("pick");
+            let (id, reason) = choose(&p, &endpoints, "m", &ids(3), seed).expect("pick");
             seen[id.index()] += 1;
             assert_eq!(
                 reason,
@@ -516,48 +440,9 @@ mod tests {
         publish(&board, 0, metrics(9, 0.1, 0, &[]));
         for seed in 0..20 {
             assert_eq!(
-                choose(&p, &pool.endpoints, "m", &ids(3), seed).expect("pick"),
+                choose(&p, &endpoints, "m", &ids(3), seed).expect("pick"),
                 (EndpointId::new(1), REASON_UNKNOWN)
             );
         }
-    }
-
-    #[test]
-    fn config_keys_defaults_and_ranges() {
-        let lb = |yaml: &str| -> LbConfigFile { serde_yaml::from_str(yaml).expect("yaml") };
-        let c = LeastBusyConfig::from_lb_config(&lb("{}")).expect("valid");
-        assert_eq!(c, LeastBusyConfig::default());
-        assert_eq!(c.thresholds.queueing_lora, 50);
-        assert_eq!(c.thresholds.queue_critical, 5);
-        assert_eq!(c.thresholds.kv_cache, 0.8);
-        assert_eq!(c.thresholds.lora_affinity, 1.0);
-        let c = LeastBusyConfig::from_lb_config(&lb(
-            "{criticalModels: [a, b], queueThresholdCritical: 0, kvCacheThreshold: 0.5, queueingThresholdLoRA: 128, loraAffinityThreshold: 0.999}",
-        ))
-        .expect("valid");
-        assert_eq!(c.critical_models, vec!["a", "b"]);
-        assert_eq!(
-            c.thresholds,
-            Thresholds {
-                queueing_lora: 128,
-                queue_critical: 0,
-                kv_cache: 0.5,
-                lora_affinity: 0.999
-            }
-        );
-        let e = LeastBusyConfig::from_lb_config(&lb(
-            "{kvCacheThreshold: 1.5, loraAffinityThreshold: -1, queueingThresholdLoRA: 0, criticalModels: ['']}",
-        ))
-        .expect_err("invalid");
-        let keys: Vec<&str> = e.iter().map(|i| i.key).collect();
-        assert_eq!(
-            keys,
-            vec![
-                "queueingThresholdLoRA",
-                "kvCacheThreshold",
-                "loraAffinityThreshold",
-                "criticalModels"
-            ]
-        );
     }
 }

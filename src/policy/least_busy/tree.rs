@@ -28,32 +28,8 @@
 
 use rand::Rng;
 
+use crate::config::Thresholds;
 use crate::scrape::Lora;
-
-/// The tree's thresholds (`lb_config` keys in brackets); defaults are Higress's constants.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Thresholds {
-    /// Low queueing: waiting strictly below this (`queueingThresholdLoRA`, 50).
-    pub queueing_lora: u64,
-    /// Capacity for sheddable requests: waiting at most this (`queueThresholdCritical`, 5).
-    pub queue_critical: u64,
-    /// Capacity for sheddable requests: KV-cache use at most this (`kvCacheThreshold`, 0.8).
-    pub kv_cache: f64,
-    /// Probability of preferring affine endpoints over ones with a free adapter slot
-    /// (`loraAffinityThreshold`, 1.0).
-    pub lora_affinity: f64,
-}
-
-impl Default for Thresholds {
-    fn default() -> Self {
-        Thresholds {
-            queueing_lora: 50,
-            queue_critical: 5,
-            kv_cache: 0.8,
-            lora_affinity: 1.0,
-        }
-    }
-}
 
 /// One endpoint as the tree sees it.
 #[derive(Debug, Clone, Copy)]

@@ -1,74 +1,31 @@
 //! A pool: its endpoints, their health and in-flight counts, its policy and its fallback.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use pingora::lb::Backend;
 
 use crate::config::{EndpointConfig, PoolConfig};
-use crate::health::{self, HealthView};
-use crate::outlier::{Outliers, Verdict};
-use crate::policy::{self, Policy, RoundRobin};
+use crate::endpoint::{EndpointId, EndpointView};
+use crate::health::{active, HealthView, Outliers, Verdict};
+use crate::policy::{self, Deps, Policy, Registry, RoundRobin};
+use crate::scrape::MetricsBoard;
 use crate::store::PoolCounts;
-use crate::telemetry;
-
-/// Index of an endpoint within its pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EndpointId(u32);
-
-impl EndpointId {
-    pub fn new(index: usize) -> Self {
-        EndpointId(u32::try_from(index).unwrap_or(u32::MAX))
-    }
-
-    pub fn index(self) -> usize {
-        self.0 as usize
-    }
-}
-
-/// One endpoint as policies see it.
-#[derive(Debug)]
-pub struct EndpointView {
-    pub addr: SocketAddr,
-    pub weight: usize,
-    /// `addr` as text, the endpoint's metric label.
-    pub label: String,
-    /// Requests this replica has in flight to the endpoint.
-    inflight: AtomicI64,
-    backend: Backend,
-}
-
-impl EndpointView {
-    pub fn new(addr: SocketAddr, weight: usize) -> Self {
-        let backend = Backend {
-            addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
-            weight,
-            ext: Default::default(),
-        };
-        EndpointView {
-            addr,
-            weight,
-            label: addr.to_string(),
-            inflight: AtomicI64::new(0),
-            backend,
-        }
-    }
-
-    /// Requests this replica has in flight to the endpoint.
-    pub fn inflight(&self) -> u64 {
-        self.inflight.load(Ordering::Relaxed).max(0) as u64
-    }
-}
+use crate::telemetry::{self, PoolSeries};
 
 /// A pool of interchangeable endpoints.
 pub struct Pool {
+    /// The pool's validated settings.
     pub config: PoolConfig,
+    /// Its endpoints, indexed by [`EndpointId`].
     pub endpoints: Vec<EndpointView>,
+    /// The endpoints as Pingora backends (health checks), in the same order.
+    backends: Vec<Backend>,
+    /// Chooses among the candidates.
     pub policy: Arc<dyn Policy>,
-    /// The policy's shared in-flight counts, when it keeps them in a store.
-    pub counts: Option<Arc<PoolCounts>>,
+    /// The state the policy reads: shared counts (kept alive by heartbeats) and the metrics
+    /// board (kept current by scraping).
+    pub deps: Deps,
     /// Routes requests the policy cannot judge (no body, not JSON, no prompt).
     pub fallback: RoundRobin,
     health: Option<HealthView>,
@@ -77,39 +34,64 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Build a pool over `endpoints` (its configuration's, resolved). Store policies use `counts`
-    /// when given (carried over from the previous generation). The health view, if any, is
-    /// empty until [`Pool::health_view`]'s first update and then kept by its background task.
+    /// Build a pool over `endpoints` (its configuration's, resolved) with the state in `deps`
+    /// (see [`super::deps`]). The health view, if any, is empty until [`Pool::health_view`]'s
+    /// first update and then kept by its background task.
     pub fn new(
         config: PoolConfig,
         endpoints: &[EndpointConfig],
-        counts: Option<Arc<PoolCounts>>,
-    ) -> Result<Arc<Pool>, pingora::BError> {
-        let (policy, counts) = policy::build(&config, endpoints, counts);
-        let endpoints: Vec<EndpointView> = endpoints
+        deps: Deps,
+        registry: &Registry,
+    ) -> Result<Arc<Pool>, String> {
+        let policy = policy::build(
+            &config.name,
+            &config.policy,
+            endpoints,
+            deps.clone(),
+            registry,
+        )?;
+        let views: Vec<EndpointView> = endpoints
             .iter()
             .map(|e| EndpointView::new(e.addr, e.weight))
             .collect();
-        let weights: Vec<usize> = endpoints.iter().map(|e| e.weight).collect();
+        let backends: Vec<Backend> = endpoints
+            .iter()
+            .map(|e| Backend {
+                addr: pingora::protocols::l4::socket::SocketAddr::Inet(e.addr),
+                weight: e.weight,
+                ext: Default::default(),
+            })
+            .collect();
+        let weights: Vec<usize> = views.iter().map(|e| e.weight).collect();
         let health = match &config.health_check {
             Some(hc) => {
-                let set: BTreeSet<Backend> = endpoints.iter().map(|e| e.backend.clone()).collect();
-                Some(health::view(&config.name, set, hc)?)
+                let set: BTreeSet<Backend> = backends.iter().cloned().collect();
+                Some(active::view(&config.name, set, hc).map_err(|e| e.to_string())?)
             }
             None => None,
         };
-        let labels: Vec<String> = endpoints.iter().map(|e| e.label.clone()).collect();
-        telemetry::touch_pool(&config.name, &labels, policy.as_ref(), counts.is_some());
-        if let Some(c) = &counts {
+        let labels: Vec<String> = views.iter().map(|e| e.label.clone()).collect();
+        telemetry::touch_pool(
+            &config.name,
+            &labels,
+            &PoolSeries {
+                policy: policy.name(),
+                reasons: policy.reasons(),
+                fallbacks: policy.fallback_reasons(),
+                shared_counts: deps.counts.is_some(),
+            },
+        );
+        if let Some(c) = &deps.counts {
             c.set_endpoints(labels.clone());
         }
         let outliers = Outliers::new(&config.name, labels, config.outlier);
         Ok(Arc::new(Pool {
             outliers,
             policy,
-            counts,
+            deps,
             fallback: RoundRobin::new(&weights),
-            endpoints,
+            endpoints: views,
+            backends,
             health,
             config,
         }))
@@ -118,8 +100,10 @@ impl Pool {
     /// The first pool of `config` over its IP endpoints (tests).
     #[cfg(test)]
     pub(crate) fn first_of(config: &crate::config::Config) -> Arc<Pool> {
-        let endpoints = crate::resolve::expand(config, &Default::default());
-        Pool::new(config.pools[0].clone(), &endpoints[0], None).expect("pool")
+        let endpoints = super::resolve::expand(config, &Default::default());
+        let pc = config.pools[0].clone();
+        let deps = super::deps::build(&pc, &endpoints[0], None);
+        Pool::new(pc, &endpoints[0], deps, &Registry::new()).expect("pool")
     }
 
     /// The health-check view, which a background task must keep current (`None`: no checks).
@@ -137,16 +121,31 @@ impl Pool {
 
     /// Whether the health check currently passes (always true without health checks).
     pub fn is_healthy(&self, id: EndpointId) -> bool {
-        match (&self.health, self.endpoint(id)) {
+        match (&self.health, self.backends.get(id.index())) {
             (None, Some(_)) => true,
-            (Some(h), Some(e)) => h.backends().ready(&e.backend),
+            (Some(h), Some(b)) => h.backends().ready(b),
             (_, None) => false,
         }
     }
 
-    /// Whether the endpoint is ejected for failing requests (see [`crate::outlier`]).
+    /// Whether the endpoint is ejected for failing requests (see [`crate::health::passive`]).
     pub fn is_ejected(&self, id: EndpointId) -> bool {
         self.outliers.is_ejected(id.index())
+    }
+
+    /// The metrics board the policy reads, which a scrape task must keep current.
+    pub fn metrics_board(&self) -> Option<&Arc<MetricsBoard>> {
+        self.deps.board.as_ref()
+    }
+
+    /// The shared counts the policy keeps, which a heartbeat must keep alive.
+    pub fn counts(&self) -> Option<&Arc<PoolCounts>> {
+        self.deps.counts.as_ref()
+    }
+
+    /// Log and update the gauge of endpoints whose ejection has ended.
+    pub fn readmit_due(&self) {
+        self.outliers.readmit_due();
     }
 
     /// Record how an attempt on `id` ended (passive health).
@@ -190,7 +189,7 @@ impl Pool {
     /// Count one request in flight to `id` until the guard drops.
     pub fn inflight_guard(self: &Arc<Self>, id: EndpointId) -> InflightGuard {
         if let Some(e) = self.endpoint(id) {
-            e.inflight.fetch_add(1, Ordering::Relaxed);
+            e.add_inflight(1);
             telemetry::add_inflight(self.name(), &e.label, 1);
         }
         InflightGuard {
@@ -223,7 +222,7 @@ impl InflightGuard {
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         if let Some(e) = self.pool.endpoint(self.id) {
-            e.inflight.fetch_sub(1, Ordering::Relaxed);
+            e.add_inflight(-1);
             telemetry::add_inflight(self.pool.name(), &e.label, -1);
         }
     }
@@ -233,7 +232,7 @@ impl Drop for InflightGuard {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::outlier::Failure;
+    use crate::health::Failure;
 
     #[test]
     fn ejected_endpoints_are_candidates_only_as_a_last_resort() {

@@ -1,11 +1,16 @@
 //! Logging set-up, the access log, and the Prometheus metrics llm-lb exports.
 //!
 //! Metric labels are bounded: pool, endpoint, policy, reason, status class — never prompts, models
-//! from clients that match no pool, or request ids.
+//! from clients that match no pool, or request ids. Closed label sets are typed ([`labels`]).
+//!
+//! The bottom of the crate's layers with `config` and `endpoint`: it imports nothing of the
+//! crate, and every other module may report through it.
+
+pub mod labels;
 
 use std::sync::LazyLock;
 
-use crate::policy::Policy;
+pub use labels::{FallbackReason, ReloadResult, ReloadTrigger};
 
 use pingora_prometheus::prometheus::{
     register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge,
@@ -291,9 +296,9 @@ pub fn touch() {
     LazyLock::force(&INFLIGHT_GLOBAL);
     LazyLock::force(&ENDPOINTS);
     LazyLock::force(&DNS_LOOKUPS);
-    for trigger in ["sighup", "admin"] {
-        for result in ["ok", "invalid"] {
-            count_reload_by(trigger, result, 0);
+    for trigger in ReloadTrigger::ALL {
+        for result in ReloadResult::ALL {
+            count_reload_by(*trigger, *result, 0);
         }
     }
     if let Some(m) = GENERATION.as_ref() {
@@ -301,23 +306,39 @@ pub fn touch() {
     }
 }
 
+/// What [`touch_pool`] seeds for a pool.
+pub struct PoolSeries<'a> {
+    /// The pool's `lb_policy`.
+    pub policy: &'a str,
+    /// Every pick reason the policy reports.
+    pub reasons: &'a [&'a str],
+    /// The fallback reasons the policy itself reports, beyond the request-shape ones.
+    pub fallbacks: &'a [FallbackReason],
+    /// Whether the policy keeps counts in a store.
+    pub shared_counts: bool,
+}
+
 /// Give a pool's series their zero values, so they are exported before its first request.
-pub fn touch_pool(pool: &str, endpoints: &[String], policy: &dyn Policy, shared_counts: bool) {
+pub fn touch_pool(pool: &str, endpoints: &[String], series: &PoolSeries<'_>) {
+    let shared_counts = series.shared_counts;
     if let Some(m) = PICKS.as_ref() {
-        for reason in policy.reasons().iter().chain(&["fallback"]) {
-            m.with_label_values(&[pool, policy.name(), reason])
+        for reason in series.reasons.iter().chain(&["fallback"]) {
+            m.with_label_values(&[pool, series.policy, reason])
                 .inc_by(0);
         }
     }
     if let Some(m) = FALLBACKS.as_ref() {
-        let store = ["store_timeout", "store_error", "store_breaker_open"];
-        let store = if shared_counts { &store[..] } else { &[] };
-        let reasons = crate::request::FALLBACK_REASONS
+        let store = if shared_counts {
+            FallbackReason::STORE
+        } else {
+            &[]
+        };
+        for reason in FallbackReason::REQUEST
             .iter()
             .chain(store)
-            .chain(policy.fallback_reasons());
-        for reason in reasons.chain(&["no_healthy_endpoint"]) {
-            m.with_label_values(&[pool, reason]).inc_by(0);
+            .chain(series.fallbacks)
+        {
+            m.with_label_values(&[pool, reason.as_str()]).inc_by(0);
         }
     }
     for family in [&RETRIES, &RECONNECTS] {
@@ -385,13 +406,14 @@ pub fn set_inflight_global(pool: &str, endpoint: &str, n: u64) {
     }
 }
 
-pub fn count_reload(trigger: &str, result: &str) {
+pub fn count_reload(trigger: ReloadTrigger, result: ReloadResult) {
     count_reload_by(trigger, result, 1);
 }
 
-fn count_reload_by(trigger: &str, result: &str, n: u64) {
+fn count_reload_by(trigger: ReloadTrigger, result: ReloadResult, n: u64) {
     if let Some(m) = RELOADS.as_ref() {
-        m.with_label_values(&[trigger, result]).inc_by(n);
+        m.with_label_values(&[trigger.as_str(), result.as_str()])
+            .inc_by(n);
     }
 }
 
@@ -420,12 +442,12 @@ pub fn observe_timing(
     }
 }
 
-pub fn count_tokens(pool: &str, usage: crate::usage::Usage) {
+pub fn count_tokens(pool: &str, prompt: u64, completion: u64, cached: u64) {
     if let Some(m) = TOKENS.as_ref() {
-        m.with_label_values(&[pool, "prompt"]).inc_by(usage.prompt);
+        m.with_label_values(&[pool, "prompt"]).inc_by(prompt);
         m.with_label_values(&[pool, "completion"])
-            .inc_by(usage.completion);
-        m.with_label_values(&[pool, "cached"]).inc_by(usage.cached);
+            .inc_by(completion);
+        m.with_label_values(&[pool, "cached"]).inc_by(cached);
     }
 }
 
@@ -500,10 +522,10 @@ pub fn count_pick(pool: &str, policy: &str, reason: &str) {
     }
 }
 
-pub fn count_fallback(pool: &str, reason: &str) {
+pub fn count_fallback(pool: &str, reason: FallbackReason) {
     log::debug!("pool {pool}: fallback routing ({reason})");
     if let Some(m) = FALLBACKS.as_ref() {
-        m.with_label_values(&[pool, reason]).inc();
+        m.with_label_values(&[pool, reason.as_str()]).inc();
     }
 }
 

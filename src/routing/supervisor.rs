@@ -6,7 +6,7 @@
 //!   the policy file is read and validated first; if it is invalid the running generation stays
 //!   and the error is logged, counted (`llmlb_config_reloads_total{result="invalid"}`) and
 //!   returned. Otherwise the new generation is built and swapped in: new requests use it at once,
-//!   requests in flight finish on the one they started with (see [`crate::generation`]).
+//!   requests in flight finish on the one they started with (see [`super::generation`]).
 //!   `listen`, `admin` and `h2c` are bound at start; a change to them needs a restart or `-u`.
 //! - **DNS.** Every `dns_refresh_ms`, names are resolved again; when a pool's address set
 //!   changes, a new generation with the same configuration is swapped in (added addresses join,
@@ -14,8 +14,9 @@
 //! - **State-store heartbeats.** One [`heartbeat`] loop per [`PoolCounts`] in use. When a
 //!   generation no longer uses some counts (pool removed, store changed), their loop drains what
 //!   is still held, withdraws, and ends.
-//! - **Clean-up.** Once a replaced generation has nothing in flight, the gauges of endpoints that
-//!   left are dropped.
+//! - **Sweep** (every second). Endpoints whose ejection ended are logged and their gauge reset
+//!   (admission itself needs no timer); once a replaced generation has nothing in flight, the
+//!   gauges of endpoints that left are dropped.
 //! - **Shutdown.** Stops the tasks, lets every heartbeat loop drain and withdraw, then returns.
 
 use std::collections::HashSet;
@@ -32,11 +33,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::resolve::{self, Answers};
+use super::{BuildError, Generation, Live, Routes};
 use crate::config::{self, Config};
-use crate::generation::{Generation, Live, Routes};
-use crate::resolve::{self, Answers};
+use crate::policy::Registry;
 use crate::store::{heartbeat, PoolCounts};
-use crate::telemetry;
+use crate::telemetry::{self, ReloadResult, ReloadTrigger};
 
 /// How often replaced generations are checked for the end of their requests.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -77,18 +79,26 @@ impl ReloadHandle {
 pub struct Supervisor {
     policy_path: PathBuf,
     live: Live,
+    /// Custom policies the policy file may name.
+    registry: Registry,
     /// Taken by `start`: the configuration validated at start, and the reload requests.
     start: Mutex<Option<(Config, mpsc::Receiver<ReloadReply>)>>,
 }
 
 impl Supervisor {
-    /// A supervisor for the policy file at `policy_path`, already validated as `config`. Returns
-    /// it with the [`Live`] routing table it maintains and a handle to request reloads.
-    pub fn new(policy_path: PathBuf, config: Config) -> (Supervisor, Live, ReloadHandle) {
+    /// A supervisor for the policy file at `policy_path`, already validated as `config` (with
+    /// `registry`'s custom policies). Returns it with the [`Live`] routing table it maintains and
+    /// a handle to request reloads.
+    pub fn new(
+        policy_path: PathBuf,
+        config: Config,
+        registry: Registry,
+    ) -> (Supervisor, Live, ReloadHandle) {
         let live = Live::default();
         let (tx, rx) = mpsc::channel(8);
         let supervisor = Supervisor {
             policy_path,
+            registry,
             live: live.clone(),
             start: Mutex::new(Some((config, rx))),
         };
@@ -108,6 +118,7 @@ impl BackgroundService for Supervisor {
         };
         let mut state = State {
             policy_path: self.policy_path.clone(),
+            registry: self.registry.clone(),
             live: self.live.clone(),
             current: None,
             answers: Answers::new(),
@@ -135,11 +146,11 @@ impl BackgroundService for Supervisor {
         loop {
             tokio::select! {
                 Some(()) = async { hangup.as_mut()?.recv().await } => {
-                    let _ = state.reload("sighup").await;
+                    let _ = state.reload(ReloadTrigger::Sighup).await;
                     dns = reset_interval(state.dns_refresh());
                 }
                 Some(reply) = requests.recv() => {
-                    let _ = reply.send(state.reload("admin").await);
+                    let _ = reply.send(state.reload(ReloadTrigger::Admin).await);
                     dns = reset_interval(state.dns_refresh());
                 }
                 _ = dns.tick() => state.refresh_dns().await,
@@ -167,6 +178,7 @@ struct Heartbeat {
 
 struct State {
     policy_path: PathBuf,
+    registry: Registry,
     live: Live,
     current: Option<Generation>,
     answers: Answers,
@@ -184,12 +196,12 @@ impl State {
     }
 
     /// Re-read the policy file and apply it; on any error the running generation stays.
-    async fn reload(&mut self, trigger: &str) -> Result<u64, ReloadError> {
+    async fn reload(&mut self, trigger: ReloadTrigger) -> Result<u64, ReloadError> {
         let path = self.policy_path.display().to_string();
-        let config = match config::load(&self.policy_path) {
+        let config = match config::load_with(&self.policy_path, &self.registry.names()) {
             Ok(c) => c,
             Err(e) => {
-                telemetry::count_reload(trigger, "invalid");
+                telemetry::count_reload(trigger, ReloadResult::Invalid);
                 log::error!("reload ({trigger}): policy file {path} rejected, the running configuration stays: {e}");
                 return Err(ReloadError::Invalid(format!("policy file {path}: {e}")));
             }
@@ -208,12 +220,12 @@ impl State {
         let answers = resolve::resolve(&config, &self.answers).await;
         match self.apply(config, answers).await {
             Ok(id) => {
-                telemetry::count_reload(trigger, "ok");
+                telemetry::count_reload(trigger, ReloadResult::Ok);
                 log::info!("reload ({trigger}): policy file {path} applied as generation {id}");
                 Ok(id)
             }
             Err(e) => {
-                telemetry::count_reload(trigger, "failed");
+                telemetry::count_reload(trigger, ReloadResult::Failed);
                 log::error!("reload ({trigger}): {e}; the running configuration stays");
                 Err(ReloadError::Failed(e.to_string()))
             }
@@ -244,11 +256,7 @@ impl State {
     }
 
     /// Build a generation of `config` over `answers` and put it in force.
-    async fn apply(
-        &mut self,
-        config: Config,
-        answers: Answers,
-    ) -> Result<u64, crate::generation::BuildError> {
+    async fn apply(&mut self, config: Config, answers: Answers) -> Result<u64, BuildError> {
         let endpoints = resolve::expand(&config, &answers);
         for (pool, eps) in config.pools.iter().zip(&endpoints) {
             if eps.is_empty() {
@@ -260,7 +268,8 @@ impl State {
         }
         let id = self.next_id;
         let previous = self.current.as_ref().map(|g| g.routes.clone());
-        let next = Generation::build(id, config, endpoints, previous.as_deref()).await?;
+        let next =
+            Generation::build(id, config, endpoints, previous.as_deref(), &self.registry).await?;
         self.next_id += 1;
         self.answers = answers;
         next.start();
@@ -306,13 +315,14 @@ impl State {
         }
     }
 
-    /// Forget finished heartbeats, and the gauges of endpoints that left once their replaced
-    /// generation has nothing in flight.
+    /// Forget finished heartbeats, note endpoints back from ejection, and drop the gauges of
+    /// endpoints that left once their replaced generation has nothing in flight.
     fn sweep(&mut self) {
         self.heartbeats.retain(|h| !h.task.is_finished());
         let Some(current) = self.current.as_ref().map(|g| g.routes.clone()) else {
             return;
         };
+        current.readmit_due();
         let present: HashSet<(&str, &str)> = current.endpoint_labels().collect();
         self.retired.retain(|old| {
             if !old.idle() {

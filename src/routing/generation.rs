@@ -4,61 +4,21 @@
 //! The proxy reads the generation in force from [`Live`] once per request and keeps it for the
 //! whole request, retries included, so a reload or a DNS change never moves a request that has
 //! started: it finishes on the pools it was routed by. A new generation takes over the previous
-//! one's in-flight counts ([`PoolCounts`]) for every pool whose name and state store are
+//! one's in-flight counts ([`PoolCounts`], see [`super::deps`]) for every pool whose name and state store are
 //! unchanged, so shared counts and the prefix index survive reloads and leases taken before one
 //! are released against the store they were taken from.
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
 use pingora::services::background::BackgroundService;
 use tokio::sync::watch;
 
+use super::pool::Pool;
+use super::table::Routes;
 use crate::config::{Config, EndpointConfig};
-use crate::pool::Pool;
+use crate::policy::Registry;
 use crate::scrape::ScrapeService;
 use crate::store::PoolCounts;
-
-/// The routing table: validated configuration and the pools built from it.
-pub struct Routes {
-    /// 1 for the configuration loaded at start, +1 per applied change.
-    pub id: u64,
-    pub config: Config,
-    pub pools: Vec<Arc<Pool>>,
-}
-
-impl Routes {
-    /// Every pool's endpoints as `(pool, label)` pairs.
-    pub fn endpoint_labels(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.pools.iter().flat_map(|p| {
-            p.endpoints
-                .iter()
-                .map(move |e| (p.name(), e.label.as_str()))
-        })
-    }
-
-    /// Whether no request routed by this table is still in flight to any endpoint.
-    pub fn idle(&self) -> bool {
-        self.pools
-            .iter()
-            .all(|p| p.endpoints.iter().all(|e| e.inflight() == 0))
-    }
-}
-
-/// The generation in force, shared by the proxy (reader) and the supervisor (writer).
-#[derive(Clone, Default)]
-pub struct Live(Arc<ArcSwapOption<Routes>>);
-
-impl Live {
-    /// The routing table in force (`None` before the first generation is built).
-    pub fn current(&self) -> Option<Arc<Routes>> {
-        self.0.load_full()
-    }
-
-    pub(crate) fn set(&self, routes: Arc<Routes>) {
-        self.0.store(Some(routes));
-    }
-}
 
 /// A routing table with its background tasks.
 pub struct Generation {
@@ -85,14 +45,16 @@ impl Generation {
         config: Config,
         endpoints: Vec<Vec<EndpointConfig>>,
         previous: Option<&Routes>,
+        registry: &Registry,
     ) -> Result<Generation, BuildError> {
         let mut pools = Vec::with_capacity(config.pools.len());
         for (pc, eps) in config.pools.iter().zip(&endpoints) {
-            let counts = previous.and_then(|r| carried_counts(r, pc));
-            let pool = Pool::new(pc.clone(), eps, counts).map_err(|e| BuildError {
-                pool: pc.name.clone(),
-                message: e.to_string(),
-            })?;
+            let deps = super::deps::build(pc, eps, previous);
+            let pool =
+                Pool::new(pc.clone(), eps, deps, registry).map_err(|message| BuildError {
+                    pool: pc.name.clone(),
+                    message,
+                })?;
             if let Some(health) = pool.health_view() {
                 health.update().await.map_err(|e| BuildError {
                     pool: pc.name.clone(),
@@ -116,8 +78,8 @@ impl Generation {
                 let (health, stop) = (health.clone(), self.stop.subscribe());
                 tokio::spawn(async move { health.start(stop).await });
             }
-            if let Some(board) = pool.policy.metrics_board() {
-                let scrape = ScrapeService::new(board, &pool.config.metrics);
+            if let Some(board) = pool.metrics_board() {
+                let scrape = ScrapeService::new(board.clone(), &pool.config.metrics);
                 let stop = self.stop.subscribe();
                 tokio::spawn(async move { scrape.start(stop).await });
             }
@@ -131,16 +93,6 @@ impl Generation {
 
     /// The in-flight counts this generation's pools keep in a store.
     pub fn counts(&self) -> impl Iterator<Item = &Arc<PoolCounts>> {
-        self.routes.pools.iter().filter_map(|p| p.counts.as_ref())
-    }
-}
-
-/// The counts of `previous`'s pool named like `pc`, if it uses the same store.
-fn carried_counts(previous: &Routes, pc: &crate::config::PoolConfig) -> Option<Arc<PoolCounts>> {
-    let old = previous.pools.iter().find(|p| p.name() == pc.name)?;
-    if old.config.store.is_some() && old.config.store == pc.store {
-        old.counts.clone()
-    } else {
-        None
+        self.routes.pools.iter().filter_map(|p| p.counts())
     }
 }

@@ -1,0 +1,278 @@
+//! The policies a pool may name (`lb_policy`) and their validated settings, and which `lb_config`
+//! key each of them reads.
+//!
+//! One source of truth: a built-in policy is one line of [`policy_kinds!`]; every other place
+//! that must know it (its settings in [`PolicySettings::from_lb_config`], whether it keeps shared
+//! counts in [`PolicyKind::uses_store`], the keys it reads in [`key_users`], its constructor in
+//! `policy::build`) is an exhaustive `match` the compiler checks. A new `lb_config` key is a new
+//! field of [`LbConfigFile`], which [`key_users`] destructures exhaustively, so it does not
+//! compile until it says which policies read it.
+
+use super::error::InvalidKey;
+use super::file::LbConfigFile;
+use super::least_busy::LeastBusyConfig;
+use super::prefix::PrefixSettings;
+use super::redis::RedisConfig;
+
+/// Declares [`PolicyKind`] with its `lb_policy` names: one line per built-in policy.
+macro_rules! policy_kinds {
+    ($( $(#[$doc:meta])* $variant:ident = $name:literal, )*) => {
+        /// The built-in load-balancing policies (`lb_policy`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum PolicyKind {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl PolicyKind {
+            /// Every built-in policy.
+            pub const ALL: &'static [PolicyKind] = &[$(PolicyKind::$variant),*];
+
+            /// The `lb_policy` name.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(PolicyKind::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+policy_kinds! {
+    /// Weighted round robin over healthy endpoints.
+    RoundRobin = "round_robin",
+    /// Weighted random.
+    Random = "random",
+    /// Fewest requests in flight over every gateway replica (shared through the store).
+    GlobalLeastRequest = "global_least_request",
+    /// Prefix affinity (Higress `prefix_cache`) with a load guard, over the store.
+    PrefixCache = "prefix_cache",
+    /// The engines' own metrics through the Inference Extension's filter tree.
+    LeastBusy = "least_busy",
+}
+
+impl PolicyKind {
+    /// The built-in policy named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|k| k.name() == name)
+    }
+
+    /// Whether the policy keeps state in a store (embedded or Redis).
+    pub const fn uses_store(self) -> bool {
+        match self {
+            Self::GlobalLeastRequest | Self::PrefixCache => true,
+            Self::RoundRobin | Self::Random | Self::LeastBusy => false,
+        }
+    }
+}
+
+/// The state store a pool's policy uses.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreConfig {
+    /// In-process (no Redis keys in `lb_config`): correct for a single gateway replica.
+    Embedded,
+    /// Redis or Redis Cluster, shared by every replica configured with it.
+    Redis(Box<RedisConfig>),
+}
+
+/// Settings of the policies that count requests in flight in a store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedCounts {
+    /// Where the counts live.
+    pub store: StoreConfig,
+    /// `maxRequestCount`: refuse with 429 when every endpoint has this many in flight.
+    pub max_inflight: Option<u64>,
+}
+
+impl SharedCounts {
+    /// `serviceFQDN` and the other Redis keys (embedded store without them), `maxRequestCount`.
+    pub fn from_lb_config(c: &LbConfigFile) -> Result<Self, Vec<InvalidKey>> {
+        let store = match RedisConfig::from_lb_config(c).map_err(|e| vec![e])? {
+            Some(redis) => StoreConfig::Redis(Box::new(redis)),
+            None => StoreConfig::Embedded,
+        };
+        Ok(SharedCounts {
+            store,
+            max_inflight: c.maxRequestCount.filter(|n| *n > 0),
+        })
+    }
+}
+
+/// A policy registered by the program embedding llm-lb (`policy::Registry`), with its pool's
+/// `lb_config` as written (its own keys; the policy checks them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomPolicy {
+    /// The `lb_policy` name it was registered under.
+    pub name: String,
+    /// The pool's `lb_config` (`Null` when absent).
+    pub lb_config: serde_yaml::Value,
+}
+
+/// A pool's validated policy and its settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicySettings {
+    /// `round_robin`.
+    RoundRobin,
+    /// `random`.
+    Random,
+    /// `global_least_request`.
+    GlobalLeastRequest(SharedCounts),
+    /// `prefix_cache`.
+    PrefixCache(SharedCounts, PrefixSettings),
+    /// `least_busy`.
+    LeastBusy(LeastBusyConfig),
+    /// A policy registered from outside the crate.
+    Custom(CustomPolicy),
+}
+
+impl PolicySettings {
+    /// Read and check what built-in policy `kind` takes from `lb_config`; every problem is
+    /// reported.
+    pub fn from_lb_config(kind: PolicyKind, c: &LbConfigFile) -> Result<Self, Vec<InvalidKey>> {
+        Ok(match kind {
+            PolicyKind::RoundRobin => Self::RoundRobin,
+            PolicyKind::Random => Self::Random,
+            PolicyKind::GlobalLeastRequest => {
+                Self::GlobalLeastRequest(SharedCounts::from_lb_config(c)?)
+            }
+            PolicyKind::PrefixCache => {
+                let shared = SharedCounts::from_lb_config(c);
+                let prefix = PrefixSettings::from_lb_config(c);
+                match (shared, prefix) {
+                    (Ok(s), Ok(p)) => Self::PrefixCache(s, p),
+                    (s, p) => {
+                        return Err([s.err(), p.err()].into_iter().flatten().flatten().collect())
+                    }
+                }
+            }
+            PolicyKind::LeastBusy => Self::LeastBusy(LeastBusyConfig::from_lb_config(c)?),
+        })
+    }
+
+    /// The `lb_policy` name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Custom(c) => &c.name,
+            other => other.kind().map_or("", PolicyKind::name),
+        }
+    }
+
+    /// The built-in policy (`None` for a custom one).
+    pub fn kind(&self) -> Option<PolicyKind> {
+        Some(match self {
+            Self::RoundRobin => PolicyKind::RoundRobin,
+            Self::Random => PolicyKind::Random,
+            Self::GlobalLeastRequest(_) => PolicyKind::GlobalLeastRequest,
+            Self::PrefixCache(..) => PolicyKind::PrefixCache,
+            Self::LeastBusy(_) => PolicyKind::LeastBusy,
+            Self::Custom(_) => return None,
+        })
+    }
+
+    /// The shared counts' settings, for policies that keep them.
+    pub fn shared_counts(&self) -> Option<&SharedCounts> {
+        match self {
+            Self::GlobalLeastRequest(s) | Self::PrefixCache(s, _) => Some(s),
+            Self::RoundRobin | Self::Random | Self::LeastBusy(_) | Self::Custom(_) => None,
+        }
+    }
+
+    /// Where the policy keeps shared state (`None`: it keeps none).
+    pub fn store(&self) -> Option<&StoreConfig> {
+        self.shared_counts().map(|s| &s.store)
+    }
+}
+
+/// Who reads an `lb_config` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyUse {
+    /// Every policy that keeps shared counts.
+    Store,
+    /// Policies with shared counts, only when they are in Redis (`serviceFQDN`).
+    Redis,
+    /// These policies.
+    Policies(&'static [PolicyKind]),
+    /// Higress's knobs that mean nothing here (accepted, warned about).
+    Nobody,
+}
+
+impl KeyUse {
+    /// Whether a pool with `kind` (and Redis or not) reads the key.
+    pub fn used_by(self, kind: PolicyKind, redis: bool) -> bool {
+        match self {
+            KeyUse::Store => kind.uses_store(),
+            KeyUse::Redis => kind.uses_store() && redis,
+            KeyUse::Policies(kinds) => kinds.contains(&kind),
+            KeyUse::Nobody => false,
+        }
+    }
+}
+
+/// Every `lb_config` key as `(name, present in c, who reads it)`.
+pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 23] {
+    use KeyUse::{Nobody, Policies, Redis, Store};
+    const PREFIX: KeyUse = Policies(&[PolicyKind::PrefixCache]);
+    const LEAST_BUSY: KeyUse = Policies(&[PolicyKind::LeastBusy]);
+    // Exhaustive on purpose: a new key does not compile until it is listed here.
+    let LbConfigFile {
+        serviceFQDN,
+        servicePort,
+        username,
+        password,
+        timeout,
+        database,
+        redisKeyTTL,
+        maxRequestCount,
+        criticalModels,
+        queueThresholdCritical,
+        kvCacheThreshold,
+        queueingThresholdLoRA,
+        loraAffinityThreshold,
+        keyPrefix,
+        replicaTimeout,
+        loadGuardAbsolute,
+        loadGuardRelative,
+        tls,
+        tlsCaFile,
+        tlsCertFile,
+        tlsKeyFile,
+        cleanInterval,
+        enableDetailLog,
+    } = c;
+    [
+        ("serviceFQDN", serviceFQDN.is_some(), Store),
+        ("servicePort", servicePort.is_some(), Redis),
+        ("username", username.is_some(), Redis),
+        ("password", password.is_some(), Redis),
+        ("timeout", timeout.is_some(), Redis),
+        ("database", database.is_some(), Redis),
+        ("keyPrefix", keyPrefix.is_some(), Redis),
+        ("replicaTimeout", replicaTimeout.is_some(), Redis),
+        ("tls", tls.is_some(), Redis),
+        ("tlsCaFile", tlsCaFile.is_some(), Redis),
+        ("tlsCertFile", tlsCertFile.is_some(), Redis),
+        ("tlsKeyFile", tlsKeyFile.is_some(), Redis),
+        ("redisKeyTTL", redisKeyTTL.is_some(), PREFIX),
+        ("loadGuardAbsolute", loadGuardAbsolute.is_some(), PREFIX),
+        ("loadGuardRelative", loadGuardRelative.is_some(), PREFIX),
+        ("maxRequestCount", maxRequestCount.is_some(), Store),
+        ("criticalModels", criticalModels.is_some(), LEAST_BUSY),
+        (
+            "queueThresholdCritical",
+            queueThresholdCritical.is_some(),
+            LEAST_BUSY,
+        ),
+        ("kvCacheThreshold", kvCacheThreshold.is_some(), LEAST_BUSY),
+        (
+            "queueingThresholdLoRA",
+            queueingThresholdLoRA.is_some(),
+            LEAST_BUSY,
+        ),
+        (
+            "loraAffinityThreshold",
+            loraAffinityThreshold.is_some(),
+            LEAST_BUSY,
+        ),
+        ("cleanInterval", cleanInterval.is_some(), Nobody),
+        ("enableDetailLog", enableDetailLog.is_some(), Nobody),
+    ]
+}

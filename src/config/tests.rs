@@ -1,0 +1,273 @@
+//! The policy file's validation, key by key.
+
+use std::time::Duration;
+
+use super::*;
+
+fn err_text(yaml: &str) -> String {
+    match Config::from_yaml(yaml) {
+        Ok(_) => panic!("expected an error for:\n{yaml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+const MIN: &str = "pools:\n  - name: p\n    models: ['*']\n    endpoints: ['127.0.0.1:8001']\n    lb_policy: round_robin\n";
+
+#[test]
+fn minimal_file_gets_defaults() {
+    let c = Config::from_yaml(MIN).expect("valid");
+    assert_eq!(c.listen, vec!["0.0.0.0:8080".parse().expect("addr")]);
+    assert_eq!(c.admin, Some("127.0.0.1:9091".parse().expect("addr")));
+    assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    assert_eq!(c.body_timeout, DEFAULT_BODY_TIMEOUT);
+    assert_eq!(c.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
+    assert_eq!(c.max_attempts, 3);
+    let p = &c.pools[0];
+    assert_eq!(p.policy, PolicySettings::RoundRobin);
+    let hc = p.health_check.as_ref().expect("on by default");
+    assert_eq!(hc.path, "/health");
+    assert!(c.warnings.is_empty());
+}
+
+#[test]
+fn unknown_key_is_named_with_its_path() {
+    let t = err_text(&MIN.replace("lb_policy", "lb_polcy"));
+    assert!(t.contains("pools[0]") && t.contains("lb_polcy"), "{t}");
+    let t = err_text(&format!("{MIN}    health_check: {{pathh: /x}}\n"));
+    assert!(
+        t.contains("pools[0].health_check") && t.contains("pathh"),
+        "{t}"
+    );
+    let t = err_text(&format!("{MIN}    outlier_detection: {{consecutive: 3}}\n"));
+    assert!(
+        t.contains("pools[0].outlier_detection") && t.contains("consecutive"),
+        "{t}"
+    );
+}
+
+#[test]
+fn outlier_detection_is_on_by_default_and_validated() {
+    let c = Config::from_yaml(MIN).expect("valid");
+    assert_eq!(c.pools[0].outlier, Some(OutlierConfig::default()));
+    let off = format!("{MIN}    outlier_detection: {{enabled: false}}\n");
+    assert_eq!(
+        Config::from_yaml(&off).expect("valid").pools[0].outlier,
+        None
+    );
+    let t = err_text(&format!(
+        "{MIN}    outlier_detection: {{consecutive_failures: 0}}\n"
+    ));
+    assert!(
+        t.contains("pools[0].outlier_detection.consecutive_failures"),
+        "{t}"
+    );
+}
+
+#[test]
+fn invalid_values_are_named() {
+    let t = err_text(&MIN.replace("round_robin", "fastest"));
+    assert!(
+        t.contains("pools[0].lb_policy: unknown policy 'fastest'"),
+        "{t}"
+    );
+    let t = err_text(&MIN.replace("127.0.0.1:8001", "127.0.0.1"));
+    assert!(t.contains("pools[0].endpoints[0]"), "{t}");
+    let t = err_text(&format!("admin: nowhere\n{MIN}"));
+    assert!(t.starts_with("admin: "), "{t}");
+    for weight in [0, MAX_WEIGHT + 1, usize::MAX] {
+        let t = err_text(&MIN.replace(
+            "'127.0.0.1:8001'",
+            &format!("{{address: '127.0.0.1:8001', weight: {weight}}}"),
+        ));
+        assert!(
+            t.contains("pools[0].endpoints[0].weight: must be between 1 and 1000"),
+            "{weight}: {t}"
+        );
+    }
+}
+
+#[test]
+fn higress_keys_are_accepted_and_unused_ones_warned() {
+    let c = Config::from_yaml(&format!(
+        "{MIN}    lb_config: {{serviceFQDN: redis.static, servicePort: 6379, timeout: 50, redisKeyTTL: 60}}\n"
+    ))
+    .expect("valid");
+    let w: Vec<String> = c.warnings.iter().map(|i| i.path.clone()).collect();
+    assert!(
+        w.contains(&"pools[0].lb_config.serviceFQDN".to_string()),
+        "{w:?}"
+    );
+    let t = err_text(&format!("{MIN}    lb_config: {{redisHost: x}}\n"));
+    assert!(
+        t.contains("pools[0].lb_config") && t.contains("redisHost"),
+        "{t}"
+    );
+}
+
+#[test]
+fn store_policies_get_a_store() {
+    let glr = MIN.replace("round_robin", "global_least_request");
+    let c = Config::from_yaml(&glr).expect("valid");
+    assert_eq!(c.pools[0].policy.store(), Some(&StoreConfig::Embedded));
+    assert_eq!(
+        c.pools[0]
+            .policy
+            .shared_counts()
+            .expect("shared")
+            .max_inflight,
+        None
+    );
+    let c = Config::from_yaml(&format!(
+        "{glr}    lb_config: {{serviceFQDN: 10.0.0.9, timeout: 20, maxRequestCount: 8, redisKeyTTL: 60, keyPrefix: t1, replicaTimeout: 3000}}\n"
+    ))
+    .expect("valid");
+    let Some(StoreConfig::Redis(r)) = c.pools[0].policy.store() else {
+        panic!("redis store expected: {:?}", c.pools[0].policy);
+    };
+    assert_eq!(r.timeout(), Duration::from_millis(20));
+    assert_eq!(
+        c.pools[0]
+            .policy
+            .shared_counts()
+            .expect("shared")
+            .max_inflight,
+        Some(8)
+    );
+    let w: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("pools[0].lb_config.redisKeyTTL"), "{w:?}");
+    // Redis-only keys without Redis are pointed out; maxRequestCount 0 means no cap.
+    let c = Config::from_yaml(&format!(
+        "{glr}    lb_config: {{timeout: 20, maxRequestCount: 0}}\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.pools[0]
+            .policy
+            .shared_counts()
+            .expect("shared")
+            .max_inflight,
+        None
+    );
+    assert!(
+        c.warnings[0].message.contains("serviceFQDN"),
+        "{:?}",
+        c.warnings
+    );
+    // Stateless policies have no store.
+    assert!(Config::from_yaml(MIN).expect("valid").pools[0]
+        .policy
+        .store()
+        .is_none());
+}
+
+fn prefix_of(c: &Config) -> PrefixSettings {
+    match &c.pools[0].policy {
+        PolicySettings::PrefixCache(_, prefix) => *prefix,
+        other => panic!("prefix_cache settings expected: {other:?}"),
+    }
+}
+
+#[test]
+fn prefix_cache_keys() {
+    let pc = MIN.replace("round_robin", "prefix_cache");
+    let c = Config::from_yaml(&pc).expect("valid");
+    let p = &c.pools[0];
+    let PolicySettings::PrefixCache(shared, prefix) = &p.policy else {
+        panic!("prefix_cache settings expected: {:?}", p.policy);
+    };
+    assert_eq!(shared.store, StoreConfig::Embedded);
+    assert_eq!(*prefix, PrefixSettings::default());
+    assert_eq!(
+        PrefixSettings::default().ttl,
+        Duration::from_secs(1800),
+        "Higress's default"
+    );
+    let with = |keys: &str| Config::from_yaml(&format!("{pc}    lb_config: {{{keys}}}\n"));
+    let c = with("redisKeyTTL: 0, loadGuardAbsolute: 8, loadGuardRelative: 1.25").expect("valid");
+    let p = prefix_of(&c);
+    assert_eq!(p.ttl, Duration::from_secs(1800), "0 means the default");
+    assert_eq!((p.guard.absolute, p.guard.per_mille), (8, 1250));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let c = with("redisKeyTTL: 60, serviceFQDN: 10.0.0.9").expect("valid");
+    assert_eq!(prefix_of(&c).ttl, Duration::from_secs(60));
+    assert!(matches!(
+        c.pools[0].policy.store(),
+        Some(StoreConfig::Redis(_))
+    ));
+    for (keys, path) in [
+        ("redisKeyTTL: -5", "pools[0].lb_config.redisKeyTTL: "),
+        (
+            "loadGuardRelative: -1",
+            "pools[0].lb_config.loadGuardRelative: ",
+        ),
+        (
+            "loadGuardRelative: .nan",
+            "pools[0].lb_config.loadGuardRelative: ",
+        ),
+    ] {
+        match with(keys) {
+            Err(e) => assert!(e.to_string().starts_with(path), "{keys}: {e}"),
+            Ok(_) => panic!("{keys} accepted"),
+        }
+    }
+    // The guard keys mean nothing to other policies.
+    let c = Config::from_yaml(&format!("{MIN}    lb_config: {{loadGuardAbsolute: 2}}\n"))
+        .expect("valid");
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert_eq!(c.pools[0].policy, PolicySettings::RoundRobin);
+}
+
+#[test]
+fn least_busy_reads_its_keys_and_names_bad_ones() {
+    let lb = MIN.replace("round_robin", "least_busy");
+    let c = Config::from_yaml(&format!(
+        "{lb}    metrics: {{interval_ms: 100}}\n    lb_config: {{criticalModels: [m], kvCacheThreshold: 0.5, serviceFQDN: r}}\n"
+    ))
+    .expect("valid");
+    let p = &c.pools[0];
+    assert!(p.policy.store().is_none());
+    let PolicySettings::LeastBusy(lbc) = &p.policy else {
+        panic!("least_busy settings expected: {:?}", p.policy);
+    };
+    assert_eq!(lbc.critical_models, vec!["m"]);
+    assert_eq!(lbc.thresholds.kv_cache, 0.5);
+    assert_eq!(p.metrics.interval, Duration::from_millis(100));
+    let w: Vec<String> = c.warnings.iter().map(|i| i.path.clone()).collect();
+    assert_eq!(w, vec!["pools[0].lb_config.serviceFQDN"]);
+    let t = err_text(&format!(
+        "{lb}    lb_config: {{kvCacheThreshold: 2, loraAffinityThreshold: 1.5}}\n"
+    ));
+    assert!(t.contains("pools[0].lb_config.kvCacheThreshold"), "{t}");
+    assert!(
+        t.contains("pools[0].lb_config.loraAffinityThreshold"),
+        "{t}"
+    );
+    // The keys are least_busy's only.
+    let c = Config::from_yaml(&format!(
+        "{MIN}    lb_config: {{criticalModels: [m], queueingThresholdLoRA: 9}}\n"
+    ))
+    .expect("valid");
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert_eq!(c.pools[0].policy, PolicySettings::RoundRobin);
+}
+
+#[test]
+fn weights_lists_and_routing() {
+    let c = Config::from_yaml(
+        "listen: ['127.0.0.1:1', '127.0.0.1:2']\nadmin: off\npools:\n  - name: a\n    models: [m1]\n    endpoints: ['127.0.0.1:1', {address: '127.0.0.1:2', weight: 3}]\n    lb_policy: random\n  - name: b\n    models: ['*']\n    endpoints: ['127.0.0.1:3']\n    health_check: {enabled: false}\n    lb_policy: round_robin\n",
+    )
+    .expect("valid");
+    assert_eq!(c.listen.len(), 2);
+    assert_eq!(c.admin, None);
+    assert_eq!(c.pools[0].endpoints[1].weight, 3);
+    assert!(c.pools[1].health_check.is_none());
+    assert!(c.pools[0].serves("m1") && !c.pools[0].serves("other"));
+    assert!(c.pools[1].serves("other"));
+}
+
+#[test]
+fn duplicates_are_rejected() {
+    let t = err_text(&MIN.replace("['127.0.0.1:8001']", "['127.0.0.1:8001', '127.0.0.1:8001']"));
+    assert!(t.contains("duplicate endpoint"), "{t}");
+}

@@ -1,0 +1,57 @@
+//! What the store policies share: the [`Lease`] of a count held in the store, and the local
+//! fallback when the store cannot answer (fewest requests in flight from this replica).
+
+use std::sync::Arc;
+
+use super::{Lease, Pick, PickInput, PolicyError};
+use crate::endpoint::Outcome;
+use crate::store::{pick_least, PoolCounts};
+
+/// One count held in the store for one attempt.
+pub(crate) struct StoreLease {
+    counts: Arc<PoolCounts>,
+    /// The endpoint's label: the count is released against it even after a reload.
+    endpoint: String,
+}
+
+impl StoreLease {
+    pub(crate) fn boxed(counts: &Arc<PoolCounts>, endpoint: &str) -> Box<dyn Lease> {
+        Box::new(StoreLease {
+            counts: counts.clone(),
+            endpoint: endpoint.to_owned(),
+        })
+    }
+}
+
+impl Lease for StoreLease {
+    fn release(self: Box<Self>, _outcome: Outcome) {
+        self.counts.release(&self.endpoint);
+    }
+}
+
+/// The candidate with the fewest requests in flight from this replica (ties at random): the
+/// fallback of the store policies.
+pub(crate) fn local_least(input: &PickInput<'_>, max: Option<u64>) -> Result<Pick, PolicyError> {
+    let counts: Vec<u64> = input
+        .candidates
+        .iter()
+        .map(|c| {
+            input
+                .endpoints
+                .get(c.index())
+                .map_or(u64::MAX, |e| e.inflight())
+        })
+        .collect();
+    if counts.is_empty() {
+        return Err(PolicyError::Unavailable("no candidates".into()));
+    }
+    let (i, least) = pick_least(&counts, rand::random());
+    if max.is_some_and(|m| least >= m) {
+        return Err(PolicyError::Saturated);
+    }
+    Ok(Pick {
+        endpoint: input.candidates[i],
+        reason: "local_least_request",
+        lease: None,
+    })
+}

@@ -1,0 +1,93 @@
+//! [`Registry`]: `lb_policy` names a program adds to llm-lb without forking the crate.
+//!
+//! A custom policy implements [`super::Policy`] and is registered under a name with a factory
+//! that builds it for a pool from a [`CustomContext`] (the pool's endpoints and its `lb_config`
+//! as written). The policy file may then name it in `lb_policy`; validation accepts the name,
+//! and the factory's error (for instance a bad `lb_config` key) fails the start or the reload
+//! like any invalid file.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::Policy;
+use crate::config::{EndpointConfig, PolicyKind};
+
+/// What a custom policy's factory is given for one pool.
+pub struct CustomContext<'a> {
+    /// The pool's name.
+    pub pool: &'a str,
+    /// The pool's endpoints, in the order of their [`crate::endpoint::EndpointId`]s.
+    pub endpoints: &'a [EndpointConfig],
+    /// The pool's `lb_config` as written (`Null` when absent).
+    pub lb_config: &'a serde_yaml::Value,
+}
+
+/// Builds a custom policy for a pool, or says why it cannot.
+pub type Factory = dyn Fn(&CustomContext<'_>) -> Result<Arc<dyn Policy>, String> + Send + Sync;
+
+/// Why a name cannot be registered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    /// The name is a built-in policy's.
+    #[error("'{0}' is a built-in policy")]
+    BuiltIn(String),
+    /// The name is already registered.
+    #[error("'{0}' is already registered")]
+    Taken(String),
+    /// The name is empty or has characters other than `[a-z0-9_]`.
+    #[error("'{0}' is not a policy name (use [a-z0-9_])")]
+    BadName(String),
+}
+
+/// The custom policies a program registers (the built-in ones need no registration).
+#[derive(Clone, Default)]
+pub struct Registry {
+    custom: BTreeMap<String, Arc<Factory>>,
+}
+
+impl Registry {
+    /// No custom policy.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Offer `name` as an `lb_policy`, built for each pool by `factory`.
+    pub fn register<F>(&mut self, name: &str, factory: F) -> Result<&mut Self, RegistryError>
+    where
+        F: Fn(&CustomContext<'_>) -> Result<Arc<dyn Policy>, String> + Send + Sync + 'static,
+    {
+        if PolicyKind::parse(name).is_some() {
+            return Err(RegistryError::BuiltIn(name.to_owned()));
+        }
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            return Err(RegistryError::BadName(name.to_owned()));
+        }
+        if self.custom.contains_key(name) {
+            return Err(RegistryError::Taken(name.to_owned()));
+        }
+        self.custom.insert(name.to_owned(), Arc::new(factory));
+        Ok(self)
+    }
+
+    /// The registered names, for [`crate::config::load_with`].
+    pub fn names(&self) -> Vec<&str> {
+        self.custom.keys().map(String::as_str).collect()
+    }
+
+    /// Build the custom policy `name` for one pool.
+    pub(super) fn build(
+        &self,
+        name: &str,
+        context: &CustomContext<'_>,
+    ) -> Result<Arc<dyn Policy>, String> {
+        let factory = self
+            .custom
+            .get(name)
+            .ok_or_else(|| format!("policy '{name}' is not registered"))?;
+        factory(context)
+    }
+}
