@@ -58,6 +58,7 @@ impl Services {
     /// policies it may name.
     pub fn load(policy: &Path, registry: Registry) -> anyhow::Result<Services> {
         let config = config::load_with(policy, &registry.names())
+            .and_then(|c| registry.check(&c).map(|()| c))
             .with_context(|| format!("policy file {}", policy.display()))?;
         for w in &config.warnings {
             log::warn!("policy file {}: {w}", policy.display());

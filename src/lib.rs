@@ -40,6 +40,7 @@ pub mod proxy;
 pub mod request;
 pub mod routing;
 pub mod scrape;
+pub mod selection;
 pub mod store;
 pub mod telemetry;
 pub mod usage;

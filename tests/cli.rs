@@ -8,9 +8,14 @@ use std::process::Command;
 use common::{binary, write_pingora_conf};
 
 fn check(policy: &Path) -> (bool, String) {
+    check_with(Path::new(&binary()), policy)
+}
+
+/// `program -t` on `policy`: whether it passed, and what it printed.
+fn check_with(program: &Path, policy: &Path) -> (bool, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let conf = write_pingora_conf(dir.path());
-    let out = Command::new(binary())
+    let out = Command::new(program)
         .args([
             "-t",
             "-c",
@@ -126,5 +131,38 @@ fn ignored_higress_keys_are_warned_about() {
     assert!(
         !text.contains("hunter2"),
         "secrets are never printed: {text}"
+    );
+}
+
+/// The custom-policy example is llm-lb with one more `lb_policy`: it validates a file naming it
+/// (and checks the policy's own `lb_config` keys), which the plain binary refuses.
+#[test]
+fn a_program_with_a_registered_policy_validates_files_naming_it() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = Path::new(&binary())
+        .parent()
+        .expect("target dir")
+        .join("examples/custom_policy");
+    assert!(
+        example.exists(),
+        "cargo test builds examples: {}",
+        example.display()
+    );
+    let file = root.join("examples/primary-backup.yaml");
+    let (ok, text) = check_with(&example, &file);
+    assert!(ok, "{text}");
+    let (ok, text) = check(&file);
+    assert!(
+        !ok && text.contains("unknown policy 'primary_backup'"),
+        "{text}"
+    );
+    let yaml = std::fs::read_to_string(&file).expect("read");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, yaml.replace("spill_over: 16", "spil_over: 16")).expect("write");
+    let (ok, text) = check_with(&example, &bad);
+    assert!(
+        !ok && text.contains("pools[0].lb_config") && text.contains("spil_over"),
+        "{text}"
     );
 }

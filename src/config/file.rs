@@ -93,7 +93,7 @@ pub struct HealthCheckFile {
     pub unhealthy_threshold: Option<usize>,
 }
 
-/// Passive health: ejection of endpoints that fail requests (see [`crate::outlier`]).
+/// Passive health: ejection of endpoints that fail requests (see `health::passive`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierFile {

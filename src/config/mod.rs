@@ -2,7 +2,7 @@
 //! validated [`Config`] the rest of the crate uses.
 //!
 //! Two stages, as in River: [`mod@file`] holds the serde types that mirror the YAML exactly (unknown keys
-//! are errors), and [`load`]/[`Config::from_file`] validate them into internal types with defaults
+//! are errors), and [`load`]/[`Config::from_yaml`] validate them into internal types with defaults
 //! filled in. Every error names the offending field by its path (`pools[1].endpoints[0]: …`).
 
 //!
@@ -92,7 +92,7 @@ pub struct UpstreamConfig {
 pub struct PoolConfig {
     pub name: String,
     pub models: Vec<String>,
-    /// As written; [`crate::resolve`] turns them into addresses.
+    /// As written; the routing layer resolves them into addresses.
     pub endpoints: Vec<EndpointSpec>,
     pub health_check: Option<HealthCheckConfig>,
     pub metrics: MetricsConfig,

@@ -1,6 +1,6 @@
 //! Active health checks: one Pingora `LoadBalancer` per pool, used only for membership and
 //! liveness (an HTTP GET of `health_check.path` on every endpoint each interval, with
-//! consecutive-result thresholds); it runs as a task of its generation ([`crate::supervisor`]).
+//! consecutive-result thresholds); it runs as a task of its generation ([`crate::routing::supervisor`]).
 //! Selection is ours (see [`crate::policy`]).
 
 use std::collections::BTreeSet;

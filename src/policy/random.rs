@@ -5,14 +5,38 @@ use rand::Rng;
 
 use super::{Pick, PickInput, Policy, PolicyError};
 use crate::config::PolicyKind;
+use crate::endpoint::{EndpointId, EndpointView};
 
 /// Weighted random choice.
 #[derive(Default)]
 pub struct Random;
 
 impl Random {
+    /// The policy (it has no state).
     pub fn new() -> Self {
         Random
+    }
+
+    /// A candidate at random, each weighted by its endpoint's weight.
+    pub fn choose(
+        &self,
+        endpoints: &[EndpointView],
+        candidates: &[EndpointId],
+    ) -> Result<EndpointId, PolicyError> {
+        let weight = |id: &EndpointId| endpoints.get(id.index()).map_or(1, |e| e.weight.max(1));
+        let total: usize = candidates.iter().map(weight).sum();
+        if total == 0 {
+            return Err(PolicyError::Unavailable("no candidates".into()));
+        }
+        let mut r = rand::thread_rng().gen_range(0..total);
+        for id in candidates {
+            let w = weight(id);
+            if r < w {
+                return Ok(*id);
+            }
+            r -= w;
+        }
+        Err(PolicyError::Unavailable("no candidates".into()))
     }
 }
 
@@ -27,29 +51,11 @@ impl Policy for Random {
     }
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
-        let weight = |id: &crate::endpoint::EndpointId| {
-            input
-                .endpoints
-                .get(id.index())
-                .map_or(1, |e| e.weight.max(1))
-        };
-        let total: usize = input.candidates.iter().map(weight).sum();
-        if total == 0 {
-            return Err(PolicyError::Unavailable("no candidates".into()));
-        }
-        let mut r = rand::thread_rng().gen_range(0..total);
-        for id in input.candidates {
-            let w = weight(id);
-            if r < w {
-                return Ok(Pick {
-                    endpoint: *id,
-                    reason: "random",
-                    lease: None,
-                });
-            }
-            r -= w;
-        }
-        Err(PolicyError::Unavailable("no candidates".into()))
+        Ok(Pick {
+            endpoint: self.choose(input.endpoints, input.candidates)?,
+            reason: "random",
+            lease: None,
+        })
     }
 }
 

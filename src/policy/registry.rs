@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::Policy;
-use crate::config::{EndpointConfig, PolicyKind};
+use crate::config::{
+    Address, Config, ConfigError, EndpointConfig, Issue, PolicyKind, PolicySettings,
+};
 
 /// What a custom policy's factory is given for one pool.
 pub struct CustomContext<'a> {
@@ -76,6 +78,45 @@ impl Registry {
     /// The registered names, for [`crate::config::load_with`].
     pub fn names(&self) -> Vec<&str> {
         self.custom.keys().map(String::as_str).collect()
+    }
+
+    /// Check every pool of `config` that names a custom policy by building it once over the
+    /// pool's IP endpoints (names are resolved later), so a bad `lb_config` fails validation
+    /// (and `-t`) rather than the first routing table.
+    pub fn check(&self, config: &Config) -> Result<(), ConfigError> {
+        let mut issues = Vec::new();
+        for (i, pool) in config.pools.iter().enumerate() {
+            let PolicySettings::Custom(custom) = &pool.policy else {
+                continue;
+            };
+            let endpoints: Vec<EndpointConfig> = pool
+                .endpoints
+                .iter()
+                .filter_map(|e| match e.address {
+                    Address::Ip(addr) => Some(EndpointConfig {
+                        addr,
+                        weight: e.weight,
+                    }),
+                    Address::Name { .. } => None,
+                })
+                .collect();
+            let context = CustomContext {
+                pool: &pool.name,
+                endpoints: &endpoints,
+                lb_config: &custom.lb_config,
+            };
+            if let Err(message) = self.build(&custom.name, &context) {
+                issues.push(Issue {
+                    path: format!("pools[{i}].lb_config"),
+                    message,
+                });
+            }
+        }
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(issues))
+        }
     }
 
     /// Build the custom policy `name` for one pool.

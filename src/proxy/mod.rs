@@ -49,8 +49,8 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use choose::ChooseError;
-use ctx::{Attempt, SubrequestInput};
-pub use ctx::{RequestCtx, Role, Route};
+use ctx::SubrequestInput;
+pub use ctx::{Attempt, RequestCtx, Role, Route};
 
 use crate::config::UpstreamConfig;
 use crate::drain::Draining;

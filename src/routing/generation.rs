@@ -1,7 +1,7 @@
 //! A generation: the routing table built from one validated configuration and one DNS answer,
 //! and the background tasks that keep it current (health checks, engine-metrics scraping).
 //!
-//! The proxy reads the generation in force from [`Live`] once per request and keeps it for the
+//! The proxy reads the generation in force from [`super::Live`] once per request and keeps it for the
 //! whole request, retries included, so a reload or a DNS change never moves a request that has
 //! started: it finishes on the pools it was routed by. A new generation takes over the previous
 //! one's in-flight counts ([`PoolCounts`], see [`super::deps`]) for every pool whose name and state store are

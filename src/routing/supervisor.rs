@@ -198,7 +198,9 @@ impl State {
     /// Re-read the policy file and apply it; on any error the running generation stays.
     async fn reload(&mut self, trigger: ReloadTrigger) -> Result<u64, ReloadError> {
         let path = self.policy_path.display().to_string();
-        let config = match config::load_with(&self.policy_path, &self.registry.names()) {
+        let loaded = config::load_with(&self.policy_path, &self.registry.names())
+            .and_then(|c| self.registry.check(&c).map(|()| c));
+        let config = match loaded {
             Ok(c) => c,
             Err(e) => {
                 telemetry::count_reload(trigger, ReloadResult::Invalid);

@@ -150,6 +150,27 @@ impl PoolState {
         *total
     }
 
+    /// The number of leading blocks of `chain` held by a candidate, and the candidates holding
+    /// the last of them.
+    fn holders(&self, candidates: &[&str], chain: &[u64], now: Instant) -> (usize, Vec<usize>) {
+        let mut matched = 0;
+        let mut holders = Vec::new();
+        for key in chain {
+            let Some(entry) = self.prefixes.get(key).filter(|e| e.expires > now) else {
+                break;
+            };
+            let held: Vec<usize> = (0..candidates.len())
+                .filter(|i| entry.holders.iter().any(|h| h == candidates[*i]))
+                .collect();
+            if held.is_empty() {
+                break;
+            }
+            matched += 1;
+            holders = held;
+        }
+        (matched, holders)
+    }
+
     /// Drop prefix keys past their TTL.
     fn expire_prefixes(&mut self, now: Instant) {
         self.prefixes.retain(|_, e| e.expires > now);
@@ -198,6 +219,42 @@ impl InflightStore for MemoryStore {
         candidates: &[&str],
         max: Option<u64>,
     ) -> Result<Acquired, StoreError> {
+        self.acquire_least_now(pool, candidates, max)
+    }
+
+    async fn acquire_prefix(
+        &self,
+        pool: &str,
+        q: PrefixQuery<'_>,
+    ) -> Result<PrefixAcquired, StoreError> {
+        self.acquire_prefix_now(pool, q)
+    }
+
+    async fn release(&self, pool: &str, endpoint: &str) -> Result<(), StoreError> {
+        self.release_now(pool, endpoint)
+    }
+
+    async fn inflight(&self, pool: &str, endpoints: &[&str]) -> Result<Vec<u64>, StoreError> {
+        self.inflight_now(pool, endpoints)
+    }
+
+    async fn heartbeat(&self, pool: &str) -> Result<(), StoreError> {
+        self.beat(pool, None)
+    }
+
+    async fn restore(&self, pool: &str, held: &[(&str, u64)]) -> Result<(), StoreError> {
+        self.beat(pool, Some(held))
+    }
+}
+
+impl MemoryStore {
+    /// [`InflightStore::acquire_least`], synchronously: the embedded store never waits.
+    pub fn acquire_least_now(
+        &self,
+        pool: &str,
+        candidates: &[&str],
+        max: Option<u64>,
+    ) -> Result<Acquired, StoreError> {
         check_call(pool, candidates.len())?;
         let random = rand::random::<u32>();
         let pool = self.pool(pool);
@@ -213,7 +270,8 @@ impl InflightStore for MemoryStore {
         Ok(Acquired { index, inflight })
     }
 
-    async fn acquire_prefix(
+    /// [`InflightStore::acquire_prefix`], synchronously.
+    pub fn acquire_prefix_now(
         &self,
         pool: &str,
         q: PrefixQuery<'_>,
@@ -225,21 +283,7 @@ impl InflightStore for MemoryStore {
         let mut st = pool.lock();
         st.touch_and_reap(&self.replica, now, self.dead_after);
         let counts: Vec<u64> = q.candidates.iter().map(|c| st.total(c)).collect();
-        let mut matched = 0;
-        let mut holders = Vec::new();
-        for key in q.chain {
-            let Some(entry) = st.prefixes.get(key).filter(|e| e.expires > now) else {
-                break;
-            };
-            let held: Vec<usize> = (0..q.candidates.len())
-                .filter(|i| entry.holders.iter().any(|h| h == q.candidates[*i]))
-                .collect();
-            if held.is_empty() {
-                break;
-            }
-            matched += 1;
-            holders = held;
-        }
+        let (matched, holders) = st.holders(q.candidates, q.chain, now);
         let (index, outcome) = prefix_choice(&counts, &holders, random, q.guard, q.max)
             .ok_or(StoreError::Saturated)?;
         let ep = q.candidates[index];
@@ -266,7 +310,8 @@ impl InflightStore for MemoryStore {
         })
     }
 
-    async fn release(&self, pool: &str, endpoint: &str) -> Result<(), StoreError> {
+    /// [`InflightStore::release`], synchronously.
+    pub fn release_now(&self, pool: &str, endpoint: &str) -> Result<(), StoreError> {
         check_call(pool, 1)?;
         let pool = self.pool(pool);
         let mut st = pool.lock();
@@ -287,7 +332,8 @@ impl InflightStore for MemoryStore {
         Ok(())
     }
 
-    async fn inflight(&self, pool: &str, endpoints: &[&str]) -> Result<Vec<u64>, StoreError> {
+    /// [`InflightStore::inflight`], synchronously.
+    pub fn inflight_now(&self, pool: &str, endpoints: &[&str]) -> Result<Vec<u64>, StoreError> {
         check_call(pool, 1)?;
         if endpoints.is_empty() {
             return Ok(Vec::new());
@@ -298,16 +344,19 @@ impl InflightStore for MemoryStore {
         Ok(endpoints.iter().map(|e| st.total(e)).collect())
     }
 
-    async fn heartbeat(&self, pool: &str) -> Result<(), StoreError> {
-        self.beat(pool, None)
+    /// The longest prefix of `chain` some of `candidates` hold, and which of them (indices into
+    /// `candidates`), without changing anything.
+    pub fn holders_now(
+        &self,
+        pool: &str,
+        candidates: &[&str],
+        chain: &[u64],
+    ) -> (usize, Vec<usize>) {
+        let pool = self.pool(pool);
+        let st = pool.lock();
+        st.holders(candidates, chain, Instant::now())
     }
 
-    async fn restore(&self, pool: &str, held: &[(&str, u64)]) -> Result<(), StoreError> {
-        self.beat(pool, Some(held))
-    }
-}
-
-impl MemoryStore {
     /// Heartbeat, expire prefix keys, optionally replace this replica's contribution with `held`,
     /// and recompute the totals.
     fn beat(&self, pool: &str, held: Option<&[(&str, u64)]>) -> Result<(), StoreError> {

@@ -287,7 +287,7 @@ pub(crate) fn pick_least(counts: &[u64], random: u32) -> (usize, u64) {
 /// The prefix-cache choice both implementations follow (the Lua script mirrors it): `holders`
 /// are the candidate indices (ascending) holding the deepest matched key, empty on a miss.
 /// `None` when the chosen endpoint — the least loaded one, at worst — is at `max`.
-fn prefix_choice(
+pub(crate) fn prefix_choice(
     counts: &[u64],
     holders: &[usize],
     random: u32,

@@ -79,8 +79,9 @@ impl LeastBusy {
         Some(room.into_iter().filter(|&i| counted(i) == least).collect())
     }
 
-    /// The endpoint for this request and why.
-    fn choose(
+    /// The endpoint for this request and why, without counting it as dispatched (what
+    /// [`Policy::pick`] adds).
+    pub fn choose(
         &self,
         input: &PickInput<'_>,
         rng: &mut impl Rng,
