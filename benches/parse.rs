@@ -5,6 +5,9 @@
 //!
 //! `cargo bench --bench parse` (add `-- --quick` for a fast run).
 
+// criterion_group! defines an undocumented `pub fn` for the group.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

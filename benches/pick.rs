@@ -6,6 +6,9 @@
 //!
 //! `cargo bench --bench pick` (add `-- --quick` for a fast run).
 
+// criterion_group! defines an undocumented `pub fn` for the group.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 

@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench store` (add `-- --quick` for a fast run).
 
+// criterion_group! defines an undocumented `pub fn` for the group.
+#![allow(missing_docs)]
+
 #[path = "../tests/redis_harness/mod.rs"]
 mod redis_harness;
 

@@ -62,6 +62,8 @@ impl Policy for PrimaryBackup {
 }
 
 /// Builds the policy for one pool from its `lb_config`.
+// Foreign enum (serde_yaml's Value): anything but null or a mapping is refused alike.
+#[allow(clippy::wildcard_enum_match_arm)]
 fn primary_backup(context: &CustomContext<'_>) -> Result<Arc<dyn Policy>, String> {
     let spill_over = match context.lb_config {
         serde_yaml::Value::Null => 8,

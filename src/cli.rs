@@ -18,6 +18,7 @@ pub struct Cli {
     )]
     pub policy: PathBuf,
 
+    /// Pingora's own flags.
     #[command(flatten)]
     pub pingora: Opt,
 }

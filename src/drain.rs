@@ -19,6 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 pub struct Draining(Arc<AtomicBool>);
 
 impl Draining {
+    /// Whether this process is handing over or shutting down.
     pub fn is_set(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }

@@ -27,6 +27,11 @@
 //!
 //! `examples/` shows all three.
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod admin;
 pub mod app;
 pub mod cli;

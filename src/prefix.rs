@@ -68,6 +68,8 @@ impl Chain {
 }
 
 /// Block keys of a chat request's `messages` (an object is treated as a one-element list).
+// Foreign enum (serde_json's Value): `_` / `other` stands for "any other JSON value".
+#[allow(clippy::wildcard_enum_match_arm)]
 pub fn chat_blocks(model: &str, messages: &Value) -> Vec<BlockKey> {
     let list: &[Value] = match messages {
         Value::Array(a) => a,
@@ -97,6 +99,8 @@ pub fn chat_blocks(model: &str, messages: &Value) -> Vec<BlockKey> {
 }
 
 /// Block keys of a completions `prompt` (a string, a list of strings, or token ids).
+// Foreign enum (serde_json's Value): `_` / `other` stands for "any other JSON value".
+#[allow(clippy::wildcard_enum_match_arm)]
 pub fn prompt_blocks(model: &str, prompt: &Value) -> Vec<BlockKey> {
     let mut chain = Chain::new(model);
     let mut scratch = Vec::new();
@@ -119,6 +123,8 @@ pub fn prompt_blocks(model: &str, prompt: &Value) -> Vec<BlockKey> {
     chain.keys
 }
 
+// Foreign enum (serde_json's Value): `_` / `other` stands for "any other JSON value".
+#[allow(clippy::wildcard_enum_match_arm)]
 fn push_value(chain: &mut Chain, v: &Value, scratch: &mut Vec<u8>) {
     match v {
         Value::String(s) => chain.push(s.as_bytes()),
@@ -132,6 +138,8 @@ fn push_value(chain: &mut Chain, v: &Value, scratch: &mut Vec<u8>) {
 }
 
 /// Serialise JSON with object keys sorted and no whitespace, whatever order they arrived in.
+// Foreign enum (serde_json's Value): `_` / `other` stands for "any other JSON value".
+#[allow(clippy::wildcard_enum_match_arm)]
 pub fn canonical_json(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(map) => {

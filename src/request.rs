@@ -23,6 +23,7 @@ pub enum BodyKind {
 /// The summary of one request that routing needs.
 #[derive(Debug, Clone)]
 pub struct LlmRequest {
+    /// How the body looked.
     pub body: BodyKind,
     /// `model`, when it is a string.
     pub model: Option<String>,

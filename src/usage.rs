@@ -14,6 +14,7 @@ pub const TAIL_BYTES: usize = 1024;
 pub struct Tail(Vec<u8>);
 
 impl Tail {
+    /// Append the next chunk of the body, keeping only the last [`TAIL_BYTES`].
     pub fn push(&mut self, chunk: &[u8]) {
         if chunk.len() >= TAIL_BYTES {
             self.0.clear();
@@ -43,7 +44,9 @@ impl Tail {
 /// Token counts of one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
+    /// `prompt_tokens`.
     pub prompt: u64,
+    /// `completion_tokens`.
     pub completion: u64,
     /// `prompt_tokens_details.cached_tokens` (0 when absent).
     pub cached: u64,

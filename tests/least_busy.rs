@@ -279,7 +279,7 @@ async fn follows_the_tree(flavour: Flavour) {
     let text = proxy.metrics().await;
     match flavour {
         Flavour::Sglang => assert_eq!(picks(&text, "least_busy"), 20.0, "{text}"),
-        _ => {
+        Flavour::VllmV1 | Flavour::VllmV0 => {
             assert_eq!(picks(&text, "least_busy_lora_affinity"), 10.0, "{text}");
             assert_eq!(picks(&text, "least_busy"), 10.0, "{text}");
         }

@@ -173,7 +173,7 @@ mod cases {
     use super::*;
     use PrefixOutcome::{Diverted, Hit, Miss};
 
-    pub async fn prefix_miss_then_hit_on_the_same_endpoint(env: &Env) {
+    pub(crate) async fn prefix_miss_then_hit_on_the_same_endpoint(env: &Env) {
         let s = env.replica();
         let p = pool("pmiss");
         let eps = ["a", "b", "c"];
@@ -207,7 +207,7 @@ mod cases {
         assert_eq!(prefix(&*s, &p, &[], &eps).await.2, Miss);
     }
 
-    pub async fn prefix_holder_not_a_candidate_rewrites_the_chain(env: &Env) {
+    pub(crate) async fn prefix_holder_not_a_candidate_rewrites_the_chain(env: &Env) {
         let s = env.replica();
         let p = pool("pgone");
         assert_eq!(prefix(&*s, &p, &[7, 8, 9], &["a"]).await.0, "a");
@@ -230,7 +230,7 @@ mod cases {
         );
     }
 
-    pub async fn prefix_load_guard_diverts_and_spreads(env: &Env) {
+    pub(crate) async fn prefix_load_guard_diverts_and_spreads(env: &Env) {
         let s = env.replica();
         let p = pool("pguard");
         let eps = ["a", "b"];
@@ -251,7 +251,7 @@ mod cases {
         assert_eq!(prefix(&*s, &q, &[5], &eps).await, ("b".into(), 1, Diverted));
     }
 
-    pub async fn prefix_holders_are_capped_most_recent_first(env: &Env) {
+    pub(crate) async fn prefix_holders_are_capped_most_recent_first(env: &Env) {
         let s = env.replica();
         let p = pool("pcap");
         let eps: Vec<String> = (0..MAX_HOLDERS + 2).map(|i| format!("e{i}")).collect();
@@ -268,7 +268,7 @@ mod cases {
         );
     }
 
-    pub async fn prefix_saturation_writes_nothing(env: &Env) {
+    pub(crate) async fn prefix_saturation_writes_nothing(env: &Env) {
         let s = env.replica();
         let p = pool("psat");
         let query = |chain: &'static [u64], max| PrefixQuery {
@@ -290,7 +290,7 @@ mod cases {
         assert_eq!((a.matched, a.outcome), (1, Hit));
     }
 
-    pub async fn prefix_keys_expire_unless_used(env: &Env) {
+    pub(crate) async fn prefix_keys_expire_unless_used(env: &Env) {
         let s = env.replica();
         let p = pool("pttl");
         let ttl = Duration::from_millis(1500);
@@ -305,7 +305,7 @@ mod cases {
         assert_eq!((matched, outcome), (0, Miss));
     }
 
-    pub async fn prefix_affinity_is_shared_by_replicas_and_isolated_by_pool(env: &Env) {
+    pub(crate) async fn prefix_affinity_is_shared_by_replicas_and_isolated_by_pool(env: &Env) {
         let r1 = env.replica();
         let r2 = env.replica();
         let p = pool("pshare");
@@ -322,7 +322,7 @@ mod cases {
         assert_eq!(prefix(&*tenant, &p, &[11, 12], &eps).await.2, Miss);
     }
 
-    pub async fn least_loaded_is_chosen(env: &Env) {
+    pub(crate) async fn least_loaded_is_chosen(env: &Env) {
         let s = env.replica();
         let p = pool("least");
         load(&*s, &p, "a", 3).await;
@@ -338,7 +338,7 @@ mod cases {
         assert_eq!(counts(&*s, &p, &["a", "b", "c"]).await, expect);
     }
 
-    pub async fn ties_are_broken_uniformly(env: &Env) {
+    pub(crate) async fn ties_are_broken_uniformly(env: &Env) {
         let s = env.replica();
         let p = pool("ties");
         let eps = ["a", "b", "c"];
@@ -365,7 +365,7 @@ mod cases {
         assert!(seen[1] >= 10 && seen[2] >= 10, "{seen:?}");
     }
 
-    pub async fn release_never_goes_below_zero(env: &Env) {
+    pub(crate) async fn release_never_goes_below_zero(env: &Env) {
         let s = env.replica();
         let p = pool("release");
         s.release(&p, "never-acquired").await.expect("release");
@@ -382,7 +382,7 @@ mod cases {
         assert_eq!(counts(&*s, &p, &["a"]).await, vec![1]);
     }
 
-    pub async fn max_saturates_and_counts_nothing(env: &Env) {
+    pub(crate) async fn max_saturates_and_counts_nothing(env: &Env) {
         let s = env.replica();
         let p = pool("max");
         let eps = ["a", "b"];
@@ -410,7 +410,7 @@ mod cases {
         assert_eq!(counts(&*s, &fresh, &eps).await, vec![0, 0]);
     }
 
-    pub async fn only_candidates_are_chosen(env: &Env) {
+    pub(crate) async fn only_candidates_are_chosen(env: &Env) {
         let s = env.replica();
         let p = pool("candidates");
         load(&*s, &p, "a", 2).await;
@@ -436,7 +436,7 @@ mod cases {
         ));
     }
 
-    pub async fn unknown_endpoints_count_zero(env: &Env) {
+    pub(crate) async fn unknown_endpoints_count_zero(env: &Env) {
         let s = env.replica();
         let p = pool("unknown");
         load(&*s, &p, "a", 2).await;
@@ -445,7 +445,7 @@ mod cases {
         assert_eq!(counts(&*s, &p, &["new:1", "other"]).await, vec![1, 0]);
     }
 
-    pub async fn pools_and_namespaces_are_isolated(env: &Env) {
+    pub(crate) async fn pools_and_namespaces_are_isolated(env: &Env) {
         let s = env.replica();
         let (p1, p2) = (pool("iso1"), pool("iso2"));
         load(&*s, &p1, "a", 3).await;
@@ -461,7 +461,7 @@ mod cases {
         assert_eq!(counts(&*s, &p1, &["a"]).await, vec![3]);
     }
 
-    pub async fn replicas_see_each_others_counts(env: &Env) {
+    pub(crate) async fn replicas_see_each_others_counts(env: &Env) {
         let r1 = env.replica();
         let r2 = env.replica();
         assert_ne!(r1.replica_id(), r2.replica_id());
@@ -481,7 +481,7 @@ mod cases {
         assert_eq!(counts(&*r1, &p, &["a", "b"]).await, vec![1, 0]);
     }
 
-    pub async fn silent_replica_is_reaped(env: &Env) {
+    pub(crate) async fn silent_replica_is_reaped(env: &Env) {
         let dead_after = Duration::from_secs(1);
         let live = env.replica_with(dead_after, "llmlb");
         let doomed = env.replica_with(dead_after, "llmlb");
@@ -521,7 +521,7 @@ mod cases {
         assert_eq!(counts(&*doomed, &p, &["a"]).await, vec![1]);
     }
 
-    pub async fn restore_replaces_only_the_callers_share(env: &Env) {
+    pub(crate) async fn restore_replaces_only_the_callers_share(env: &Env) {
         let r1 = env.replica();
         let r2 = env.replica();
         let p = pool("restore");
@@ -547,7 +547,7 @@ mod cases {
         assert_eq!(counts(&*r1, &p, &eps).await, vec![1, 3, 0]);
     }
 
-    pub async fn concurrent_acquires_are_atomic(env: &Env) {
+    pub(crate) async fn concurrent_acquires_are_atomic(env: &Env) {
         let replicas: Vec<Arc<dyn InflightStore>> = (0..4).map(|_| env.replica()).collect();
         let p = pool("atomic");
         let eps = ["a", "b", "c", "d"];

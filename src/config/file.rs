@@ -10,11 +10,14 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
+    /// A single value.
     One(T),
+    /// A list of values.
     Many(Vec<T>),
 }
 
 impl<T> OneOrMany<T> {
+    /// The value(s) as a list.
     pub fn into_vec(self) -> Vec<T> {
         match self {
             OneOrMany::One(v) => vec![v],
@@ -27,17 +30,27 @@ impl<T> OneOrMany<T> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
+    /// Proxy listener address(es), `IP:port` (default `0.0.0.0:8080`).
     pub listen: Option<OneOrMany<String>>,
+    /// Admin listener address (default `127.0.0.1:9091`), or `off` / `none`.
     pub admin: Option<String>,
+    /// Request body limit in bytes (default 32 MiB).
     pub max_body_bytes: Option<u64>,
+    /// Deadline for receiving the whole request body (ms, default 60000).
     pub body_timeout_ms: Option<u64>,
+    /// Limit on request target and header fields in bytes (default 64 KiB, at least 1024).
     pub max_header_bytes: Option<u64>,
+    /// Accept plaintext HTTP/2 with prior knowledge (default `true`).
     pub h2c: Option<bool>,
+    /// Upstream attempts per request (default 3).
     pub max_attempts: Option<usize>,
+    /// Add the `x-llm-lb-*` headers to responses (default `false`).
     pub expose_endpoint_header: Option<bool>,
+    /// Timeouts towards the inference servers.
     pub upstream: Option<UpstreamFile>,
     /// How often `host:port` endpoints are resolved again (ms).
     pub dns_refresh_ms: Option<u64>,
+    /// The pools; a request goes to the first one that serves its model.
     pub pools: Vec<PoolFile>,
 }
 
@@ -45,9 +58,13 @@ pub struct PolicyFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamFile {
+    /// Connect timeout (ms, default 1000).
     pub connect_timeout_ms: Option<u64>,
+    /// Longest silence between two reads (ms, default 600000).
     pub read_timeout_ms: Option<u64>,
+    /// Write timeout (ms, default 60000).
     pub write_timeout_ms: Option<u64>,
+    /// How long an idle pooled connection is kept (ms, default 4000).
     pub idle_timeout_ms: Option<u64>,
 }
 
@@ -55,12 +72,19 @@ pub struct UpstreamFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolFile {
+    /// Unique pool name (used in metrics, logs and state-store keys).
     pub name: String,
+    /// Model names this pool serves; `"*"` matches any.
     pub models: Vec<String>,
+    /// The pool's endpoints.
     pub endpoints: Vec<EndpointFile>,
+    /// Active health check (on with defaults when absent).
     pub health_check: Option<HealthCheckFile>,
+    /// Engine-metrics scraping.
     pub metrics: Option<MetricsFile>,
+    /// Passive health (on with defaults when absent).
     pub outlier_detection: Option<OutlierFile>,
+    /// Name of the policy that picks endpoints.
     pub lb_policy: String,
     /// A built-in policy's keys ([`LbConfigFile`]) or a custom policy's own.
     pub lb_config: Option<serde_yaml::Value>,
@@ -70,14 +94,19 @@ pub struct PoolFile {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum EndpointFile {
+    /// Just an address (weight 1).
     Address(String),
+    /// An address with a weight.
     Detailed(DetailedEndpointFile),
 }
 
+/// An endpoint written as `{address, weight}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DetailedEndpointFile {
+    /// `IP:port` or `host:port`.
     pub address: String,
+    /// Relative weight, 1 to 1000 (default 1).
     pub weight: Option<usize>,
 }
 
@@ -85,11 +114,17 @@ pub struct DetailedEndpointFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckFile {
+    /// `false` turns the check off.
     pub enabled: Option<bool>,
+    /// Path to request (default `/health`).
     pub path: Option<String>,
+    /// Time between checks (ms, default 1000).
     pub interval_ms: Option<u64>,
+    /// Timeout of one check (ms, default 500).
     pub timeout_ms: Option<u64>,
+    /// Successes in a row that make an endpoint healthy (default 1).
     pub healthy_threshold: Option<usize>,
+    /// Failures in a row that make an endpoint unhealthy (default 2).
     pub unhealthy_threshold: Option<usize>,
 }
 
@@ -97,10 +132,15 @@ pub struct HealthCheckFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierFile {
+    /// `false` turns passive health off.
     pub enabled: Option<bool>,
+    /// Failures in a row that eject an endpoint (default 5).
     pub consecutive_failures: Option<u32>,
+    /// The first ejection's length (ms, default 10000); each further one doubles it.
     pub base_ejection_ms: Option<u64>,
+    /// The longest ejection (ms, default the larger of 300000 and `base_ejection_ms`).
     pub max_ejection_ms: Option<u64>,
+    /// At most this percentage of the pool's endpoints is ejected at once (default 50).
     pub max_ejected_percent: Option<u8>,
 }
 
@@ -108,7 +148,9 @@ pub struct OutlierFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsFile {
+    /// Path of the engine's metrics (default `/metrics`).
     pub path: Option<String>,
+    /// Time between scrapes (ms, default 200).
     pub interval_ms: Option<u64>,
 }
 
@@ -117,19 +159,34 @@ pub struct MetricsFile {
 #[serde(deny_unknown_fields)]
 #[allow(non_snake_case)]
 pub struct LbConfigFile {
+    /// Redis host name, IP or URL; absent: the embedded store.
     pub serviceFQDN: Option<String>,
+    /// Redis port (default 6379; not with a URL).
     pub servicePort: Option<u16>,
+    /// Redis ACL user (empty: none).
     pub username: Option<String>,
+    /// Redis password (empty: none).
     pub password: Option<String>,
+    /// ms per Redis call (default 50; 0 means the default).
     pub timeout: Option<u64>,
+    /// Redis database number (default 0).
     pub database: Option<i64>,
+    /// `prefix_cache`: seconds a prefix stays in the index unused (default 1800; 0 means the
+    /// default).
     pub redisKeyTTL: Option<i64>,
+    /// Refuse with 429 when every endpoint has this many requests in flight (0: no limit).
     pub maxRequestCount: Option<u64>,
+    /// `least_busy`: models whose requests are critical.
     pub criticalModels: Option<Vec<String>>,
     /// `least_busy` thresholds (the Inference Extension's names; defaults in README).
     pub queueThresholdCritical: Option<u64>,
+    /// `least_busy`: a sheddable request needs an endpoint with KV-cache use at most this (0–1).
     pub kvCacheThreshold: Option<f64>,
+    /// `least_busy`: critical requests look for LoRA affinity among endpoints with fewer waiting
+    /// than this.
     pub queueingThresholdLoRA: Option<u64>,
+    /// `least_busy`: probability of preferring an endpoint running the request's adapter over one
+    /// with room for it (0–1).
     pub loraAffinityThreshold: Option<f64>,
     /// llm-lb's addition: Redis key namespace (default `llmlb`), so deployments sharing one Redis
     /// never collide.
@@ -147,10 +204,14 @@ pub struct LbConfigFile {
     /// URL implies it); the server is verified against `tlsCaFile` (PEM) or the system's trust
     /// store; `tlsCertFile` + `tlsKeyFile` (PEM) present a client certificate.
     pub tls: Option<bool>,
+    /// PEM file of the CA(s) for the Redis server's certificate (see [`LbConfigFile::tls`]).
     pub tlsCaFile: Option<String>,
+    /// PEM client certificate for Redis (see [`LbConfigFile::tls`]).
     pub tlsCertFile: Option<String>,
+    /// PEM client private key for Redis (see [`LbConfigFile::tls`]).
     pub tlsKeyFile: Option<String>,
     /// Higress's own knobs that have no meaning here (accepted, warned about).
     pub cleanInterval: Option<serde_yaml::Value>,
+    /// Higress's knob with no meaning here (accepted, warned about).
     pub enableDetailLog: Option<serde_yaml::Value>,
 }

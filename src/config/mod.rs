@@ -55,22 +55,28 @@ pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
 /// The validated policy file.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Proxy listener addresses.
     pub listen: Vec<SocketAddr>,
+    /// Admin listener address; `None` when disabled.
     pub admin: Option<SocketAddr>,
+    /// Request bodies above this many bytes are refused (413).
     pub max_body_bytes: usize,
     /// Deadline for reading the whole request body (408 after it: slow-loris bodies).
     pub body_timeout: Duration,
     /// Request target and header fields above this many bytes: 414 / 431.
     pub max_header_bytes: usize,
+    /// Accept plaintext HTTP/2 with prior knowledge besides HTTP/1.1.
     pub h2c: bool,
     /// Upstream attempts per request (first try + retries on other endpoints).
     pub max_attempts: usize,
     /// Add `x-llm-lb-endpoint` / `x-llm-lb-policy` / `x-llm-lb-reason` to responses (off: it
     /// reveals internal addresses).
     pub expose_endpoint_header: bool,
+    /// Timeouts towards inference servers.
     pub upstream: UpstreamConfig,
     /// How often endpoints given by host name are resolved again.
     pub dns_refresh: Duration,
+    /// The pools; a request goes to the first one that serves its model.
     pub pools: Vec<PoolConfig>,
     /// Accepted but ignored settings, reported once at start.
     pub warnings: Vec<Issue>,
@@ -79,9 +85,11 @@ pub struct Config {
 /// Timeouts towards inference servers.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
+    /// Deadline for connecting to an endpoint.
     pub connect_timeout: Duration,
     /// Longest silence between two reads, including time to first byte (prefill).
     pub read_timeout: Duration,
+    /// Deadline for one write to an endpoint.
     pub write_timeout: Duration,
     /// How long an idle pooled connection is kept; below the backends' keep-alive timeout.
     pub idle_timeout: Duration,
@@ -90,11 +98,15 @@ pub struct UpstreamConfig {
 /// One pool of endpoints.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
+    /// Unique name (used in metrics, logs and state-store keys).
     pub name: String,
+    /// Model names this pool serves; `"*"` matches any.
     pub models: Vec<String>,
     /// As written; the routing layer resolves them into addresses.
     pub endpoints: Vec<EndpointSpec>,
+    /// Active health checking; `None` when disabled.
     pub health_check: Option<HealthCheckConfig>,
+    /// Engine-metrics scraping.
     pub metrics: MetricsConfig,
     /// `lb_policy` and the `lb_config` settings it reads.
     pub policy: PolicySettings,
@@ -115,7 +127,9 @@ pub const MAX_WEIGHT: usize = 1000;
 /// One configured endpoint: an address or a host name, and a weight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointSpec {
+    /// Where the endpoint is.
     pub address: Address,
+    /// Relative weight, 1 to [`MAX_WEIGHT`].
     pub weight: usize,
 }
 
@@ -123,8 +137,15 @@ pub struct EndpointSpec {
 /// `dns_refresh_ms` (each address it resolves to is an endpoint).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Address {
+    /// A fixed `IP:port`.
     Ip(SocketAddr),
-    Name { host: String, port: u16 },
+    /// A `host:port` to resolve.
+    Name {
+        /// Host name.
+        host: String,
+        /// Port.
+        port: u16,
+    },
 }
 
 impl std::fmt::Display for Address {
@@ -171,24 +192,33 @@ impl Address {
 /// One inference server at a resolved address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointConfig {
+    /// The resolved address.
     pub addr: SocketAddr,
+    /// Relative weight, 1 to [`MAX_WEIGHT`].
     pub weight: usize,
 }
 
 /// Active health checking of a pool's endpoints.
 #[derive(Debug, Clone)]
 pub struct HealthCheckConfig {
+    /// Path requested on each endpoint.
     pub path: String,
+    /// Time between two checks of an endpoint.
     pub interval: Duration,
+    /// Deadline of one check.
     pub timeout: Duration,
+    /// Successes in a row that make an endpoint healthy.
     pub healthy_threshold: usize,
+    /// Failures in a row that make an endpoint unhealthy.
     pub unhealthy_threshold: usize,
 }
 
 /// Engine-metrics scraping settings.
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
+    /// Path of the engine's metrics.
     pub path: String,
+    /// Time between two scrapes of an endpoint.
     pub interval: Duration,
 }
 

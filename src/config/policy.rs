@@ -152,7 +152,11 @@ impl PolicySettings {
     pub fn name(&self) -> &str {
         match self {
             Self::Custom(c) => &c.name,
-            other => other.kind().map_or("", PolicyKind::name),
+            other @ (Self::RoundRobin
+            | Self::Random
+            | Self::GlobalLeastRequest(_)
+            | Self::PrefixCache(..)
+            | Self::LeastBusy(_)) => other.kind().map_or("", PolicyKind::name),
         }
     }
 

@@ -224,7 +224,8 @@ impl RedisConfig {
                     tls_params: None,
                 }
             }
-            _ => {
+            // `ConnectionAddr` is non-exhaustive: `_` covers only variants added in the future.
+            ConnectionAddr::Unix(_) | _ => {
                 return Err(InvalidKey::new(
                     "tls",
                     "TLS needs a TCP address, not a Unix socket",

@@ -164,7 +164,11 @@ fn store_policies_get_a_store() {
 fn prefix_of(c: &Config) -> PrefixSettings {
     match &c.pools[0].policy {
         PolicySettings::PrefixCache(_, prefix) => *prefix,
-        other => panic!("prefix_cache settings expected: {other:?}"),
+        other @ (PolicySettings::RoundRobin
+        | PolicySettings::Random
+        | PolicySettings::GlobalLeastRequest(_)
+        | PolicySettings::LeastBusy(_)
+        | PolicySettings::Custom(_)) => panic!("prefix_cache settings expected: {other:?}"),
     }
 }
 

@@ -29,6 +29,8 @@ impl Failure {
 
     /// The upstream failure an error reports, if it is one (errors of the client or of llm-lb
     /// itself are not the endpoint's fault).
+    // Foreign enum (pingora's ErrorType): every other upstream error counts as a reset.
+    #[allow(clippy::wildcard_enum_match_arm)]
     pub fn of_error(e: &pingora::Error) -> Option<Failure> {
         use pingora::{ErrorSource, ErrorType};
         if *e.esource() != ErrorSource::Upstream {
@@ -59,8 +61,11 @@ pub fn is_failure_status(status: u16) -> bool {
 /// How an attempt ended, for its endpoint's record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// The endpoint answered and the attempt completed: it ends a failure streak.
     Success,
+    /// The endpoint failed the attempt.
     Failure(Failure),
+    /// Not the endpoint's doing either way (e.g. the client left); ignored.
     Neutral,
 }
 
@@ -112,7 +117,7 @@ impl Observed {
 pub(super) fn failure_text(f: Failure) -> String {
     match f {
         Failure::Status(s) => format!("status {s}"),
-        other => other.label().to_string(),
+        other @ (Failure::Connect | Failure::Timeout | Failure::Reset) => other.label().to_string(),
     }
 }
 

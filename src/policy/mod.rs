@@ -116,7 +116,7 @@ pub trait Policy: Send + Sync {
 pub(crate) mod testing {
     use super::*;
 
-    pub fn views(weights: &[usize]) -> Vec<EndpointView> {
+    pub(crate) fn views(weights: &[usize]) -> Vec<EndpointView> {
         weights
             .iter()
             .enumerate()
@@ -126,12 +126,12 @@ pub(crate) mod testing {
             .collect()
     }
 
-    pub fn ids(n: usize) -> Vec<EndpointId> {
+    pub(crate) fn ids(n: usize) -> Vec<EndpointId> {
         (0..n).map(EndpointId::new).collect()
     }
 
     /// Pick `n` times and count how often each endpoint was chosen.
-    pub async fn histogram(
+    pub(crate) async fn histogram(
         policy: &dyn Policy,
         weights: &[usize],
         candidates: &[EndpointId],

@@ -41,6 +41,8 @@ pub struct PrefixCache {
 }
 
 impl PrefixCache {
+    /// Count and index prefixes in `counts`; refuse when every candidate has `max` in flight;
+    /// `settings`: the index entries' lifetime and the load guard.
     pub fn new(counts: Arc<PoolCounts>, max: Option<u64>, settings: PrefixSettings) -> Self {
         PrefixCache {
             counts,

@@ -61,7 +61,7 @@ fn check_head(req: &RequestHeader, max: usize) -> Result<()> {
 
 /// Check the request head against `max_header_bytes`, then read the whole request body (empty
 /// for bodyless requests) within `max_body_bytes` and `body_timeout`.
-pub async fn read(session: &mut Session, config: &Config) -> Result<Bytes> {
+pub(crate) async fn read(session: &mut Session, config: &Config) -> Result<Bytes> {
     check_head(session.req_header(), config.max_header_bytes)?;
     let (max, timeout) = (config.max_body_bytes, config.body_timeout);
     let declared = declared_length(session)?;
@@ -112,6 +112,8 @@ async fn read_all(session: &mut Session, max: usize, capacity: usize) -> Result<
 /// The client-facing status of a failure to read the body: it is the client's doing (a truncated
 /// or malformed body, a stalled upload), never a 5xx. A client that is really gone just does not
 /// get the answer.
+// Foreign enum (pingora's ErrorType): every other read error means a malformed body.
+#[allow(clippy::wildcard_enum_match_arm)]
 fn refusal(e: Box<Error>) -> Box<Error> {
     let (status, why) = match e.etype() {
         ErrorType::ReadTimedout => (408, "the request body stalled"),

@@ -21,7 +21,9 @@ use crate::routing::{InflightGuard, Pool, Routes};
 pub struct Route {
     /// The routing table the request started with: it keeps it to the end, retries included.
     pub routes: Arc<Routes>,
+    /// The pool serving the request.
     pub pool: Arc<Pool>,
+    /// What was understood of the request body.
     pub request: Arc<LlmRequest>,
 }
 
@@ -44,7 +46,9 @@ pub struct Shared {
     pub tried: Vec<EndpointId>,
     /// The last endpoint picked.
     pub endpoint: Option<SocketAddr>,
+    /// The policy that picked the last endpoint, or could not choose one (`""` before that).
     pub policy: &'static str,
+    /// Its pick reason, or why it could not choose.
     pub reason: &'static str,
     /// A subrequest failed in a way that is safe to retry (elsewhere, or over a fresh connection
     /// when [`Shared::reconnect`] holds the attempt): the parent runs a new subrequest.
@@ -65,14 +69,18 @@ pub struct Shared {
 
 /// Handed from a parent to its subrequest through Pingora's subrequest user context.
 #[derive(Clone)]
-pub struct SubrequestInput {
-    pub route: Route,
-    pub shared: Arc<Mutex<Shared>>,
-    pub started: Instant,
+pub(crate) struct SubrequestInput {
+    /// The parent's route.
+    pub(crate) route: Route,
+    /// The facts the parent and its subrequests share.
+    pub(crate) shared: Arc<Mutex<Shared>>,
+    /// When the parent received the request.
+    pub(crate) started: Instant,
 }
 
 /// One upstream attempt's accounting.
 pub struct Attempt {
+    /// The endpoint tried.
     pub endpoint: EndpointId,
     lease: Option<Box<dyn Lease>>,
     inflight: InflightGuard,
@@ -81,6 +89,8 @@ pub struct Attempt {
 }
 
 impl Attempt {
+    /// Account for an attempt on `endpoint`: the policy's `lease` (if any) and the local in-flight
+    /// count `inflight`.
     pub fn new(
         endpoint: EndpointId,
         lease: Option<Box<dyn Lease>>,
@@ -122,15 +132,22 @@ impl Drop for Attempt {
 
 /// Pingora CTX of llm-lb.
 pub struct RequestCtx {
+    /// When the request arrived (a subrequest takes its parent's).
     pub started: Instant,
+    /// How this CTX takes part in serving the request.
     pub role: Role,
+    /// Where the request goes; `None` until its body is read and routed.
     pub route: Option<Route>,
+    /// Facts about the request, shared between a parent and its subrequest(s).
     pub shared: Arc<Mutex<Shared>>,
+    /// The current upstream attempt, until it is finished.
     pub attempt: Option<Attempt>,
+    /// Request body bytes read from the client.
     pub request_bytes: usize,
 }
 
 impl RequestCtx {
+    /// The CTX of a new request: a direct one, not routed yet.
     pub fn new() -> Self {
         RequestCtx {
             started: Instant::now(),

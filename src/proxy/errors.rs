@@ -44,6 +44,8 @@ pub async fn respond(session: &mut Session, status: u16, message: &str) -> pingo
 }
 
 /// The client-facing status and message for a proxy error.
+// Foreign enum (pingora's ErrorType): every type not listed gets its status from the source.
+#[allow(clippy::wildcard_enum_match_arm)]
 pub fn classify(e: &Error) -> (u16, String) {
     use pingora::ErrorSource;
     let status = match e.etype() {
@@ -51,7 +53,7 @@ pub fn classify(e: &Error) -> (u16, String) {
         ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
             match e.esource() {
                 ErrorSource::Downstream => 408,
-                _ => 504,
+                ErrorSource::Upstream | ErrorSource::Internal | ErrorSource::Unset => 504,
             }
         }
         _ => match e.esource() {

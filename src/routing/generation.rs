@@ -22,6 +22,7 @@ use crate::store::PoolCounts;
 
 /// A routing table with its background tasks.
 pub struct Generation {
+    /// The routing table.
     pub routes: Arc<Routes>,
     /// Each pool's endpoints, as resolved for this generation (compared on DNS refresh).
     pub endpoints: Vec<Vec<EndpointConfig>>,

@@ -111,10 +111,12 @@ impl Pool {
         self.health.as_ref()
     }
 
+    /// The pool's name.
     pub fn name(&self) -> &str {
         &self.config.name
     }
 
+    /// The endpoint `id` (`None` if the pool has no such endpoint).
     pub fn endpoint(&self, id: EndpointId) -> Option<&EndpointView> {
         self.endpoints.get(id.index())
     }
@@ -201,6 +203,7 @@ impl Pool {
 
 /// Result of [`Pool::candidates`].
 pub struct Candidates {
+    /// The endpoints a request may try next.
     pub ids: Vec<EndpointId>,
     /// No endpoint is healthy; these are unhealthy ones tried as a last resort.
     pub panic: bool,

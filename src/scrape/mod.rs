@@ -64,6 +64,7 @@ pub struct EndpointMetrics {
     pub running: u64,
     /// KV-cache use, 0–1, when the engine exports it (llama.cpp does not).
     pub kv_cache_usage: Option<f64>,
+    /// LoRA adapters (none when the engine reports none).
     pub lora: Lora,
     /// The served base model (`model_name` label), when the engine names it.
     pub model: Option<String>,
@@ -72,6 +73,7 @@ pub struct EndpointMetrics {
 /// One published scrape of one endpoint.
 #[derive(Debug)]
 pub struct Snapshot {
+    /// What the scrape read.
     pub metrics: EndpointMetrics,
     /// When the scrape was sent.
     pub taken: Instant,
@@ -97,6 +99,7 @@ struct Slot {
 /// A usable (fresh) snapshot of one endpoint, with the gateway's own dispatches since.
 #[derive(Debug, Clone)]
 pub struct Known {
+    /// The snapshot.
     pub snapshot: Arc<Snapshot>,
     /// Requests dispatched after the scrape was sent and not finished yet.
     pub fresh: u64,
@@ -146,10 +149,12 @@ impl MetricsBoard {
         }
     }
 
+    /// The pool's name.
     pub fn pool(&self) -> &str {
         &self.pool
     }
 
+    /// How often endpoints are scraped.
     pub fn interval(&self) -> Duration {
         self.interval
     }
@@ -161,10 +166,12 @@ impl MetricsBoard {
             .saturating_mul(STALE_AFTER_INTERVALS)
     }
 
+    /// Number of endpoints on the board.
     pub fn len(&self) -> usize {
         self.slots.len()
     }
 
+    /// Whether the board has no endpoints.
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }

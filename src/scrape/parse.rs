@@ -50,12 +50,20 @@ const LORA: &str = "vllm:lora_requests_info";
 /// Why an exposition could not be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ParseError {
+    /// Not Prometheus text format (the parser's message).
     #[error("not Prometheus text: {0}")]
     Syntax(String),
+    /// A metric `least_busy` needs is absent (what it measures).
     #[error("no {0} metric (vllm:, sglang: or llamacpp: names)")]
     Missing(&'static str),
+    /// A sample value that is not a finite, non-negative number.
     #[error("{metric} has an unusable value {value}")]
-    Invalid { metric: String, value: String },
+    Invalid {
+        /// The metric's name.
+        metric: String,
+        /// The value as written.
+        value: String,
+    },
 }
 
 fn wanted(name: &str) -> bool {

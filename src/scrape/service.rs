@@ -22,11 +22,11 @@ use crate::config::MetricsConfig;
 use crate::telemetry;
 
 /// The longest a scrape may take, whatever the interval.
-pub const MAX_SCRAPE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const MAX_SCRAPE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A scrape may always take this long, however short the interval.
 pub const MIN_SCRAPE_TIMEOUT: Duration = Duration::from_millis(50);
 /// Largest `/metrics` body read (vLLM with many LoRA series and histograms stays far below).
-pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Idle pooled connections are closed after this (below uvicorn's 5 s keep-alive).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
@@ -39,7 +39,7 @@ pub fn scrape_timeout(interval: Duration) -> Duration {
 
 /// Why one scrape produced nothing.
 #[derive(Debug, thiserror::Error)]
-pub enum ScrapeError {
+pub(crate) enum ScrapeError {
     #[error("timed out")]
     Timeout,
     #[error("cannot connect: {0}")]
@@ -56,7 +56,7 @@ pub enum ScrapeError {
 
 impl ScrapeError {
     /// The bounded `reason` label.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             ScrapeError::Timeout => "timeout",
             ScrapeError::Connect(_) => "connect",
@@ -88,6 +88,7 @@ pub struct ScrapeService {
 }
 
 impl ScrapeService {
+    /// Scrape `config.path` of the endpoints on `board`, every interval the board was made with.
     pub fn new(board: Arc<MetricsBoard>, config: &MetricsConfig) -> Self {
         ScrapeService {
             board,

@@ -12,19 +12,19 @@ pub const TRIP_AFTER: u32 = 3;
 
 /// The breaker state; lock-free, shared by every request of a pool.
 #[derive(Debug, Default)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     failures: AtomicU32,
     open: AtomicBool,
 }
 
 impl Breaker {
     /// Whether requests should skip the store.
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.open.load(Ordering::Relaxed)
     }
 
     /// Record a failed call. Returns true when this call opened the breaker.
-    pub fn failure(&self) -> bool {
+    pub(crate) fn failure(&self) -> bool {
         let n = self
             .failures
             .fetch_add(1, Ordering::Relaxed)
@@ -33,7 +33,7 @@ impl Breaker {
     }
 
     /// Record a successful call. Returns true when this call closed the breaker.
-    pub fn success(&self) -> bool {
+    pub(crate) fn success(&self) -> bool {
         self.failures.store(0, Ordering::Relaxed);
         self.open.swap(false, Ordering::Relaxed)
     }

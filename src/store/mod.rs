@@ -95,6 +95,7 @@ pub struct PrefixQuery<'a> {
     pub candidates: &'a [&'a str],
     /// `maxRequestCount`, as for [`InflightStore::acquire_least`].
     pub max: Option<u64>,
+    /// When a prefix holder is too busy and the request goes elsewhere.
     pub guard: LoadGuard,
     /// Lifetime of the chain's keys, refreshed whenever they are matched or written.
     pub ttl: Duration,
@@ -121,6 +122,7 @@ pub struct PrefixAcquired {
     pub inflight: u64,
     /// Leading blocks of the chain held by a candidate (0 on a miss).
     pub matched: usize,
+    /// How the endpoint was chosen.
     pub outcome: PrefixOutcome,
 }
 

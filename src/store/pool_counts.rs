@@ -103,6 +103,7 @@ impl PoolCounts {
         &self.store
     }
 
+    /// The pool these counts are for.
     pub fn pool(&self) -> &str {
         &self.pool
     }
@@ -341,7 +342,10 @@ const GATE_SLACK: Duration = Duration::from_millis(5);
 fn fallback_reason(e: &StoreError) -> FallbackReason {
     match e {
         StoreError::Timeout => FallbackReason::StoreTimeout,
-        _ => FallbackReason::StoreError,
+        StoreError::Saturated
+        | StoreError::Unavailable(_)
+        | StoreError::Protocol(_)
+        | StoreError::InvalidInput(_) => FallbackReason::StoreError,
     }
 }
 

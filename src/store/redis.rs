@@ -543,6 +543,9 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// Classify a redis-rs error. Its text never contains the password.
+// Foreign, non-exhaustive enum (redis's ErrorKind): the kinds not listed all mean a dropped
+// connection or a bad reply.
+#[allow(clippy::wildcard_enum_match_arm)]
 fn map_err(e: RedisError) -> StoreError {
     if e.is_timeout() {
         return StoreError::Timeout;

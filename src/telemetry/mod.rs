@@ -399,6 +399,8 @@ pub fn forget_endpoint(pool: &str, endpoint: &str) {
     }
 }
 
+/// Set the requests every replica sharing the store has in flight to the endpoint
+/// (`llmlb_endpoint_inflight_global`).
 pub fn set_inflight_global(pool: &str, endpoint: &str, n: u64) {
     if let Some(m) = INFLIGHT_GLOBAL.as_ref() {
         m.with_label_values(&[pool, endpoint])
@@ -406,6 +408,7 @@ pub fn set_inflight_global(pool: &str, endpoint: &str, n: u64) {
     }
 }
 
+/// Count a policy-file reload (`llmlb_config_reloads_total`).
 pub fn count_reload(trigger: ReloadTrigger, result: ReloadResult) {
     count_reload_by(trigger, result, 1);
 }
@@ -417,18 +420,22 @@ fn count_reload_by(trigger: ReloadTrigger, result: ReloadResult, n: u64) {
     }
 }
 
+/// Set the routing-table generation in force (`llmlb_config_generation`).
 pub fn set_generation(id: u64) {
     if let Some(m) = GENERATION.as_ref() {
         m.set(i64::try_from(id).unwrap_or(i64::MAX));
     }
 }
 
+/// Count a lookup of an endpoint host name, `result` `ok` or `error` (`llmlb_dns_lookups_total`).
 pub fn count_dns_lookup(name: &str, result: &str) {
     if let Some(m) = DNS_LOOKUPS.as_ref() {
         m.with_label_values(&[name, result]).inc();
     }
 }
 
+/// Record a request's duration and time to first body byte (`llmlb_request_duration_seconds`,
+/// `llmlb_time_to_first_byte_seconds`).
 pub fn observe_timing(
     pool: &str,
     duration: std::time::Duration,
@@ -442,6 +449,7 @@ pub fn observe_timing(
     }
 }
 
+/// Count the tokens a response's `usage` reported (`llmlb_tokens_total`).
 pub fn count_tokens(pool: &str, prompt: u64, completion: u64, cached: u64) {
     if let Some(m) = TOKENS.as_ref() {
         m.with_label_values(&[pool, "prompt"]).inc_by(prompt);
@@ -451,12 +459,15 @@ pub fn count_tokens(pool: &str, prompt: u64, completion: u64, cached: u64) {
     }
 }
 
+/// Record how many leading prompt blocks `prefix_cache` found cached (`llmlb_prefix_match_blocks`).
 pub fn observe_prefix_match(pool: &str, blocks: usize) {
     if let Some(m) = PREFIX_MATCH.as_ref() {
         m.with_label_values(&[pool]).observe(blocks as f64);
     }
 }
 
+/// Count a state-store call and record its latency (`llmlb_store_calls_total`,
+/// `llmlb_store_call_seconds`).
 pub fn store_call(pool: &str, op: &str, result: &str, took: std::time::Duration) {
     if let Some(m) = STORE_CALLS.as_ref() {
         m.with_label_values(&[pool, op, result]).inc();
@@ -466,24 +477,29 @@ pub fn store_call(pool: &str, op: &str, result: &str, took: std::time::Duration)
     }
 }
 
+/// Set whether the pool's store breaker is open (`llmlb_store_breaker_open`).
 pub fn set_store_breaker(pool: &str, open: bool) {
     if let Some(m) = STORE_BREAKER.as_ref() {
         m.with_label_values(&[pool]).set(i64::from(open));
     }
 }
 
+/// Set the age of the endpoint's latest engine-metrics snapshot (`llmlb_scrape_age_seconds`).
 pub fn set_scrape_age(pool: &str, endpoint: &str, seconds: f64) {
     if let Some(m) = SCRAPE_AGE.as_ref() {
         m.with_label_values(&[pool, endpoint]).set(seconds);
     }
 }
 
+/// Count a failed engine-metrics scrape (`llmlb_scrape_failures_total`).
 pub fn count_scrape_failure(pool: &str, endpoint: &str, reason: &str) {
     if let Some(m) = SCRAPE_FAILURES.as_ref() {
         m.with_label_values(&[pool, endpoint, reason]).inc();
     }
 }
 
+/// Set whether the endpoint's engine metrics are fresh enough to route on
+/// (`llmlb_endpoint_metrics_known`).
 pub fn set_metrics_known(pool: &str, endpoint: &str, known: bool) {
     if let Some(m) = METRICS_KNOWN.as_ref() {
         m.with_label_values(&[pool, endpoint]).set(i64::from(known));
@@ -502,6 +518,8 @@ pub fn set_engine_load(pool: &str, endpoint: &str, waiting: u64, kv_cache_usage:
     }
 }
 
+/// Count an answered request by its status class; status 0: no response was written
+/// (`llmlb_requests_total`).
 pub fn count_request(pool: &str, endpoint: &str, status: u16) {
     let class = match status {
         0 => "none",
@@ -516,12 +534,15 @@ pub fn count_request(pool: &str, endpoint: &str, status: u16) {
     }
 }
 
+/// Count an endpoint pick (`llmlb_picks_total`).
 pub fn count_pick(pool: &str, policy: &str, reason: &str) {
     if let Some(m) = PICKS.as_ref() {
         m.with_label_values(&[pool, policy, reason]).inc();
     }
 }
 
+/// Count a request routed by a fallback instead of the pool's policy (`llmlb_fallback_total`);
+/// also logged at debug.
 pub fn count_fallback(pool: &str, reason: FallbackReason) {
     log::debug!("pool {pool}: fallback routing ({reason})");
     if let Some(m) = FALLBACKS.as_ref() {
@@ -529,18 +550,22 @@ pub fn count_fallback(pool: &str, reason: FallbackReason) {
     }
 }
 
+/// Count an upstream attempt retried on another endpoint (`llmlb_retries_total`).
 pub fn count_retry(pool: &str) {
     if let Some(m) = RETRIES.as_ref() {
         m.with_label_values(&[pool]).inc();
     }
 }
 
+/// Count an attempt sent again to the same endpoint over a fresh connection
+/// (`llmlb_upstream_reconnects_total`).
 pub fn count_reconnect(pool: &str) {
     if let Some(m) = RECONNECTS.as_ref() {
         m.with_label_values(&[pool]).inc();
     }
 }
 
+/// Set whether the endpoint passes its health check (`llmlb_endpoint_healthy`).
 pub fn set_endpoint_health(pool: &str, endpoint: &str, healthy: bool) {
     if let Some(m) = HEALTH.as_ref() {
         m.with_label_values(&[pool, endpoint])
@@ -548,12 +573,14 @@ pub fn set_endpoint_health(pool: &str, endpoint: &str, healthy: bool) {
     }
 }
 
+/// Count an ejection by passive health checking (`llmlb_outlier_ejections_total`).
 pub fn count_ejection(pool: &str, endpoint: &str, reason: &str) {
     if let Some(m) = EJECTIONS.as_ref() {
         m.with_label_values(&[pool, endpoint, reason]).inc();
     }
 }
 
+/// Set whether the endpoint is ejected (`llmlb_endpoint_ejected`).
 pub fn set_endpoint_ejected(pool: &str, endpoint: &str, ejected: bool) {
     if let Some(m) = EJECTED.as_ref() {
         m.with_label_values(&[pool, endpoint])
@@ -561,6 +588,8 @@ pub fn set_endpoint_ejected(pool: &str, endpoint: &str, ejected: bool) {
     }
 }
 
+/// Add `delta` to the requests this replica has in flight to the endpoint
+/// (`llmlb_endpoint_inflight`).
 pub fn add_inflight(pool: &str, endpoint: &str, delta: i64) {
     if let Some(m) = INFLIGHT.as_ref() {
         m.with_label_values(&[pool, endpoint]).add(delta);
@@ -569,25 +598,40 @@ pub fn add_inflight(pool: &str, endpoint: &str, delta: i64) {
 
 /// One access-log line (target `llm_lb::access`, level info).
 pub struct AccessLog<'a> {
+    /// Request method.
     pub method: &'a str,
+    /// Request path (without the query).
     pub path: &'a str,
+    /// The request's `model`, if any.
     pub model: Option<&'a str>,
+    /// The pool that served it, if it was routed.
     pub pool: Option<&'a str>,
+    /// The last endpoint picked.
     pub endpoint: Option<std::net::SocketAddr>,
+    /// The policy that picked (empty: none).
     pub policy: &'a str,
+    /// The pick reason (empty: none).
     pub reason: &'a str,
+    /// Response status (0: none was written).
     pub status: u16,
+    /// Endpoints tried.
     pub attempts: usize,
     /// Times the request was sent again to the same endpoint over a fresh connection.
     pub reconnects: usize,
+    /// Time from request start to the end of the response.
     pub duration: std::time::Duration,
+    /// Time to the first response body byte.
     pub ttfb: Option<std::time::Duration>,
+    /// Request body bytes.
     pub request_bytes: usize,
+    /// Response body bytes sent to the client.
     pub response_bytes: usize,
+    /// The type of the error the request ended with, if any.
     pub error: Option<&'a str>,
 }
 
 impl AccessLog<'_> {
+    /// Write the line (absent values as `-`).
     pub fn emit(&self) {
         let dash = |s: Option<&str>| s.unwrap_or("-").to_string();
         log::info!(

@@ -19,14 +19,14 @@ use axum::Router;
 use sha2::{Digest, Sha256};
 
 /// A free loopback port (bound and released; fine for tests on one machine).
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
 }
 
-pub fn sha256_hex(data: &[u8]) -> String {
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -35,7 +35,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// What the backend saw of one request.
 #[derive(Debug, Clone)]
-pub struct Seen {
+pub(crate) struct Seen {
     pub method: String,
     pub path: String,
     pub body_len: usize,
@@ -44,7 +44,7 @@ pub struct Seen {
     pub expect: Option<String>,
 }
 
-pub struct BackendState {
+pub(crate) struct BackendState {
     pub seen: Mutex<Vec<Seen>>,
     pub unhealthy: AtomicBool,
     /// SSE responses wait here after their first event until released.
@@ -60,7 +60,7 @@ pub struct BackendState {
 }
 
 /// A recording OpenAI-ish backend.
-pub struct Backend {
+pub(crate) struct Backend {
     pub addr: SocketAddr,
     pub state: Arc<BackendState>,
     task: tokio::task::JoinHandle<()>,
@@ -73,12 +73,12 @@ impl Drop for Backend {
 }
 
 impl Backend {
-    pub async fn start() -> Backend {
+    pub(crate) async fn start() -> Backend {
         Self::start_at("127.0.0.1:0").await
     }
 
     /// A backend listening on `addr` (e.g. `127.0.0.12:0`, or a fixed port on another 127.x).
-    pub async fn start_at(addr: &str) -> Backend {
+    pub(crate) async fn start_at(addr: &str) -> Backend {
         let state = Arc::new(BackendState {
             seen: Mutex::default(),
             unhealthy: AtomicBool::new(false),
@@ -101,11 +101,11 @@ impl Backend {
         Backend { addr, state, task }
     }
 
-    pub fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().expect("lock").clone()
     }
 
-    pub fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.state.seen.lock().expect("lock").len()
     }
 }
@@ -126,12 +126,12 @@ impl Drop for Active {
 
 impl Backend {
     /// Requests being answered right now.
-    pub fn active(&self) -> i64 {
+    pub(crate) fn active(&self) -> i64 {
         self.state.active.load(Ordering::SeqCst)
     }
 
     /// Let `n` held requests finish.
-    pub fn release_held(&self, n: usize) {
+    pub(crate) fn release_held(&self, n: usize) {
         self.state.hold_gate.add_permits(n);
     }
 }
@@ -302,7 +302,7 @@ fn state_addr_marker() -> &'static str {
 }
 
 /// A running `llm-lb` process.
-pub struct Proxy {
+pub(crate) struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     child: Child,
@@ -317,17 +317,17 @@ impl Drop for Proxy {
     }
 }
 
-pub fn binary() -> &'static str {
+pub(crate) fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_llm-lb")
 }
 
 /// Write a pingora.yaml for a test in `dir` (1 s grace period).
-pub fn write_pingora_conf(dir: &std::path::Path) -> PathBuf {
+pub(crate) fn write_pingora_conf(dir: &std::path::Path) -> PathBuf {
     write_pingora_conf_with_grace(dir, 1)
 }
 
 /// Write a pingora.yaml for a test in `dir` with a grace period of `grace_s` seconds.
-pub fn write_pingora_conf_with_grace(dir: &std::path::Path, grace_s: u64) -> PathBuf {
+pub(crate) fn write_pingora_conf_with_grace(dir: &std::path::Path, grace_s: u64) -> PathBuf {
     let path = dir.join("pingora.yaml");
     std::fs::write(
         &path,
@@ -342,18 +342,18 @@ pub fn write_pingora_conf_with_grace(dir: &std::path::Path, grace_s: u64) -> Pat
 
 impl Proxy {
     /// Start llm-lb with `pools_yaml` (the `pools:` list and any other keys except listen/admin).
-    pub fn start(rest_yaml: &str) -> Proxy {
+    pub(crate) fn start(rest_yaml: &str) -> Proxy {
         Self::start_with_grace(rest_yaml, 1)
     }
 
     /// [`Proxy::start`] with a graceful-shutdown grace period of `grace_s` seconds.
-    pub fn start_with_grace(rest_yaml: &str, grace_s: u64) -> Proxy {
+    pub(crate) fn start_with_grace(rest_yaml: &str, grace_s: u64) -> Proxy {
         Self::launch(rest_yaml, grace_s, None)
     }
 
     /// [`Proxy::start`] in a private mount namespace whose `/etc/hosts` is `hosts` (bind-mounted,
     /// so rewriting the file in place changes what names resolve to for this process only).
-    pub fn start_with_hosts(rest_yaml: &str, hosts: &std::path::Path) -> Proxy {
+    pub(crate) fn start_with_hosts(rest_yaml: &str, hosts: &std::path::Path) -> Proxy {
         Self::launch(rest_yaml, 1, Some(hosts))
     }
 
@@ -375,12 +375,12 @@ impl Proxy {
     }
 
     /// The policy file this process was started with (rewrite it, then reload).
-    pub fn policy_path(&self) -> PathBuf {
+    pub(crate) fn policy_path(&self) -> PathBuf {
         self.dir.path().join("policy.yaml")
     }
 
     /// Replace the policy file, keeping this process's listen and admin addresses.
-    pub fn write_policy(&self, rest_yaml: &str) {
+    pub(crate) fn write_policy(&self, rest_yaml: &str) {
         std::fs::write(
             self.policy_path(),
             format!("listen: {}\nadmin: {}\n{rest_yaml}", self.addr, self.admin),
@@ -440,7 +440,7 @@ impl Proxy {
 
     /// Start a second process with `-u` on this one's configuration files: it waits for this
     /// process to hand over its listening sockets (send [`Proxy::signal`] `QUIT` to this one).
-    pub fn start_upgrade(&self) -> Proxy {
+    pub(crate) fn start_upgrade(&self) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
         Self::spawn(
             dir,
@@ -454,7 +454,7 @@ impl Proxy {
     }
 
     /// Send a signal (`TERM`, `QUIT`, `HUP`, …) to the process.
-    pub fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .args([format!("-{sig}"), self.pid().to_string()])
             .status()
@@ -463,7 +463,7 @@ impl Proxy {
     }
 
     /// Whether the process has exited (reaping it if so).
-    pub fn exited(&mut self) -> bool {
+    pub(crate) fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
@@ -479,26 +479,26 @@ impl Proxy {
     }
 
     /// SIGKILL the process (a crash) and reap it.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// The process id.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
 
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Access-log lines written so far.
-    pub fn access_lines(&self) -> Vec<String> {
+    pub(crate) fn access_lines(&self) -> Vec<String> {
         self.log_text()
             .lines()
             .filter(|l| l.contains("llm_lb::access"))
@@ -507,7 +507,7 @@ impl Proxy {
     }
 
     /// Fetch the admin `/metrics` text.
-    pub async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.admin))
             .await
             .expect("metrics")
@@ -517,7 +517,7 @@ impl Proxy {
     }
 
     /// Poll `/metrics` until the sample `name{labels}` equals `want` (panics after 20 s).
-    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+    pub(crate) async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let got = self.metric(name, labels).await;
@@ -534,14 +534,14 @@ impl Proxy {
     }
 
     /// The value of one sample line of `/metrics` whose text starts with `prefix`.
-    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    pub(crate) async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let text = self.metrics().await;
         parse_metric(&text, name, labels)
     }
 }
 
 /// Find a sample `name{...}` having all `labels` and return its value.
-pub fn parse_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn parse_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (series, value) = l.rsplit_once(' ')?;
         let (n, rest) = series.split_once('{').unwrap_or((series, ""));
@@ -560,7 +560,7 @@ pub fn parse_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
 }
 
 /// A pool YAML block.
-pub fn pool_yaml(
+pub(crate) fn pool_yaml(
     name: &str,
     models: &str,
     endpoints: &[SocketAddr],
@@ -575,7 +575,7 @@ pub fn pool_yaml(
 }
 
 /// Send raw bytes on a fresh connection and read the response head (status line + headers).
-pub fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> String {
+pub(crate) fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> String {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(timeout)).expect("timeout");
     s.write_all(request).expect("write");
@@ -583,7 +583,7 @@ pub fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> Stri
 }
 
 /// Read one response head from a stream.
-pub fn read_head(s: &mut TcpStream) -> String {
+pub(crate) fn read_head(s: &mut TcpStream) -> String {
     let mut reader = BufReader::new(s.try_clone().expect("clone"));
     let mut head = String::new();
     loop {
@@ -602,19 +602,19 @@ pub fn read_head(s: &mut TcpStream) -> String {
 }
 
 /// Read exactly `n` bytes.
-pub fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+pub(crate) fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0; n];
     s.read_exact(&mut buf).expect("read body");
     buf
 }
 
 /// A chat body of about `size` bytes.
-pub fn chat_body(model: &str, size: usize, stream: bool) -> Vec<u8> {
+pub(crate) fn chat_body(model: &str, size: usize, stream: bool) -> Vec<u8> {
     chat_body_with(model, size, stream, false)
 }
 
 /// A chat body; `long_stream` asks the test backend for a 10-second event stream.
-pub fn chat_body_with(model: &str, size: usize, stream: bool, long_stream: bool) -> Vec<u8> {
+pub(crate) fn chat_body_with(model: &str, size: usize, stream: bool, long_stream: bool) -> Vec<u8> {
     let filler: String = (0..size).map(|i| (b'a' + (i % 26) as u8) as char).collect();
     serde_json::to_vec(&serde_json::json!({
         "model": model,
@@ -630,7 +630,7 @@ pub fn chat_body_with(model: &str, size: usize, stream: bool, long_stream: bool)
 
 /// One turn of a chat against an OpenAI-compatible `url`: send `messages`, append the assistant's
 /// answer to them, and return the whole reply.
-pub async fn chat_turn(
+pub(crate) async fn chat_turn(
     client: &reqwest::Client,
     url: &str,
     model: &str,
@@ -655,7 +655,7 @@ pub async fn chat_turn(
 }
 
 /// `n` in-process `vllm-sim` servers on free loopback ports, configured as `base` with seeds 0..n.
-pub async fn sim_fleet(n: usize, base: vllm_sim::SimConfig) -> Vec<vllm_sim::SimHandle> {
+pub(crate) async fn sim_fleet(n: usize, base: vllm_sim::SimConfig) -> Vec<vllm_sim::SimHandle> {
     let mut sims = Vec::with_capacity(n);
     for seed in 0..n as u64 {
         let cfg = vllm_sim::SimConfig {
@@ -673,7 +673,7 @@ pub async fn sim_fleet(n: usize, base: vllm_sim::SimConfig) -> Vec<vllm_sim::Sim
 
 /// One request sent by [`Load`]: when it was sent and how it ended.
 #[derive(Debug)]
-pub struct Sent {
+pub(crate) struct Sent {
     pub at: Instant,
     /// When the answer (or the error) was complete.
     pub done: Instant,
@@ -683,7 +683,7 @@ pub struct Sent {
 
 impl Sent {
     /// The endpoint that answered with 200, if it did.
-    pub fn ok_endpoint(&self) -> Option<&str> {
+    pub(crate) fn ok_endpoint(&self) -> Option<&str> {
         match &self.result {
             Ok((200, endpoint, _)) => Some(endpoint),
             _ => None,
@@ -693,13 +693,13 @@ impl Sent {
 
 /// Continuous load: `workers` keep-alive clients sending chat requests to `url` back to back
 /// until [`Load::finish`].
-pub struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     workers: Vec<tokio::task::JoinHandle<Vec<Sent>>>,
 }
 
 impl Load {
-    pub fn start(url: &str, workers: usize) -> Load {
+    pub(crate) fn start(url: &str, workers: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let workers = (0..workers)
             .map(|w| {
@@ -755,7 +755,7 @@ impl Load {
     }
 
     /// Stop the clients and return every request they sent.
-    pub async fn finish(self) -> Vec<Sent> {
+    pub(crate) async fn finish(self) -> Vec<Sent> {
         self.stop.store(true, Ordering::SeqCst);
         let mut all = Vec::new();
         for w in self.workers {
@@ -766,7 +766,7 @@ impl Load {
 }
 
 /// The requests that did not end with a 200, as text.
-pub fn failures(sent: &[Sent]) -> Vec<String> {
+pub(crate) fn failures(sent: &[Sent]) -> Vec<String> {
     sent.iter()
         .filter(|s| s.ok_endpoint().is_none())
         .map(|s| format!("{:?}", s.result))

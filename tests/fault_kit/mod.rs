@@ -15,7 +15,7 @@ use crate::common::Proxy;
 
 /// One request's result.
 #[derive(Debug, Clone)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// When it was sent.
     pub at: Instant,
     /// Which load stream sent it (e.g. the proxy it went through).
@@ -28,17 +28,17 @@ pub struct Sample {
 }
 
 impl Sample {
-    pub fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         self.failure.is_none()
     }
 }
 
 /// What a load worker sends: the body for its `n`-th request and whether it is a stream.
-pub type BodyFn = Arc<dyn Fn(usize) -> (Vec<u8>, bool) + Send + Sync>;
+pub(crate) type BodyFn = Arc<dyn Fn(usize) -> (Vec<u8>, bool) + Send + Sync>;
 
 /// Send one request and read its answer to the end; a 200 whose stream does not end with
 /// `[DONE]` or whose JSON does not parse is a failure.
-pub async fn send(
+pub(crate) async fn send(
     client: &reqwest::Client,
     url: &str,
     body: Vec<u8>,
@@ -94,7 +94,7 @@ fn transport(e: &reqwest::Error) -> String {
     }
 }
 
-pub fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .http1_only()
         .timeout(Duration::from_secs(30))
@@ -104,14 +104,20 @@ pub fn client() -> reqwest::Client {
 
 /// Closed-loop load: `workers` clients on `url`, each sending until `stop` is set or it has sent
 /// `max_each` requests. Samples are tagged with `tag`.
-pub struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<Vec<Sample>>>,
 }
 
 impl Load {
-    pub fn start(url: String, workers: usize, max_each: usize, tag: usize, body: BodyFn) -> Load {
+    pub(crate) fn start(
+        url: String,
+        workers: usize,
+        max_each: usize,
+        tag: usize,
+        body: BodyFn,
+    ) -> Load {
         let mut load = Load {
             stop: Arc::new(AtomicBool::new(false)),
             sent: Arc::new(AtomicUsize::new(0)),
@@ -122,7 +128,14 @@ impl Load {
     }
 
     /// More workers, on another URL, sharing this load's stop flag.
-    pub fn add(&mut self, url: String, workers: usize, max_each: usize, tag: usize, body: BodyFn) {
+    pub(crate) fn add(
+        &mut self,
+        url: String,
+        workers: usize,
+        max_each: usize,
+        tag: usize,
+        body: BodyFn,
+    ) {
         for w in 0..workers {
             let (url, stop, sent, body) = (
                 url.clone(),
@@ -147,12 +160,12 @@ impl Load {
     }
 
     /// Requests answered so far.
-    pub fn sent(&self) -> usize {
+    pub(crate) fn sent(&self) -> usize {
         self.sent.load(Ordering::SeqCst)
     }
 
     /// Wait until at least `n` requests were answered (bounded by `within`).
-    pub async fn wait_sent(&self, n: usize, within: Duration) {
+    pub(crate) async fn wait_sent(&self, n: usize, within: Duration) {
         let deadline = Instant::now() + within;
         while self.sent() < n && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -165,13 +178,13 @@ impl Load {
     }
 
     /// Stop and collect every sample.
-    pub async fn stop(self) -> Vec<Sample> {
+    pub(crate) async fn stop(self) -> Vec<Sample> {
         self.stop.store(true, Ordering::SeqCst);
         self.join().await
     }
 
     /// Wait for the workers to finish their budgets.
-    pub async fn join(self) -> Vec<Sample> {
+    pub(crate) async fn join(self) -> Vec<Sample> {
         let mut out = Vec::new();
         for t in self.tasks {
             out.extend(t.await.expect("load worker"));
@@ -182,7 +195,7 @@ impl Load {
 
 /// Counts of a set of samples.
 #[derive(Debug, Default)]
-pub struct Tally {
+pub(crate) struct Tally {
     pub sent: usize,
     pub succeeded: usize,
     pub failed: usize,
@@ -190,7 +203,7 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn of<'a>(samples: impl IntoIterator<Item = &'a Sample>) -> Tally {
+    pub(crate) fn of<'a>(samples: impl IntoIterator<Item = &'a Sample>) -> Tally {
         let mut t = Tally::default();
         for s in samples {
             t.sent += 1;
@@ -205,7 +218,7 @@ impl Tally {
         t
     }
 
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         let why: Vec<String> = self.why.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         format!(
             "sent={} succeeded={} failed={}{}",
@@ -223,19 +236,19 @@ impl Tally {
 
 /// One TCP socket of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sock {
+pub(crate) struct Sock {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     /// Kernel state: 1 established, 8 close-wait, 10 listen, …
     pub state: u8,
 }
 
-pub const ESTABLISHED: u8 = 1;
-pub const CLOSE_WAIT: u8 = 8;
-pub const LISTEN: u8 = 10;
+pub(crate) const ESTABLISHED: u8 = 1;
+pub(crate) const CLOSE_WAIT: u8 = 8;
+pub(crate) const LISTEN: u8 = 10;
 
 /// The TCP sockets (IPv4) process `pid` holds open.
-pub fn sockets(pid: u32) -> Vec<Sock> {
+pub(crate) fn sockets(pid: u32) -> Vec<Sock> {
     let mut inodes = std::collections::HashSet::new();
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
         for e in dir.flatten() {
@@ -278,7 +291,7 @@ fn hex_addr(s: &str) -> Option<SocketAddr> {
 }
 
 /// Resident memory of `pid`, KiB.
-pub fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -288,7 +301,7 @@ pub fn rss_kib(pid: u32) -> u64 {
 }
 
 /// The sum of every sample of metric `name`.
-pub fn metric_sum(text: &str, name: &str) -> f64 {
+pub(crate) fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -300,7 +313,7 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
 }
 
 /// Poll `check` every 50 ms until it returns `Ok`, failing with its last message after `within`.
-pub async fn eventually<F>(what: &str, within: Duration, mut check: F)
+pub(crate) async fn eventually<F>(what: &str, within: Duration, mut check: F)
 where
     F: AsyncFnMut() -> Result<(), String>,
 {
@@ -318,7 +331,7 @@ where
 
 /// What a proxy process holds once a scenario is over.
 #[derive(Debug)]
-pub struct Settled {
+pub(crate) struct Settled {
     pub rss_kib: u64,
     pub sockets: usize,
 }
@@ -326,7 +339,7 @@ pub struct Settled {
 /// After a scenario: the proxy has nothing in flight (`llmlb_endpoint_inflight` all zero), holds
 /// no socket in CLOSE_WAIT (a peer closed and the proxy never did), no client connection and —
 /// once its upstream idle timeout has passed — no connection to a backend (`upstreams`).
-pub async fn assert_settled(proxy: &Proxy, upstreams: &[SocketAddr]) -> Settled {
+pub(crate) async fn assert_settled(proxy: &Proxy, upstreams: &[SocketAddr]) -> Settled {
     let pid = proxy.pid();
     eventually(
         "proxy in flight back to zero",
@@ -369,7 +382,7 @@ pub async fn assert_settled(proxy: &Proxy, upstreams: &[SocketAddr]) -> Settled 
 }
 
 /// The summary line every scenario prints.
-pub fn report(name: &str, tally: &Tally, rss_before: u64, settled: &Settled, extra: &str) {
+pub(crate) fn report(name: &str, tally: &Tally, rss_before: u64, settled: &Settled, extra: &str) {
     eprintln!(
         "[faults] {name}: {} | rss {} -> {} KiB, {} sockets open after{}",
         tally.text(),

@@ -35,7 +35,7 @@ struct Running {
 }
 
 /// One `redis-server` process (restartable on the same port).
-pub struct RedisServer {
+pub(crate) struct RedisServer {
     port: u16,
     dir: PathBuf,
     extra: Vec<String>,
@@ -46,12 +46,12 @@ pub struct RedisServer {
 
 impl RedisServer {
     /// A standalone server on a free port.
-    pub fn start() -> io::Result<Self> {
+    pub(crate) fn start() -> io::Result<Self> {
         Self::start_with(&[])
     }
 
     /// A server with extra `redis-server` arguments (e.g. `["--requirepass", "pw"]`).
-    pub fn start_with(extra: &[&str]) -> io::Result<Self> {
+    pub(crate) fn start_with(extra: &[&str]) -> io::Result<Self> {
         let mut last = None;
         for _ in 0..8 {
             let port = free_port()?;
@@ -77,16 +77,16 @@ impl RedisServer {
         Err(last.unwrap_or_else(|| io::Error::other("could not start redis-server")))
     }
 
-    pub fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.port
     }
 
     /// `redis://127.0.0.1:<port>` (no credentials).
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    pub fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         self.running.is_some()
     }
 
@@ -162,7 +162,7 @@ impl RedisServer {
     }
 
     /// SIGKILL the server (a crash) and wait until it is gone. Idempotent.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut r) = self.running.take() {
             let _ = Command::new("kill")
                 .args(["-9", &r.pid.to_string()])
@@ -174,12 +174,12 @@ impl RedisServer {
     }
 
     /// SIGSTOP the server: connections stay open, nothing is answered (a hung Redis).
-    pub fn pause(&self) {
+    pub(crate) fn pause(&self) {
         self.signal("-STOP");
     }
 
     /// SIGCONT a paused server.
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         self.signal("-CONT");
     }
 
@@ -193,7 +193,7 @@ impl RedisServer {
     }
 
     /// Kill (if running) and start again on the same port, with no data (scripts, keys: gone).
-    pub fn restart(&mut self) -> io::Result<()> {
+    pub(crate) fn restart(&mut self) -> io::Result<()> {
         self.kill();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -206,7 +206,7 @@ impl RedisServer {
     }
 
     /// Run `redis-cli` against this server and return its stdout (error on non-zero exit).
-    pub fn cli(&self, args: &[&str]) -> io::Result<String> {
+    pub(crate) fn cli(&self, args: &[&str]) -> io::Result<String> {
         let mut cmd = Command::new("redis-cli");
         cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
         if let Some(pw) = &self.password {
@@ -222,7 +222,7 @@ impl RedisServer {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 }
@@ -234,12 +234,12 @@ impl Drop for RedisServer {
 }
 
 /// Three masters, no replicas, all 16384 slots assigned.
-pub struct RedisCluster {
+pub(crate) struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
-    pub fn start() -> io::Result<Self> {
+    pub(crate) fn start() -> io::Result<Self> {
         let mut last = None;
         for _ in 0..3 {
             match Self::try_start() {
@@ -286,7 +286,7 @@ impl RedisCluster {
     }
 
     /// Wait until every node says `cluster_state:ok`, knows all three nodes and all slots.
-    pub fn wait_ok(&self, within: Duration) -> io::Result<()> {
+    pub(crate) fn wait_ok(&self, within: Duration) -> io::Result<()> {
         let deadline = Instant::now() + within;
         loop {
             let mut ok = true;
@@ -309,17 +309,17 @@ impl RedisCluster {
     }
 
     /// The seed node's URL.
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         self.nodes[0].url()
     }
 
     /// Run `redis-cli` on every node.
-    pub fn cli_all(&self, args: &[&str]) -> io::Result<Vec<String>> {
+    pub(crate) fn cli_all(&self, args: &[&str]) -> io::Result<Vec<String>> {
         self.nodes.iter().map(|n| n.cli(args)).collect()
     }
 
     /// SIGKILL every node.
-    pub fn kill_all(&mut self) {
+    pub(crate) fn kill_all(&mut self) {
         for n in &mut self.nodes {
             n.kill();
         }

@@ -49,6 +49,8 @@ pub struct LeastBusy {
 }
 
 impl LeastBusy {
+    /// The policy reading engine metrics from `board`, with `config`'s thresholds and critical
+    /// models.
     pub fn new(board: Arc<MetricsBoard>, config: LeastBusyConfig) -> Self {
         LeastBusy { board, config }
     }

@@ -40,6 +40,7 @@ pub struct Pod<'a> {
     pub kv_cache: Option<f64>,
     /// Running batch (the engine's, plus this gateway's dispatches since the scrape).
     pub running: u64,
+    /// The engine's LoRA adapters.
     pub lora: &'a Lora,
 }
 
