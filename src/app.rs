@@ -6,6 +6,19 @@
 //! [`run`] is the binary. A program that runs its own Pingora [`Server`] adds llm-lb to it with
 //! [`Services`], next to its other services, optionally with its own policies
 //! ([`Registry`]); see `examples/embed_proxy.rs`.
+//!
+//! ```no_run
+//! use llm_lb::app::Services;
+//! use llm_lb::policy::Registry;
+//! use pingora::server::Server;
+//!
+//! let mut server = Server::new(None)?;
+//! server.bootstrap();
+//! // ... add your own services here ...
+//! let live = Services::load("conf/policy.yaml".as_ref(), Registry::new())?.add_to(&mut server);
+//! server.run_forever();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::path::{Path, PathBuf};
 

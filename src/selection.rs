@@ -20,6 +20,27 @@
 //! until the returned guard drops. For `least_busy`, a [`crate::scrape::ScrapeService`] keeps the
 //! board current.
 //!
+//! ```
+//! use pingora::lb::{discovery, Backends, LoadBalancer};
+//! use llm_lb::selection::{EmbeddedCounts, LeastRequestSelection};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let counts = EmbeddedCounts::new("upstreams");
+//! let backends = Backends::new(discovery::Static::try_from_iter(["127.0.0.1:8001", "127.0.0.1:8002"])?);
+//! let lb = LoadBalancer::<LeastRequestSelection>::from_backends_with_config(backends, Some(counts.clone()));
+//! lb.update().await?;
+//!
+//! let first = lb.select(b"", 8).expect("a backend");
+//! let held = counts.start(&first, b""); // in flight until dropped
+//! let second = lb.select(b"", 8).expect("a backend");
+//! assert_ne!(first, second, "the other one has fewer requests in flight");
+//! drop(held);
+//! assert_eq!(counts.inflight(&first), 0);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Policies that need a Redis round trip (the same policies over a shared store) cannot be a
 //! `BackendSelection`: `select` cannot wait for the network. Use llm-lb's proxy
 //! ([`crate::app::Services`]) or call a [`crate::policy::Policy`] from `upstream_peer`.

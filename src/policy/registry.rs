@@ -5,6 +5,39 @@
 //! as written). The policy file may then name it in `lb_policy`; validation accepts the name,
 //! and the factory's error (for instance a bad `lb_config` key) fails the start or the reload
 //! like any invalid file.
+//!
+//! ```
+//! use std::sync::Arc;
+//!
+//! use async_trait::async_trait;
+//! use llm_lb::config::Config;
+//! use llm_lb::policy::{Pick, PickInput, Policy, PolicyError, Registry};
+//!
+//! /// Always the first candidate (the pool's endpoints in order of preference).
+//! struct First;
+//!
+//! #[async_trait]
+//! impl Policy for First {
+//!     fn name(&self) -> &'static str {
+//!         "first"
+//!     }
+//!     fn reasons(&self) -> &'static [&'static str] {
+//!         &["first"]
+//!     }
+//!     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
+//!         let endpoint = *input.candidates.first().ok_or(PolicyError::Saturated)?;
+//!         Ok(Pick { endpoint, reason: "first", lease: None })
+//!     }
+//! }
+//!
+//! let mut registry = Registry::new();
+//! registry.register("first", |_| Ok(Arc::new(First) as Arc<dyn Policy>))?;
+//! let yaml = "pools:\n  - {name: p, models: ['*'], endpoints: ['127.0.0.1:8001'], lb_policy: first}\n";
+//! let config = Config::from_yaml_with(yaml, &registry.names())?;
+//! registry.check(&config)?;
+//! assert_eq!(config.pools[0].policy.name(), "first");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
