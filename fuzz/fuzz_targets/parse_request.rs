@@ -10,6 +10,13 @@ mod prefix;
 #[allow(dead_code)]
 #[path = "../../src/request.rs"]
 mod request;
+#[allow(dead_code)]
+#[path = "../../src/telemetry/labels.rs"]
+mod labels;
+/// What request.rs imports of the crate's telemetry: the fallback-reason labels.
+mod telemetry {
+    pub use crate::labels::FallbackReason;
+}
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
