@@ -18,6 +18,36 @@ use axum::response::Response;
 use axum::Router;
 use sha2::{Digest, Sha256};
 
+/// Whether process `pid` holds the listening TCP socket on 127.0.0.1:`port` (waits up to 5 s
+/// for it: the port may answer before every listener of the process is up).
+pub(crate) fn listens_on(pid: u32, port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+        let wanted = format!("0100007F:{port:04X}");
+        let inodes: Vec<String> = table
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(1) == Some(&wanted.as_str()) && f.get(3) == Some(&"0A"))
+                    .then(|| f.get(9).map(|i| format!("socket:[{i}]")))
+                    .flatten()
+            })
+            .collect();
+        let owned = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .any(|t| inodes.iter().any(|i| t.to_string_lossy() == i.as_str()));
+        if owned || Instant::now() > deadline {
+            return owned;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A free loopback port (bound and released; fine for tests on one machine).
 pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -358,20 +388,30 @@ impl Proxy {
     }
 
     fn launch(rest_yaml: &str, grace_s: u64, hosts: Option<&std::path::Path>) -> Proxy {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (port, admin_port) = (free_port(), free_port());
-        let policy = dir.path().join("policy.yaml");
-        std::fs::write(
-            &policy,
-            format!("listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin_port}\n{rest_yaml}"),
-        )
-        .expect("write policy");
-        let conf = write_pingora_conf_with_grace(dir.path(), grace_s);
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
-        let p = Self::spawn(dir, &conf, &policy, addr, admin, &[], hosts);
-        p.wait_listening();
-        p
+        // A port from `free_port` is free when chosen, not when llm-lb binds it: another test's
+        // server may take it in between, and then answers in llm-lb's place. Start again on
+        // other ports when llm-lb does not own both listening sockets.
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (port, admin_port) = (free_port(), free_port());
+            let policy = dir.path().join("policy.yaml");
+            std::fs::write(
+                &policy,
+                format!("listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin_port}\n{rest_yaml}"),
+            )
+            .expect("write policy");
+            let conf = write_pingora_conf_with_grace(dir.path(), grace_s);
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+            let mut p = Self::spawn(dir, &conf, &policy, addr, admin, &[], hosts);
+            p.wait_listening();
+            if listens_on(p.pid(), port) && listens_on(p.pid(), admin_port) {
+                return p;
+            }
+            eprintln!("llm-lb lost port {port} or {admin_port} to another process; starting again");
+            p.kill();
+        }
+        panic!("llm-lb could not get its own ports three times");
     }
 
     /// The policy file this process was started with (rewrite it, then reload).
