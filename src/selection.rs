@@ -46,7 +46,9 @@
 //! ([`crate::app::Services`]) or call a [`crate::policy::Policy`] from `upstream_peer`.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use pingora::lb::selection::{BackendIter, BackendSelection};
 use pingora::lb::Backend;
@@ -176,6 +178,10 @@ pub struct EmbeddedCounts {
     store: MemoryStore,
     pool: Arc<str>,
     prefix: PrefixSettings,
+    /// When the store last expired its prefix keys (ms since `epoch`): the proxy's heartbeat
+    /// does that once a second; here [`EmbeddedCounts::start`] does.
+    swept_ms: Arc<AtomicU64>,
+    epoch: Instant,
 }
 
 impl EmbeddedCounts {
@@ -185,6 +191,8 @@ impl EmbeddedCounts {
             store: MemoryStore::new(),
             pool: pool.into(),
             prefix: PrefixSettings::default(),
+            swept_ms: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
         }
     }
 
@@ -197,6 +205,7 @@ impl EmbeddedCounts {
     /// Count a request in flight to `backend` until the returned guard drops. With a
     /// [`prompt_key`] as `key`, also record that `backend` now holds that prompt's prefix.
     pub fn start(&self, backend: &Backend, key: &[u8]) -> Inflight {
+        self.sweep();
         let label = backend.addr.to_string();
         let candidates = [label.as_str()];
         let counted = if key.is_empty() {
@@ -217,6 +226,21 @@ impl EmbeddedCounts {
         Inflight {
             counts: self.clone(),
             label: counted.then_some(label),
+        }
+    }
+
+    /// At most once a second: drop prefix keys past their TTL, so the index stays bounded by
+    /// what was recorded within one TTL.
+    fn sweep(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.swept_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .swept_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let _ = self.store.heartbeat_now(&self.pool);
         }
     }
 

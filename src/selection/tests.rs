@@ -158,3 +158,23 @@ async fn least_busy_follows_the_engines_queues_and_kv_use() {
         assert_eq!(port(&lb.select(b"m", 8).expect("backend")), 2);
     }
 }
+
+#[tokio::test]
+async fn the_prefix_index_forgets_expired_prompts() {
+    let settings = PrefixSettings {
+        ttl: Duration::from_millis(100),
+        ..PrefixSettings::default()
+    };
+    let counts = EmbeddedCounts::new("p").with_prefix_settings(settings);
+    let b = backends(&[1]).into_iter().next().expect("backend");
+    for c in ["alpha ", "bravo ", "charlie "] {
+        drop(counts.start(&b, &prompt_key(&chat(&[c]))));
+    }
+    let recorded = counts.store.prefix_keys_now("p");
+    assert!(recorded >= 3, "{recorded}");
+    // Past the TTL and the once-a-second sweep, the next request drops the expired keys.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let key = prompt_key(&chat(&["delta "]));
+    drop(counts.start(&b, &key));
+    assert_eq!(counts.store.prefix_keys_now("p"), key.len() / 8);
+}

@@ -239,7 +239,7 @@ impl InflightStore for MemoryStore {
     }
 
     async fn heartbeat(&self, pool: &str) -> Result<(), StoreError> {
-        self.beat(pool, None)
+        self.heartbeat_now(pool)
     }
 
     async fn restore(&self, pool: &str, held: &[(&str, u64)]) -> Result<(), StoreError> {
@@ -355,6 +355,17 @@ impl MemoryStore {
         let pool = self.pool(pool);
         let st = pool.lock();
         st.holders(candidates, chain, Instant::now())
+    }
+
+    /// How many prefix block keys the index of `pool` holds (expired ones included until the
+    /// next heartbeat drops them).
+    pub fn prefix_keys_now(&self, pool: &str) -> usize {
+        self.pool(pool).lock().prefixes.len()
+    }
+
+    /// [`InflightStore::heartbeat`], synchronously: also drops prefix keys past their TTL.
+    pub fn heartbeat_now(&self, pool: &str) -> Result<(), StoreError> {
+        self.beat(pool, None)
     }
 
     /// Heartbeat, expire prefix keys, optionally replace this replica's contribution with `held`,
