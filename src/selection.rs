@@ -43,7 +43,7 @@
 //!
 //! Policies that need a Redis round trip (the same policies over a shared store) cannot be a
 //! `BackendSelection`: `select` cannot wait for the network. Use llm-lb's proxy
-//! ([`crate::app::Services`]) or call a [`crate::policy::Policy`] from `upstream_peer`.
+//! (`app::Services`) or call a [`crate::policy::Policy`] from `upstream_peer`.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};

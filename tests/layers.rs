@@ -1,6 +1,7 @@
 //! The crate's layering (see `src/lib.rs` and ARCHITECTURE.md): every module of `src/` imports
 //! only modules on lower floors, so there is no import cycle and no upward import. Reads the
-//! sources: a `crate::x` path (in a `use` or in code, tests included) names module `x`.
+//! sources: a `crate::x` path (in a `use`, in code or in a doc link, tests included) names
+//! module `x`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,12 +48,7 @@ fn module_of(src: &Path, file: &Path) -> Option<String> {
 /// Every module named by a `crate::…` path in `text`, including `use crate::{a, b::c}` groups.
 fn imports(text: &str) -> Vec<String> {
     let mut found = Vec::new();
-    let code = text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("//"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let mut rest = code.as_str();
+    let mut rest = text;
     while let Some(at) = rest.find("crate::") {
         rest = &rest[at + "crate::".len()..];
         if let Some(group) = rest.strip_prefix('{') {
@@ -147,6 +143,9 @@ fn every_module_imports_only_lower_floors() {
 
 #[test]
 fn the_scanner_reads_groups_and_paths() {
-    let text = "use crate::{config::{A, B}, policy, store::X};\nfn f() { crate::telemetry::touch(); }\n// crate::app in a comment\n";
-    assert_eq!(imports(text), ["config", "policy", "store", "telemetry"]);
+    let text = "use crate::{config::{A, B}, policy, store::X};\nfn f() { crate::telemetry::touch(); }\n//! see [`crate::app`]\n";
+    assert_eq!(
+        imports(text),
+        ["config", "policy", "store", "telemetry", "app"]
+    );
 }

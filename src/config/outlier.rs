@@ -1,5 +1,5 @@
 //! Passive health settings (`outlier_detection`): when failing endpoints are ejected and for how
-//! long (the detector itself is [`crate::health::passive`]).
+//! long (the detector itself is `health::passive`).
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Active health checks: one Pingora `LoadBalancer` per pool, used only for membership and
 //! liveness (an HTTP GET of `health_check.path` on every endpoint each interval, with
-//! consecutive-result thresholds); it runs as a task of its generation ([`crate::routing::supervisor`]).
-//! Selection is ours (see [`crate::policy`]).
+//! consecutive-result thresholds); it runs as a task of its generation (`routing::generation`).
+//! Selection is ours (the `policy` module).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

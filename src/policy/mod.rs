@@ -8,7 +8,7 @@
 //! error, retry on another endpoint, client abort, or the request context being dropped).
 //!
 //! The policies whose choice is a synchronous function of local state are also offered as
-//! Pingora `BackendSelection`s (see [`crate::selection`]). A program adds its own `lb_policy`
+//! Pingora `BackendSelection`s (the `selection` module). A program adds its own `lb_policy`
 //! through a [`Registry`].
 
 mod build;
