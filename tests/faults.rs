@@ -375,6 +375,76 @@ async fn ejected_endpoint_returns_after_its_period() {
     );
 }
 
+/// A reload (or a DNS change) builds a new routing table; an ejected endpoint stays ejected in it
+/// (the detector's state is carried by endpoint), instead of getting traffic again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejection_survives_a_reload() {
+    let sims = fleet(3).await;
+    let all = addrs(&sims);
+    let victim = all[2].to_string();
+    let file = |attempts: u32| {
+        let pool = pool_yaml(
+            "sim",
+            "[\"*\"]",
+            &all,
+            "round_robin",
+            "    outlier_detection: {consecutive_failures: 2, base_ejection_ms: 60000}\n",
+        );
+        format!("max_attempts: {attempts}\n{}", conf(5000, &pool))
+    };
+    let proxy = Proxy::start(&file(3));
+    let client = client();
+    let url = proxy.url("/v1/chat/completions");
+    let body = sim_body(2);
+    sims[2].faults().set_fail(1.0, 503).expect("faults");
+    let ejected = async || {
+        proxy
+            .metric("llmlb_endpoint_ejected", &[("endpoint", &victim)])
+            .await
+    };
+    for i in 0..30 {
+        let (b, stream) = body(i);
+        send(&client, &url, b, stream, 0).await;
+        if ejected().await == Some(1.0) {
+            break;
+        }
+    }
+    assert_eq!(
+        ejected().await,
+        Some(1.0),
+        "the failing endpoint is ejected"
+    );
+    // It would answer now: only its ejection keeps requests away from it.
+    sims[2].faults().clear();
+    proxy.write_policy(&file(2));
+    let reloaded = client
+        .post(format!("http://{}/-/reload", proxy.admin))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(reloaded.status(), 200);
+    assert_eq!(
+        ejected().await,
+        Some(1.0),
+        "still ejected in the new generation"
+    );
+    let mut after = Vec::new();
+    for i in 0..9 {
+        let (b, stream) = body(100 + i);
+        after.push(send(&client, &url, b, stream, 0).await);
+    }
+    let tally = Tally::of(&after);
+    assert_eq!(tally.failed, 0, "{}", tally.text());
+    let on_victim = after
+        .iter()
+        .filter(|s| s.endpoint.as_deref() == Some(victim.as_str()))
+        .count();
+    assert_eq!(
+        on_victim, 0,
+        "an ejected endpoint gets no traffic after a reload"
+    );
+}
+
 /// Runs `total` requests with `workers` clients through `global_least_request` over three
 /// simulators of which the third answers every completion with a fast 500. Returns the tally
 /// and how many requests the failing one answered.

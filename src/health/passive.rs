@@ -24,7 +24,9 @@
 //! rather than refusing the request — ejection never empties a pool.
 //!
 //! Reads on the request path ([`Outliers::is_ejected`]) are one atomic load; reports take a
-//! short, never-awaited lock.
+//! short, never-awaited lock. Each endpoint's state is shared with the detector of the next
+//! generation (a reload, a DNS change) by endpoint label, so ejections, streaks and back-off
+//! survive them, and attempts that finish on the replaced generation still count.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -47,31 +49,58 @@ struct Record {
     returned_ms: Option<u64>,
 }
 
+/// One endpoint's passive-health state. The detectors of successive generations share it (by
+/// endpoint label), so a reload or a DNS change keeps ejections, streaks and back-off, and
+/// attempts that finish on a replaced generation still count.
+#[derive(Debug, Default)]
+struct Slot {
+    record: Mutex<Record>,
+    /// ms since the detector's epoch until which the endpoint is ejected (0: admitted).
+    until_ms: AtomicU64,
+}
+
 /// A pool's outlier detector.
 pub struct Outliers {
     pool: String,
     labels: Vec<String>,
     config: Option<OutlierConfig>,
-    /// Time origin of `until_ms`.
+    /// Time origin of `until_ms` (the first generation's, carried over).
     epoch: Instant,
-    /// Per endpoint: ms since `epoch` until which it is ejected (0: admitted).
-    until_ms: Vec<AtomicU64>,
-    records: Mutex<Vec<Record>>,
+    /// Per endpoint, in the pool's order.
+    slots: Vec<Arc<Slot>>,
+    /// Held while a report decides an ejection, so the pool-wide cap holds.
+    deciding: Mutex<()>,
 }
 
 impl Outliers {
-    /// A detector for `pool`'s endpoints `labels`; `None` config disables ejection.
-    pub fn new(pool: &str, labels: Vec<String>, config: Option<OutlierConfig>) -> Arc<Self> {
-        for label in &labels {
-            telemetry::set_endpoint_ejected(pool, label, false);
+    /// A detector for `pool`'s endpoints `labels`; `None` config disables ejection. Endpoints
+    /// that `previous` (the same pool in the generation being replaced) also has keep their
+    /// state.
+    pub fn new(
+        pool: &str,
+        labels: Vec<String>,
+        config: Option<OutlierConfig>,
+        previous: Option<&Outliers>,
+    ) -> Arc<Self> {
+        let carried = |label: &String| {
+            let p = previous?;
+            let i = p.labels.iter().position(|l| l == label)?;
+            p.slots.get(i).cloned()
+        };
+        let slots: Vec<Arc<Slot>> = labels
+            .iter()
+            .map(|l| carried(l).unwrap_or_default())
+            .collect();
+        for (label, slot) in labels.iter().zip(&slots) {
+            telemetry::set_endpoint_ejected(pool, label, slot.record.lock().ejected);
         }
         Arc::new(Outliers {
             pool: pool.to_string(),
-            until_ms: labels.iter().map(|_| AtomicU64::new(0)).collect(),
-            records: Mutex::new(labels.iter().map(|_| Record::default()).collect()),
+            slots,
             labels,
             config,
-            epoch: Instant::now(),
+            epoch: previous.map_or_else(Instant::now, |p| p.epoch),
+            deciding: Mutex::new(()),
         })
     }
 
@@ -87,9 +116,9 @@ impl Outliers {
     }
 
     fn is_ejected_at(&self, index: usize, now_ms: u64) -> bool {
-        self.until_ms
+        self.slots
             .get(index)
-            .is_some_and(|u| u.load(Ordering::Acquire) > now_ms)
+            .is_some_and(|s| s.until_ms.load(Ordering::Acquire) > now_ms)
     }
 
     /// Record how an attempt on endpoint `index` ended; may eject it.
@@ -103,11 +132,16 @@ impl Outliers {
         if verdict == Verdict::Neutral {
             return None;
         }
-        let mut records = self.records.lock();
-        self.readmit_expired(&mut records, now_ms);
-        let total = records.len();
-        let ejected_now = records.iter().filter(|r| r.ejected).count();
-        let record = records.get_mut(index)?;
+        let _deciding = self.deciding.lock();
+        self.readmit_expired(now_ms);
+        let total = self.slots.len();
+        let ejected_now = self
+            .slots
+            .iter()
+            .filter(|s| s.record.lock().ejected)
+            .count();
+        let slot = self.slots.get(index)?;
+        let mut record = slot.record.lock();
         if record.ejected {
             // Attempts started before the ejection: they neither extend nor shorten it.
             return None;
@@ -157,21 +191,17 @@ impl Outliers {
         record.consecutive = 0;
         record.ejected = true;
         let until = now_ms.saturating_add(u64::try_from(period.as_millis()).unwrap_or(u64::MAX));
-        if let Some(u) = self.until_ms.get(index) {
-            u.store(until, Ordering::Release);
-        }
+        slot.until_ms.store(until, Ordering::Release);
         telemetry::count_ejection(&self.pool, label, failure.label());
         telemetry::set_endpoint_ejected(&self.pool, label, true);
         Some(period)
     }
 
     /// Mark endpoints whose period is over as admitted again (log line, gauge).
-    fn readmit_expired(&self, records: &mut [Record], now_ms: u64) {
-        for (i, record) in records.iter_mut().enumerate() {
-            let until = self
-                .until_ms
-                .get(i)
-                .map_or(0, |u| u.load(Ordering::Acquire));
+    fn readmit_expired(&self, now_ms: u64) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            let until = slot.until_ms.load(Ordering::Acquire);
+            let mut record = slot.record.lock();
             if record.ejected && until <= now_ms {
                 record.ejected = false;
                 record.consecutive = 0;
@@ -188,9 +218,8 @@ impl Outliers {
     /// call (the request path compares times); the routing layer's sweep calls this every
     /// second so the gauge follows even when no request reports.
     pub fn readmit_due(&self) {
-        let now_ms = self.now_ms();
-        let mut records = self.records.lock();
-        self.readmit_expired(&mut records, now_ms);
+        let _deciding = self.deciding.lock();
+        self.readmit_expired(self.now_ms());
     }
 }
 
@@ -201,7 +230,7 @@ mod tests {
 
     fn detector(n: usize, config: OutlierConfig) -> Arc<Outliers> {
         let labels = (0..n).map(|i| format!("127.0.0.1:{}", 7000 + i)).collect();
-        Outliers::new("t", labels, Some(config))
+        Outliers::new("t", labels, Some(config), None)
     }
 
     fn config(threshold: u32, base_ms: u64, pct: u8) -> OutlierConfig {
@@ -276,8 +305,29 @@ mod tests {
     }
 
     #[test]
+    fn a_new_generation_keeps_each_endpoints_state_and_back_off() {
+        // base 100 ms, max 400 ms; two of three endpoints may be ejected.
+        let old = detector(3, config(1, 100, 67));
+        assert_eq!(
+            old.report_at(2, FAIL, 1000),
+            Some(Duration::from_millis(100))
+        );
+        // The next generation drops endpoint 0 and adds one; 2 is now at index 0.
+        let labels = vec!["127.0.0.1:7002".to_owned(), "127.0.0.1:7009".to_owned()];
+        let new = Outliers::new("t", labels, Some(config(1, 100, 67)), Some(&old));
+        assert!(new.is_ejected_at(0, 1099) && !new.is_ejected_at(1, 1099));
+        // Its back-off goes on: the second ejection doubles.
+        assert_eq!(
+            new.report_at(0, FAIL, 1100),
+            Some(Duration::from_millis(200))
+        );
+        // Reports that reach the replaced generation (attempts it started) land in the same state.
+        assert!(old.is_ejected_at(2, 1299));
+    }
+
+    #[test]
     fn disabled_never_ejects() {
-        let o = Outliers::new("t", vec!["a".into(), "b".into()], None);
+        let o = Outliers::new("t", vec!["a".into(), "b".into()], None, None);
         for _ in 0..100 {
             o.report(0, FAIL);
         }

@@ -6,7 +6,8 @@
 //! started: it finishes on the pools it was routed by. A new generation takes over the previous
 //! one's in-flight counts ([`PoolCounts`], see [`super::deps`]) for every pool whose name and state store are
 //! unchanged, so shared counts and the prefix index survive reloads and leases taken before one
-//! are released against the store they were taken from.
+//! are released against the store they were taken from. Each endpoint that stays in a pool keeps
+//! its passive-health state (ejection, streak, back-off).
 
 use std::sync::Arc;
 
@@ -51,8 +52,9 @@ impl Generation {
         let mut pools = Vec::with_capacity(config.pools.len());
         for (pc, eps) in config.pools.iter().zip(&endpoints) {
             let deps = super::deps::build(pc, eps, previous);
-            let pool =
-                Pool::new(pc.clone(), eps, deps, registry).map_err(|message| BuildError {
+            let before = previous.and_then(|r| r.pools.iter().find(|p| p.name() == pc.name));
+            let pool = Pool::new(pc.clone(), eps, deps, registry, before.map(AsRef::as_ref))
+                .map_err(|message| BuildError {
                     pool: pc.name.clone(),
                     message,
                 })?;

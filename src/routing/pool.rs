@@ -36,12 +36,14 @@ pub struct Pool {
 impl Pool {
     /// Build a pool over `endpoints` (its configuration's, resolved) with the state in `deps`
     /// (see [`super::deps`]). The health view, if any, is empty until [`Pool::health_view`]'s
-    /// first update and then kept by its background task.
+    /// first update and then kept by its background task. Endpoints that `previous` (this pool
+    /// in the generation being replaced) also has keep their passive-health state.
     pub fn new(
         config: PoolConfig,
         endpoints: &[EndpointConfig],
         deps: Deps,
         registry: &Registry,
+        previous: Option<&Pool>,
     ) -> Result<Arc<Pool>, String> {
         let policy = policy::build(
             &config.name,
@@ -84,7 +86,12 @@ impl Pool {
         if let Some(c) = &deps.counts {
             c.set_endpoints(labels.clone());
         }
-        let outliers = Outliers::new(&config.name, labels, config.outlier);
+        let outliers = Outliers::new(
+            &config.name,
+            labels,
+            config.outlier,
+            previous.map(|p| p.outliers.as_ref()),
+        );
         Ok(Arc::new(Pool {
             outliers,
             policy,
@@ -103,7 +110,7 @@ impl Pool {
         let endpoints = super::resolve::expand(config, &Default::default());
         let pc = config.pools[0].clone();
         let deps = super::deps::build(&pc, &endpoints[0], None);
-        Pool::new(pc, &endpoints[0], deps, &Registry::new()).expect("pool")
+        Pool::new(pc, &endpoints[0], deps, &Registry::new(), None).expect("pool")
     }
 
     /// The health-check view, which a background task must keep current (`None`: no checks).
