@@ -445,6 +445,74 @@ async fn ejection_survives_a_reload() {
     );
 }
 
+/// Active health carries over a reload too: an endpoint whose health check fails stays out of the
+/// new routing table at once, instead of looking healthy until its checks fail again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_health_checks_survive_a_reload() {
+    let sims = fleet(3).await;
+    let all = addrs(&sims);
+    let victim = all[2].to_string();
+    let file = |attempts: u32| {
+        // Checks every 2 s, unhealthy after 2 failures: a new view that started healthy would
+        // take about 4 s to notice.
+        let pool = pool_yaml(
+            "sim",
+            "[\"*\"]",
+            &all,
+            "round_robin",
+            "    health_check: {path: /health, interval_ms: 2000, timeout_ms: 500, unhealthy_threshold: 2}\n    outlier_detection: {enabled: false}\n",
+        );
+        format!("max_attempts: {attempts}\n{}", conf(5000, &pool))
+    };
+    let proxy = Proxy::start(&file(3));
+    let client = client();
+    let url = proxy.url("/v1/chat/completions");
+    let body = sim_body(2);
+    // Its completions still work: only the health check keeps requests away from it.
+    sims[2].faults().set_health_status(503);
+    let healthy = async || {
+        proxy
+            .metric("llmlb_endpoint_healthy", &[("endpoint", &victim)])
+            .await
+    };
+    eventually(
+        "the victim unhealthy",
+        Duration::from_secs(15),
+        async || match healthy().await {
+            Some(0.0) => Ok(()),
+            other => Err(format!("gauge {other:?}")),
+        },
+    )
+    .await;
+    proxy.write_policy(&file(2));
+    let reloaded = client
+        .post(format!("http://{}/-/reload", proxy.admin))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(reloaded.status(), 200);
+    assert_eq!(
+        healthy().await,
+        Some(0.0),
+        "still unhealthy in the new generation"
+    );
+    let mut after = Vec::new();
+    for i in 0..9 {
+        let (b, stream) = body(200 + i);
+        after.push(send(&client, &url, b, stream, 0).await);
+    }
+    let tally = Tally::of(&after);
+    assert_eq!(tally.failed, 0, "{}", tally.text());
+    let on_victim = after
+        .iter()
+        .filter(|s| s.endpoint.as_deref() == Some(victim.as_str()))
+        .count();
+    assert_eq!(
+        on_victim, 0,
+        "an unhealthy endpoint gets no traffic after a reload"
+    );
+}
+
 /// Runs `total` requests with `workers` clients through `global_least_request` over three
 /// simulators of which the third answers every completion with a fast 500. Returns the tally
 /// and how many requests the failing one answered.

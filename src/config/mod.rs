@@ -199,7 +199,7 @@ pub struct EndpointConfig {
 }
 
 /// Active health checking of a pool's endpoints.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheckConfig {
     /// Path requested on each endpoint.
     pub path: String,

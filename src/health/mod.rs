@@ -6,6 +6,6 @@ pub mod active;
 pub mod passive;
 pub mod verdict;
 
-pub use active::HealthView;
+pub use active::{Checks, HealthView};
 pub use passive::Outliers;
 pub use verdict::{is_failure_status, Failure, Observed, Verdict};

@@ -1,5 +1,5 @@
 //! A generation: the routing table built from one validated configuration and one DNS answer,
-//! and the background tasks that keep it current (health checks, engine-metrics scraping).
+//! and the background work that keeps it current (health checks, engine-metrics scraping).
 //!
 //! The proxy reads the generation in force from [`super::Live`] once per request and keeps it for the
 //! whole request, retries included, so a reload or a DNS change never moves a request that has
@@ -7,7 +7,8 @@
 //! one's in-flight counts ([`PoolCounts`], see [`super::deps`]) for every pool whose name and state store are
 //! unchanged, so shared counts and the prefix index survive reloads and leases taken before one
 //! are released against the store they were taken from. Each endpoint that stays in a pool keeps
-//! its passive-health state (ejection, streak, back-off).
+//! its health: passive (ejection, streak, back-off) always, active while the pool's
+//! `health_check` settings are unchanged (the checks themselves carry over and keep probing).
 
 use std::sync::Arc;
 
@@ -17,9 +18,11 @@ use tokio::sync::watch;
 use super::pool::Pool;
 use super::table::Routes;
 use crate::config::{Config, EndpointConfig};
+use crate::endpoint::EndpointId;
 use crate::policy::Registry;
 use crate::scrape::ScrapeService;
 use crate::store::PoolCounts;
+use crate::telemetry;
 
 /// A routing table with its background tasks.
 pub struct Generation {
@@ -63,6 +66,11 @@ impl Generation {
                     pool: pc.name.clone(),
                     message: format!("health view: {e}"),
                 })?;
+                // Carried checks may already know some endpoints to be unhealthy.
+                for (i, e) in pool.endpoints.iter().enumerate() {
+                    let healthy = pool.is_healthy(EndpointId::new(i));
+                    telemetry::set_endpoint_health(pool.name(), &e.label, healthy);
+                }
             }
             pools.push(pool);
         }
@@ -74,12 +82,12 @@ impl Generation {
         })
     }
 
-    /// Start the generation's background tasks: health checks and engine-metrics scraping.
+    /// Start the generation's background work: its pools' health checks (unless carried over and
+    /// already running) and engine-metrics scraping.
     pub fn start(&self) {
         for pool in &self.routes.pools {
-            if let Some(health) = pool.health_view() {
-                let (health, stop) = (health.clone(), self.stop.subscribe());
-                tokio::spawn(async move { health.start(stop).await });
+            if let Some(checks) = pool.health_checks() {
+                checks.start();
             }
             if let Some(board) = pool.metrics_board() {
                 let scrape = ScrapeService::new(board.clone(), &pool.config.metrics);
@@ -89,7 +97,8 @@ impl Generation {
         }
     }
 
-    /// Stop the background tasks (requests still routed by this generation carry on).
+    /// Stop its scraping (requests still routed by this generation carry on). Health checks end
+    /// when the last generation holding them is dropped.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
     }

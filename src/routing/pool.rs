@@ -1,13 +1,12 @@
 //! A pool: its endpoints, their health and in-flight counts, its policy and its fallback.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use pingora::lb::Backend;
 
 use crate::config::{EndpointConfig, PoolConfig};
 use crate::endpoint::{EndpointId, EndpointView};
-use crate::health::{active, HealthView, Outliers, Verdict};
+use crate::health::{Checks, HealthView, Outliers, Verdict};
 use crate::policy::{self, Deps, Policy, Registry, RoundRobin};
 use crate::scrape::MetricsBoard;
 use crate::store::PoolCounts;
@@ -28,7 +27,8 @@ pub struct Pool {
     pub deps: Deps,
     /// Routes requests the policy cannot judge (no body, not JSON, no prompt).
     pub fallback: RoundRobin,
-    health: Option<HealthView>,
+    /// Active health: the checks (shared with the next generation) and this generation's view.
+    health: Option<(Arc<Checks>, HealthView)>,
     /// Passive health: endpoints ejected for failing requests.
     outliers: Arc<Outliers>,
 }
@@ -36,8 +36,9 @@ pub struct Pool {
 impl Pool {
     /// Build a pool over `endpoints` (its configuration's, resolved) with the state in `deps`
     /// (see [`super::deps`]). The health view, if any, is empty until [`Pool::health_view`]'s
-    /// first update and then kept by its background task. Endpoints that `previous` (this pool
-    /// in the generation being replaced) also has keep their passive-health state.
+    /// first update. What `previous` (this pool in the generation being replaced) knows of an
+    /// endpoint it also has carries over: its passive-health state, and its active health while
+    /// the `health_check` settings are unchanged.
     pub fn new(
         config: PoolConfig,
         endpoints: &[EndpointConfig],
@@ -67,8 +68,16 @@ impl Pool {
         let weights: Vec<usize> = views.iter().map(|e| e.weight).collect();
         let health = match &config.health_check {
             Some(hc) => {
-                let set: BTreeSet<Backend> = backends.iter().cloned().collect();
-                Some(active::view(&config.name, set, hc).map_err(|e| e.to_string())?)
+                let carried = previous
+                    .and_then(|p| p.health.as_ref())
+                    .map(|(checks, _)| checks.clone())
+                    .filter(|checks| checks.config() == hc);
+                let checks = match carried {
+                    Some(checks) => checks,
+                    None => Checks::new(&config.name, hc).map_err(|e| e.to_string())?,
+                };
+                let view = checks.view(backends.iter().cloned().collect());
+                Some((checks, view))
             }
             None => None,
         };
@@ -115,7 +124,12 @@ impl Pool {
 
     /// The health-check view, which a background task must keep current (`None`: no checks).
     pub fn health_view(&self) -> Option<&HealthView> {
-        self.health.as_ref()
+        self.health.as_ref().map(|(_, view)| view)
+    }
+
+    /// The active health checks, which must be started once (`None`: no checks).
+    pub fn health_checks(&self) -> Option<&Arc<Checks>> {
+        self.health.as_ref().map(|(checks, _)| checks)
     }
 
     /// The pool's name.
@@ -132,7 +146,7 @@ impl Pool {
     pub fn is_healthy(&self, id: EndpointId) -> bool {
         match (&self.health, self.backends.get(id.index())) {
             (None, Some(_)) => true,
-            (Some(h), Some(b)) => h.backends().ready(b),
+            (Some((_, view)), Some(b)) => view.backends().ready(b),
             (_, None) => false,
         }
     }
