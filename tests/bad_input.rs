@@ -609,6 +609,47 @@ async fn slow_loris_bodies_get_408() {
     assert_healthy(&proxy, &b, "slow loris").await;
 }
 
+/// Memory a process has mapped (kB): what a reservation costs even before it is written.
+fn vm_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmSize")
+}
+
+/// Connections that declare a large body and then send almost nothing cost little: the body
+/// buffer grows with what arrives instead of reserving the declared length up front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_lengths_reserve_nothing_before_the_bytes_arrive() {
+    const DECLARED: usize = 64 << 20;
+    let b = Backend::start().await;
+    let proxy = Proxy::start(&format!(
+        "max_body_bytes: {DECLARED}\nbody_timeout_ms: 30000\npools:\n{}",
+        pool_yaml("rest", "['*']", &[b.addr], "round_robin", ""),
+    ));
+    let before = vm_kb(proxy.pid());
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        let mut s = TcpStream::connect(proxy.addr).expect("connect");
+        s.write_all(head(&format!("Content-Length: {DECLARED}\r\n")).as_bytes())
+            .expect("head");
+        s.write_all(b"{\"model\":").expect("a few bytes");
+        held.push(s);
+    }
+    // Every connection is being read by now (its first bytes are in).
+    std::thread::sleep(Duration::from_millis(500));
+    let grown_mib = vm_kb(proxy.pid()).saturating_sub(before) / 1024;
+    // Up-front reservations would map 32 × 64 MiB = 2 GiB.
+    assert!(
+        grown_mib < 256,
+        "mapped {grown_mib} MiB more for 32 idle uploads"
+    );
+    drop(held);
+    assert_healthy(&proxy, &b, "declared lengths").await;
+}
+
 /// Resident memory of a process (kB), from /proc.
 fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");

@@ -59,6 +59,9 @@ fn check_head(req: &RequestHeader, max: usize) -> Result<()> {
     Ok(())
 }
 
+/// The most the body buffer reserves before any byte has arrived (Pingora's retry buffer size).
+const INITIAL_RESERVE: usize = 64 * 1024;
+
 /// Check the request head against `max_header_bytes`, then read the whole request body (empty
 /// for bodyless requests) within `max_body_bytes` and `body_timeout`.
 pub(crate) async fn read(session: &mut Session, config: &Config) -> Result<Bytes> {
@@ -82,7 +85,9 @@ pub(crate) async fn read(session: &mut Session, config: &Config) -> Result<Bytes
     if expects_continue && declared != Some(0) {
         session.write_continue_response().await?;
     }
-    let capacity = declared.unwrap_or(0).min(max);
+    // Reserve for what is declared only up to a bound: the buffer grows with the bytes that
+    // arrive, so a client declaring a large body and sending nothing costs little.
+    let capacity = declared.unwrap_or(0).min(max).min(INITIAL_RESERVE);
     match tokio::time::timeout(timeout, read_all(session, max, capacity)).await {
         Ok(body) => body,
         Err(_) => Error::e_explain(
