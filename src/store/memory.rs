@@ -7,22 +7,26 @@
 //! id, which is how tests exercise the multi-replica rules without Redis.
 //!
 //! Locking: a `parking_lot` read-write lock maps pool names to per-pool mutexes; every call takes
-//! the pool's mutex for a few map operations and never holds it across an `.await`.
+//! the pool's mutex for a few map operations and never holds it across an `.await`. The prefix
+//! index is bounded (least recently written keys go first, [`MemoryStore::with_prefix_keys`]) and
+//! expires keys from its oldest end, never by scanning it.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 
+use super::prefix_index::{PrefixIndex, DEFAULT_PREFIX_KEYS};
 use crate::config::{
     check_dead_replica_after, check_replica_id, InvalidKey, DEFAULT_DEAD_REPLICA_AFTER,
 };
 
 use super::{
     check_call, heartbeat_interval_for, new_replica_id, pick_least, prefix_choice, Acquired,
-    InflightStore, PrefixAcquired, PrefixQuery, StoreError, MAX_HOLDERS,
+    InflightStore, PrefixAcquired, PrefixQuery, StoreError,
 };
 
 /// The embedded store. Cheap to clone; clones are the same replica.
@@ -31,10 +35,11 @@ pub struct MemoryStore {
     pools: Arc<RwLock<HashMap<String, Arc<Mutex<PoolState>>>>>,
     replica: Arc<str>,
     dead_after: Duration,
+    /// The most prefix keys each pool's index holds.
+    prefix_keys: NonZeroUsize,
 }
 
-/// One pool's state; the same three collections as the Redis keys.
-#[derive(Default)]
+/// One pool's state; the same collections as the Redis keys.
 struct PoolState {
     /// replica → endpoint → in-flight count (> 0; zero entries are removed).
     contributions: HashMap<String, HashMap<String, u64>>,
@@ -42,13 +47,8 @@ struct PoolState {
     totals: HashMap<String, u64>,
     /// replica → last time it spoke.
     heartbeats: HashMap<String, Instant>,
-    /// prefix block key → its holders (most recent first) and when it expires.
-    prefixes: HashMap<u64, PrefixEntry>,
-}
-
-struct PrefixEntry {
-    holders: Vec<String>,
-    expires: Instant,
+    /// prefix block key → its holders (most recent first) and when it expires; bounded.
+    prefixes: PrefixIndex,
 }
 
 impl Default for MemoryStore {
@@ -64,7 +64,15 @@ impl MemoryStore {
             pools: Arc::default(),
             replica: new_replica_id().into(),
             dead_after: DEFAULT_DEAD_REPLICA_AFTER,
+            prefix_keys: DEFAULT_PREFIX_KEYS,
         }
+    }
+
+    /// Bound each pool's prefix index to `keys` block keys (default [`DEFAULT_PREFIX_KEYS`]);
+    /// beyond it the least recently written keys are forgotten. Set before first use.
+    pub fn with_prefix_keys(mut self, keys: NonZeroUsize) -> Self {
+        self.prefix_keys = keys;
+        self
     }
 
     /// Set the dead-replica timeout of this handle (more than 0, at most 15 s).
@@ -87,6 +95,7 @@ impl MemoryStore {
             pools: self.pools.clone(),
             replica: new_replica_id().into(),
             dead_after: self.dead_after,
+            prefix_keys: self.prefix_keys,
         }
     }
 
@@ -97,12 +106,21 @@ impl MemoryStore {
         self.pools
             .write()
             .entry(name.to_owned())
-            .or_default()
+            .or_insert_with(|| Arc::new(Mutex::new(PoolState::new(self.prefix_keys))))
             .clone()
     }
 }
 
 impl PoolState {
+    fn new(prefix_keys: NonZeroUsize) -> Self {
+        PoolState {
+            contributions: HashMap::new(),
+            totals: HashMap::new(),
+            heartbeats: HashMap::new(),
+            prefixes: PrefixIndex::new(prefix_keys),
+        }
+    }
+
     /// Refresh `me`, then reap every replica silent for longer than `dead_after`.
     fn touch_and_reap(&mut self, me: &str, now: Instant, dead_after: Duration) {
         match self.heartbeats.get_mut(me) {
@@ -148,32 +166,6 @@ impl PoolState {
         let total = self.totals.entry(ep.to_owned()).or_default();
         *total += 1;
         *total
-    }
-
-    /// The number of leading blocks of `chain` held by a candidate, and the candidates holding
-    /// the last of them.
-    fn holders(&self, candidates: &[&str], chain: &[u64], now: Instant) -> (usize, Vec<usize>) {
-        let mut matched = 0;
-        let mut holders = Vec::new();
-        for key in chain {
-            let Some(entry) = self.prefixes.get(key).filter(|e| e.expires > now) else {
-                break;
-            };
-            let held: Vec<usize> = (0..candidates.len())
-                .filter(|i| entry.holders.iter().any(|h| h == candidates[*i]))
-                .collect();
-            if held.is_empty() {
-                break;
-            }
-            matched += 1;
-            holders = held;
-        }
-        (matched, holders)
-    }
-
-    /// Drop prefix keys past their TTL.
-    fn expire_prefixes(&mut self, now: Instant) {
-        self.prefixes.retain(|_, e| e.expires > now);
     }
 
     fn total(&self, ep: &str) -> u64 {
@@ -283,25 +275,12 @@ impl MemoryStore {
         let mut st = pool.lock();
         st.touch_and_reap(&self.replica, now, self.dead_after);
         let counts: Vec<u64> = q.candidates.iter().map(|c| st.total(c)).collect();
-        let (matched, holders) = st.holders(q.candidates, q.chain, now);
+        let (matched, holders) = st.prefixes.holders(q.candidates, q.chain, now);
         let (index, outcome) = prefix_choice(&counts, &holders, random, q.guard, q.max)
             .ok_or(StoreError::Saturated)?;
         let ep = q.candidates[index];
         let inflight = st.add(&self.replica, ep);
-        let expires = now + q.ttl;
-        for key in q.chain {
-            let entry = st.prefixes.entry(*key).or_insert_with(|| PrefixEntry {
-                holders: Vec::new(),
-                expires,
-            });
-            if entry.expires <= now {
-                entry.holders.clear();
-            }
-            entry.holders.retain(|h| h != ep);
-            entry.holders.insert(0, ep.to_owned());
-            entry.holders.truncate(MAX_HOLDERS);
-            entry.expires = expires;
-        }
+        st.prefixes.record(q.chain, ep, now + q.ttl, now);
         Ok(PrefixAcquired {
             index,
             inflight,
@@ -354,7 +333,7 @@ impl MemoryStore {
     ) -> (usize, Vec<usize>) {
         let pool = self.pool(pool);
         let st = pool.lock();
-        st.holders(candidates, chain, Instant::now())
+        st.prefixes.holders(candidates, chain, Instant::now())
     }
 
     /// How many prefix block keys the index of `pool` holds (expired ones included until the
@@ -376,7 +355,7 @@ impl MemoryStore {
         let mut st = pool.lock();
         let now = Instant::now();
         st.touch_and_reap(&self.replica, now, self.dead_after);
-        st.expire_prefixes(now);
+        st.prefixes.expire(now);
         if let Some(held) = held {
             let mine: HashMap<String, u64> = held
                 .iter()
@@ -397,6 +376,30 @@ impl MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_unique_prompts_leaves_the_index_bounded() {
+        let store = MemoryStore::new().with_prefix_keys(NonZeroUsize::new(1000).expect("cap"));
+        let candidates = ["a", "b"];
+        for i in 0..5000u64 {
+            let chain = [i * 3, i * 3 + 1, i * 3 + 2];
+            let q = PrefixQuery {
+                chain: &chain,
+                candidates: &candidates,
+                max: None,
+                guard: crate::config::LoadGuard {
+                    absolute: 8,
+                    per_mille: 500,
+                },
+                ttl: Duration::from_secs(600),
+            };
+            let got = store.acquire_prefix_now("p", q).expect("acquire");
+            store
+                .release_now("p", candidates[got.index])
+                .expect("release");
+        }
+        assert_eq!(store.prefix_keys_now("p"), 1000);
+    }
 
     #[tokio::test]
     async fn reaping_subtracts_only_the_dead_replicas_share() {

@@ -57,12 +57,14 @@
 mod breaker;
 mod memory;
 mod pool_counts;
+mod prefix_index;
 mod redis;
 mod service;
 
 pub use self::breaker::TRIP_AFTER;
 pub use self::memory::MemoryStore;
 pub use self::pool_counts::{PoolCounts, Skip};
+pub use self::prefix_index::DEFAULT_PREFIX_KEYS;
 
 pub use self::redis::RedisStore;
 pub use self::service::heartbeat;
