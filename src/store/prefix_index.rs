@@ -24,13 +24,16 @@ struct Entry {
 
 /// One pool's prefix index.
 pub(super) struct PrefixIndex {
+    /// Grown as keys come (a bounded `LruCache` would allocate its whole table up front).
     entries: LruCache<u64, Entry>,
+    capacity: NonZeroUsize,
 }
 
 impl PrefixIndex {
     pub(super) fn new(capacity: NonZeroUsize) -> Self {
         PrefixIndex {
-            entries: LruCache::new(capacity),
+            entries: LruCache::unbounded(),
+            capacity,
         }
     }
 
@@ -68,14 +71,20 @@ impl PrefixIndex {
                     if entry.expires <= now {
                         entry.holders.clear();
                     }
-                    entry.holders.retain(|h| h != endpoint);
-                    entry.holders.insert(0, endpoint.to_owned());
-                    entry.holders.truncate(MAX_HOLDERS);
+                    // The usual hit: already its most recent holder, nothing to move.
+                    if entry.holders.first().map(String::as_str) != Some(endpoint) {
+                        entry.holders.retain(|h| h != endpoint);
+                        entry.holders.insert(0, endpoint.to_owned());
+                        entry.holders.truncate(MAX_HOLDERS);
+                    }
                     entry.expires = expires;
                 }
                 None => {
                     let holders = vec![endpoint.to_owned()];
                     self.entries.push(*key, Entry { holders, expires });
+                    if self.entries.len() > self.capacity.get() {
+                        self.entries.pop_lru();
+                    }
                 }
             }
         }
