@@ -670,7 +670,9 @@ async fn redis_killed_and_restarted() {
         pool_yaml("glr", "[\"m-glr\"]", &all, "global_least_request", &lb),
         pool_yaml("pfx", "[\"m-pfx\"]", &all, "prefix_cache", &lb)
     );
-    let proxy = Proxy::start(&conf(5000, &pools));
+    // A long read timeout: the held requests must outlive the outage (with 5 s they would be
+    // cut before the restore could be checked).
+    let proxy = Proxy::start(&conf(120_000, &pools));
     let rss_before = rss_kib(proxy.pid());
     let client = client();
     let mut held_open = Vec::new();
@@ -739,8 +741,27 @@ async fn redis_killed_and_restarted() {
         skipped_while_down >= 10.0,
         "breaker skips: {skipped_while_down}"
     );
-    let settled = assert_settled(&proxy, &all).await;
+    // The heartbeat wrote the three requests held across the outage into the empty Redis.
     let redis_url = redis.url();
+    eventually(
+        "held requests restored into the new Redis",
+        Duration::from_secs(10),
+        async || match store_counts(&redis_url, "glr", &all).0 {
+            t if t == [1, 1, 1] => Ok(()),
+            t => Err(format!("totals {t:?}")),
+        },
+    )
+    .await;
+    for b in &backends {
+        b.release_held(1);
+    }
+    for r in held_open {
+        assert_eq!(r.status(), 200);
+        let tail = r.text().await.expect("held stream completes");
+        assert!(tail.contains("[DONE]"), "{tail}");
+    }
+    drop(client);
+    let settled = assert_settled(&proxy, &all).await;
     eventually(
         "store counts back to zero",
         Duration::from_secs(10),
