@@ -490,10 +490,19 @@ mod cases {
         load(&*live, &p, "a", 1).await;
         let silent_since = Instant::now();
         assert_eq!(counts(&*live, &p, &["a"]).await, vec![4]);
-        // Within the timeout the silent replica still counts.
+        // Within the timeout the silent replica still counts, up to just before its end.
         tokio::time::sleep(dead_after / 2).await;
         live.heartbeat(&p).await.expect("heartbeat");
         assert_eq!(counts(&*live, &p, &["a"]).await, vec![4]);
+        let almost = (silent_since + dead_after).saturating_duration_since(Instant::now());
+        tokio::time::sleep(almost.saturating_sub(Duration::from_millis(150))).await;
+        live.heartbeat(&p).await.expect("heartbeat");
+        assert_eq!(
+            counts(&*live, &p, &["a"]).await,
+            vec![4],
+            "a replica silent for {:?} (< {dead_after:?}) was reaped",
+            silent_since.elapsed()
+        );
         // Then it disappears, while the live replica's count stays.
         let reaped_at = loop {
             live.heartbeat(&p).await.expect("heartbeat");
@@ -507,8 +516,9 @@ mod cases {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        // Never before its timeout (its last word came just before `silent_since`).
         assert!(
-            reaped_at >= dead_after / 2,
+            reaped_at + Duration::from_millis(50) >= dead_after,
             "reaped too early: {reaped_at:?}"
         );
         // Its late releases find nothing; when it speaks again it starts from zero.

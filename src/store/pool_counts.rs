@@ -207,14 +207,19 @@ impl PoolCounts {
     }
 
     /// Release one count of endpoint `label` acquired with [`PoolCounts::acquire`]. Returns at
-    /// once; the store call runs in a spawned task.
+    /// once; the store call runs in a spawned task. A release that matches no count this replica
+    /// holds (a double release) is refused loudly — logged as an error and counted as
+    /// `llmlb_store_calls_total{op="release",result="unmatched"}` — and never reaches the store,
+    /// where it would take the count of another request in flight.
     pub fn release(self: &Arc<Self>, label: &str) {
         let label = label.to_owned();
         let runtime = match tokio::runtime::Handle::try_current() {
             Ok(rt) if !self.breaker.is_open() => rt,
             // No store call: forget the count here; the next tick's restore removes it there.
             _ => {
-                self.forget(&label);
+                if !self.forget(&label) {
+                    self.unmatched(&label);
+                }
                 return;
             }
         };
@@ -223,16 +228,30 @@ impl PoolCounts {
             let started = Instant::now();
             let call = async {
                 let _gate = this.gate.read().await;
-                this.forget(&label);
-                this.store.release(&this.pool, &label).await
+                if !this.forget(&label) {
+                    return Ok(false);
+                }
+                this.store.release(&this.pool, &label).await.map(|()| true)
             };
             let result = this.bounded(call).await;
+            if let Ok(false) = result {
+                return this.unmatched(&label);
+            }
             telemetry::store_call(&this.pool, "release", outcome(&result), started.elapsed());
             match result {
-                Ok(()) => this.on_success(),
+                Ok(_) => this.on_success(),
                 Err(e) => this.on_failure(&e),
             }
         });
+    }
+
+    /// Report a release that matched nothing held.
+    fn unmatched(&self, label: &str) {
+        log::error!(
+            "pool {}: release of {label} matches no request this replica holds (a double release); ignored",
+            self.pool
+        );
+        telemetry::store_call(&self.pool, "release", "unmatched", Duration::ZERO);
     }
 
     /// One heartbeat: replace this replica's contribution with what it holds (see the module
@@ -293,14 +312,17 @@ impl PoolCounts {
         }
     }
 
-    fn forget(&self, label: &str) {
+    /// Forget one count held on `label`; false when none was held.
+    fn forget(&self, label: &str) -> bool {
         let mut held = self.held.lock();
-        if let Some(n) = held.get_mut(label) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(label);
-            }
+        let Some(n) = held.get_mut(label) else {
+            return false;
+        };
+        *n -= 1;
+        if *n == 0 {
+            held.remove(label);
         }
+        true
     }
 
     /// Record one failed call, as a sick store would (tests of the fallback path).
@@ -385,6 +407,49 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert_eq!(totals(store, n).await, want);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_double_release_is_refused_and_takes_no_other_requests_count() {
+        // A pool name of its own: the metric below is process-wide.
+        let store = MemoryStore::new();
+        let c = Arc::new(PoolCounts::new(Arc::new(store.clone()), "double"));
+        let total = || store.inflight_now("double", &["ep0"]).expect("inflight")[0];
+        c.acquire(&["ep0"], None).await.expect("acquire");
+        // Another request of this replica on ep0 that these counts do not track.
+        store
+            .acquire_least_now("double", &["ep0"], None)
+            .expect("untracked request");
+        let reported = || {
+            pingora_prometheus::prometheus::gather()
+                .iter()
+                .filter(|f| f.name() == "llmlb_store_calls_total")
+                .flat_map(|f| f.get_metric().to_vec())
+                .filter(|m| {
+                    let has = |k: &str, v: &str| {
+                        m.get_label()
+                            .iter()
+                            .any(|p| p.name() == k && p.value() == v)
+                    };
+                    has("pool", "double") && has("result", "unmatched")
+                })
+                .map(|m| m.get_counter().value())
+                .sum::<f64>()
+        };
+        let wait = |done: &dyn Fn() -> bool| {
+            let ok = (0..2000).any(|_| {
+                std::thread::sleep(Duration::from_millis(1));
+                done()
+            });
+            assert!(ok, "timed out");
+        };
+        c.release("ep0");
+        wait(&|| total() == 1);
+        // Released again: nothing is held any more, so nothing may be taken from the store.
+        c.release("ep0");
+        wait(&|| reported() >= 1.0);
+        assert_eq!(reported(), 1.0, "the double release is reported");
+        assert_eq!(total(), 1, "the other request keeps its count");
     }
 
     #[tokio::test]
