@@ -609,6 +609,48 @@ async fn slow_loris_bodies_get_408() {
     assert_healthy(&proxy, &b, "slow loris").await;
 }
 
+/// A client that sends its whole over-limit upload before reading (as simple clients do) still
+/// gets the 413: llm-lb reads and discards the rest of the body for a while before it closes
+/// (lingering close, as nginx), instead of closing on unread data, which resets the connection
+/// and loses the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_limit_upload_sent_in_full_still_gets_its_413() {
+    let b = Backend::start().await;
+    let proxy = start(&b);
+    let over = vec![b'x'; 48 * MAX_BODY];
+    for framing in ["chunked", "content-length"] {
+        for round in 0..3 {
+            let mut s = TcpStream::connect(proxy.addr).expect("connect");
+            let request = if framing == "chunked" {
+                with_body(head("Transfer-Encoding: chunked\r\n"), &chunked(&over))
+            } else {
+                with_body(head(&format!("Content-Length: {}\r\n", over.len())), &over)
+            };
+            // Everything first, then the answer. A client whose write fails on a reset never
+            // reads the answer (Python's requests, for one): the whole upload must go through.
+            let sent = s.write_all(&request);
+            s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 65536];
+            let outcome = loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => raw.extend_from_slice(&buf[..n]),
+                    Err(e) => break Err(e),
+                }
+            };
+            let statuses: Vec<u16> = parse_responses(&raw).iter().map(|r| r.status).collect();
+            assert!(
+                sent.is_ok() && statuses == [413],
+                "{framing}, round {round}: sending ended with {sent:?}, reading with {outcome:?} after {} bytes ({statuses:?})",
+                raw.len()
+            );
+        }
+    }
+    assert_eq!(b.count(), 0);
+    assert_healthy(&proxy, &b, "over-limit uploads").await;
+}
+
 /// Memory a process has mapped (kB): what a reservation costs even before it is written.
 fn vm_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");

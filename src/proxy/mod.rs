@@ -60,6 +60,9 @@ use crate::request::LlmRequest;
 use crate::routing::Live;
 use crate::telemetry;
 
+/// How long a refused upload (413) is read and discarded before the connection closes.
+const LINGER: Duration = Duration::from_secs(5);
+
 /// llm-lb's proxy application.
 pub struct LbProxy {
     live: Live,
@@ -462,6 +465,11 @@ impl ProxyHttp for LbProxy {
         if ctx.role != Role::Sub && !client_gone && session.response_written().is_none() {
             if let Err(write_err) = errors::respond(session, status, &message).await {
                 log::debug!("could not send the error response: {write_err}");
+            } else if status == 413 {
+                // Lingering close (as nginx): the client may still be sending the body we refused.
+                // Closing on unread data resets the connection, and a client whose upload then
+                // fails never reads the 413. Read and discard the rest, for a bounded time.
+                let _ = tokio::time::timeout(LINGER, session.drain_request_body()).await;
             }
         }
         FailToProxy {
