@@ -343,8 +343,7 @@ async fn round_robin_spreads_evenly_and_logs_each_request() {
         bs.iter().map(Backend::count).collect::<Vec<_>>(),
         vec![10, 10, 10]
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let lines = proxy.access_lines();
+    let lines = proxy.wait_access_lines(30).await;
     assert_eq!(lines.len(), 30, "{}", proxy.log_text());
     let l = &lines[0];
     for field in [
@@ -493,8 +492,7 @@ async fn nothing_can_serve_gives_a_clear_json_error() {
         let v: serde_json::Value = r.json().await.expect("json");
         assert_eq!(v["error"]["type"], "server_error", "{v}");
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let lines = proxy.access_lines();
+    let lines = proxy.wait_access_lines(2).await;
     assert_eq!(
         lines.len(),
         2,

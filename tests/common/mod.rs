@@ -546,6 +546,19 @@ impl Proxy {
             .collect()
     }
 
+    /// Access-log lines once there are at least `n` (the line is written in the `logging` hook,
+    /// after the client may already have its answer): waits up to 10 s, then returns them all.
+    pub(crate) async fn wait_access_lines(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines = self.access_lines();
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Fetch the admin `/metrics` text.
     pub(crate) async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.admin))
