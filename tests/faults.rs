@@ -1006,10 +1006,50 @@ async fn clients_disconnect_mid_stream() {
     );
 }
 
+/// One round of hostile input for the soak: 32 connections that declare a 4 MiB body and send a
+/// few bytes (cut by the body deadline), and 200 requests with unique ~8 KiB prompts through the
+/// `prefix_cache` pool (the simulators answer 404 for its model; the prefix index records them
+/// anyway). Takes about 3 s.
+async fn hostile_input(proxy: &Proxy, round: usize) {
+    let addr = proxy.addr;
+    let idle = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let held: Vec<std::net::TcpStream> = (0..32)
+            .filter_map(|_| {
+                let mut s = std::net::TcpStream::connect(addr).ok()?;
+                let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: llm-lb\r\nContent-Type: application/json\r\nContent-Length: 4194304\r\n\r\n{\"model\":";
+                s.write_all(head.as_bytes()).ok()?;
+                Some(s)
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(2500));
+        drop(held);
+    });
+    let client = client();
+    let url = proxy.url("/v1/chat/completions");
+    let flood: Vec<_> = (0..200)
+        .map(|i| {
+            let (client, url) = (client.clone(), url.clone());
+            let text = format!("round {round} prompt {i} ").repeat(400);
+            tokio::spawn(async move {
+                let body =
+                    json!({"model": "hostile", "messages": [{"role": "user", "content": text}]});
+                let _ = client.post(url).json(&body).send().await;
+            })
+        })
+        .collect();
+    for f in flood {
+        let _ = f.await;
+    }
+    let _ = idle.await;
+}
+
 /// Long variant: minutes of load through `global_least_request` over four simulators while a
 /// fault rotates every few seconds (backend killed and restarted, hang, fast 500s, clients
-/// abandoning streams). Asserts the proxy settles after every round and its RSS after the run
-/// stays near its RSS after warm-up. `SOAK_SECS` (default 120) sets the length.
+/// abandoning streams), and hostile input every round: connections that declare a large body
+/// and send almost nothing, and a flood of unique prompts through a `prefix_cache` pool. Asserts
+/// the proxy settles after every round and its RSS after the run stays near its RSS after
+/// warm-up. `SOAK_SECS` (default 120) sets the length.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes long: scripts/soak.sh"]
 async fn soak() {
@@ -1030,15 +1070,28 @@ async fn soak() {
         .map(Some)
         .collect();
     let all: Vec<SocketAddr> = sims.iter().flatten().map(SimHandle::addr).collect();
-    let proxy = Proxy::start(&conf(
-        1000,
-        &pool_yaml(
-            "sim",
-            "[\"*\"]",
-            &all,
-            "global_least_request",
-            "    health_check: {interval_ms: 500}\n    outlier_detection: {consecutive_failures: 3, base_ejection_ms: 1000, max_ejection_ms: 4000}\n",
-        ),
+    let proxy = Proxy::start(&format!(
+        "body_timeout_ms: 2000\n{}",
+        conf(
+            1000,
+            &format!(
+                "{}{}",
+                pool_yaml(
+                    "hostile",
+                    "[\"hostile\"]",
+                    &all,
+                    "prefix_cache",
+                    "    health_check: {interval_ms: 500}\n",
+                ),
+                pool_yaml(
+                    "sim",
+                    "[\"*\"]",
+                    &all,
+                    "global_least_request",
+                    "    health_check: {interval_ms: 500}\n    outlier_detection: {consecutive_failures: 3, base_ejection_ms: 1000, max_ejection_ms: 4000}\n",
+                )
+            ),
+        )
     ));
     let started = Instant::now();
     let mut total = Tally::default();
@@ -1088,7 +1141,7 @@ async fn soak() {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        hostile_input(&proxy, round).await;
         let samples = load.stop().await;
         // Heal.
         match fault {
