@@ -18,8 +18,8 @@ async fn upgrade_under_load_loses_nothing() {
     ));
     let url = old.url("/v1/chat/completions");
     let load = Load::start(&url, 4);
-
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The old process serves a while first (how long the machine takes does not matter).
+    old.wait_access_lines(51).await;
     // Two streams in flight on the old process across the handover.
     let client = reqwest::Client::new();
     let mut streams = Vec::new();
@@ -53,7 +53,8 @@ async fn upgrade_under_load_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let handed_over = quit_at.elapsed();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // And the new one serves a while too.
+    new.wait_access_lines(51).await;
     let sent = load.finish().await;
     let failed = failures(&sent);
     let ok = sent.len() - failed.len();
