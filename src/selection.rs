@@ -299,11 +299,30 @@ fn by_load(members: &Members, counts: &[u64], random: u32) -> Vec<usize> {
     order
 }
 
-/// `global_least_request` on one replica: the backend with the fewest requests in flight.
-pub struct LeastRequestSelection {
+/// A group of backends and the counts a counting selection ranks them by.
+struct Counted {
     members: Members,
     counts: EmbeddedCounts,
 }
+
+impl Counted {
+    fn new(backends: &BTreeSet<Backend>, counts: &EmbeddedCounts) -> Self {
+        Counted {
+            members: Members::new(backends),
+            counts: counts.clone(),
+        }
+    }
+
+    /// The backends' labels and their requests in flight.
+    fn totals(&self) -> (Vec<&str>, Vec<u64>) {
+        let labels: Vec<&str> = self.members.labels.iter().map(String::as_str).collect();
+        let totals = self.counts.totals(&labels);
+        (labels, totals)
+    }
+}
+
+/// `global_least_request` on one replica: the backend with the fewest requests in flight.
+pub struct LeastRequestSelection(Counted);
 
 impl BackendSelection for LeastRequestSelection {
     type Iter = Ranked;
@@ -314,28 +333,21 @@ impl BackendSelection for LeastRequestSelection {
     }
 
     fn build_with_config(backends: &BTreeSet<Backend>, counts: &EmbeddedCounts) -> Self {
-        LeastRequestSelection {
-            members: Members::new(backends),
-            counts: counts.clone(),
-        }
+        LeastRequestSelection(Counted::new(backends, counts))
     }
 
     fn iter(self: &Arc<Self>, _key: &[u8]) -> Ranked {
-        let m = &self.members;
-        let labels: Vec<&str> = m.labels.iter().map(String::as_str).collect();
-        let counts = self.counts.totals(&labels);
+        let (_, counts) = self.0.totals();
         let random = rand::random();
         let (least, _) = pick_least(&counts, random);
+        let m = &self.0.members;
         m.ranked(Some(least), by_load(m, &counts, random))
     }
 }
 
 /// `prefix_cache` on one replica: the backend that holds the longest prefix of the prompt,
 /// unless it is busier than the load guard allows; otherwise the least loaded.
-pub struct PrefixAffinitySelection {
-    members: Members,
-    counts: EmbeddedCounts,
-}
+pub struct PrefixAffinitySelection(Counted);
 
 impl BackendSelection for PrefixAffinitySelection {
     type Iter = Ranked;
@@ -346,24 +358,20 @@ impl BackendSelection for PrefixAffinitySelection {
     }
 
     fn build_with_config(backends: &BTreeSet<Backend>, counts: &EmbeddedCounts) -> Self {
-        PrefixAffinitySelection {
-            members: Members::new(backends),
-            counts: counts.clone(),
-        }
+        PrefixAffinitySelection(Counted::new(backends, counts))
     }
 
     fn iter(self: &Arc<Self>, key: &[u8]) -> Ranked {
-        let m = &self.members;
-        let labels: Vec<&str> = m.labels.iter().map(String::as_str).collect();
-        let counts = self.counts.totals(&labels);
+        let Counted {
+            members: m,
+            counts: state,
+        } = &self.0;
+        let (labels, counts) = self.0.totals();
         let chain = chain_of(key);
-        let (_, holders) = self
-            .counts
-            .store
-            .holders_now(&self.counts.pool, &labels, &chain);
+        let (_, holders) = state.store.holders_now(&state.pool, &labels, &chain);
         let random = rand::random();
-        let first = prefix_choice(&counts, &holders, random, self.counts.prefix.guard, None)
-            .map(|(i, _)| i);
+        let first =
+            prefix_choice(&counts, &holders, random, state.prefix.guard, None).map(|(i, _)| i);
         m.ranked(first, by_load(m, &counts, random))
     }
 }

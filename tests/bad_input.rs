@@ -653,12 +653,7 @@ async fn an_over_limit_upload_sent_in_full_still_gets_its_413() {
 
 /// Memory a process has mapped (kB): what a reservation costs even before it is written.
 fn vm_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmSize:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmSize")
+    status_kb(pid, "VmSize")
 }
 
 /// Connections that declare a large body and then send almost nothing cost little: the body
@@ -692,14 +687,19 @@ async fn declared_lengths_reserve_nothing_before_the_bytes_arrive() {
     assert_healthy(&proxy, &b, "declared lengths").await;
 }
 
-/// Resident memory of a process (kB), from /proc.
+/// Resident memory of a process (kB).
 fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS")
+}
+
+/// A `kB` field of `/proc/<pid>/status`.
+fn status_kb(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+        .expect(field)
 }
 
 /// Bursts of large and over-limit bodies (concurrent) leave memory bounded: a second identical

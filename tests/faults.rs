@@ -375,6 +375,38 @@ async fn ejected_endpoint_returns_after_its_period() {
     );
 }
 
+/// Rewrite the policy file of `proxy` to `rest` and reload it through the admin listener.
+async fn reload(client: &reqwest::Client, proxy: &Proxy, rest: &str) {
+    proxy.write_policy(rest);
+    let reloaded = client
+        .post(format!("http://{}/-/reload", proxy.admin))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(reloaded.status(), 200);
+}
+
+/// Send 9 requests (bodies `first..first + 9`), none may fail; how many `endpoint` served.
+async fn served_by(
+    client: &reqwest::Client,
+    url: &str,
+    body: &BodyFn,
+    first: usize,
+    endpoint: &str,
+) -> usize {
+    let mut samples = Vec::new();
+    for i in 0..9 {
+        let (b, stream) = body(first + i);
+        samples.push(send(client, url, b, stream, 0).await);
+    }
+    let tally = Tally::of(&samples);
+    assert_eq!(tally.failed, 0, "{}", tally.text());
+    samples
+        .iter()
+        .filter(|s| s.endpoint.as_deref() == Some(endpoint))
+        .count()
+}
+
 /// A reload (or a DNS change) builds a new routing table; an ejected endpoint stays ejected in it
 /// (the detector's state is carried by endpoint), instead of getting traffic again at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,29 +448,13 @@ async fn ejection_survives_a_reload() {
     );
     // It would answer now: only its ejection keeps requests away from it.
     sims[2].faults().clear();
-    proxy.write_policy(&file(2));
-    let reloaded = client
-        .post(format!("http://{}/-/reload", proxy.admin))
-        .send()
-        .await
-        .expect("reload");
-    assert_eq!(reloaded.status(), 200);
+    reload(&client, &proxy, &file(2)).await;
     assert_eq!(
         ejected().await,
         Some(1.0),
         "still ejected in the new generation"
     );
-    let mut after = Vec::new();
-    for i in 0..9 {
-        let (b, stream) = body(100 + i);
-        after.push(send(&client, &url, b, stream, 0).await);
-    }
-    let tally = Tally::of(&after);
-    assert_eq!(tally.failed, 0, "{}", tally.text());
-    let on_victim = after
-        .iter()
-        .filter(|s| s.endpoint.as_deref() == Some(victim.as_str()))
-        .count();
+    let on_victim = served_by(&client, &url, &body, 100, &victim).await;
     assert_eq!(
         on_victim, 0,
         "an ejected endpoint gets no traffic after a reload"
@@ -484,29 +500,13 @@ async fn failed_health_checks_survive_a_reload() {
         },
     )
     .await;
-    proxy.write_policy(&file(2));
-    let reloaded = client
-        .post(format!("http://{}/-/reload", proxy.admin))
-        .send()
-        .await
-        .expect("reload");
-    assert_eq!(reloaded.status(), 200);
+    reload(&client, &proxy, &file(2)).await;
     assert_eq!(
         healthy().await,
         Some(0.0),
         "still unhealthy in the new generation"
     );
-    let mut after = Vec::new();
-    for i in 0..9 {
-        let (b, stream) = body(200 + i);
-        after.push(send(&client, &url, b, stream, 0).await);
-    }
-    let tally = Tally::of(&after);
-    assert_eq!(tally.failed, 0, "{}", tally.text());
-    let on_victim = after
-        .iter()
-        .filter(|s| s.endpoint.as_deref() == Some(victim.as_str()))
-        .count();
+    let on_victim = served_by(&client, &url, &body, 200, &victim).await;
     assert_eq!(
         on_victim, 0,
         "an unhealthy endpoint gets no traffic after a reload"
