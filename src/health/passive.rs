@@ -133,15 +133,9 @@ impl Outliers {
             return None;
         }
         let _deciding = self.deciding.lock();
-        self.readmit_expired(now_ms);
-        let total = self.slots.len();
-        let ejected_now = self
-            .slots
-            .iter()
-            .filter(|s| s.record.lock().ejected)
-            .count();
         let slot = self.slots.get(index)?;
         let mut record = slot.record.lock();
+        self.readmit_if_over(index, slot, &mut record, now_ms);
         if record.ejected {
             // Attempts started before the ejection: they neither extend nor shorten it.
             return None;
@@ -157,6 +151,11 @@ impl Outliers {
         if record.consecutive < config.consecutive_failures {
             return None;
         }
+        // Only now, about to eject, look at the whole pool (atomics only): the cap.
+        let total = self.slots.len();
+        let ejected_now = (0..total)
+            .filter(|i| self.is_ejected_at(*i, now_ms))
+            .count();
         let cap = (total * usize::from(config.max_ejected_percent) / 100)
             .max(1)
             .min(total.saturating_sub(1));
@@ -197,20 +196,17 @@ impl Outliers {
         Some(period)
     }
 
-    /// Mark endpoints whose period is over as admitted again (log line, gauge).
-    fn readmit_expired(&self, now_ms: u64) {
-        for (i, slot) in self.slots.iter().enumerate() {
-            let until = slot.until_ms.load(Ordering::Acquire);
-            let mut record = slot.record.lock();
-            if record.ejected && until <= now_ms {
-                record.ejected = false;
-                record.consecutive = 0;
-                // The period's end, even when noticed later.
-                record.returned_ms = Some(until);
-                let label = self.labels.get(i).map_or("?", String::as_str);
-                log::info!("pool {}: endpoint {label} is back from ejection", self.pool);
-                telemetry::set_endpoint_ejected(&self.pool, label, false);
-            }
+    /// Mark endpoint `index` admitted again if its period is over (log line, gauge).
+    fn readmit_if_over(&self, index: usize, slot: &Slot, record: &mut Record, now_ms: u64) {
+        let until = slot.until_ms.load(Ordering::Acquire);
+        if record.ejected && until <= now_ms {
+            record.ejected = false;
+            record.consecutive = 0;
+            // The period's end, even when noticed later.
+            record.returned_ms = Some(until);
+            let label = self.labels.get(index).map_or("?", String::as_str);
+            log::info!("pool {}: endpoint {label} is back from ejection", self.pool);
+            telemetry::set_endpoint_ejected(&self.pool, label, false);
         }
     }
 
@@ -219,7 +215,10 @@ impl Outliers {
     /// second so the gauge follows even when no request reports.
     pub fn readmit_due(&self) {
         let _deciding = self.deciding.lock();
-        self.readmit_expired(self.now_ms());
+        let now_ms = self.now_ms();
+        for (i, slot) in self.slots.iter().enumerate() {
+            self.readmit_if_over(i, slot, &mut slot.record.lock(), now_ms);
+        }
     }
 }
 
