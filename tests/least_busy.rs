@@ -252,7 +252,9 @@ async fn follows_the_tree(flavour: Flavour) {
         MetricsBackend::start(exposition(flavour, 10, 0.2, 2, &["foo"])).await,
     ];
     let addrs: Vec<SocketAddr> = b.iter().map(|x| x.addr).collect();
-    let proxy = Proxy::start(&yaml(&addrs, 100, "{criticalModels: [critical]}"));
+    // Scrapes every 500 ms: a snapshot goes stale (unknown) only after 1.5 s, which a busy
+    // machine (the other tests of this file run alongside) does not reach between two scrapes.
+    let proxy = Proxy::start(&yaml(&addrs, 500, "{criticalModels: [critical]}"));
     wait_for(&proxy, "all endpoints' metrics known", |t| {
         addrs.iter().all(|a| known(t, *a) == Some(1.0))
     })
