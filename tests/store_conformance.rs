@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use llm_lb::config::{LoadGuard, RedisConfig};
 use llm_lb::store::{
-    InflightStore, MemoryStore, PrefixOutcome, PrefixQuery, RedisStore, StoreError, MAX_HOLDERS,
+    CostQuery, InflightStore, MemoryStore, PrefixOutcome, PrefixQuery, RedisStore, StoreError,
+    MAX_HOLDERS,
 };
 use redis_harness::{RedisCluster, RedisServer};
 
@@ -557,6 +558,107 @@ mod cases {
         assert_eq!(counts(&*r1, &p, &eps).await, vec![1, 3, 0]);
     }
 
+    /// `acquire_cost` with no tolerance; returns the chosen endpoint.
+    async fn cost(
+        s: &dyn InflightStore,
+        pool: &str,
+        candidates: &[&str],
+        base: &[u64],
+        weights: &[u64],
+        load_per_mille: u64,
+    ) -> String {
+        let a = s
+            .acquire_cost(
+                pool,
+                CostQuery {
+                    candidates,
+                    base,
+                    weights,
+                    load_per_mille,
+                    tie_per_mille: 0,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("acquire_cost({base:?}): {e}"));
+        candidates[a.index].to_owned()
+    }
+
+    pub(crate) async fn cost_weighs_base_against_weighted_load(env: &Env) {
+        let (s, other) = (env.replica(), env.replica());
+        let p = pool("cost");
+        let eps = ["a", "b", "c"];
+        // Nothing in flight: the least base cost wins and is counted by its own weight.
+        assert_eq!(
+            cost(&*s, &p, &eps, &[300, 100, 200], &[30, 700, 20], 1000).await,
+            "b"
+        );
+        assert_eq!(counts(&*s, &p, &eps).await, vec![0, 700, 0]);
+        // b now costs 100 + 700: c (200) wins; another replica sees and adds to the same load.
+        assert_eq!(
+            cost(&*other, &p, &eps, &[300, 100, 200], &[30, 1, 20], 1000).await,
+            "c"
+        );
+        assert_eq!(counts(&*s, &p, &eps).await, vec![0, 700, 20]);
+        // Load at a tenth of the weight: b costs 100 + 70 = 170, under c's 200 + 2 and a's 300.
+        assert_eq!(
+            cost(&*s, &p, &eps, &[300, 100, 200], &[5, 5, 5], 100).await,
+            "b"
+        );
+        assert_eq!(counts(&*s, &p, &eps).await, vec![0, 705, 20]);
+        // A weight of 0 still counts 1, so every acquire has something to release.
+        assert_eq!(cost(&*s, &p, &["a"], &[0], &[0], 1000).await, "a");
+        assert_eq!(counts(&*s, &p, &eps).await, vec![1, 705, 20]);
+        // Releases take back exactly the units, never more than this replica holds.
+        s.release_n(&p, "b", 705).await.expect("release b");
+        s.release_n(&p, "a", 1).await.expect("release a");
+        s.release_n(&p, "c", 20).await.expect("c is not s's");
+        assert_eq!(counts(&*s, &p, &eps).await, vec![0, 0, 20]);
+        other.release_n(&p, "c", 500).await.expect("release c");
+        assert_eq!(counts(&*s, &p, &eps).await, vec![0, 0, 0]);
+        // Mismatched lengths are refused and count nothing.
+        let bad = s
+            .acquire_cost(
+                &p,
+                CostQuery {
+                    candidates: &eps,
+                    base: &[1, 2],
+                    weights: &[1, 1, 1],
+                    load_per_mille: 1000,
+                    tie_per_mille: 0,
+                },
+            )
+            .await;
+        assert!(matches!(bad, Err(StoreError::InvalidInput(_))), "{bad:?}");
+        assert_eq!(counts(&*s, &p, &eps).await, vec![0, 0, 0]);
+    }
+
+    pub(crate) async fn cost_near_ties_spread_and_far_ones_never_win(env: &Env) {
+        let s = env.replica();
+        let p = pool("costties");
+        let eps = ["a", "b", "c"];
+        let mut chosen = std::collections::HashMap::<String, usize>::new();
+        for _ in 0..60 {
+            let a = s
+                .acquire_cost(
+                    &p,
+                    CostQuery {
+                        candidates: &eps,
+                        base: &[1000, 1040, 2000],
+                        weights: &[1, 1, 1],
+                        load_per_mille: 0,
+                        tie_per_mille: 50,
+                    },
+                )
+                .await
+                .expect("acquire_cost");
+            *chosen.entry(eps[a.index].to_owned()).or_default() += 1;
+        }
+        // a and b are within 5 % of each other: both are chosen; c is twice the cost: never.
+        assert!(chosen.get("a").copied().unwrap_or(0) > 5, "{chosen:?}");
+        assert!(chosen.get("b").copied().unwrap_or(0) > 5, "{chosen:?}");
+        assert_eq!(chosen.get("c"), None, "{chosen:?}");
+    }
+
     pub(crate) async fn concurrent_acquires_are_atomic(env: &Env) {
         let replicas: Vec<Arc<dyn InflightStore>> = (0..4).map(|_| env.replica()).collect();
         let p = pool("atomic");
@@ -631,6 +733,8 @@ conformance!(
     silent_replica_is_reaped,
     restore_replaces_only_the_callers_share,
     concurrent_acquires_are_atomic,
+    cost_weighs_base_against_weighted_load,
+    cost_near_ties_spread_and_far_ones_never_win,
     prefix_miss_then_hit_on_the_same_endpoint,
     prefix_holder_not_a_candidate_rewrites_the_chain,
     prefix_load_guard_diverts_and_spreads,

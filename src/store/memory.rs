@@ -25,8 +25,8 @@ use crate::config::{
 };
 
 use super::{
-    check_call, heartbeat_interval_for, new_replica_id, pick_least, prefix_choice, Acquired,
-    InflightStore, PrefixAcquired, PrefixQuery, StoreError,
+    check_call, check_cost, cost_choice, heartbeat_interval_for, new_replica_id, pick_least,
+    prefix_choice, Acquired, CostQuery, InflightStore, PrefixAcquired, PrefixQuery, StoreError,
 };
 
 /// The embedded store. Cheap to clone; clones are the same replica.
@@ -155,16 +155,16 @@ impl PoolState {
         }
     }
 
-    /// Count one more in flight to `ep` for replica `me`; returns the new total.
-    fn add(&mut self, me: &str, ep: &str) -> u64 {
+    /// Count `n` more in flight to `ep` for replica `me`; returns the new total.
+    fn add(&mut self, me: &str, ep: &str, n: u64) -> u64 {
         *self
             .contributions
             .entry(me.to_owned())
             .or_default()
             .entry(ep.to_owned())
-            .or_default() += 1;
+            .or_default() += n;
         let total = self.totals.entry(ep.to_owned()).or_default();
-        *total += 1;
+        *total += n;
         *total
     }
 
@@ -222,8 +222,12 @@ impl InflightStore for MemoryStore {
         self.acquire_prefix_now(pool, q)
     }
 
-    async fn release(&self, pool: &str, endpoint: &str) -> Result<(), StoreError> {
-        self.release_now(pool, endpoint)
+    async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<Acquired, StoreError> {
+        self.acquire_cost_now(pool, q)
+    }
+
+    async fn release_n(&self, pool: &str, endpoint: &str, n: u64) -> Result<(), StoreError> {
+        self.release_n_now(pool, endpoint, n)
     }
 
     async fn inflight(&self, pool: &str, endpoints: &[&str]) -> Result<Vec<u64>, StoreError> {
@@ -258,7 +262,7 @@ impl MemoryStore {
             return Err(StoreError::Saturated);
         }
         let ep = candidates[index];
-        let inflight = st.add(&self.replica, ep);
+        let inflight = st.add(&self.replica, ep, 1);
         Ok(Acquired { index, inflight })
     }
 
@@ -279,7 +283,7 @@ impl MemoryStore {
         let (index, outcome) = prefix_choice(&counts, &holders, random, q.guard, q.max)
             .ok_or(StoreError::Saturated)?;
         let ep = q.candidates[index];
-        let inflight = st.add(&self.replica, ep);
+        let inflight = st.add(&self.replica, ep, 1);
         st.prefixes.record(q.chain, ep, now + q.ttl, now);
         Ok(PrefixAcquired {
             index,
@@ -289,25 +293,49 @@ impl MemoryStore {
         })
     }
 
+    /// [`InflightStore::acquire_cost`], synchronously.
+    pub fn acquire_cost_now(&self, pool: &str, q: CostQuery<'_>) -> Result<Acquired, StoreError> {
+        check_cost(pool, &q)?;
+        let random = rand::random::<u32>();
+        let pool = self.pool(pool);
+        let mut st = pool.lock();
+        st.touch_and_reap(&self.replica, Instant::now(), self.dead_after);
+        let counts: Vec<u64> = q.candidates.iter().map(|c| st.total(c)).collect();
+        let index = cost_choice(q.base, &counts, q.load_per_mille, q.tie_per_mille, random);
+        let weight = q.weights[index].max(1);
+        let inflight = st.add(&self.replica, q.candidates[index], weight);
+        Ok(Acquired { index, inflight })
+    }
+
     /// [`InflightStore::release`], synchronously.
     pub fn release_now(&self, pool: &str, endpoint: &str) -> Result<(), StoreError> {
+        self.release_n_now(pool, endpoint, 1)
+    }
+
+    /// [`InflightStore::release_n`], synchronously.
+    pub fn release_n_now(&self, pool: &str, endpoint: &str, n: u64) -> Result<(), StoreError> {
         check_call(pool, 1)?;
         let pool = self.pool(pool);
         let mut st = pool.lock();
         let Some(mine) = st.contributions.get_mut(&*self.replica) else {
             return Ok(());
         };
-        match mine.get_mut(endpoint) {
-            Some(n) if *n > 1 => *n -= 1,
-            Some(_) => {
+        let taken = match mine.get_mut(endpoint) {
+            Some(held) if *held > n => {
+                *held -= n;
+                n
+            }
+            Some(held) => {
+                let all = *held;
                 mine.remove(endpoint);
+                all
             }
             None => return Ok(()),
-        }
+        };
         if mine.is_empty() {
             st.contributions.remove(&*self.replica);
         }
-        st.sub_total(endpoint, 1);
+        st.sub_total(endpoint, taken);
         Ok(())
     }
 

@@ -128,6 +128,24 @@ pub struct PrefixAcquired {
     pub outcome: PrefixOutcome,
 }
 
+/// One [`InflightStore::acquire_cost`] call: `kv_aware`'s pick, where the shared counts are units
+/// of work (tokens) rather than requests.
+#[derive(Debug, Clone, Copy)]
+pub struct CostQuery<'a> {
+    /// Eligible endpoints (labels), as for [`InflightStore::acquire_least`].
+    pub candidates: &'a [&'a str],
+    /// Per candidate, the cost of sending the request there before its load is added (e.g. its
+    /// uncached prompt tokens), in the same units as the counts.
+    pub base: &'a [u64],
+    /// Per candidate, what the request adds to that candidate's count if it is chosen (at least 1).
+    pub weights: &'a [u64],
+    /// How much one unit of count costs, per mille of a unit of `base`.
+    pub load_per_mille: u64,
+    /// Candidates whose cost is within this per mille of the least cost are near-ties, chosen
+    /// among uniformly at random so that bursts do not herd onto one endpoint.
+    pub tie_per_mille: u64,
+}
+
 /// At most this many endpoints are recorded as holders of one block key (most recent first).
 pub const MAX_HOLDERS: usize = 4;
 
@@ -209,9 +227,22 @@ pub trait InflightStore: Send + Sync {
         q: PrefixQuery<'_>,
     ) -> Result<PrefixAcquired, StoreError>;
 
+    /// One atomic round trip for `kv_aware`: the candidate with the least
+    /// `base[i] × 1000 + load_per_mille × total[i]` (near-ties within `tie_per_mille` of the least
+    /// uniformly at random, see [`cost_choice`]), whose count grows by `weights[i]` on behalf of
+    /// this replica (release it with [`InflightStore::release_n`]). Input errors as for
+    /// [`InflightStore::acquire_least`], and when `base` or `weights` do not match `candidates`.
+    async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<Acquired, StoreError>;
+
     /// One round trip: this replica's count for `endpoint` minus one; nothing when it is already
     /// zero or unknown (never negative). Call exactly once per successful acquire.
-    async fn release(&self, pool: &str, endpoint: &str) -> Result<(), StoreError>;
+    async fn release(&self, pool: &str, endpoint: &str) -> Result<(), StoreError> {
+        self.release_n(pool, endpoint, 1).await
+    }
+
+    /// [`InflightStore::release`] of `n` units at once (what an [`InflightStore::acquire_cost`]
+    /// counted); never below zero.
+    async fn release_n(&self, pool: &str, endpoint: &str, n: u64) -> Result<(), StoreError>;
 
     /// In-flight requests per endpoint (same order as `endpoints`), summed over live replicas.
     async fn inflight(&self, pool: &str, endpoints: &[&str]) -> Result<Vec<u64>, StoreError>;
@@ -288,6 +319,48 @@ pub(crate) fn pick_least(counts: &[u64], random: u32) -> (usize, u64) {
     (index, min)
 }
 
+/// Checks an [`InflightStore::acquire_cost`] call.
+fn check_cost(pool: &str, q: &CostQuery<'_>) -> Result<(), StoreError> {
+    check_call(pool, q.candidates.len())?;
+    if q.base.len() != q.candidates.len() || q.weights.len() != q.candidates.len() {
+        return Err(StoreError::InvalidInput(
+            "one base cost and weight per candidate",
+        ));
+    }
+    Ok(())
+}
+
+/// The cost choice both implementations follow (the Lua script mirrors it line by line): cost
+/// `base[i] × 1000 + load_per_mille × counts[i]`; the candidates within
+/// `least + least × tie_per_mille / 1000` are near-ties, and the `(random mod k)`-th of the `k`
+/// near-ties in order is chosen. `counts` and `base` have one entry per candidate (not empty).
+pub(crate) fn cost_choice(
+    base: &[u64],
+    counts: &[u64],
+    load_per_mille: u64,
+    tie_per_mille: u64,
+    random: u32,
+) -> usize {
+    let costs: Vec<u64> = base
+        .iter()
+        .zip(counts)
+        .map(|(b, c)| {
+            b.saturating_mul(1000)
+                .saturating_add(load_per_mille.saturating_mul(*c))
+        })
+        .collect();
+    let least = costs.iter().copied().min().unwrap_or(0);
+    let within = least.saturating_add(least.saturating_mul(tie_per_mille) / 1000);
+    let ties = costs.iter().filter(|c| **c <= within).count().max(1);
+    let want = random as usize % ties;
+    costs
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c <= within)
+        .nth(want)
+        .map_or(0, |(i, _)| i)
+}
+
 /// The prefix-cache choice both implementations follow (the Lua script mirrors it): `holders`
 /// are the candidate indices (ascending) holding the deepest matched key, empty on a miss.
 /// `None` when the chosen endpoint — the least loaded one, at worst — is at `max`.
@@ -359,6 +432,23 @@ mod tests {
             Some((1, Diverted))
         );
         assert_eq!(prefix_choice(&[2, 2], &[0], 0, GUARD, Some(2)), None);
+    }
+
+    #[test]
+    fn cost_choice_weighs_base_against_load_and_spreads_near_ties() {
+        // 100 uncached tokens and 50 in flight (at 1:1) beats 0 uncached and 200 in flight.
+        assert_eq!(cost_choice(&[100, 0], &[50, 200], 1000, 0, 0), 0);
+        // Load at half weight: 100 + 25 = 125 against 0 + 100 = 100.
+        assert_eq!(cost_choice(&[100, 0], &[50, 200], 500, 0, 0), 1);
+        // Costs 1000, 1040, 2000 (× 1000) with 5 %: the first two are near-ties, the third never.
+        let base = [1000, 1000, 2000];
+        let counts = [0, 40, 0];
+        let picks: Vec<usize> = (0..4)
+            .map(|r| cost_choice(&base, &counts, 1000, 50, r))
+            .collect();
+        assert_eq!(picks, vec![0, 1, 0, 1]);
+        // Exact ties without tolerance still spread.
+        assert_eq!(cost_choice(&[0, 0], &[3, 3], 1000, 0, 1), 1);
     }
 
     #[test]

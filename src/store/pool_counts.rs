@@ -39,7 +39,7 @@ use parking_lot::Mutex;
 use tokio::sync::RwLock;
 
 use super::breaker::Breaker;
-use super::{Acquired, InflightStore, PrefixAcquired, PrefixQuery, StoreError};
+use super::{Acquired, CostQuery, InflightStore, PrefixAcquired, PrefixQuery, StoreError};
 use crate::config::PrefixSettings;
 use crate::telemetry::{self, FallbackReason};
 
@@ -128,8 +128,21 @@ impl PoolCounts {
     pub async fn acquire(&self, candidates: &[&str], max: Option<u64>) -> Result<usize, Skip> {
         self.ready(candidates)?;
         let call = self.store.acquire_least(&self.pool, candidates, max);
-        let (index, _) = self.counted("acquire", candidates, call).await?;
+        let (index, _) = self.counted("acquire", candidates, |_| 1, call).await?;
         Ok(index)
+    }
+
+    /// [`InflightStore::acquire_cost`]: the candidate of least cost over all replicas, whose
+    /// count grows by its weight. Returns the chosen candidate's position and its new total;
+    /// release with [`PoolCounts::release_n`] and that weight.
+    pub async fn acquire_cost(&self, q: CostQuery<'_>) -> Result<(usize, u64), Skip> {
+        self.ready(q.candidates)?;
+        let call = self.store.acquire_cost(&self.pool, q);
+        let weight = |i: usize| q.weights.get(i).copied().unwrap_or(1).max(1);
+        let (index, acquired) = self
+            .counted("acquire_cost", q.candidates, weight, call)
+            .await?;
+        Ok((index, acquired.inflight))
     }
 
     /// [`InflightStore::acquire_prefix`] over `candidates` (endpoint labels): the holder of the
@@ -151,7 +164,8 @@ impl PoolCounts {
             ttl: settings.ttl,
         };
         let call = self.store.acquire_prefix(&self.pool, query);
-        self.counted("acquire_prefix", candidates, call).await
+        self.counted("acquire_prefix", candidates, |_| 1, call)
+            .await
     }
 
     /// Why the store is not to be asked about `candidates`, if it is not.
@@ -171,14 +185,19 @@ impl PoolCounts {
         &self,
         op: &'static str,
         candidates: &[&str],
+        weight: impl Fn(usize) -> u64,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<(usize, T), Skip> {
         let started = Instant::now();
         let call = async {
             let _gate = self.gate.read().await;
             let result = call.await;
-            if let Some(label) = result.as_ref().ok().and_then(|a| candidates.get(a.index())) {
-                *self.held.lock().entry((*label).to_owned()).or_default() += 1;
+            if let Some((i, label)) = result
+                .as_ref()
+                .ok()
+                .and_then(|a| Some((a.index(), candidates.get(a.index())?)))
+            {
+                *self.held.lock().entry((*label).to_owned()).or_default() += weight(i);
             }
             result
         };
@@ -212,12 +231,17 @@ impl PoolCounts {
     /// `llmlb_store_calls_total{op="release",result="unmatched"}` — and never reaches the store,
     /// where it would take the count of another request in flight.
     pub fn release(self: &Arc<Self>, label: &str) {
+        self.release_n(label, 1);
+    }
+
+    /// [`PoolCounts::release`] of the `n` units an [`PoolCounts::acquire_cost`] counted.
+    pub fn release_n(self: &Arc<Self>, label: &str, n: u64) {
         let label = label.to_owned();
         let runtime = match tokio::runtime::Handle::try_current() {
             Ok(rt) if !self.breaker.is_open() => rt,
             // No store call: forget the count here; the next tick's restore removes it there.
             _ => {
-                if !self.forget(&label) {
+                if !self.forget(&label, n) {
                     self.unmatched(&label);
                 }
                 return;
@@ -228,10 +252,13 @@ impl PoolCounts {
             let started = Instant::now();
             let call = async {
                 let _gate = this.gate.read().await;
-                if !this.forget(&label) {
+                if !this.forget(&label, n) {
                     return Ok(false);
                 }
-                this.store.release(&this.pool, &label).await.map(|()| true)
+                this.store
+                    .release_n(&this.pool, &label, n)
+                    .await
+                    .map(|()| true)
             };
             let result = this.bounded(call).await;
             if let Ok(false) = result {
@@ -312,14 +339,17 @@ impl PoolCounts {
         }
     }
 
-    /// Forget one count held on `label`; false when none was held.
-    fn forget(&self, label: &str) -> bool {
+    /// Forget `n` units held on `label`; false when fewer were held (nothing is forgotten).
+    fn forget(&self, label: &str, n: u64) -> bool {
         let mut held = self.held.lock();
-        let Some(n) = held.get_mut(label) else {
+        let Some(units) = held.get_mut(label) else {
             return false;
         };
-        *n -= 1;
-        if *n == 0 {
+        if *units < n {
+            return false;
+        }
+        *units -= n;
+        if *units == 0 {
             held.remove(label);
         }
         true

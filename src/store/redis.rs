@@ -51,8 +51,8 @@ use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 
 use super::{
-    check_call, heartbeat_interval_for, new_replica_id, Acquired, InflightStore, PrefixAcquired,
-    PrefixOutcome, PrefixQuery, StoreError, KEY_TTL, MAX_HOLDERS,
+    check_call, check_cost, heartbeat_interval_for, new_replica_id, Acquired, CostQuery,
+    InflightStore, PrefixAcquired, PrefixOutcome, PrefixQuery, StoreError, KEY_TTL, MAX_HOLDERS,
 };
 use crate::config::{RedisConfig, RedisMode};
 
@@ -257,8 +257,48 @@ return {pick, total, matched, outcome}
 "#
 );
 
-/// KEYS[1] inflight, KEYS[2] total; ARGV[1] replica, ARGV[2] endpoint. Returns 1 when a count was
-/// released, 0 when there was none (never goes below zero).
+/// ARGV[4] random u32, ARGV[5] load per mille, ARGV[6] tie per mille, ARGV[7] n; then n
+/// candidates, n base costs, n weights. Returns {1-based index, new total}. Mirrors `cost_choice`.
+const COST_LUA: &str = concat!(
+    prelude!(),
+    r#"
+touch_and_reap()
+local random, load_pm, tie_pm = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local n = tonumber(ARGV[7])
+local raw = redis.call('HMGET', totals, unpack(ARGV, 8, 7 + n))
+local costs, least = {}, nil
+for i = 1, n do
+  local c = tonumber(ARGV[7 + n + i]) * 1000 + load_pm * count(raw[i])
+  costs[i] = c
+  if least == nil or c < least then least = c end
+end
+local within = least + math.floor(least * tie_pm / 1000)
+local ties = 0
+for i = 1, n do
+  if costs[i] <= within then ties = ties + 1 end
+end
+local want = random % ties
+local pick = 1
+for i = 1, n do
+  if costs[i] <= within then
+    if want == 0 then
+      pick = i
+      break
+    end
+    want = want - 1
+  end
+end
+local ep = ARGV[7 + pick]
+local w = math.max(1, tonumber(ARGV[7 + 2 * n + pick]))
+redis.call('HINCRBY', inflight, me .. '|' .. ep, w)
+local total = redis.call('HINCRBY', totals, ep, w)
+keep()
+return {pick, total}
+"#
+);
+
+/// KEYS[1] inflight, KEYS[2] total; ARGV[1] replica, ARGV[2] endpoint, ARGV[3] units. Returns the
+/// units released: at most what this replica holds (never goes below zero).
 const RELEASE_LUA: &str = r#"
 local f = ARGV[1] .. '|' .. ARGV[2]
 local c = tonumber(redis.call('HGET', KEYS[1], f)) or 0
@@ -266,10 +306,11 @@ if c <= 0 then
   if c < 0 then redis.call('HDEL', KEYS[1], f) end
   return 0
 end
-if c <= 1 then redis.call('HDEL', KEYS[1], f) else redis.call('HINCRBY', KEYS[1], f, -1) end
+local n = math.min(c, tonumber(ARGV[3]))
+if c <= n then redis.call('HDEL', KEYS[1], f) else redis.call('HINCRBY', KEYS[1], f, -n) end
 local t = tonumber(redis.call('HGET', KEYS[2], ARGV[2])) or 0
-if t <= 1 then redis.call('HDEL', KEYS[2], ARGV[2]) else redis.call('HINCRBY', KEYS[2], ARGV[2], -1) end
-return 1
+if t <= n then redis.call('HDEL', KEYS[2], ARGV[2]) else redis.call('HINCRBY', KEYS[2], ARGV[2], -n) end
+return n
 "#;
 
 /// ARGV[4..] endpoints. Returns their totals.
@@ -338,6 +379,7 @@ return 1
 struct Scripts {
     acquire: Script,
     prefix: Script,
+    cost: Script,
     release: Script,
     inflight: Script,
     heartbeat: Script,
@@ -386,6 +428,7 @@ impl RedisStore {
             scripts: Scripts {
                 acquire: Script::new(ACQUIRE_LUA),
                 prefix: Script::new(&PREFIX_LUA.replace("MAX_HOLDERS", &MAX_HOLDERS.to_string())),
+                cost: Script::new(COST_LUA),
                 release: Script::new(RELEASE_LUA),
                 inflight: Script::new(INFLIGHT_LUA),
                 heartbeat: Script::new(HEARTBEAT_LUA),
@@ -673,14 +716,43 @@ impl InflightStore for RedisStore {
         })
     }
 
-    async fn release(&self, pool: &str, endpoint: &str) -> Result<(), StoreError> {
+    async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<Acquired, StoreError> {
+        check_cost(pool, &q)?;
+        let keys = self.pool_keys(pool);
+        let mut inv = self.touching(&self.scripts.cost, &keys);
+        inv.arg(rand::random::<u32>())
+            .arg(q.load_per_mille)
+            .arg(q.tie_per_mille)
+            .arg(q.candidates.len());
+        for c in q.candidates {
+            inv.arg(*c);
+        }
+        for b in q.base {
+            inv.arg(*b);
+        }
+        for w in q.weights {
+            inv.arg(*w);
+        }
+        let (pick, count): (i64, i64) = self.invoke(&inv).await?;
+        let index = usize::try_from(pick - 1)
+            .ok()
+            .filter(|i| *i < q.candidates.len())
+            .ok_or_else(|| StoreError::Protocol(format!("cost returned index {pick}")))?;
+        Ok(Acquired {
+            index,
+            inflight: to_u64(count),
+        })
+    }
+
+    async fn release_n(&self, pool: &str, endpoint: &str, n: u64) -> Result<(), StoreError> {
         check_call(pool, 1)?;
         let keys = self.pool_keys(pool);
         let mut inv = self.scripts.release.prepare_invoke();
         inv.key(&keys.inflight)
             .key(&keys.totals)
             .arg(&self.replica)
-            .arg(endpoint);
+            .arg(endpoint)
+            .arg(n);
         let _released: i64 = self.invoke(&inv).await?;
         Ok(())
     }
@@ -755,7 +827,13 @@ mod tests {
 
     #[test]
     fn scripts_are_distinct_and_declare_keys() {
-        for s in [ACQUIRE_LUA, INFLIGHT_LUA, HEARTBEAT_LUA, RELEASE_LUA] {
+        for s in [
+            ACQUIRE_LUA,
+            COST_LUA,
+            INFLIGHT_LUA,
+            HEARTBEAT_LUA,
+            RELEASE_LUA,
+        ] {
             assert!(s.contains("KEYS[1]"));
             assert!(!s.contains("math.random"), "no Lua RNG");
         }
