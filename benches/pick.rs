@@ -66,7 +66,7 @@ fn benches(c: &mut Criterion) {
             let cfg = config(name, n);
             let pool = &cfg.pools[0];
             let resolved = llm_lb::routing::resolve::expand(&cfg, &Default::default());
-            let deps = llm_lb::routing::deps::build(pool, &resolved[0], None);
+            let deps = llm_lb::routing::deps::build(pool, &resolved[0], None).expect("deps");
             let board = deps.board.clone();
             let policy = policy::build(
                 &pool.name,

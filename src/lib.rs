@@ -39,6 +39,8 @@ pub mod config;
 pub mod drain;
 pub mod endpoint;
 pub mod health;
+pub mod kv_blocks;
+pub mod kv_events;
 pub mod policy;
 pub mod prefix;
 pub mod proxy;

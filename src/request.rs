@@ -4,6 +4,8 @@
 //! fields of the wrong type still yields an [`LlmRequest`] and is proxied unchanged; it just carries
 //! no prefix blocks, so policies route it by their fallback.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use crate::prefix::{self, BlockKey};
@@ -31,6 +33,8 @@ pub struct LlmRequest {
     pub stream: bool,
     /// Ordered chain of prefix block keys (DESIGN §3.5); empty without messages or prompt.
     pub blocks: Vec<BlockKey>,
+    /// The parsed body, for policies that read more of it (`kv_aware` tokenizes the chat).
+    pub json: Option<Arc<Value>>,
 }
 
 impl LlmRequest {
@@ -41,6 +45,7 @@ impl LlmRequest {
             model: None,
             stream: false,
             blocks: Vec::new(),
+            json: None,
         }
     }
 
@@ -73,6 +78,7 @@ impl LlmRequest {
             model,
             stream,
             blocks,
+            json: Some(Arc::new(v)),
         }
     }
 

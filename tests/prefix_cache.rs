@@ -451,9 +451,9 @@ async fn without_redis_requests_flow_and_affinity_resumes() {
 /// previous context cached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_hit_rate_is_far_above_round_robin() {
-    let oracle = fleet_hit_rate("round_robin", 1).await;
-    let rr = fleet_hit_rate("round_robin", 3).await;
-    let pc = fleet_hit_rate("prefix_cache", 3).await;
+    let oracle = fleet_hit_rate(MODEL, "round_robin", 1, "").await;
+    let rr = fleet_hit_rate(MODEL, "round_robin", 3, "").await;
+    let pc = fleet_hit_rate(MODEL, "prefix_cache", 3, "").await;
     eprintln!(
         "fleet prefix-cache hit rate: round_robin {rr:.3}, prefix_cache {pc:.3}, oracle {oracle:.3}"
     );
@@ -465,54 +465,4 @@ async fn the_fleet_hit_rate_is_far_above_round_robin() {
         pc >= rr + 0.2,
         "prefix_cache {pc:.3} vs round_robin {rr:.3}"
     );
-}
-
-/// 12 conversations of 5 turns (~200 prompt tokens a turn), 4 at a time, through `policy` on
-/// `n` simulators.
-async fn fleet_hit_rate(policy: &str, n: usize) -> f64 {
-    let base = vllm_sim::SimConfig {
-        model: MODEL.to_string(),
-        time_scale: 0.0,
-        ..vllm_sim::SimConfig::default()
-    };
-    let sims = sim_fleet(n, base).await;
-    let addrs: Vec<SocketAddr> = sims.iter().map(vllm_sim::SimHandle::addr).collect();
-    let proxy = Proxy::start(&format!(
-        "pools:\n{}",
-        pool_yaml("sim", "[\"*\"]", &addrs, policy, "")
-    ));
-    let client = client();
-    let url = proxy.url("/v1/chat/completions");
-    for batch in [0..4, 4..8, 8..12] {
-        let tasks: Vec<_> = batch
-            .map(|c| {
-                let (client, url) = (client.clone(), url.clone());
-                tokio::spawn(async move {
-                    let mut messages = Vec::new();
-                    for turn in 0..5 {
-                        let question = format!("Conversation {c}, turn {turn}. ")
-                            + &"Please explain the next step in detail. ".repeat(20);
-                        messages.push(json!({"role": "user", "content": question}));
-                        chat_turn(&client, &url, MODEL, &mut messages, 32).await;
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.expect("conversation");
-        }
-    }
-    let (mut hits, mut queries) = (0.0, 0.0);
-    for addr in &addrs {
-        let text = reqwest::get(format!("http://{addr}/metrics"))
-            .await
-            .expect("sim metrics")
-            .text()
-            .await
-            .expect("text");
-        hits += parse_metric(&text, "vllm:prefix_cache_hits_total", &[]).expect("hits");
-        queries += parse_metric(&text, "vllm:prefix_cache_queries_total", &[]).expect("queries");
-    }
-    assert!(queries > 0.0);
-    hits / queries
 }

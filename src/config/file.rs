@@ -108,6 +108,8 @@ pub struct DetailedEndpointFile {
     pub address: String,
     /// Relative weight, 1 to 1000 (default 1).
     pub weight: Option<usize>,
+    /// The engine's KV-cache event stream (`tcp://host:port`, vLLM's ZMQ publisher).
+    pub kv_events: Option<String>,
 }
 
 /// Active HTTP health check of every endpoint of a pool.
@@ -214,4 +216,22 @@ pub struct LbConfigFile {
     pub cleanInterval: Option<serde_yaml::Value>,
     /// Higress's knob with no meaning here (accepted, warned about).
     pub enableDetailLog: Option<serde_yaml::Value>,
+    /// `kv_aware`: Hugging Face tokenizer directory (approximate tokens without it).
+    pub tokenizer: Option<String>,
+    /// `kv_aware`: tokens per KV block (default 16).
+    pub blockSize: Option<usize>,
+    /// `kv_aware`: cost of one uncached prompt token (default 1.0).
+    pub prefillWeight: Option<f64>,
+    /// `kv_aware`: cost of one token of load in flight (default 1.0).
+    pub loadWeight: Option<f64>,
+    /// `kv_aware`: load a request adds for its decoding, in tokens (default 128).
+    pub decodeTokens: Option<u64>,
+    /// `kv_aware`: relative cost difference treated as a tie (default 0.05).
+    pub tieTolerance: Option<f64>,
+    /// `kv_aware`: lifetime of predicted index entries (ms, default 2000).
+    pub predictedTtlMs: Option<u64>,
+    /// `kv_aware`: most block entries in the pool's index (default 262144).
+    pub kvIndexBlocks: Option<usize>,
+    /// `kv_aware`: KV-event topic to subscribe to (default: all).
+    pub kvEventsTopic: Option<String>,
 }

@@ -12,6 +12,7 @@
 
 mod error;
 pub mod file;
+mod kv_aware;
 mod least_busy;
 mod outlier;
 mod policy;
@@ -20,6 +21,7 @@ mod redis;
 mod validate;
 
 pub use error::{ConfigError, InvalidKey, Issue};
+pub use kv_aware::KvAwareSettings;
 pub use least_busy::{LeastBusyConfig, Thresholds};
 pub use outlier::OutlierConfig;
 pub use policy::{
@@ -131,6 +133,8 @@ pub struct EndpointSpec {
     pub address: Address,
     /// Relative weight, 1 to [`MAX_WEIGHT`].
     pub weight: usize,
+    /// Its KV-cache event stream (`tcp://host:port`), if it publishes one.
+    pub kv_events: Option<String>,
 }
 
 /// Where an endpoint is: a fixed `IP:port`, or `host:port` resolved at start and every
@@ -189,13 +193,25 @@ impl Address {
     }
 }
 
+/// The `host:port` of a `kv_events` URL (`tcp://host:port`, ZMQ's TCP transport).
+pub fn kv_events_address(url: &str) -> Result<Address, String> {
+    let Some(rest) = url.strip_prefix("tcp://") else {
+        return Err(format!(
+            "'{url}' must be tcp://host:port (the engine's ZMQ event publisher)"
+        ));
+    };
+    Address::parse(rest)
+}
+
 /// One inference server at a resolved address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointConfig {
     /// The resolved address.
     pub addr: SocketAddr,
     /// Relative weight, 1 to [`MAX_WEIGHT`].
     pub weight: usize,
+    /// Its KV-cache event stream (`tcp://IP:port`), if it publishes one.
+    pub kv_events: Option<String>,
 }
 
 /// Active health checking of a pool's endpoints.

@@ -10,6 +10,7 @@
 
 use super::error::InvalidKey;
 use super::file::LbConfigFile;
+use super::kv_aware::KvAwareSettings;
 use super::least_busy::LeastBusyConfig;
 use super::prefix::PrefixSettings;
 use super::redis::RedisConfig;
@@ -48,6 +49,9 @@ policy_kinds! {
     PrefixCache = "prefix_cache",
     /// The engines' own metrics through the Inference Extension's filter tree.
     LeastBusy = "least_busy",
+    /// The least expected time to first token: uncached prompt tokens (from the engines' KV
+    /// events, or predicted) plus tokens in flight, shared through the store.
+    KvAware = "kv_aware",
 }
 
 impl PolicyKind {
@@ -59,7 +63,7 @@ impl PolicyKind {
     /// Whether the policy keeps state in a store (embedded or Redis).
     pub const fn uses_store(self) -> bool {
         match self {
-            Self::GlobalLeastRequest | Self::PrefixCache => true,
+            Self::GlobalLeastRequest | Self::PrefixCache | Self::KvAware => true,
             Self::RoundRobin | Self::Random | Self::LeastBusy => false,
         }
     }
@@ -120,6 +124,8 @@ pub enum PolicySettings {
     PrefixCache(SharedCounts, PrefixSettings),
     /// `least_busy`.
     LeastBusy(LeastBusyConfig),
+    /// `kv_aware`.
+    KvAware(SharedCounts, KvAwareSettings),
     /// A policy registered from outside the crate.
     Custom(CustomPolicy),
 }
@@ -145,6 +151,20 @@ impl PolicySettings {
                 }
             }
             PolicyKind::LeastBusy => Self::LeastBusy(LeastBusyConfig::from_lb_config(c)?),
+            PolicyKind::KvAware => {
+                let shared = SharedCounts::from_lb_config(c);
+                let kv = KvAwareSettings::from_lb_config(c);
+                match (shared, kv) {
+                    (Ok(mut s), Ok(k)) => {
+                        // Its counts are tokens: `maxRequestCount` does not apply.
+                        s.max_inflight = None;
+                        Self::KvAware(s, k)
+                    }
+                    (s, k) => {
+                        return Err([s.err(), k.err()].into_iter().flatten().flatten().collect())
+                    }
+                }
+            }
         })
     }
 
@@ -156,7 +176,8 @@ impl PolicySettings {
             | Self::Random
             | Self::GlobalLeastRequest(_)
             | Self::PrefixCache(..)
-            | Self::LeastBusy(_)) => other.kind().map_or("", PolicyKind::name),
+            | Self::LeastBusy(_)
+            | Self::KvAware(..)) => other.kind().map_or("", PolicyKind::name),
         }
     }
 
@@ -168,6 +189,7 @@ impl PolicySettings {
             Self::GlobalLeastRequest(_) => PolicyKind::GlobalLeastRequest,
             Self::PrefixCache(..) => PolicyKind::PrefixCache,
             Self::LeastBusy(_) => PolicyKind::LeastBusy,
+            Self::KvAware(..) => PolicyKind::KvAware,
             Self::Custom(_) => return None,
         })
     }
@@ -175,7 +197,7 @@ impl PolicySettings {
     /// The shared counts' settings, for policies that keep them.
     pub fn shared_counts(&self) -> Option<&SharedCounts> {
         match self {
-            Self::GlobalLeastRequest(s) | Self::PrefixCache(s, _) => Some(s),
+            Self::GlobalLeastRequest(s) | Self::PrefixCache(s, _) | Self::KvAware(s, _) => Some(s),
             Self::RoundRobin | Self::Random | Self::LeastBusy(_) | Self::Custom(_) => None,
         }
     }
@@ -212,9 +234,12 @@ impl KeyUse {
 }
 
 /// Every `lb_config` key as `(name, present in c, who reads it)`.
-pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 23] {
+pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 32] {
     use KeyUse::{Nobody, Policies, Redis, Store};
     const PREFIX: KeyUse = Policies(&[PolicyKind::PrefixCache]);
+    const KV: KeyUse = Policies(&[PolicyKind::KvAware]);
+    const COUNTS_REQUESTS: KeyUse =
+        Policies(&[PolicyKind::GlobalLeastRequest, PolicyKind::PrefixCache]);
     const LEAST_BUSY: KeyUse = Policies(&[PolicyKind::LeastBusy]);
     // Exhaustive on purpose: a new key does not compile until it is listed here.
     let LbConfigFile {
@@ -241,6 +266,15 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 23] {
         tlsKeyFile,
         cleanInterval,
         enableDetailLog,
+        tokenizer,
+        blockSize,
+        prefillWeight,
+        loadWeight,
+        decodeTokens,
+        tieTolerance,
+        predictedTtlMs,
+        kvIndexBlocks,
+        kvEventsTopic,
     } = c;
     [
         ("serviceFQDN", serviceFQDN.is_some(), Store),
@@ -258,7 +292,11 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 23] {
         ("redisKeyTTL", redisKeyTTL.is_some(), PREFIX),
         ("loadGuardAbsolute", loadGuardAbsolute.is_some(), PREFIX),
         ("loadGuardRelative", loadGuardRelative.is_some(), PREFIX),
-        ("maxRequestCount", maxRequestCount.is_some(), Store),
+        (
+            "maxRequestCount",
+            maxRequestCount.is_some(),
+            COUNTS_REQUESTS,
+        ),
         ("criticalModels", criticalModels.is_some(), LEAST_BUSY),
         (
             "queueThresholdCritical",
@@ -278,5 +316,14 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 23] {
         ),
         ("cleanInterval", cleanInterval.is_some(), Nobody),
         ("enableDetailLog", enableDetailLog.is_some(), Nobody),
+        ("tokenizer", tokenizer.is_some(), KV),
+        ("blockSize", blockSize.is_some(), KV),
+        ("prefillWeight", prefillWeight.is_some(), KV),
+        ("loadWeight", loadWeight.is_some(), KV),
+        ("decodeTokens", decodeTokens.is_some(), KV),
+        ("tieTolerance", tieTolerance.is_some(), KV),
+        ("predictedTtlMs", predictedTtlMs.is_some(), KV),
+        ("kvIndexBlocks", kvIndexBlocks.is_some(), KV),
+        ("kvEventsTopic", kvEventsTopic.is_some(), KV),
     ]
 }

@@ -168,6 +168,7 @@ fn prefix_of(c: &Config) -> PrefixSettings {
         | PolicySettings::Random
         | PolicySettings::GlobalLeastRequest(_)
         | PolicySettings::LeastBusy(_)
+        | PolicySettings::KvAware(..)
         | PolicySettings::Custom(_)) => panic!("prefix_cache settings expected: {other:?}"),
     }
 }

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use super::file::{self, EndpointFile, LbConfigFile, OneOrMany, PolicyFile, PoolFile};
 use super::{
-    key_users, Address, Config, ConfigError, CustomPolicy, EndpointSpec, HealthCheckConfig,
-    InvalidKey, Issue, KeyUse, MetricsConfig, OutlierConfig, PolicyKind, PolicySettings,
-    PoolConfig, UpstreamConfig, DEFAULT_ADMIN, DEFAULT_BODY_TIMEOUT, DEFAULT_DNS_REFRESH,
-    DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, MAX_WEIGHT,
+    key_users, kv_events_address, Address, Config, ConfigError, CustomPolicy, EndpointSpec,
+    HealthCheckConfig, InvalidKey, Issue, KeyUse, MetricsConfig, OutlierConfig, PolicyKind,
+    PolicySettings, PoolConfig, UpstreamConfig, DEFAULT_ADMIN, DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DNS_REFRESH, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES,
+    MAX_WEIGHT,
 };
 
 /// Collects issues and warnings while the file is checked.
@@ -178,10 +179,20 @@ impl<'a> Validator<'a> {
         let mut endpoints: Vec<EndpointSpec> = Vec::new();
         for (j, e) in p.endpoints.iter().enumerate() {
             let epath = format!("{path}.endpoints[{j}]");
-            let (address, weight) = match e {
-                EndpointFile::Address(a) => (a.as_str(), 1),
-                EndpointFile::Detailed(d) => (d.address.as_str(), d.weight.unwrap_or(1)),
+            let (address, weight, kv_events) = match e {
+                EndpointFile::Address(a) => (a.as_str(), 1, None),
+                EndpointFile::Detailed(d) => (
+                    d.address.as_str(),
+                    d.weight.unwrap_or(1),
+                    d.kv_events.as_deref(),
+                ),
             };
+            if let Some(url) = kv_events {
+                if let Err(e) = kv_events_address(url) {
+                    self.issue(&format!("{epath}.kv_events"), &e);
+                }
+            }
+            let kv_events = kv_events.map(str::to_owned);
             if !(1..=MAX_WEIGHT).contains(&weight) {
                 self.issue(
                     &format!("{epath}.weight"),
@@ -192,7 +203,11 @@ impl<'a> Validator<'a> {
                 Ok(address) if endpoints.iter().any(|x| x.address == address) => {
                     self.issue(&epath, &format!("duplicate endpoint {address}"));
                 }
-                Ok(address) => endpoints.push(EndpointSpec { address, weight }),
+                Ok(address) => endpoints.push(EndpointSpec {
+                    address,
+                    weight,
+                    kv_events,
+                }),
                 Err(e) => self.issue(&epath, &e),
             }
         }

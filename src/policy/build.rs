@@ -6,8 +6,10 @@
 
 use std::sync::Arc;
 
+use super::kv_aware::{KvAware, Tokenizer};
 use super::{GlobalLeastRequest, LeastBusy, Policy, PrefixCache, Random, Registry, RoundRobin};
 use crate::config::{EndpointConfig, PolicySettings};
+use crate::kv_events::{Feed, KvIndex};
 use crate::scrape::MetricsBoard;
 use crate::store::PoolCounts;
 
@@ -20,6 +22,12 @@ pub struct Deps {
     pub counts: Option<Arc<PoolCounts>>,
     /// The pool's engine-metrics board, for `least_busy`.
     pub board: Option<Arc<MetricsBoard>>,
+    /// The pool's index of cached blocks, for `kv_aware`.
+    pub kv_index: Option<Arc<KvIndex>>,
+    /// The KV-event streams followed into `kv_index`, kept running while this is held.
+    pub kv_feeds: Vec<Arc<Feed>>,
+    /// How the pool tokenizes, for `kv_aware` (approximate when `None`).
+    pub tokenizer: Option<Tokenizer>,
 }
 
 /// Build the policy `settings` ask for over `endpoints` (`pool` names it in errors and metrics).
@@ -54,6 +62,14 @@ pub fn build(
                 .clone()
                 .ok_or_else(|| "least_busy needs a metrics board".to_owned())?;
             Arc::new(LeastBusy::new(board, config.clone()))
+        }
+        PolicySettings::KvAware(_, kv) => {
+            let index = deps
+                .kv_index
+                .clone()
+                .ok_or_else(|| "kv_aware needs a KV index".to_owned())?;
+            let tokenizer = deps.tokenizer.clone().unwrap_or(Tokenizer::Approximate);
+            Arc::new(KvAware::new(counts()?, index, tokenizer, kv.clone()))
         }
         PolicySettings::Custom(custom) => registry.build(
             &custom.name,

@@ -7,25 +7,35 @@ use super::{Lease, Pick, PickInput, PolicyError};
 use crate::endpoint::Outcome;
 use crate::store::{pick_least, PoolCounts};
 
-/// One count held in the store for one attempt.
+/// What one attempt holds in the store: one request, or `units` tokens for `kv_aware`.
 pub(crate) struct StoreLease {
     counts: Arc<PoolCounts>,
     /// The endpoint's label: the count is released against it even after a reload.
     endpoint: String,
+    units: u64,
 }
 
 impl StoreLease {
     pub(crate) fn boxed(counts: &Arc<PoolCounts>, endpoint: &str) -> Box<dyn Lease> {
+        Self::boxed_units(counts, endpoint, 1)
+    }
+
+    pub(crate) fn boxed_units(
+        counts: &Arc<PoolCounts>,
+        endpoint: &str,
+        units: u64,
+    ) -> Box<dyn Lease> {
         Box::new(StoreLease {
             counts: counts.clone(),
             endpoint: endpoint.to_owned(),
+            units,
         })
     }
 }
 
 impl Lease for StoreLease {
     fn release(self: Box<Self>, _outcome: Outcome) {
-        self.counts.release(&self.endpoint);
+        self.counts.release_n(&self.endpoint, self.units);
     }
 }
 

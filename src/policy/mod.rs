@@ -13,6 +13,7 @@
 
 mod build;
 mod global_least_request;
+pub mod kv_aware;
 pub mod least_busy;
 mod local;
 mod prefix_cache;
@@ -22,6 +23,7 @@ mod round_robin;
 
 pub use build::{build, Deps};
 pub use global_least_request::GlobalLeastRequest;
+pub use kv_aware::KvAware;
 pub use least_busy::LeastBusy;
 pub use prefix_cache::{PrefixCache, MAX_CHAIN_BLOCKS};
 pub use random::Random;

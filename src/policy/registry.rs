@@ -129,6 +129,7 @@ impl Registry {
                     Address::Ip(addr) => Some(EndpointConfig {
                         addr,
                         weight: e.weight,
+                        kv_events: e.kv_events.clone(),
                     }),
                     Address::Name { .. } => None,
                 })

@@ -1,19 +1,27 @@
 //! The state a pool's policy reads, built per generation: shared counts in the store the
 //! configuration names (carried over from the previous generation when the pool keeps its name
-//! and store, so counts and the prefix index survive reloads), and an engine-metrics board for
-//! `least_busy`.
+//! and store, so counts and the prefix index survive reloads), an engine-metrics board for
+//! `least_busy`, and for `kv_aware` the index of cached blocks (carried over like the counts) and
+//! the model's tokenizer (loaded from disk).
 
 use std::sync::Arc;
 
-use crate::config::{EndpointConfig, PolicySettings, PoolConfig, StoreConfig};
+use crate::config::{EndpointConfig, KvAwareSettings, PolicySettings, PoolConfig, StoreConfig};
+use crate::kv_events::{Feed, KvIndex, SubscriberOptions};
+use crate::policy::kv_aware::Tokenizer;
 use crate::policy::Deps;
 use crate::scrape::MetricsBoard;
 use crate::store::{InflightStore, MemoryStore, PoolCounts, RedisStore};
 
 use super::table::Routes;
 
-/// What `pc`'s policy needs over `endpoints`, reusing `previous`'s counts where it can.
-pub fn build(pc: &PoolConfig, endpoints: &[EndpointConfig], previous: Option<&Routes>) -> Deps {
+/// What `pc`'s policy needs over `endpoints`, reusing `previous`'s counts and index where it can.
+/// Fails when `kv_aware`'s tokenizer cannot be loaded.
+pub fn build(
+    pc: &PoolConfig,
+    endpoints: &[EndpointConfig],
+    previous: Option<&Routes>,
+) -> Result<Deps, String> {
     let counts = pc.policy.store().map(|store| {
         previous
             .and_then(|r| carried_counts(r, pc))
@@ -32,9 +40,81 @@ pub fn build(pc: &PoolConfig, endpoints: &[EndpointConfig], previous: Option<&Ro
         | PolicySettings::Random
         | PolicySettings::GlobalLeastRequest(_)
         | PolicySettings::PrefixCache(..)
+        | PolicySettings::KvAware(..)
         | PolicySettings::Custom(_) => None,
     };
-    Deps { counts, board }
+    let (kv_index, kv_feeds, tokenizer) = match &pc.policy {
+        PolicySettings::KvAware(_, kv) => {
+            let index = previous
+                .and_then(|r| carried_index(r, pc, kv))
+                .unwrap_or_else(|| Arc::new(KvIndex::new(&pc.name, kv.index_blocks)));
+            let feeds = follow(&index, endpoints, kv);
+            (Some(index), feeds, Some(tokenizer(kv)?))
+        }
+        PolicySettings::RoundRobin
+        | PolicySettings::Random
+        | PolicySettings::GlobalLeastRequest(_)
+        | PolicySettings::PrefixCache(..)
+        | PolicySettings::LeastBusy(_)
+        | PolicySettings::Custom(_) => (None, Vec::new(), None),
+    };
+    Ok(Deps {
+        counts,
+        board,
+        kv_index,
+        kv_feeds,
+        tokenizer,
+    })
+}
+
+/// The feeds of every endpoint that names a KV-event stream: those already running (carried
+/// over from the previous generation), new subscribers for the others.
+fn follow(
+    index: &Arc<KvIndex>,
+    endpoints: &[EndpointConfig],
+    kv: &KvAwareSettings,
+) -> Vec<Arc<Feed>> {
+    endpoints
+        .iter()
+        .filter_map(|e| {
+            let url = e.kv_events.as_deref()?;
+            let options = SubscriberOptions {
+                topic: kv.events_topic.clone(),
+                ..SubscriberOptions::default()
+            };
+            index
+                .feeds()
+                .follow(index, &e.addr.to_string(), url, options)
+        })
+        .collect()
+}
+
+/// `kv_aware`'s tokenizer: the model's, loaded from its directory, or approximate tokens.
+fn tokenizer(kv: &KvAwareSettings) -> Result<Tokenizer, String> {
+    let Some(dir) = &kv.tokenizer else {
+        return Ok(Tokenizer::Approximate);
+    };
+    Err(format!(
+        "lb_config.tokenizer {}: not supported yet",
+        dir.display()
+    ))
+}
+
+/// The index of `previous`'s `kv_aware` pool named like `pc`, if its bound is unchanged.
+fn carried_index(previous: &Routes, pc: &PoolConfig, kv: &KvAwareSettings) -> Option<Arc<KvIndex>> {
+    let old = previous.pools.iter().find(|p| p.name() == pc.name)?;
+    match &old.config.policy {
+        PolicySettings::KvAware(_, before) if before.index_blocks == kv.index_blocks => {
+            old.deps.kv_index.clone()
+        }
+        PolicySettings::KvAware(..)
+        | PolicySettings::RoundRobin
+        | PolicySettings::Random
+        | PolicySettings::GlobalLeastRequest(_)
+        | PolicySettings::PrefixCache(..)
+        | PolicySettings::LeastBusy(_)
+        | PolicySettings::Custom(_) => None,
+    }
 }
 
 /// New counts for pool `name` in `store`.

@@ -54,7 +54,10 @@ impl Generation {
     ) -> Result<Generation, BuildError> {
         let mut pools = Vec::with_capacity(config.pools.len());
         for (pc, eps) in config.pools.iter().zip(&endpoints) {
-            let deps = super::deps::build(pc, eps, previous);
+            let deps = super::deps::build(pc, eps, previous).map_err(|message| BuildError {
+                pool: pc.name.clone(),
+                message,
+            })?;
             let before = previous.and_then(|r| r.pools.iter().find(|p| p.name() == pc.name));
             let pool = Pool::new(pc.clone(), eps, deps, registry, before.map(AsRef::as_ref))
                 .map_err(|message| BuildError {
@@ -83,7 +86,8 @@ impl Generation {
     }
 
     /// Start the generation's background work: its pools' health checks (unless carried over and
-    /// already running) and engine-metrics scraping.
+    /// already running) and engine-metrics scraping. (The KV-event feeds of `kv_aware` pools
+    /// start with their pool, see [`super::deps`], and outlive generations.)
     pub fn start(&self) {
         for pool in &self.routes.pools {
             if let Some(checks) = pool.health_checks() {

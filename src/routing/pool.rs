@@ -118,7 +118,7 @@ impl Pool {
     pub(crate) fn first_of(config: &crate::config::Config) -> Arc<Pool> {
         let endpoints = super::resolve::expand(config, &Default::default());
         let pc = config.pools[0].clone();
-        let deps = super::deps::build(&pc, &endpoints[0], None);
+        let deps = super::deps::build(&pc, &endpoints[0], None).expect("deps");
         Pool::new(pc, &endpoints[0], deps, &Registry::new(), None).expect("pool")
     }
 

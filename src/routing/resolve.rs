@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::config::{Address, Config, EndpointConfig};
+use crate::config::{kv_events_address, Address, Config, EndpointConfig, EndpointSpec};
 use crate::telemetry;
 
 /// Longest wait for one name.
@@ -127,6 +127,7 @@ pub fn expand(config: &Config, answers: &Answers) -> Vec<Vec<EndpointConfig>> {
                         out.push(EndpointConfig {
                             addr,
                             weight: spec.weight,
+                            kv_events: kv_events_of(spec, addr),
                         });
                     }
                 }
@@ -134,6 +135,22 @@ pub fn expand(config: &Config, answers: &Answers) -> Vec<Vec<EndpointConfig>> {
             out
         })
         .collect()
+}
+
+/// The event stream of the endpoint `spec` resolved to `addr`: a `kv_events` URL naming the
+/// endpoint's own host name is each resolved address's own stream (`tcp://<its IP>:<port>`).
+fn kv_events_of(spec: &EndpointSpec, addr: SocketAddr) -> Option<String> {
+    let url = spec.kv_events.as_ref()?;
+    match (&spec.address, kv_events_address(url)) {
+        (
+            Address::Name { host, .. },
+            Ok(Address::Name {
+                host: events_host,
+                port,
+            }),
+        ) if *host == events_host => Some(format!("tcp://{}", SocketAddr::new(addr.ip(), port))),
+        _ => Some(url.clone()),
+    }
 }
 
 #[cfg(test)]

@@ -191,6 +191,31 @@ static PREFIX_MATCH: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
     .ok()
 });
 
+/// Token buckets of the `kv_aware` histograms.
+const TOKEN_BUCKETS: &[f64] = &[
+    0.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
+];
+
+static KV_MATCHED: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "llmlb_kv_matched_tokens",
+        "kv_aware: prompt tokens found cached on the chosen endpoint",
+        &["pool"],
+        TOKEN_BUCKETS.to_vec()
+    )
+    .ok()
+});
+
+static KV_COST: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "llmlb_kv_cost_tokens",
+        "kv_aware: the chosen endpoint's cost (weighted uncached prompt tokens plus tokens in flight)",
+        &["pool"],
+        TOKEN_BUCKETS.to_vec()
+    )
+    .ok()
+});
+
 static SCRAPE_AGE: LazyLock<Option<GaugeVec>> = LazyLock::new(|| {
     register_gauge_vec!(
         "llmlb_scrape_age_seconds",
@@ -285,6 +310,8 @@ pub fn touch() {
     LazyLock::force(&STORE_SECONDS);
     LazyLock::force(&STORE_BREAKER);
     LazyLock::force(&PREFIX_MATCH);
+    LazyLock::force(&KV_MATCHED);
+    LazyLock::force(&KV_COST);
     LazyLock::force(&DURATION);
     LazyLock::force(&TTFB);
     LazyLock::force(&TOKENS);
@@ -296,6 +323,7 @@ pub fn touch() {
     LazyLock::force(&INFLIGHT_GLOBAL);
     LazyLock::force(&ENDPOINTS);
     LazyLock::force(&DNS_LOOKUPS);
+    touch_kv_events();
     for trigger in ReloadTrigger::ALL {
         for result in ReloadResult::ALL {
             count_reload_by(*trigger, *result, 0);
@@ -463,6 +491,17 @@ pub fn count_tokens(pool: &str, prompt: u64, completion: u64, cached: u64) {
 pub fn observe_prefix_match(pool: &str, blocks: usize) {
     if let Some(m) = PREFIX_MATCH.as_ref() {
         m.with_label_values(&[pool]).observe(blocks as f64);
+    }
+}
+
+/// Record a `kv_aware` pick: the prompt tokens cached on the chosen endpoint and its cost
+/// (`llmlb_kv_matched_tokens`, `llmlb_kv_cost_tokens`).
+pub fn observe_kv_pick(pool: &str, matched_tokens: u64, cost_tokens: u64) {
+    if let Some(m) = KV_MATCHED.as_ref() {
+        m.with_label_values(&[pool]).observe(matched_tokens as f64);
+    }
+    if let Some(m) = KV_COST.as_ref() {
+        m.with_label_values(&[pool]).observe(cost_tokens as f64);
     }
 }
 
@@ -653,5 +692,88 @@ impl AccessLog<'_> {
             self.response_bytes,
             dash(self.error),
         );
+    }
+}
+
+// ---- KV-cache events (src/kv_events): the precise index fed by engines' event streams ----
+
+/// Kinds of `llmlb_kv_events_total{kind}`.
+pub const KV_EVENT_KINDS: &[&str] = &["stored", "removed", "cleared", "unknown"];
+
+/// Reasons of `llmlb_kv_events_resyncs_total{reason}`.
+pub const KV_RESYNC_REASONS: &[&str] = &["gap", "restart", "reconnect", "decode_error"];
+
+static KV_EVENTS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_kv_events_total",
+        "KV-cache events received from the endpoint's engine, by kind (stored, removed, cleared, unknown = an event type llm-lb skips)",
+        &["pool", "endpoint", "kind"]
+    )
+    .ok()
+});
+
+static KV_RESYNCS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_kv_events_resyncs_total",
+        "Times the KV index of the endpoint was resynchronised with its engine's event stream, by reason (gap = missed batches, replayed or forgotten; restart = sequence went back; reconnect = connection lost; decode_error = unreadable batch)",
+        &["pool", "endpoint", "reason"]
+    )
+    .ok()
+});
+
+static KV_INDEX_BLOCKS: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_kv_index_blocks",
+        "(block, endpoint) entries in the pool's KV index, confirmed by engine events or predicted from recent routing",
+        &["pool"]
+    )
+    .ok()
+});
+
+/// Create the KV-event families (part of [`touch`]).
+pub fn touch_kv_events() {
+    LazyLock::force(&KV_EVENTS);
+    LazyLock::force(&KV_RESYNCS);
+    LazyLock::force(&KV_INDEX_BLOCKS);
+}
+
+/// Give an endpoint's KV-event series their zero values.
+pub fn touch_kv_endpoint(pool: &str, endpoint: &str) {
+    if let Some(m) = KV_EVENTS.as_ref() {
+        for kind in KV_EVENT_KINDS {
+            m.with_label_values(&[pool, endpoint, kind]).inc_by(0);
+        }
+    }
+    if let Some(m) = KV_RESYNCS.as_ref() {
+        for reason in KV_RESYNC_REASONS {
+            m.with_label_values(&[pool, endpoint, reason]).inc_by(0);
+        }
+    }
+}
+
+/// Count KV-cache events of one `kind` (one of [`KV_EVENT_KINDS`]) from the endpoint's engine
+/// (`llmlb_kv_events_total`).
+pub fn count_kv_events(pool: &str, endpoint: &str, kind: &str, n: u64) {
+    if n == 0 {
+        return;
+    }
+    if let Some(m) = KV_EVENTS.as_ref() {
+        m.with_label_values(&[pool, endpoint, kind]).inc_by(n);
+    }
+}
+
+/// Count a resynchronisation of the endpoint's KV index, `reason` one of [`KV_RESYNC_REASONS`]
+/// (`llmlb_kv_events_resyncs_total`).
+pub fn count_kv_resync(pool: &str, endpoint: &str, reason: &str) {
+    if let Some(m) = KV_RESYNCS.as_ref() {
+        m.with_label_values(&[pool, endpoint, reason]).inc();
+    }
+}
+
+/// Set the (block, endpoint) entries of the pool's KV index (`llmlb_kv_index_blocks`).
+pub fn set_kv_index_blocks(pool: &str, entries: usize) {
+    if let Some(m) = KV_INDEX_BLOCKS.as_ref() {
+        m.with_label_values(&[pool])
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 }

@@ -825,3 +825,54 @@ pub(crate) fn failures(sent: &[Sent]) -> Vec<String> {
         .map(|s| format!("{:?}", s.result))
         .collect()
 }
+
+/// 12 conversations of 5 turns (~200 prompt tokens a turn), 4 at a time, through `policy` on
+/// `n` simulators (`extra`: more of the pool's YAML, e.g. its `lb_config`). The fleet's prefix-cache
+/// hit rate, from the simulators' own counters.
+pub(crate) async fn fleet_hit_rate(model: &str, policy: &str, n: usize, extra: &str) -> f64 {
+    let base = vllm_sim::SimConfig {
+        model: model.to_string(),
+        time_scale: 0.0,
+        ..vllm_sim::SimConfig::default()
+    };
+    let sims = sim_fleet(n, base).await;
+    let addrs: Vec<SocketAddr> = sims.iter().map(vllm_sim::SimHandle::addr).collect();
+    let proxy = Proxy::start(&format!(
+        "pools:\n{}",
+        pool_yaml("sim", "[\"*\"]", &addrs, policy, extra)
+    ));
+    let client = reqwest::Client::new();
+    let url = proxy.url("/v1/chat/completions");
+    for batch in [0..4, 4..8, 8..12] {
+        let tasks: Vec<_> = batch
+            .map(|c| {
+                let (client, url, model) = (client.clone(), url.clone(), model.to_owned());
+                tokio::spawn(async move {
+                    let mut messages = Vec::new();
+                    for turn in 0..5 {
+                        let question = format!("Conversation {c}, turn {turn}. ")
+                            + &"Please explain the next step in detail. ".repeat(20);
+                        messages.push(serde_json::json!({"role": "user", "content": question}));
+                        chat_turn(&client, &url, &model, &mut messages, 32).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("conversation");
+        }
+    }
+    let (mut hits, mut queries) = (0.0, 0.0);
+    for addr in &addrs {
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("sim metrics")
+            .text()
+            .await
+            .expect("text");
+        hits += parse_metric(&text, "vllm:prefix_cache_hits_total", &[]).expect("hits");
+        queries += parse_metric(&text, "vllm:prefix_cache_queries_total", &[]).expect("queries");
+    }
+    assert!(queries > 0.0);
+    hits / queries
+}

@@ -1,0 +1,144 @@
+//! `kv_aware`'s settings from `lb_config`: the tokenizer, the block size, the weights of its one
+//! cost, near-ties, predicted entries and the index bound. Every key is optional.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::error::InvalidKey;
+use super::file::LbConfigFile;
+
+/// How `kv_aware` tokenizes, indexes and weighs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvAwareSettings {
+    /// A Hugging Face tokenizer directory (`tokenizer.json`, `tokenizer_config.json` with the chat
+    /// template); `None`: approximate tokens (about 4 bytes each).
+    pub tokenizer: Option<PathBuf>,
+    /// Tokens per KV block, as the engine's `--block-size` (`blockSize`, default 16, vLLM's).
+    pub block_size: usize,
+    /// Cost of one uncached prompt token, per mille (`prefillWeight`, default 1.0).
+    pub prefill_per_mille: u64,
+    /// Cost of one token of load in flight, per mille (`loadWeight`, default 1.0).
+    pub load_per_mille: u64,
+    /// Load a request adds besides its uncached prompt tokens: its decoding, in prompt-token
+    /// equivalents (`decodeTokens`, default 128).
+    pub decode_tokens: u64,
+    /// Costs within this per mille of the least are near-ties, chosen among at random
+    /// (`tieTolerance`, default 0.05).
+    pub tie_per_mille: u64,
+    /// How long what llm-lb just routed counts as cached before the engine confirms it
+    /// (`predictedTtlMs`, default 2000).
+    pub predicted_ttl: Duration,
+    /// The most block entries the pool's index keeps (`kvIndexBlocks`, default 262144).
+    pub index_blocks: usize,
+    /// The event topic subscribed to (`kvEventsTopic`, default all).
+    pub events_topic: String,
+}
+
+impl Default for KvAwareSettings {
+    fn default() -> Self {
+        KvAwareSettings {
+            tokenizer: None,
+            block_size: 16,
+            prefill_per_mille: 1000,
+            load_per_mille: 1000,
+            decode_tokens: 128,
+            tie_per_mille: 50,
+            predicted_ttl: Duration::from_millis(2000),
+            index_blocks: 262_144,
+            events_topic: String::new(),
+        }
+    }
+}
+
+/// A weight in `0..=1000` as per mille.
+fn per_mille(
+    key: &'static str,
+    value: Option<f64>,
+    default: u64,
+    bad: &mut Vec<InvalidKey>,
+) -> u64 {
+    match value {
+        None => default,
+        Some(v) if v.is_finite() && (0.0..=1000.0).contains(&v) => (v * 1000.0).round() as u64,
+        Some(_) => {
+            bad.push(InvalidKey::new(key, "must be a number from 0 to 1000"));
+            default
+        }
+    }
+}
+
+impl KvAwareSettings {
+    /// Read and check the keys; every problem is reported.
+    pub fn from_lb_config(c: &LbConfigFile) -> Result<Self, Vec<InvalidKey>> {
+        let d = KvAwareSettings::default();
+        let mut bad = Vec::new();
+        let block_size = match c.blockSize {
+            None => d.block_size,
+            Some(n) if (1..=4096).contains(&n) => n,
+            Some(_) => {
+                bad.push(InvalidKey::new(
+                    "blockSize",
+                    "must be from 1 to 4096 tokens",
+                ));
+                d.block_size
+            }
+        };
+        let tokenizer = c.tokenizer.as_ref().map(PathBuf::from);
+        if let Some(dir) = &tokenizer {
+            if !dir.join("tokenizer.json").is_file() {
+                bad.push(InvalidKey::new(
+                    "tokenizer",
+                    format!("{} has no tokenizer.json", dir.display()),
+                ));
+            }
+        }
+        let settings = KvAwareSettings {
+            tokenizer,
+            block_size,
+            prefill_per_mille: per_mille(
+                "prefillWeight",
+                c.prefillWeight,
+                d.prefill_per_mille,
+                &mut bad,
+            ),
+            load_per_mille: per_mille("loadWeight", c.loadWeight, d.load_per_mille, &mut bad),
+            decode_tokens: c.decodeTokens.unwrap_or(d.decode_tokens),
+            tie_per_mille: match c.tieTolerance {
+                None => d.tie_per_mille,
+                Some(t) if t.is_finite() && (0.0..=1.0).contains(&t) => (t * 1000.0).round() as u64,
+                Some(_) => {
+                    bad.push(InvalidKey::new(
+                        "tieTolerance",
+                        "must be a fraction from 0 to 1",
+                    ));
+                    d.tie_per_mille
+                }
+            },
+            predicted_ttl: match c.predictedTtlMs {
+                None => d.predicted_ttl,
+                Some(ms) if ms <= 600_000 => Duration::from_millis(ms),
+                Some(_) => {
+                    bad.push(InvalidKey::new(
+                        "predictedTtlMs",
+                        "must be at most 600000 (10 min)",
+                    ));
+                    d.predicted_ttl
+                }
+            },
+            index_blocks: match c.kvIndexBlocks {
+                None => d.index_blocks,
+                Some(n) if n >= 1 => n,
+                Some(_) => {
+                    bad.push(InvalidKey::new("kvIndexBlocks", "must be at least 1"));
+                    d.index_blocks
+                }
+            },
+            events_topic: c.kvEventsTopic.clone().unwrap_or_default(),
+        };
+        if bad.is_empty() {
+            Ok(settings)
+        } else {
+            Err(bad)
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! `kv_aware`: send each request where it is expected to get its first token soonest — the
+//! candidate with the least **uncached prompt tokens plus tokens already in flight**.
+//!
+//! - **Tokens.** The prompt is tokenized as the engine does ([`Tokenizer::Exact`]: the model's
+//!   chat template and tokenizer) or approximately without a tokenizer; its full blocks of
+//!   `blockSize` tokens are keyed by [`crate::kv_blocks`].
+//! - **What each engine holds.** The pool's [`KvIndex`] knows, per endpoint, the blocks its
+//!   engine reported in its KV-cache events (stored, removed, cleared) plus what llm-lb routed to
+//!   it in the last `predictedTtlMs` (predicted, until the engine confirms). The cached prefix of
+//!   a candidate is its number of leading blocks held.
+//! - **One cost.** For candidate *e*: `prefillWeight × uncached(e) + loadWeight × load(e)`,
+//!   where `uncached(e)` is the prompt tokens not in *e*'s cache and `load(e)` the tokens in flight
+//!   on *e* over every gateway replica (each request counts its uncached prompt tokens plus
+//!   `decodeTokens`), kept in the store. The store picks the least cost and counts the request in
+//!   the same round trip ([`crate::store::InflightStore::acquire_cost`]); candidates within
+//!   `tieTolerance` of the least are chosen among at random so that bursts do not herd.
+//!
+//! Reasons: `kv_hit` (the chosen endpoint holds the longest cached prefix of any candidate),
+//! `kv_load` (another held more, but its load made it costlier), `kv_miss` (no candidate holds any
+//! block), `local_least_request` (the store could not answer: fewest requests in flight from this
+//! replica). Every pick's scores are logged at debug level.
+
+mod tokens;
+
+pub use tokens::{EngineTokenizer, Tokenizer};
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::local::{local_least, StoreLease};
+use super::{Pick, PickInput, Policy, PolicyError};
+use crate::config::{KvAwareSettings, PolicyKind};
+use crate::kv_blocks::{chain_keys, BlockKey};
+use crate::kv_events::KvIndex;
+use crate::store::{CostQuery, PoolCounts, Skip};
+use crate::telemetry;
+
+/// Blocks of a prompt keyed and looked up, at most (with 16-token blocks, the first 64 Ki tokens).
+pub const MAX_KEYED_BLOCKS: usize = 4096;
+
+/// The policy of one pool.
+pub struct KvAware {
+    counts: Arc<PoolCounts>,
+    index: Arc<KvIndex>,
+    tokenizer: Tokenizer,
+    settings: KvAwareSettings,
+}
+
+impl KvAware {
+    /// Count load in `counts`, look cached blocks up in `index`, tokenize with `tokenizer`.
+    pub fn new(
+        counts: Arc<PoolCounts>,
+        index: Arc<KvIndex>,
+        tokenizer: Tokenizer,
+        settings: KvAwareSettings,
+    ) -> Self {
+        KvAware {
+            counts,
+            index,
+            tokenizer,
+            settings,
+        }
+    }
+
+    /// The prompt's token count and block keys.
+    fn keys(&self, input: &PickInput<'_>) -> (u64, Vec<BlockKey>) {
+        let tokens = self.tokenizer.tokens(input.request);
+        let bs = self.settings.block_size;
+        let keyed = tokens.len().min(MAX_KEYED_BLOCKS * bs);
+        (tokens.len() as u64, chain_keys(&tokens[..keyed], bs))
+    }
+}
+
+/// Each candidate's cached blocks, the chosen one's reason.
+fn reason(matched: &[usize], chosen: usize) -> &'static str {
+    let best = matched.iter().copied().max().unwrap_or(0);
+    match matched.get(chosen).copied().unwrap_or(0) {
+        _ if best == 0 => "kv_miss",
+        m if m == best => "kv_hit",
+        _ => "kv_load",
+    }
+}
+
+#[async_trait]
+impl Policy for KvAware {
+    fn name(&self) -> &'static str {
+        PolicyKind::KvAware.name()
+    }
+
+    fn reasons(&self) -> &'static [&'static str] {
+        &["kv_hit", "kv_load", "kv_miss", "local_least_request"]
+    }
+
+    async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
+        let labels = input.candidate_labels()?;
+        let (prompt, keys) = self.keys(&input);
+        let matched = self.index.matched(&keys, &labels);
+        let bs = self.settings.block_size as u64;
+        let uncached: Vec<u64> = matched
+            .iter()
+            .map(|m| prompt.saturating_sub(*m as u64 * bs))
+            .collect();
+        let base: Vec<u64> = uncached
+            .iter()
+            .map(|u| u.saturating_mul(self.settings.prefill_per_mille) / 1000)
+            .collect();
+        let weights: Vec<u64> = uncached
+            .iter()
+            .map(|u| u.saturating_add(self.settings.decode_tokens).max(1))
+            .collect();
+        let query = CostQuery {
+            candidates: &labels,
+            base: &base,
+            weights: &weights,
+            load_per_mille: self.settings.load_per_mille,
+            tie_per_mille: self.settings.tie_per_mille,
+        };
+        match self.counts.acquire_cost(query).await {
+            Ok((i, load)) => {
+                let pool = self.counts.pool();
+                let cost = base[i]
+                    + (load.saturating_sub(weights[i])) * self.settings.load_per_mille / 1000;
+                log::debug!(
+                    "pool {pool}: kv_aware prompt={prompt} tokens, {} blocks; candidates {labels:?} matched blocks {matched:?} uncached {uncached:?}; chose {} (cost {cost}, load after {load})",
+                    keys.len(),
+                    labels[i],
+                );
+                telemetry::observe_kv_pick(pool, prompt - uncached[i], cost);
+                self.index
+                    .predict(labels[i], &keys, self.settings.predicted_ttl);
+                Ok(Pick {
+                    endpoint: input.candidates[i],
+                    reason: reason(&matched, i),
+                    lease: Some(StoreLease::boxed_units(&self.counts, labels[i], weights[i])),
+                })
+            }
+            Err(Skip::Saturated) => Err(PolicyError::Saturated),
+            Err(Skip::Fallback(reason)) => {
+                telemetry::count_fallback(self.counts.pool(), reason);
+                local_least(&input, None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

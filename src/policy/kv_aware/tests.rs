@@ -1,0 +1,169 @@
+use std::time::Duration;
+
+use super::super::testing::{ids, views};
+use super::super::Outcome;
+use super::*;
+use crate::endpoint::EndpointId;
+use crate::kv_events::{BlockRemoved, BlockStored, EngineHash, KvEvent};
+use crate::request::LlmRequest;
+use crate::store::{MemoryStore, TRIP_AFTER};
+
+fn policy(settings: KvAwareSettings) -> (KvAware, Arc<KvIndex>) {
+    let counts = Arc::new(PoolCounts::new(Arc::new(MemoryStore::new()), "p"));
+    let index = Arc::new(KvIndex::new("p", 1024));
+    let p = KvAware::new(counts, index.clone(), Tokenizer::Approximate, settings);
+    (p, index)
+}
+
+fn chat(turns: &[&str]) -> LlmRequest {
+    let messages: Vec<serde_json::Value> = turns
+        .iter()
+        .map(|t| serde_json::json!({"role": "user", "content": t}))
+        .collect();
+    LlmRequest::parse(
+        serde_json::json!({"model": "m", "messages": messages})
+            .to_string()
+            .as_bytes(),
+    )
+}
+
+/// A completion whose prompt is given as token ids `0..n` (offset by `salt`).
+fn tokens_prompt(n: u32, salt: u32) -> (LlmRequest, Vec<u32>) {
+    let tokens: Vec<u32> = (0..n).map(|t| t + salt).collect();
+    let body = serde_json::json!({"model": "m", "prompt": tokens});
+    (LlmRequest::parse(body.to_string().as_bytes()), tokens)
+}
+
+async fn pick(p: &KvAware, request: &LlmRequest, candidates: &[EndpointId]) -> Pick {
+    let endpoints = views(&[1; 3]);
+    p.pick(PickInput {
+        request,
+        endpoints: &endpoints,
+        candidates,
+    })
+    .await
+    .expect("pick")
+}
+
+/// Wait for the spawned releases to have given every unit back.
+async fn released(p: &KvAware) {
+    for _ in 0..1000 {
+        if p.counts.held_total() == 0 {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("{} units still held", p.counts.held_total());
+}
+
+fn label(i: usize) -> String {
+    format!("127.0.0.1:{}", 9000 + i)
+}
+
+fn stored(tokens: &[u32], first_hash: u64) -> KvEvent {
+    let blocks = tokens.len() / 16;
+    KvEvent::BlockStored(BlockStored {
+        block_hashes: (0..blocks as u64)
+            .map(|h| EngineHash::from(first_hash + h))
+            .collect(),
+        token_ids: tokens[..blocks * 16].to_vec(),
+        block_size: 16,
+        ..BlockStored::default()
+    })
+}
+
+#[tokio::test]
+async fn a_conversation_comes_back_to_the_endpoint_that_holds_it() {
+    let (p, _) = policy(KvAwareSettings::default());
+    let long = "a long shared system prompt, repeated ".repeat(20);
+    let first = pick(&p, &chat(&[&long]), &ids(3)).await;
+    assert_eq!(first.reason, "kv_miss");
+    // The next turn, once the first is answered, is predicted to be cached where it went.
+    first.lease.expect("lease").release(Outcome::Completed);
+    released(&p).await;
+    let second = pick(&p, &chat(&[&long, "and more"]), &ids(3)).await;
+    assert_eq!(second.endpoint, first.endpoint);
+    assert_eq!(second.reason, "kv_hit");
+    // Unrelated prompts go elsewhere: the least loaded.
+    let other = pick(
+        &p,
+        &chat(&["something else entirely, quite long too"]),
+        &ids(3),
+    )
+    .await;
+    assert_ne!(other.endpoint, first.endpoint);
+    assert_eq!(other.reason, "kv_miss");
+    for l in [second.lease, other.lease] {
+        l.expect("lease").release(Outcome::Completed);
+    }
+    released(&p).await;
+}
+
+#[tokio::test]
+async fn load_in_tokens_outweighs_a_short_cached_prefix() {
+    let (p, index) = policy(KvAwareSettings {
+        tie_per_mille: 0,
+        ..KvAwareSettings::default()
+    });
+    // Endpoint 0's engine holds the first 32 tokens of a 64-token prompt.
+    let (request, tokens) = tokens_prompt(64, 0);
+    index.apply(&label(0), &[stored(&tokens[..32], 1)]);
+    let hit = pick(&p, &request, &ids(3)).await;
+    assert_eq!((hit.endpoint, hit.reason), (EndpointId::new(0), "kv_hit"));
+    // Endpoint 0 now carries 32 uncached + 128 decode tokens; saving 32 prefill tokens is
+    // not worth that much load: the next identical request goes to an idle endpoint.
+    let next = pick(&p, &request, &ids(3)).await;
+    assert_ne!(next.endpoint, EndpointId::new(0));
+    assert_eq!(next.reason, "kv_load");
+    // Counted in tokens: (64 - 32) + 128 and 64 + 128.
+    assert_eq!(p.counts.held(&label(0)), 160);
+    assert_eq!(p.counts.held(&label(next.endpoint.index())), 192);
+    hit.lease.expect("lease").release(Outcome::Completed);
+    next.lease.expect("lease").release(Outcome::Completed);
+    released(&p).await;
+}
+
+#[tokio::test]
+async fn engine_events_decide_and_evictions_are_seen() {
+    let (p, index) = policy(KvAwareSettings {
+        predicted_ttl: Duration::ZERO,
+        ..KvAwareSettings::default()
+    });
+    let (request, tokens) = tokens_prompt(2048, 7);
+    // Endpoint 2 holds the whole prompt; a 2048-token prefill outweighs any decode load.
+    index.apply(&label(2), &[stored(&tokens, 100)]);
+    for _ in 0..3 {
+        let chosen = pick(&p, &request, &ids(3)).await;
+        assert_eq!(
+            (chosen.endpoint, chosen.reason),
+            (EndpointId::new(2), "kv_hit")
+        );
+        chosen.lease.expect("lease").release(Outcome::Completed);
+    }
+    // The engine evicts its first block: nothing of the chain is cached any more.
+    index.apply(
+        &label(2),
+        &[KvEvent::BlockRemoved(BlockRemoved {
+            block_hashes: vec![EngineHash::from(100u64)],
+            ..BlockRemoved::default()
+        })],
+    );
+    let after = pick(&p, &request, &ids(3)).await;
+    assert_eq!(after.reason, "kv_miss");
+    after.lease.expect("lease").release(Outcome::Completed);
+    // Only candidates are considered: with endpoint 2 excluded it is a miss too.
+    index.apply(&label(2), &[stored(&tokens, 100)]);
+    let without = pick(&p, &request, &[EndpointId::new(0), EndpointId::new(1)]).await;
+    assert_eq!(without.reason, "kv_miss");
+}
+
+#[tokio::test]
+async fn without_the_store_it_falls_back_to_local_least_request() {
+    let (p, _) = policy(KvAwareSettings::default());
+    for _ in 0..TRIP_AFTER {
+        p.counts.trip_for_test();
+    }
+    let chosen = pick(&p, &chat(&["hello"]), &ids(3)).await;
+    assert_eq!(chosen.reason, "local_least_request");
+    assert!(chosen.lease.is_none());
+}
