@@ -110,6 +110,8 @@ pub struct DetailedEndpointFile {
     pub weight: Option<usize>,
     /// The engine's KV-cache event stream (`tcp://host:port`, vLLM's ZMQ publisher).
     pub kv_events: Option<String>,
+    /// The engine's replay socket for missed events (`tcp://host:port`, vLLM's `replay_endpoint`).
+    pub kv_events_replay: Option<String>,
 }
 
 /// Active HTTP health check of every endpoint of a pool.

@@ -135,6 +135,8 @@ pub struct EndpointSpec {
     pub weight: usize,
     /// Its KV-cache event stream (`tcp://host:port`), if it publishes one.
     pub kv_events: Option<String>,
+    /// Its replay socket for missed events (`tcp://host:port`).
+    pub kv_events_replay: Option<String>,
 }
 
 /// Where an endpoint is: a fixed `IP:port`, or `host:port` resolved at start and every
@@ -212,6 +214,8 @@ pub struct EndpointConfig {
     pub weight: usize,
     /// Its KV-cache event stream (`tcp://IP:port`), if it publishes one.
     pub kv_events: Option<String>,
+    /// Its replay socket for missed events (`tcp://IP:port`).
+    pub kv_events_replay: Option<String>,
 }
 
 /// Active health checking of a pool's endpoints.

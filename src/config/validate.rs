@@ -179,20 +179,29 @@ impl<'a> Validator<'a> {
         let mut endpoints: Vec<EndpointSpec> = Vec::new();
         for (j, e) in p.endpoints.iter().enumerate() {
             let epath = format!("{path}.endpoints[{j}]");
-            let (address, weight, kv_events) = match e {
-                EndpointFile::Address(a) => (a.as_str(), 1, None),
+            let (address, weight, kv_events, kv_events_replay) = match e {
+                EndpointFile::Address(a) => (a.as_str(), 1, None, None),
                 EndpointFile::Detailed(d) => (
                     d.address.as_str(),
                     d.weight.unwrap_or(1),
-                    d.kv_events.as_deref(),
+                    d.kv_events.clone(),
+                    d.kv_events_replay.clone(),
                 ),
             };
-            if let Some(url) = kv_events {
-                if let Err(e) = kv_events_address(url) {
-                    self.issue(&format!("{epath}.kv_events"), &e);
+            for (key, url) in [
+                ("kv_events", &kv_events),
+                ("kv_events_replay", &kv_events_replay),
+            ] {
+                if let Some(Err(e)) = url.as_deref().map(kv_events_address) {
+                    self.issue(&format!("{epath}.{key}"), &e);
                 }
             }
-            let kv_events = kv_events.map(str::to_owned);
+            if kv_events.is_none() && kv_events_replay.is_some() {
+                self.issue(
+                    &format!("{epath}.kv_events_replay"),
+                    "needs kv_events (the stream it replays)",
+                );
+            }
             if !(1..=MAX_WEIGHT).contains(&weight) {
                 self.issue(
                     &format!("{epath}.weight"),
@@ -207,6 +216,7 @@ impl<'a> Validator<'a> {
                     address,
                     weight,
                     kv_events,
+                    kv_events_replay,
                 }),
                 Err(e) => self.issue(&epath, &e),
             }

@@ -29,14 +29,18 @@ impl Drop for Feed {
     }
 }
 
+type FeedKey = (String, String, Option<String>, String);
+
 /// The feeds running into one pool's index.
 #[derive(Default)]
 pub struct Feeds {
-    running: Mutex<HashMap<(String, String), Weak<Feed>>>,
+    /// By (endpoint, stream, replay socket, topic).
+    running: Mutex<HashMap<FeedKey, Weak<Feed>>>,
 }
 
 impl Feeds {
-    /// The feed of `endpoint`'s stream at `url` into `index`: the running one, or a new
+    /// The feed of `endpoint`'s stream at `url` into `index` (with these options): the running one,
+    /// or a new
     /// subscriber started on the current Tokio runtime (`None` outside one).
     pub fn follow(
         &self,
@@ -45,7 +49,12 @@ impl Feeds {
         url: &str,
         options: SubscriberOptions,
     ) -> Option<Arc<Feed>> {
-        let key = (endpoint.to_owned(), url.to_owned());
+        let key = (
+            endpoint.to_owned(),
+            url.to_owned(),
+            options.replay.clone(),
+            options.topic.clone(),
+        );
         let mut running = self.running.lock();
         running.retain(|_, feed| feed.strong_count() > 0);
         if let Some(feed) = running.get(&key).and_then(Weak::upgrade) {

@@ -130,6 +130,7 @@ impl Registry {
                         addr,
                         weight: e.weight,
                         kv_events: e.kv_events.clone(),
+                        kv_events_replay: e.kv_events_replay.clone(),
                     }),
                     Address::Name { .. } => None,
                 })

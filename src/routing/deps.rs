@@ -80,6 +80,7 @@ fn follow(
             let url = e.kv_events.as_deref()?;
             let options = SubscriberOptions {
                 topic: kv.events_topic.clone(),
+                replay: e.kv_events_replay.clone(),
                 ..SubscriberOptions::default()
             };
             index

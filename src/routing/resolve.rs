@@ -127,7 +127,12 @@ pub fn expand(config: &Config, answers: &Answers) -> Vec<Vec<EndpointConfig>> {
                         out.push(EndpointConfig {
                             addr,
                             weight: spec.weight,
-                            kv_events: kv_events_of(spec, addr),
+                            kv_events: own_stream(spec, spec.kv_events.as_ref(), addr),
+                            kv_events_replay: own_stream(
+                                spec,
+                                spec.kv_events_replay.as_ref(),
+                                addr,
+                            ),
                         });
                     }
                 }
@@ -137,10 +142,10 @@ pub fn expand(config: &Config, answers: &Answers) -> Vec<Vec<EndpointConfig>> {
         .collect()
 }
 
-/// The event stream of the endpoint `spec` resolved to `addr`: a `kv_events` URL naming the
-/// endpoint's own host name is each resolved address's own stream (`tcp://<its IP>:<port>`).
-fn kv_events_of(spec: &EndpointSpec, addr: SocketAddr) -> Option<String> {
-    let url = spec.kv_events.as_ref()?;
+/// An event socket `url` of the endpoint `spec` resolved to `addr`: a URL naming the endpoint's
+/// own host name is each resolved address's own socket (`tcp://<its IP>:<port>`).
+fn own_stream(spec: &EndpointSpec, url: Option<&String>, addr: SocketAddr) -> Option<String> {
+    let url = url?;
     match (&spec.address, kv_events_address(url)) {
         (
             Address::Name { host, .. },
@@ -188,6 +193,45 @@ mod tests {
             ]
         );
         assert_eq!(pools[1].len(), 1);
+    }
+
+    #[test]
+    fn event_sockets_on_the_endpoints_own_name_follow_each_address() {
+        let yaml = "pools:\n  - name: a\n    models: [m]\n    endpoints:\n      - {address: 'vllm.svc:8000', kv_events: 'tcp://vllm.svc:5557', kv_events_replay: 'tcp://vllm.svc:5558'}\n      - {address: '127.0.0.9:8000', kv_events: 'tcp://events.svc:5557'}\n    lb_policy: kv_aware\n";
+        let config = Config::from_yaml(yaml).expect("valid");
+        let mut answers = Answers::new();
+        answers.insert(
+            "vllm.svc:8000".into(),
+            vec![addr("127.0.0.2:8000"), addr("127.0.0.3:8000")],
+        );
+        let got: Vec<(String, Option<String>, Option<String>)> = expand(&config, &answers)[0]
+            .iter()
+            .map(|e| {
+                (
+                    e.addr.to_string(),
+                    e.kv_events.clone(),
+                    e.kv_events_replay.clone(),
+                )
+            })
+            .collect();
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "127.0.0.2:8000".into(),
+                    some("tcp://127.0.0.2:5557"),
+                    some("tcp://127.0.0.2:5558")
+                ),
+                (
+                    "127.0.0.3:8000".into(),
+                    some("tcp://127.0.0.3:5557"),
+                    some("tcp://127.0.0.3:5558")
+                ),
+                // Another host's socket is taken as written.
+                ("127.0.0.9:8000".into(), some("tcp://events.svc:5557"), None),
+            ]
+        );
     }
 
     #[tokio::test]
