@@ -4,6 +4,7 @@
 //! [`SimConfig::validate`] rejects settings the engine cannot run with.
 
 use crate::error::SimError;
+use crate::kv_events::{BlockHashFormat, KvEventsConfig, KvEventsWire};
 
 /// Everything that shapes a simulated vLLM server. Durations are in milliseconds of
 /// *model* time; `time_scale` converts them to wall-clock time. The exception is
@@ -52,6 +53,15 @@ pub struct SimConfig {
     /// response is closed (plain TCP close), as uvicorn's `--timeout-keep-alive` (5 s) does
     /// under vLLM. 0 never closes idle connections.
     pub keep_alive_timeout_ms: u64,
+    /// vLLM's `--kv-events-config`: publish KV-cache events over ZMQ (see
+    /// [`crate::kv_events`]). `None`, vLLM's default, opens no socket and sends nothing.
+    pub kv_events_config: Option<KvEventsConfig>,
+    /// Which vLLM version's wire layout the events take (not a vLLM setting): vLLM 0.24+ maps
+    /// (default) or vLLM 0.23 arrays.
+    pub kv_events_wire: KvEventsWire,
+    /// How block hashes are sent: vLLM's `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`, integers by
+    /// default.
+    pub kv_events_block_hashes: BlockHashFormat,
 }
 
 impl Default for SimConfig {
@@ -76,6 +86,9 @@ impl Default for SimConfig {
             max_model_len: 32768,
             max_num_batched_tokens: 8192,
             keep_alive_timeout_ms: 5000,
+            kv_events_config: None,
+            kv_events_wire: KvEventsWire::Map,
+            kv_events_block_hashes: BlockHashFormat::Int,
         }
     }
 }
@@ -150,6 +163,9 @@ impl SimConfig {
                 "max_loras",
                 "must be at least 1 when LoRA adapters are served",
             );
+        }
+        if let Some(k) = &self.kv_events_config {
+            k.validate()?;
         }
         Ok(())
     }

@@ -22,6 +22,9 @@ pub enum SimError {
     /// Another I/O failure while starting.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The KV events publisher could not be set up.
+    #[error(transparent)]
+    KvEvents(#[from] crate::kv_events::KvEventsError),
 }
 
 /// An error answer of the OpenAI-compatible API:

@@ -7,11 +7,16 @@
 //!   block is evicted first); new blocks are taken from the head, evicting the hash they
 //!   carried. Unreferenced cached blocks therefore leave in LRU order.
 //! * Block 0 is vLLM's null block: never allocated, so usage = `1 - free / (blocks - 1)`.
+//! * With KV events enabled ([`KvCache::enable_events`]) the pool queues what vLLM's block
+//!   pool queues: `BlockRemoved` for each hash evicted by [`KvCache::allocate`],
+//!   `AllBlocksCleared` on [`KvCache::reset_prefix_cache`]; the scheduler adds `BlockStored`
+//!   for the blocks [`KvCache::cache`] newly hashes. [`KvCache::take_events`] drains the queue.
 
 use std::collections::HashMap;
 
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::kv_events::KvEvent;
 use crate::tokenizer::TokenId;
 
 /// Index of a block in the pool.
@@ -71,6 +76,8 @@ pub struct KvCache {
     tail: BlockId,
     free_len: usize,
     cached: HashMap<u64, Vec<BlockId>>,
+    /// Queued KV events; `None` while events are disabled.
+    events: Option<Vec<KvEvent>>,
 }
 
 impl KvCache {
@@ -93,12 +100,35 @@ impl KvCache {
             tail: NIL,
             free_len: 0,
             cached: HashMap::new(),
+            events: None,
         };
         kv.blocks[0].ref_cnt = 1; // the null block is never free
         for id in 1..n as BlockId {
             kv.push_tail(id);
         }
         kv
+    }
+
+    /// Starts queueing KV events (vLLM's `enable_kv_cache_events`).
+    pub fn enable_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// Whether KV events are queued.
+    pub fn events_enabled(&self) -> bool {
+        self.events.is_some()
+    }
+
+    /// Queues an event (dropped while events are disabled).
+    pub fn push_event(&mut self, event: KvEvent) {
+        if let Some(q) = &mut self.events {
+            q.push(event);
+        }
+    }
+
+    /// Takes every queued event (vLLM's `take_events`).
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Tokens per block.
@@ -154,8 +184,9 @@ impl KvCache {
         }
     }
 
-    /// Takes `n` blocks from the head of the free queue, evicting the hashes they carried.
-    /// `None` (and nothing taken) when fewer than `n` are free.
+    /// Takes `n` blocks from the head of the free queue, evicting the hashes they carried
+    /// (one `BlockRemoved` event each). `None` (and nothing taken) when fewer than `n` are
+    /// free.
     pub fn allocate(&mut self, n: usize) -> Option<Vec<BlockId>> {
         if n > self.free_len {
             return None;
@@ -171,6 +202,9 @@ impl KvCache {
                         self.cached.remove(&h);
                     }
                 }
+                self.push_event(KvEvent::BlockRemoved {
+                    block_hashes: vec![h],
+                });
             }
             self.blocks[id as usize].ref_cnt = 1;
             out.push(id);
@@ -178,14 +212,30 @@ impl KvCache {
         Some(out)
     }
 
-    /// Records that full block `id` holds the prefix with hash `hash` (no-op if already hashed).
-    pub fn cache(&mut self, id: BlockId, hash: u64) {
+    /// Records that full block `id` holds the prefix with hash `hash`; `false` (no-op) if the
+    /// block already has a hash.
+    pub fn cache(&mut self, id: BlockId, hash: u64) -> bool {
         let b = &mut self.blocks[id as usize];
         if b.hash.is_some() || id == 0 {
-            return;
+            return false;
         }
         b.hash = Some(hash);
         self.cached.entry(hash).or_default().push(id);
+        true
+    }
+
+    /// vLLM's `reset_prefix_cache`: forgets every hash, only when no request holds a block
+    /// (`false` and nothing changed otherwise). Queues `AllBlocksCleared`.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        if self.free_len != self.usable() {
+            return false;
+        }
+        self.cached.clear();
+        for b in &mut self.blocks {
+            b.hash = None;
+        }
+        self.push_event(KvEvent::AllBlocksCleared);
+        true
     }
 
     /// Drops one reference on each of a request's blocks; blocks reaching zero go to the
@@ -328,6 +378,41 @@ mod tests {
         assert_eq!(got.len(), 1);
         // a's first two blocks still hit, the third is gone.
         assert_eq!(kv.lookup(&a).len(), 2);
+    }
+
+    #[test]
+    fn events_follow_evictions_and_resets() {
+        let mut kv = KvCache::new(3, 4); // 2 usable
+        let a = hashes(&(0..8).collect::<Vec<_>>(), b"");
+        run(&mut kv, &a);
+        assert!(kv.take_events().is_empty(), "disabled: nothing queued");
+        kv.enable_events();
+        // Taking both blocks evicts a's hashes, the last block first.
+        let got = kv.allocate(2).unwrap();
+        assert_eq!(
+            kv.take_events(),
+            vec![
+                KvEvent::BlockRemoved {
+                    block_hashes: vec![a[1]]
+                },
+                KvEvent::BlockRemoved {
+                    block_hashes: vec![a[0]]
+                },
+            ]
+        );
+        assert!(kv.cache(got[0], a[0]));
+        assert!(!kv.cache(got[0], a[0]), "already hashed");
+        // A reset fails while blocks are held, then clears every hash.
+        assert!(!kv.reset_prefix_cache());
+        assert!(kv.take_events().is_empty());
+        kv.free(&got);
+        assert!(kv.reset_prefix_cache());
+        assert_eq!(kv.take_events(), vec![KvEvent::AllBlocksCleared]);
+        assert_eq!(kv.num_cached(), 0);
+        assert!(kv.lookup(&a).is_empty());
+        // Blocks without hashes evict nothing.
+        kv.allocate(2).unwrap();
+        assert!(kv.take_events().is_empty());
     }
 
     #[test]

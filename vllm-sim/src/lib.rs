@@ -5,7 +5,9 @@
 //! continuous-batching scheduler with a FIFO waiting queue, takes modelled time for prefill
 //! and decode, and exposes vLLM's Prometheus metrics. Faults can be injected at run time.
 //! Like uvicorn under vLLM, it closes a keep-alive connection left idle for
-//! [`SimConfig::keep_alive_timeout_ms`] (5 s by default; see [`keep_alive`]).
+//! [`SimConfig::keep_alive_timeout_ms`] (5 s by default; see [`keep_alive`]). With vLLM's
+//! `--kv-events-config` ([`SimConfig::kv_events_config`]) it publishes vLLM's KV-cache events
+//! over ZMQ, on vLLM's wire format (see [`kv_events`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), vllm_sim::SimError> {
@@ -26,6 +28,7 @@ pub mod error;
 pub mod faults;
 pub mod keep_alive;
 pub mod kv_cache;
+pub mod kv_events;
 pub mod metrics;
 pub mod openai;
 pub mod protocol;
@@ -43,9 +46,11 @@ use tokio::task::JoinHandle;
 pub use config::SimConfig;
 pub use error::{ApiError, SimError};
 pub use faults::{FaultControl, Faults, FaultsPatch, InvalidFaults};
+pub use kv_events::{KvEventsConfig, KvEventsEndpoints, KvEventsError};
 
+use kv_events::KvEventPublisher;
 use metrics::ExpositionInfo;
-use scheduler::Shared;
+use scheduler::{EngineClient, Shared};
 use server::AppState;
 
 /// A snapshot of the simulator's counters and gauges.
@@ -94,18 +99,27 @@ pub struct SimHandle {
     addr: SocketAddr,
     faults: FaultControl,
     shared: Arc<Shared>,
+    client: EngineClient,
+    kv_events: Option<KvEventPublisher>,
     server: Option<JoinHandle<()>>,
     engine: Option<JoinHandle<()>>,
 }
 
 /// Starts a simulator listening on `addr` (port 0 picks a free port); returns once it accepts
-/// connections. Must be called inside a Tokio runtime.
+/// connections and, with KV events, once their sockets are open. Must be called inside a
+/// Tokio runtime.
 pub async fn spawn(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimError> {
     cfg.validate()?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| SimError::Bind { addr, source })?;
     let local = listener.local_addr()?;
+    let kv_events = match &cfg.kv_events_config {
+        Some(k) if k.publishes() => {
+            Some(KvEventPublisher::start(k, cfg.kv_events_wire, cfg.kv_events_block_hashes).await?)
+        }
+        _ => None,
+    };
     let cfg = Arc::new(cfg);
     let faults = FaultControl::new(
         Faults {
@@ -115,7 +129,11 @@ pub async fn spawn(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimErr
         },
         cfg.seed,
     );
-    let (engine, client) = scheduler::engine(cfg.clone(), faults.clone());
+    let (engine, client) = scheduler::engine(
+        cfg.clone(),
+        faults.clone(),
+        kv_events.as_ref().and_then(KvEventPublisher::sender),
+    );
     let shared = client.shared().clone();
     let keep_alive = cfg.keep_alive_timeout();
     let state = AppState {
@@ -128,7 +146,7 @@ pub async fn spawn(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimErr
             max_loras: cfg.max_loras,
         }),
         cfg,
-        engine: client,
+        engine: client.clone(),
         faults: faults.clone(),
     };
     let engine = tokio::spawn(engine.run());
@@ -137,6 +155,8 @@ pub async fn spawn(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimErr
         addr: local,
         faults,
         shared,
+        client,
+        kv_events,
         server: Some(server),
         engine: Some(engine),
     })
@@ -151,6 +171,22 @@ impl SimHandle {
     /// `http://ADDR`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Where the KV events are published; `None` without `--kv-events-config` (or with events
+    /// disabled).
+    pub fn kv_events(&self) -> Option<&KvEventsEndpoints> {
+        self.kv_events.as_ref().map(KvEventPublisher::endpoints)
+    }
+
+    /// vLLM's `POST /reset_prefix_cache`: forgets every cached block hash (publishing
+    /// `AllBlocksCleared` with the next step's events). Only succeeds while no request holds
+    /// KV blocks, unless `reset_running_requests` preempts them first. Whether it was reset.
+    pub async fn reset_prefix_cache(&self, reset_running_requests: bool) -> bool {
+        self.client
+            .reset_prefix_cache(reset_running_requests)
+            .await
+            .unwrap_or(false)
     }
 
     /// Run-time fault control (the same state as `/admin/faults`).
@@ -184,7 +220,8 @@ impl SimHandle {
         }
     }
 
-    /// Stops the server and the engine and waits until they are gone.
+    /// Stops the server and the engine and waits until they are gone; then the KV events
+    /// publisher sends what is queued and closes its sockets.
     pub async fn shutdown(mut self) {
         for task in [self.server.take(), self.engine.take()]
             .into_iter()
@@ -193,6 +230,9 @@ impl SimHandle {
             task.abort();
             // A cancelled task's JoinError is the expected outcome.
             let _ = task.await;
+        }
+        if let Some(publisher) = self.kv_events.take() {
+            publisher.shutdown().await;
         }
     }
 }

@@ -5,12 +5,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 
 use clap::Parser;
-use vllm_sim::SimConfig;
+use vllm_sim::kv_events::{BlockHashFormat, KvEventsConfig, KvEventsWire};
+use vllm_sim::{KvEventsError, SimConfig};
 
 /// A simulated vLLM server: OpenAI-compatible API, vLLM V1 prefix caching, continuous
 /// batching, vLLM metrics and fault injection. Durations are model milliseconds, multiplied
 /// by --time-scale (except --keep-alive-timeout-ms, which is wall-clock). Faults can be
-/// changed at run time with GET|PUT|DELETE /admin/faults.
+/// changed at run time with GET|PUT|DELETE /admin/faults; POST /reset_prefix_cache resets the
+/// prefix cache. --kv-events-config publishes vLLM's KV-cache events over ZMQ.
 #[derive(Debug, Parser)]
 #[command(name = "vllm-sim", version)]
 struct Cli {
@@ -80,11 +82,40 @@ struct Cli {
     /// closes idle connections.
     #[arg(long, default_value_t = SimConfig::default().keep_alive_timeout_ms)]
     keep_alive_timeout_ms: u64,
+    /// vLLM's KV-events config, as JSON: publish BlockStored, BlockRemoved and
+    /// AllBlocksCleared over ZMQ, e.g. '{"enable_kv_cache_events": true, "publisher": "zmq",
+    /// "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558", "topic": "kv-events"}'.
+    /// vLLM's keys and defaults (publisher "zmq" once enabled, "null" sends nothing; endpoint
+    /// tcp://*:5557; replay_endpoint none; buffer_steps 10000; hwm 100000; max_queue_size
+    /// 100000; topic ""); an unknown key is an error. As in vLLM an endpoint with * or :: is
+    /// bound and any other is connected to (a subscriber binds it); port 0 binds a free port,
+    /// printed on stderr. Block hashes are 64-bit integers, or 8 bytes with
+    /// VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0.
+    #[arg(long, value_name = "JSON", value_parser = parse_kv_events_config)]
+    kv_events_config: Option<KvEventsConfig>,
+    /// Wire layout of the KV events: map (vLLM 0.24 and later: each event a map tagged
+    /// "type"; replay replies [topic, seq, payload]) or array (vLLM 0.23 and earlier: each
+    /// event a tagged array; replay replies [seq, payload]).
+    #[arg(long, value_name = "map|array", default_value_t = KvEventsWire::Map, value_parser = parse_kv_events_wire)]
+    kv_events_wire: KvEventsWire,
+}
+
+fn parse_kv_events_config(json: &str) -> Result<KvEventsConfig, String> {
+    KvEventsConfig::from_json(json).map_err(|e| e.to_string())
+}
+
+fn parse_kv_events_wire(s: &str) -> Result<KvEventsWire, String> {
+    s.parse().map_err(|e: KvEventsError| e.to_string())
 }
 
 impl Cli {
-    fn config(self) -> (SimConfig, SocketAddr) {
+    fn config(self) -> Result<(SimConfig, SocketAddr), KvEventsError> {
         let addr = SocketAddr::new(self.host, self.port);
+        let hashes = BlockHashFormat::from_env_value(
+            std::env::var("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES")
+                .ok()
+                .as_deref(),
+        )?;
         let cfg = SimConfig {
             model: self.model,
             max_num_seqs: self.max_num_seqs,
@@ -105,8 +136,11 @@ impl Cli {
             max_model_len: self.max_model_len,
             max_num_batched_tokens: self.max_num_batched_tokens,
             keep_alive_timeout_ms: self.keep_alive_timeout_ms,
+            kv_events_config: self.kv_events_config,
+            kv_events_wire: self.kv_events_wire,
+            kv_events_block_hashes: hashes,
         };
-        (cfg, addr)
+        Ok((cfg, addr))
     }
 }
 
@@ -127,7 +161,13 @@ async fn stop_signal() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let (cfg, addr) = Cli::parse().config();
+    let (cfg, addr) = match Cli::parse().config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vllm-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let model = cfg.model.clone();
     let sim = match vllm_sim::spawn(cfg, addr).await {
         Ok(sim) => sim,
@@ -137,6 +177,16 @@ async fn main() -> ExitCode {
         }
     };
     eprintln!("vllm-sim: serving model {model} on http://{}", sim.addr());
+    if let Some(k) = sim.kv_events() {
+        let replay = k
+            .replay
+            .map(|r| format!(", replay on tcp://{r}"))
+            .unwrap_or_default();
+        eprintln!(
+            "vllm-sim: publishing KV events on {} (topic {:?}){replay}",
+            k.endpoint, k.topic
+        );
+    }
     stop_signal().await;
     sim.shutdown().await;
     ExitCode::SUCCESS

@@ -14,18 +14,24 @@
 //!
 //! Full blocks are hashed and cached as soon as they are scheduled, generated tokens too.
 //! While the `hang` fault is set the engine takes no steps.
+//!
+//! With KV events enabled, the blocks a request newly caches in a step make one
+//! `BlockStored` event, and every step taken while requests are present hands the events the
+//! KV cache queued to the publisher as one batch, as vLLM's `update_from_output` does. Between
+//! steps the engine also serves control requests: `reset_prefix_cache`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::SimConfig;
 use crate::error::ApiError;
 use crate::faults::FaultControl;
 use crate::kv_cache::{capped_hit_blocks, extend_block_hashes, BlockId, KvCache};
+use crate::kv_events::{BlockStored, EventBatch, KvEvent, KvEventSender};
 use crate::metrics::{EngineMetrics, FinishReason};
 use crate::timing::{self, StepWork};
 use crate::tokenizer::{TextGen, TokenId};
@@ -106,10 +112,22 @@ pub struct Shared {
     pub state: Mutex<SharedState>,
 }
 
+/// Requests to the engine besides completions, served between steps.
+#[derive(Debug)]
+enum Control {
+    /// vLLM's `reset_prefix_cache`: preempt the running requests first if asked; the answer
+    /// is whether the cache was reset.
+    ResetPrefixCache {
+        reset_running_requests: bool,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
 /// The handlers' side of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineClient {
     tx: mpsc::UnboundedSender<Submission>,
+    ctl: mpsc::UnboundedSender<Control>,
     shared: Arc<Shared>,
     max_waiting: usize,
     max_num_seqs: usize,
@@ -157,6 +175,27 @@ impl EngineClient {
             ));
         }
         Ok(())
+    }
+
+    /// vLLM's `reset_prefix_cache`: forgets every cached block hash, which succeeds only when
+    /// no request holds KV blocks; with `reset_running_requests` the running requests are
+    /// preempted first (back to the waiting queue). Answers whether the cache was reset; 503
+    /// when the engine is gone.
+    pub async fn reset_prefix_cache(&self, reset_running_requests: bool) -> Result<bool, ApiError> {
+        let gone = || {
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "The engine is not running.",
+            )
+        };
+        let (reply, answer) = oneshot::channel();
+        self.ctl
+            .send(Control::ResetPrefixCache {
+                reset_running_requests,
+                reply,
+            })
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())
     }
 
     /// Counts a request answered with an injected failure.
@@ -230,6 +269,11 @@ struct Planned {
 pub struct Engine {
     cfg: Arc<SimConfig>,
     rx: mpsc::UnboundedReceiver<Submission>,
+    ctl_rx: mpsc::UnboundedReceiver<Control>,
+    /// Where each step's KV events go, when they are published.
+    kv_events: Option<KvEventSender>,
+    /// vLLM's `lora_int_id` of each adapter: 1, 2, … in `--lora-modules` order.
+    lora_ids: HashMap<String, u32>,
     shared: Arc<Shared>,
     kv: KvCache,
     waiting: VecDeque<Seq>,
@@ -238,9 +282,15 @@ pub struct Engine {
     faults: FaultControl,
 }
 
-/// Creates the engine and its client; the engine pauses while `faults` say `hang`.
-pub fn engine(cfg: Arc<SimConfig>, faults: FaultControl) -> (Engine, EngineClient) {
+/// Creates the engine and its client; the engine pauses while `faults` say `hang`. With
+/// `kv_events`, the KV cache queues events and each step's batch is sent there.
+pub fn engine(
+    cfg: Arc<SimConfig>,
+    faults: FaultControl,
+    kv_events: Option<KvEventSender>,
+) -> (Engine, EngineClient) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let (ctl, ctl_rx) = mpsc::unbounded_channel();
     let mut metrics = EngineMetrics::new(cfg.legacy_metrics);
     metrics.set_lora_info(String::new(), String::new(), unix_now());
     let shared = Arc::new(Shared {
@@ -251,16 +301,30 @@ pub fn engine(cfg: Arc<SimConfig>, faults: FaultControl) -> (Engine, EngineClien
     });
     let client = EngineClient {
         tx,
+        ctl,
         shared: shared.clone(),
         max_waiting: cfg.max_waiting,
         max_num_seqs: cfg.max_num_seqs,
         block_size: cfg.block_size,
         usable_blocks: cfg.usable_blocks(),
     };
+    let mut kv = KvCache::new(cfg.kv_blocks, cfg.block_size);
+    if kv_events.is_some() {
+        kv.enable_events();
+    }
+    let lora_ids = cfg
+        .loras()
+        .into_iter()
+        .zip(1u32..)
+        .map(|(l, id)| (l.name, id))
+        .collect();
     let engine = Engine {
-        kv: KvCache::new(cfg.kv_blocks, cfg.block_size),
+        kv,
         cfg,
         rx,
+        ctl_rx,
+        kv_events,
+        lora_ids,
         shared,
         waiting: VecDeque::new(),
         running: Vec::new(),
@@ -285,9 +349,15 @@ impl Engine {
     pub async fn run(mut self) {
         loop {
             if self.waiting.is_empty() && self.running.is_empty() {
-                match self.rx.recv().await {
-                    Some(sub) => self.waiting.push_back(Seq::new(sub)),
-                    None => return,
+                tokio::select! {
+                    sub = self.rx.recv() => match sub {
+                        Some(sub) => self.waiting.push_back(Seq::new(sub)),
+                        None => return,
+                    },
+                    Some(ctl) = self.ctl_rx.recv() => {
+                        self.control(ctl);
+                        continue;
+                    }
                 }
             }
             // A hung engine takes no steps: queued and running requests all stall.
@@ -295,19 +365,25 @@ impl Engine {
             while let Ok(sub) = self.rx.try_recv() {
                 self.waiting.push_back(Seq::new(sub));
             }
+            while let Ok(ctl) = self.ctl_rx.try_recv() {
+                self.control(ctl);
+            }
             self.drop_aborted();
             let plan = self.schedule();
             self.publish();
             if plan.is_empty() {
                 // Nothing could be scheduled: either every request was aborted (the loop then
                 // waits for the next one) or the queue head cannot start yet; look again on
-                // the next arrival or shortly.
+                // the next arrival or shortly. vLLM still ends such a step by publishing the
+                // KV events queued so far.
+                self.flush_kv_events().await;
                 if !self.waiting.is_empty() || !self.running.is_empty() {
                     tokio::select! {
                         sub = self.rx.recv() => match sub {
                             Some(sub) => self.waiting.push_back(Seq::new(sub)),
                             None => return,
                         },
+                        Some(ctl) = self.ctl_rx.recv() => self.control(ctl),
                         _ = tokio::time::sleep(STALL_POLL) => {}
                     }
                 }
@@ -325,6 +401,51 @@ impl Engine {
                 .await;
             self.apply(plan);
             self.publish();
+            self.flush_kv_events().await;
+        }
+    }
+
+    /// Hands the KV events of the step to the publisher as one batch (vLLM's
+    /// `update_from_output`: `take_events`, then `publish` when there are any).
+    async fn flush_kv_events(&mut self) {
+        let Some(sink) = &self.kv_events else {
+            return;
+        };
+        let events = self.kv.take_events();
+        if events.is_empty() {
+            return;
+        }
+        let batch = EventBatch {
+            ts: unix_now(),
+            events,
+            data_parallel_rank: 0,
+        };
+        // A publisher that is gone (shut down) loses the batch, as vLLM's would.
+        let _ = sink.publish(batch).await;
+    }
+
+    /// Serves a control request between steps.
+    fn control(&mut self, ctl: Control) {
+        match ctl {
+            Control::ResetPrefixCache {
+                reset_running_requests,
+                reply,
+            } => {
+                if reset_running_requests && !self.running.is_empty() {
+                    // vLLM preempts from the back so the requests return in FIFO order.
+                    let mut preempted = 0;
+                    while let Some(s) = self.preempt_last() {
+                        self.waiting.push_front(s);
+                        preempted += 1;
+                    }
+                    let mut st = self.shared.state.lock();
+                    st.metrics.running = st.metrics.running.saturating_sub(preempted);
+                    st.metrics.waiting += preempted;
+                }
+                let ok = self.kv.reset_prefix_cache();
+                // The caller may have gone away; the reset stands.
+                let _ = reply.send(ok);
+            }
         }
     }
 
@@ -378,8 +499,9 @@ impl Engine {
         l
     }
 
-    /// Extends a sequence's block hashes and caches its full blocks up to `upto` tokens.
-    fn cache_blocks(kv: &mut KvCache, seq: &mut Seq, upto: usize) {
+    /// Extends a sequence's block hashes and caches its full blocks up to `upto` tokens. The
+    /// blocks newly hashed make a `BlockStored` event (vLLM's `cache_full_blocks`).
+    fn cache_blocks(kv: &mut KvCache, lora_ids: &HashMap<String, u32>, seq: &mut Seq, upto: usize) {
         let bs = kv.block_size();
         extend_block_hashes(
             &mut seq.block_hashes,
@@ -387,10 +509,44 @@ impl Engine {
             bs,
             &seq.lora_key,
         );
-        let full = upto / bs;
-        for i in 0..full.min(seq.blocks.len()) {
-            kv.cache(seq.blocks[i], seq.block_hashes[i]);
+        let full = (upto / bs).min(seq.blocks.len());
+        let mut new_run: Option<usize> = None;
+        for i in 0..full {
+            if kv.cache(seq.blocks[i], seq.block_hashes[i]) {
+                new_run.get_or_insert(i);
+            } else if let Some(start) = new_run.take() {
+                Self::stored_event(kv, lora_ids, seq, start, i);
+            }
         }
+        if let Some(start) = new_run {
+            Self::stored_event(kv, lora_ids, seq, start, full);
+        }
+    }
+
+    /// Queues `BlockStored` for blocks `start..end` of `seq`.
+    fn stored_event(
+        kv: &mut KvCache,
+        lora_ids: &HashMap<String, u32>,
+        seq: &Seq,
+        start: usize,
+        end: usize,
+    ) {
+        if !kv.events_enabled() {
+            return;
+        }
+        let bs = kv.block_size();
+        let lora = seq
+            .sub
+            .lora
+            .as_ref()
+            .map(|name| (lora_ids.get(&**name).copied().unwrap_or(0), name.clone()));
+        kv.push_event(KvEvent::BlockStored(BlockStored {
+            block_hashes: seq.block_hashes[start..end].to_vec(),
+            parent_block_hash: start.checked_sub(1).map(|p| seq.block_hashes[p]),
+            token_ids: seq.tokens[start * bs..end * bs].to_vec(),
+            block_size: bs,
+            lora,
+        }));
     }
 
     fn preempt_last(&mut self) -> Option<Seq> {
@@ -438,7 +594,7 @@ impl Engine {
             };
             let s = &mut self.running[i];
             s.blocks.extend(new_blocks);
-            Self::cache_blocks(&mut self.kv, s, computed + n);
+            Self::cache_blocks(&mut self.kv, &self.lora_ids, s, computed + n);
             let decode = n == 1 && computed + 1 == total && total > self.running[i].num_prompt;
             plan.push(Planned {
                 idx: i,
@@ -501,7 +657,7 @@ impl Engine {
                     s.cached_tokens = Some(cached);
                     s.first_scheduled = Some(Instant::now());
                 }
-                Self::cache_blocks(&mut self.kv, &mut s, cached + n);
+                Self::cache_blocks(&mut self.kv, &self.lora_ids, &mut s, cached + n);
                 {
                     let mut st = self.shared.state.lock();
                     st.metrics.prefix_queries += total as u64;

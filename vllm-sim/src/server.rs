@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::extract::{DefaultBodyLimit, FromRef, Query, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::net::TcpListener;
@@ -52,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(openai::health))
         .route("/version", get(openai::version))
         .route("/metrics", get(openai::metrics))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route(
             "/admin/faults",
             get(faults::get_faults)
@@ -62,6 +64,28 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Query of `POST /reset_prefix_cache`, vLLM's.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct ResetQuery {
+    /// Preempt the running requests so the reset can succeed.
+    reset_running_requests: bool,
+    /// Also reset a KV connector's external cache (there is none: ignored).
+    #[allow(dead_code)]
+    reset_external: bool,
+}
+
+/// vLLM's `POST /reset_prefix_cache` (a dev endpoint there, `VLLM_SERVER_DEV_MODE=1`; always
+/// served here): `{"success": bool}`. It fails while requests hold KV blocks, unless
+/// `?reset_running_requests=true` preempts them. With KV events, `AllBlocksCleared` goes out
+/// with the next step's batch.
+async fn reset_prefix_cache(State(st): State<AppState>, Query(q): Query<ResetQuery>) -> Response {
+    match st.engine.reset_prefix_cache(q.reset_running_requests).await {
+        Ok(success) => Json(serde_json::json!({ "success": success })).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Largest request body accepted (vLLM has no limit; long prompts must fit).

@@ -1,7 +1,10 @@
-//! An idle simulator, even with time_scale 0, does not burn CPU (its own test binary, so
-//! other tests do not disturb the measurement).
+//! An idle simulator, even with time_scale 0 and KV events published to a connected
+//! subscriber, does not burn CPU (its own test binary, so other tests do not disturb the
+//! measurement).
 
 use std::time::Duration;
+
+use zeromq::Socket;
 
 fn process_cpu_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
@@ -16,15 +19,26 @@ async fn idle_engine_sleeps() {
     if !std::path::Path::new("/proc/self/stat").exists() {
         return;
     }
+    let kv_events = vllm_sim::KvEventsConfig::from_json(
+        r#"{"enable_kv_cache_events": true, "endpoint": "tcp://*:0",
+            "replay_endpoint": "tcp://127.0.0.1:0"}"#,
+    )
+    .unwrap();
     let sim = vllm_sim::spawn(
         vllm_sim::SimConfig {
             time_scale: 0.0,
+            kv_events_config: Some(kv_events),
             ..Default::default()
         },
         "127.0.0.1:0".parse().unwrap(),
     )
     .await
     .unwrap();
+    // A subscriber stays connected to the event publisher while the simulator idles.
+    let mut sub = zeromq::SubSocket::new();
+    sub.subscribe("").await.unwrap();
+    let endpoint = sim.kv_events().unwrap().local_endpoint().unwrap();
+    sub.connect(&endpoint).await.unwrap();
     // One request so the engine has run at least once.
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", sim.url()))
