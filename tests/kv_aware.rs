@@ -76,3 +76,253 @@ async fn without_events_it_keeps_conversations_where_they_are_cached() {
     assert!(kv >= 0.9 * oracle, "kv_aware {kv:.3} vs oracle {oracle:.3}");
     assert!(kv >= rr + 0.2, "kv_aware {kv:.3} vs round_robin {rr:.3}");
 }
+
+/// One `vllm-sim` publishing KV events on fixed loopback ports (so a restart keeps them).
+struct EventSim {
+    http: std::net::SocketAddr,
+    events: u16,
+    replay: u16,
+}
+
+impl EventSim {
+    fn new() -> Self {
+        EventSim {
+            http: std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+            events: free_port(),
+            replay: free_port(),
+        }
+    }
+
+    async fn spawn(&self, kv_blocks: usize) -> vllm_sim::SimHandle {
+        let events = vllm_sim::KvEventsConfig::from_json(&format!(
+            r#"{{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:{}", "replay_endpoint": "tcp://*:{}"}}"#,
+            self.events, self.replay
+        ))
+        .expect("kv events config");
+        let cfg = vllm_sim::SimConfig {
+            model: MODEL.to_string(),
+            time_scale: 0.0,
+            kv_blocks,
+            kv_events_config: Some(events),
+            ..vllm_sim::SimConfig::default()
+        };
+        // A restart may find its ports still closing: retry for a while.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match vllm_sim::spawn(cfg.clone(), self.http).await {
+                Ok(sim) => return sim,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("spawn vllm-sim at {}: {e}; retrying", self.http);
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("spawn vllm-sim at {}: {e}", self.http),
+            }
+        }
+    }
+
+    fn yaml(&self) -> String {
+        format!(
+            "{{address: \"{}\", kv_events: \"tcp://127.0.0.1:{}\", kv_events_replay: \"tcp://127.0.0.1:{}\"}}",
+            self.http, self.events, self.replay
+        )
+    }
+}
+
+/// A `/v1/completions` request whose prompt is the token ids `ids` (the engine caches exactly
+/// these, so llm-lb's keys match its events without a tokenizer). Returns (endpoint, reason,
+/// cached tokens).
+async fn complete(client: &reqwest::Client, url: &str, ids: &[u32]) -> (String, String, u64) {
+    let r = client
+        .post(url)
+        .json(&serde_json::json!({"model": MODEL, "prompt": ids, "max_tokens": 2}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let header = |n: &str| {
+        r.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let (endpoint, reason) = (header("x-llm-lb-endpoint"), header("x-llm-lb-reason"));
+    let body: serde_json::Value = r.json().await.expect("json");
+    let cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    (endpoint, reason, cached)
+}
+
+/// Poll `/metrics` until `name{labels}` is at least `want`.
+async fn wait_at_least(proxy: &Proxy, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = proxy.metric(name, labels).await.unwrap_or(0.0);
+        if now >= want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}{labels:?} stayed at {now}, wanted {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// With the engines' KV events (and no predictions, so the events alone decide): a prompt goes
+/// back to the engine that reported its blocks; when that engine evicts them, resets its cache or
+/// restarts, llm-lb sees it and stops sending the prompt there for its cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_events_steer_and_evictions_resets_and_restarts_are_seen() {
+    let sims_at = [EventSim::new(), EventSim::new()];
+    // 48 blocks of 16 tokens: room for one 512-token prompt and a bit.
+    let mut sims = Vec::new();
+    for s in &sims_at {
+        sims.push(Some(s.spawn(48).await));
+    }
+    let endpoints: Vec<String> = sims_at.iter().map(EventSim::yaml).collect();
+    let proxy = Proxy::start(&format!(
+        "expose_endpoint_header: true\npools:\n  - name: kv\n    models: [\"*\"]\n    endpoints: [{}]\n    lb_policy: kv_aware\n    lb_config: {{predictedTtlMs: 0, loadWeight: 0.1}}\n",
+        endpoints.join(", ")
+    ));
+    let client = reqwest::Client::new();
+    let url = proxy.url("/v1/completions");
+    let place = |prompt: Vec<u32>| {
+        let (client, url, proxy) = (client.clone(), url.clone(), &proxy);
+        async move {
+            let before = stored_total(proxy).await;
+            let (endpoint, reason, _) = complete(&client, &url, &prompt).await;
+            assert_eq!(reason, "kv_miss", "a new prompt is cached nowhere");
+            // Wait until the engine's events say it holds the prompt. A subscriber that has
+            // just (re)connected may miss that batch; the engine's next batch makes it replay.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let mut nudge = 0u32;
+            while stored_total(proxy).await <= before {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no BlockStored from {endpoint}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                nudge += 1;
+                let ids: Vec<u32> = (0..16).map(|t| 900_000 + nudge * 16 + t).collect();
+                complete(&client, &format!("http://{endpoint}/v1/completions"), &ids).await;
+            }
+            endpoint
+        }
+    };
+    let prompt = |base: u32| -> Vec<u32> { (base..base + 512).collect() };
+
+    // Steering: the engine that reported the prompt's blocks gets it again, from its cache.
+    let a = prompt(1000);
+    let home = place(a.clone()).await;
+    for _ in 0..3 {
+        let (e, reason, cached) = complete(&client, &url, &a).await;
+        assert_eq!((e.as_str(), reason.as_str()), (home.as_str(), "kv_hit"));
+        assert!(
+            cached >= 496,
+            "the engine served {cached} tokens from its cache"
+        );
+    }
+
+    // Eviction: other prompts sent to that engine directly push the prompt's blocks out.
+    let direct = format!("http://{home}/v1/completions");
+    for k in 0..3u32 {
+        complete(&client, &direct, &prompt(50_000 + k * 1000)).await;
+    }
+    let removed = [
+        ("pool", "kv"),
+        ("endpoint", home.as_str()),
+        ("kind", "removed"),
+    ];
+    wait_at_least(&proxy, "llmlb_kv_events_total", &removed, 32.0).await;
+    let (_, reason, _) = complete(&client, &url, &a).await;
+    assert_eq!(reason, "kv_miss", "evicted blocks must not count");
+
+    // Reset: an engine that drops its cache (vLLM's /reset_prefix_cache) is seen.
+    let b = prompt(2000);
+    let at = place(b.clone()).await;
+    let (e, reason, _) = complete(&client, &url, &b).await;
+    assert_eq!((e.as_str(), reason.as_str()), (at.as_str(), "kv_hit"));
+    let j = sims_at
+        .iter()
+        .position(|s| s.http.to_string() == at)
+        .expect("a sim");
+    assert!(
+        sims[j]
+            .as_ref()
+            .expect("running")
+            .reset_prefix_cache(false)
+            .await
+    );
+    // vLLM sends AllBlocksCleared with its next step's events: run one step on that engine.
+    complete(&client, &format!("http://{at}/v1/completions"), &[7, 8, 9]).await;
+    let cleared = [
+        ("pool", "kv"),
+        ("endpoint", at.as_str()),
+        ("kind", "cleared"),
+    ];
+    wait_at_least(&proxy, "llmlb_kv_events_total", &cleared, 1.0).await;
+    let (_, reason, _) = complete(&client, &url, &b).await;
+    assert_eq!(reason, "kv_miss", "a reset cache must not count");
+
+    // Restart: a restarted engine (same ports, empty cache, sequence from 0) is forgotten, and
+    // followed again.
+    let c = prompt(3000);
+    let at = place(c.clone()).await;
+    let (e, reason, _) = complete(&client, &url, &c).await;
+    assert_eq!((e.as_str(), reason.as_str()), (at.as_str(), "kv_hit"));
+    let k = sims_at
+        .iter()
+        .position(|s| s.http.to_string() == at)
+        .expect("a sim");
+    let before = resync_total(&proxy, &at).await;
+    sims[k].take().expect("running").shutdown().await;
+    sims[k] = Some(sims_at[k].spawn(48).await);
+    let connected = [("pool", "kv"), ("endpoint", at.as_str())];
+    wait_at_least(&proxy, "llmlb_kv_events_connected", &connected, 1.0).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while resync_total(&proxy, &at).await <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no resync after {at} restarted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (_, reason, _) = complete(&client, &url, &c).await;
+    assert_eq!(
+        reason, "kv_miss",
+        "a restarted engine's old blocks must not count"
+    );
+    let d = prompt(4000);
+    let _ = place(d.clone()).await;
+    let (_, reason, _) = complete(&client, &url, &d).await;
+    assert_eq!(
+        reason, "kv_hit",
+        "the restarted engine's new events are followed"
+    );
+}
+
+/// `BlockStored` events applied so far, over every endpoint.
+async fn stored_total(proxy: &Proxy) -> f64 {
+    let text = proxy.metrics().await;
+    text.lines()
+        .filter(|l| l.starts_with("llmlb_kv_events_total{") && l.contains("kind=\"stored\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every resync of `endpoint`'s stream, whatever the reason.
+async fn resync_total(proxy: &Proxy, endpoint: &str) -> f64 {
+    let text = proxy.metrics().await;
+    ["gap", "restart", "reconnect", "decode_error"]
+        .iter()
+        .filter_map(|r| {
+            parse_metric(
+                &text,
+                "llmlb_kv_events_resyncs_total",
+                &[("pool", "kv"), ("endpoint", endpoint), ("reason", r)],
+            )
+        })
+        .sum()
+}

@@ -124,7 +124,12 @@ impl KvEventsSubscriber {
     }
 
     /// Run until `stop` holds `true` (or its sender is dropped).
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(mut self, stop: watch::Receiver<bool>) {
+        self.follow(stop).await;
+        telemetry::set_kv_events_connected(self.index.pool(), &self.endpoint, false);
+    }
+
+    async fn follow(&mut self, mut stop: watch::Receiver<bool>) {
         let pool = self.index.pool().to_string();
         telemetry::touch_kv_endpoint(&pool, &self.endpoint);
         // Whatever the index holds for this endpoint, this stream cannot vouch for it.
@@ -158,6 +163,7 @@ impl KvEventsSubscriber {
                         );
                     }
                     failures = 0;
+                    telemetry::set_kv_events_connected(&pool, &self.endpoint, true);
                     self.fresh = true;
                     loop {
                         let frames = tokio::select! {
@@ -189,6 +195,7 @@ impl KvEventsSubscriber {
                 }
             };
             drop(socket);
+            telemetry::set_kv_events_connected(&pool, &self.endpoint, false);
             match ended {
                 Ended::Idle => {
                     log::debug!(

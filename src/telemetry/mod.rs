@@ -730,8 +730,26 @@ static KV_INDEX_BLOCKS: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
     .ok()
 });
 
+static KV_CONNECTED: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_kv_events_connected",
+        "1 while llm-lb is connected to the endpoint's KV-event stream",
+        &["pool", "endpoint"]
+    )
+    .ok()
+});
+
+/// Record whether the endpoint's KV-event stream is connected (`llmlb_kv_events_connected`).
+pub fn set_kv_events_connected(pool: &str, endpoint: &str, connected: bool) {
+    if let Some(m) = KV_CONNECTED.as_ref() {
+        m.with_label_values(&[pool, endpoint])
+            .set(i64::from(connected));
+    }
+}
+
 /// Create the KV-event families (part of [`touch`]).
 pub fn touch_kv_events() {
+    LazyLock::force(&KV_CONNECTED);
     LazyLock::force(&KV_EVENTS);
     LazyLock::force(&KV_RESYNCS);
     LazyLock::force(&KV_INDEX_BLOCKS);
@@ -739,6 +757,7 @@ pub fn touch_kv_events() {
 
 /// Give an endpoint's KV-event series their zero values.
 pub fn touch_kv_endpoint(pool: &str, endpoint: &str) {
+    set_kv_events_connected(pool, endpoint, false);
     if let Some(m) = KV_EVENTS.as_ref() {
         for kind in KV_EVENT_KINDS {
             m.with_label_values(&[pool, endpoint, kind]).inc_by(0);
