@@ -12,10 +12,11 @@
 //! 4  proxy                        Pingora hooks; proxy::choose picks an endpoint without Pingora
 //! 3  routing                      routing table, pools, generations, DNS, the supervisor
 //! 2  policy, selection            choose an endpoint; the same policies as Pingora BackendSelections
-//! 1  health, store, scrape        is it admitted? shared counts and prefixes; engine metrics
+//! 1  health, store, scrape,       is it admitted? shared counts and prefixes; engine metrics;
+//!    kv_events                    which engine holds which token blocks (KV-cache events)
 //! 0  endpoint, config, telemetry, vocabulary, validated settings, metrics and logs,
-//!    request, prefix, usage,      understanding OpenAI bodies, graceful drain
-//!    drain
+//!    request, prefix, usage,      understanding OpenAI bodies, token block keys, graceful drain
+//!    kv_blocks, drain
 //! ```
 //!
 //! # Using it as a library
