@@ -113,12 +113,22 @@ impl Registry {
         self.custom.keys().map(String::as_str).collect()
     }
 
-    /// Check every pool of `config` that names a custom policy by building it once over the
-    /// pool's IP endpoints (names are resolved later), so a bad `lb_config` fails validation
-    /// (and `-t`) rather than the first routing table.
+    /// Check what parsing cannot: build every pool's custom policy once over the pool's IP
+    /// endpoints (names are resolved later), and load every `kv_aware` tokenizer, so a bad
+    /// `lb_config` fails validation (and `-t`) rather than the first routing table.
     pub fn check(&self, config: &Config) -> Result<(), ConfigError> {
         let mut issues = Vec::new();
         for (i, pool) in config.pools.iter().enumerate() {
+            if let PolicySettings::KvAware(_, kv) = &pool.policy {
+                if let Some(dir) = &kv.tokenizer {
+                    if let Err(e) = llm_lb_tokenizer::ChatTokenizer::from_dir(dir) {
+                        issues.push(Issue {
+                            path: format!("pools[{i}].lb_config.tokenizer"),
+                            message: format!("{}: {e}", dir.display()),
+                        });
+                    }
+                }
+            }
             let PolicySettings::Custom(custom) = &pool.policy else {
                 continue;
             };

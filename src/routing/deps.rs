@@ -95,10 +95,9 @@ fn tokenizer(kv: &KvAwareSettings) -> Result<Tokenizer, String> {
     let Some(dir) = &kv.tokenizer else {
         return Ok(Tokenizer::Approximate);
     };
-    Err(format!(
-        "lb_config.tokenizer {}: not supported yet",
-        dir.display()
-    ))
+    let t = llm_lb_tokenizer::ChatTokenizer::from_dir(dir)
+        .map_err(|e| format!("lb_config.tokenizer {}: {e}", dir.display()))?;
+    Ok(Tokenizer::Exact(Arc::new(t)))
 }
 
 /// The index of `previous`'s `kv_aware` pool named like `pc`, if its bound is unchanged.

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use llm_lb_tokenizer::ChatTokenizer;
 use serde_json::Value;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -16,12 +17,23 @@ use crate::request::LlmRequest;
 /// Bytes per approximate token.
 const APPROX_BYTES: usize = 4;
 
-/// The engine's own tokenization of chats and text prompts.
+/// The engine's own tokenization of chats and text prompts ([`ChatTokenizer`] is one; a program
+/// embedding llm-lb may bring its own).
 pub trait EngineTokenizer: Send + Sync {
     /// The token ids the engine computes for an OpenAI chat request body.
     fn chat_tokens(&self, body: &Value) -> Result<Vec<u32>, String>;
     /// The token ids the engine computes for a `/v1/completions` text prompt.
     fn completion_tokens(&self, prompt: &str) -> Result<Vec<u32>, String>;
+}
+
+impl EngineTokenizer for ChatTokenizer {
+    fn chat_tokens(&self, body: &Value) -> Result<Vec<u32>, String> {
+        ChatTokenizer::chat_tokens(self, body).map_err(|e| e.to_string())
+    }
+
+    fn completion_tokens(&self, prompt: &str) -> Result<Vec<u32>, String> {
+        ChatTokenizer::completion_tokens(self, prompt).map_err(|e| e.to_string())
+    }
 }
 
 /// How a pool turns requests into token ids.
