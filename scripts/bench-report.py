@@ -4,7 +4,8 @@
 Called by scripts/bench-*.sh; usable by hand on the files they leave in bench/results/:
 
   bench-report.py collect-routing ...     one routing run -> bench/results/routing/<run>.json
-  bench-report.py summarize-routing ...   every routing run -> bench/results/routing.{json,csv}
+  bench-report.py summarize-routing ...   every routing run -> bench/results/<set>.{json,csv}
+                                          (--set routing, or kv for bench-routing.sh's KV set)
   bench-report.py collect-overhead ...    oha outputs -> bench/results/overhead.{json,csv}
   bench-report.py collect-micro ...       criterion estimates -> bench/results/micro.{json,csv}
   bench-report.py render                  tables and plots -> docs/benchmarks.md, docs/img/*.png,
@@ -41,6 +42,9 @@ POLICY_ORDER = [
     "sglang_cache_aware",
     "prefix_cache_3x_redis",
     "prefix_cache_3x_unshared",
+    "kv_aware",
+    "kv_aware_events",
+    "kv_aware_events_3x_redis",
 ]
 POLICY_TITLE = {
     "round_robin": "round_robin (no LB)",
@@ -50,7 +54,12 @@ POLICY_TITLE = {
     "sglang_cache_aware": "SGLang router cache_aware",
     "prefix_cache_3x_redis": "prefix_cache, 3 replicas, Redis",
     "prefix_cache_3x_unshared": "prefix_cache, 3 replicas, unshared",
+    "kv_aware": "kv_aware, predicted (no events)",
+    "kv_aware_events": "kv_aware with KV events",
+    "kv_aware_events_3x_redis": "kv_aware with KV events, 3 replicas, Redis",
 }
+# The column other policies are compared with, per result set.
+BASELINE = {"routing": "round_robin", "kv": "prefix_cache"}
 
 
 # ---------------------------------------------------------------- helpers
@@ -247,6 +256,9 @@ def cmd_collect_routing(a):
 
     errors = summary.get("error_summary") or []
     out = {
+        "git": git_rev(),
+        "machine": machine(),
+        "command": a.command,
         "scenario": a.scenario,
         "label": a.label,
         "policy": a.policy,
@@ -298,20 +310,23 @@ ROUTING_FIELDS = [
 
 def cmd_summarize_routing(a):
     runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.dir, "*.json")))]
+    commits = sorted({r.get("git", "unknown") for r in runs})
     groups = {}
     for r in runs:
         groups.setdefault((r["scenario"], r["label"]), []).append(r)
     summary = {
         "generated": now_utc(),
         "git": git_rev(),
+        "run_commits": commits,
         "machine": machine(),
+        "set": a.set,
         "elapsed_s": a.elapsed,
         "time_scale": a.time_scale,
         "kv_blocks": a.kv_blocks,
         "repeats": a.repeats,
         "results": [],
     }
-    prev = os.path.join(RESULTS, "routing.json")
+    prev = os.path.join(RESULTS, f"{a.set}.json")
     if os.path.exists(prev):
         # Keep the timing of scenarios that this invocation did not run.
         try:
@@ -332,8 +347,8 @@ def cmd_summarize_routing(a):
         elapsed_by[scenario] = sum(r["wall_s"] for r in runs if r["scenario"] == scenario)
     summary["elapsed_by_scenario"] = elapsed_by
     summary.pop("previous_elapsed_s", None)
-    json.dump(summary, open(os.path.join(RESULTS, "routing.json"), "w"), indent=1)
-    with open(os.path.join(RESULTS, "routing.csv"), "w", newline="") as f:
+    json.dump(summary, open(os.path.join(RESULTS, f"{a.set}.json"), "w"), indent=1)
+    with open(os.path.join(RESULTS, f"{a.set}.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["scenario", "label", "round"] + [n for n, _ in ROUTING_FIELDS])
         for r in sorted(runs, key=lambda r: (r["scenario"], r["label"], r["round"])):
@@ -341,7 +356,7 @@ def cmd_summarize_routing(a):
                 [r["scenario"], r["label"], r["round"]]
                 + [("" if g(r) is None else round(g(r), 4)) for _, g in ROUTING_FIELDS]
             )
-    print("wrote", os.path.relpath(os.path.join(RESULTS, "routing.json"), ROOT))
+    print("wrote", os.path.relpath(os.path.join(RESULTS, f"{a.set}.json"), ROOT))
 
 
 def mean(vals):
@@ -383,15 +398,20 @@ def routing_table(rows, rr=None, ratio=True):
 def routing_blocks(data):
     blocks = {}
     by = {}
+    name = data.get("set", "routing")
+    base = BASELINE.get(name, "round_robin")
     for r in data["results"]:
         by.setdefault(r["scenario"], []).append(r)
     for scenario, rows in by.items():
-        rr = next((r for r in rows if r["label"] == "round_robin"), None)
-        blocks[f"routing-{scenario}"] = routing_table(rows, rr, ratio=rr is not None)
+        rr = next((r for r in rows if r["label"] == base), None)
+        blocks[f"{name}-{scenario}"] = routing_table(rows, rr, ratio=rr is not None)
     el = data.get("elapsed_by_scenario", {})
+    runs = data.get("run_commits") or [data["git"]]
     meta = [
-        f"Generated {data['generated']} from commit `{data['git']}` by `scripts/bench-routing.sh` "
-        f"on {data['machine']}.",
+        f"Generated {data['generated']} by `scripts/bench-routing.sh`"
+        + (" with `ROUTING_SET=kv`" if name == "kv" else "")
+        + f" on {data['machine']}; runs from commit(s) {', '.join(f'`{c}`' for c in runs)} "
+        f"(each results file names its own).",
         f"vllm-sim `--time-scale {data['time_scale']}`, `--kv-blocks {data['kv_blocks']}` per server, "
         f"{data['repeats']} round(s) per policy"
         + (" (cells: mean, and min–max over the rounds)" if int(data["repeats"]) > 1 else "")
@@ -400,7 +420,7 @@ def routing_blocks(data):
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(el.items()))
         + f" (the last invocation, build excluded: {data['elapsed_s'] / 60:.1f} min).",
     ]
-    blocks["routing-meta"] = "\n".join(meta)
+    blocks[f"{name}-meta"] = "\n".join(meta)
     # Request placement and pick reasons, for the discussion.
     lines = ["| scenario | policy | requests per server | llm-lb pick reasons |", "|---|---|---|---|"]
     for scenario, rows in sorted(by.items()):
@@ -409,7 +429,7 @@ def routing_blocks(data):
             picks = r["picks"][0]
             reasons = ", ".join(f"{k} {int(v)}" for k, v in sorted(picks.items(), key=lambda kv: -kv[1])) or "–"
             lines.append(f"| {scenario} | {POLICY_TITLE.get(r['label'], r['label'])} | {served} | {reasons} |")
-    blocks["routing-placement"] = "\n".join(lines)
+    blocks[f"{name}-placement"] = "\n".join(lines)
     return blocks
 
 
@@ -810,6 +830,10 @@ def cmd_render(_a):
             text = replace_block(text, k, v)
         if plt:
             routing_plots(routing, plt)
+    p = os.path.join(RESULTS, "kv.json")
+    if os.path.exists(p):
+        for k, v in routing_blocks(json.load(open(p))).items():
+            text = replace_block(text, k, v)
     p = os.path.join(RESULTS, "overhead.json")
     if os.path.exists(p):
         overhead = json.load(open(p))
@@ -853,12 +877,14 @@ def main():
     c.add_argument("--sims", nargs="+", required=True)
     c.add_argument("--admins", nargs="*", default=[])
     c.add_argument("--out", required=True)
+    c.add_argument("--command", default="", help="the command that ran the benchmark")
     s = sub.add_parser("summarize-routing")
     s.add_argument("--dir", required=True)
     s.add_argument("--elapsed", type=float, default=0)
     s.add_argument("--time-scale", default="")
     s.add_argument("--kv-blocks", default="")
     s.add_argument("--repeats", default="1")
+    s.add_argument("--set", default="routing", choices=sorted(BASELINE))
     o = sub.add_parser("collect-overhead")
     o.add_argument("--dir", required=True)
     o.add_argument("--meta")

@@ -18,6 +18,19 @@
 #             requests over them round robin, so the turns of a session reach different replicas
 #             (Redis-shared state vs each replica on its own embedded store)
 #
+# ROUTING_SET=kv runs the precise-routing set instead (results in bench/results/kv*, the
+# "kv-*" blocks of docs/benchmarks.md): the simulators tokenize with SmolLM2's real tokenizer
+# (scripts/engine.sh) and publish vLLM's KV-cache events; policies prefix_cache, kv_aware without
+# events (its own predictions), kv_aware with events, the SGLang router's cache_aware and
+# global_least_request. Scenarios (default "evict reset seed unique replicas"):
+#   evict     long multi-turn sessions on caches too small to keep them (eviction pressure):
+#             60 sessions x 5 turns, ~1000 input tokens per turn, 200 output, concurrency 20,
+#             1024 KV blocks (16k tokens) per server
+#   reset     evict, and each simulator in turn empties its prefix cache during the run, as an
+#             engine restart does (vLLM's POST /reset_prefix_cache, running requests preempted)
+#   seed, unique   as above (prefix_cache / kv_aware with events / least request)
+#   replicas  seed through three kv_aware replicas sharing Redis, against one replica
+#
 # Environment knobs (all optional):
 #   ROUTING_PORT_BASE   first port (default 28000; uses BASE+1..3, BASE+80..95, BASE+379)
 #   ROUTING_TIME_SCALE  vllm-sim --time-scale (default 0.5: simulated times run twice as fast)
@@ -26,6 +39,7 @@
 #   ROUTING_POLICIES    subset of: round_robin global_least_request prefix_cache least_busy
 #                       sglang_cache_aware (default: all)
 #   ROUTING_SESSIONS    sessions of the seed workload (default 60)
+#   ROUTING_SET         routing (default) or kv (see above)
 #   ROUTING_NO_REPORT=1 do not regenerate docs/benchmarks.md
 #   LLMLB_VENV, LLMLB_SGL_VENV  Python venvs (default target/py-venv, target/sgl-venv)
 # Results: bench/results/routing/*.json (one file per run) and bench/results/routing.{json,csv}.
@@ -41,16 +55,25 @@ BASE="${ROUTING_PORT_BASE:-28000}"
 TIME_SCALE="${ROUTING_TIME_SCALE:-0.5}"
 KV_BLOCKS="${ROUTING_KV_BLOCKS:-4096}"
 REPEATS="${ROUTING_REPEATS:-1}"
-SCENARIOS="${ROUTING_SCENARIOS:-seed unique hot replicas}"
-POLICIES="${ROUTING_POLICIES:-round_robin global_least_request prefix_cache least_busy sglang_cache_aware}"
+SET="${ROUTING_SET:-routing}"
+case "$SET" in
+    routing)
+        SCENARIOS="${ROUTING_SCENARIOS:-seed unique hot replicas}"
+        POLICIES="${ROUTING_POLICIES:-round_robin global_least_request prefix_cache least_busy sglang_cache_aware}" ;;
+    kv)
+        SCENARIOS="${ROUTING_SCENARIOS:-evict reset seed unique replicas}"
+        POLICIES="${ROUTING_POLICIES:-global_least_request prefix_cache kv_aware kv_aware_events sglang_cache_aware}" ;;
+    *) echo "ROUTING_SET must be routing or kv" >&2; exit 2 ;;
+esac
 SESSIONS="${ROUTING_SESSIONS:-60}"
 MODEL="bench/llama-3.1-8b"
 LB_PORT=$((BASE + 80))
 SGL_PORT=$((BASE + 90))
 FRONT_PORT=$((BASE + 95))
 REDIS_PORT=$((BASE + 379))
-RESULTS="$ROOT/bench/results/routing"
-WORK="$ROOT/bench/work/routing"
+RESULTS="$ROOT/bench/results/$SET"
+WORK="$ROOT/bench/work/$SET"
+COMMAND="ROUTING_SET=$SET ROUTING_SCENARIOS=\"$SCENARIOS\" ROUTING_POLICIES=\"$POLICIES\" ROUTING_REPEATS=$REPEATS scripts/bench-routing.sh"
 
 trap bench_cleanup EXIT
 trap 'exit 130' INT TERM
@@ -62,7 +85,8 @@ bench_build
 bench_venv
 case " $POLICIES " in *" sglang_cache_aware "*) bench_sgl_venv ;; esac
 ports_free $((BASE + 1)) $((BASE + 2)) $((BASE + 3)) "$LB_PORT" $((LB_PORT + 1)) $((LB_PORT + 2)) \
-    "$SGL_PORT" "$FRONT_PORT" "$REDIS_PORT"
+    "$SGL_PORT" "$FRONT_PORT" "$REDIS_PORT" $((BASE + 21)) $((BASE + 22)) $((BASE + 23)) \
+    $((BASE + 31)) $((BASE + 32)) $((BASE + 33))
 
 rm -rf "$WORK"
 mkdir -p "$WORK" "$RESULTS"
@@ -70,6 +94,14 @@ TOKENIZER="$ROOT/target/bench-tokenizer"
 CORPUS="$("$BENCH_PY" -c 'import aiperf, os; print(os.path.join(os.path.dirname(aiperf.__file__), "dataset/generator/assets/shakespeare.txt"))')"
 "$BENCH_PY" "$ROOT/vllm-sim/py/make_tokenizer.py" "$TOKENIZER" "$CORPUS" >/dev/null
 write_pingora_yaml "$WORK"
+SIM_TOKENIZER_ARGS=()
+MODEL_TOKENIZER=""
+if [ "$SET" = kv ]; then
+    # The model's real tokenizer and chat template, in the simulators and in kv_aware alike.
+    eval "$(bash "$ROOT/scripts/engine.sh")"
+    MODEL_TOKENIZER="$LLAMA_TOKENIZER"
+    SIM_TOKENIZER_ARGS=(--tokenizer "$MODEL_TOKENIZER")
+fi
 
 SIM_URLS=()
 SIM_ADDRS=()
@@ -81,32 +113,48 @@ done
 # Fresh simulators for each run (cold caches, zeroed counters).
 # Costs (model ms): an 8B model on one mid-range GPU: 5 ms per request + 0.1 ms per uncached
 # prompt token of prefill (10k tokens/s), 10 ms per decode step, 1.5x slower at a full batch of 16.
+# In the kv set each also publishes KV events on BASE+20+i (replay socket BASE+30+i).
 start_sims() {
-    local i
+    local i blocks=$1 events=()
     SIM_PIDS=()
     for i in 1 2 3; do
+        if [ "$SET" = kv ]; then
+            events=(--kv-events-config "{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", \"endpoint\": \"tcp://*:$((BASE + 20 + i))\", \"replay_endpoint\": \"tcp://*:$((BASE + 30 + i))\"}")
+        fi
         bench_spawn "$RUN_DIR/sim$i.log" "$SIM_BIN" --host 127.0.0.1 --port $((BASE + i)) \
-            --model "$MODEL" --seed "$i" --time-scale "$TIME_SCALE" --kv-blocks "$KV_BLOCKS" \
+            --model "$MODEL" --seed "$i" --time-scale "$TIME_SCALE" --kv-blocks "$blocks" \
             --max-num-seqs 16 --prefill-overhead-ms 5 --prefill-ms-per-token 0.1 --itl-ms 10 \
-            --load-factor 1.5
+            --load-factor 1.5 "${SIM_TOKENIZER_ARGS[@]}" "${events[@]}"
         SIM_PIDS+=("$LAST_PID")
     done
     for i in 1 2 3; do wait_port $((BASE + i)) 30; done
 }
 
-# A policy file for one llm-lb replica ($1: index 0..2) with lb_policy $2 and store $3.
+# A policy file for one llm-lb replica ($1: index 0..2) with lb_policy $2, store $3, run label $4.
 policy_yaml() {
-    local idx=$1 policy=$2 store=$3 lbcfg="{}"
+    local idx=$1 policy=$2 store=$3 label=$4 keys=() lbcfg endpoints i
     if [ "$store" = redis ]; then
-        lbcfg="{serviceFQDN: 127.0.0.1, servicePort: $REDIS_PORT, timeout: 50}"
+        keys+=("serviceFQDN: 127.0.0.1" "servicePort: $REDIS_PORT" "timeout: 50")
     fi
+    if [ "$policy" = kv_aware ]; then
+        keys+=("tokenizer: \"$MODEL_TOKENIZER\"")
+    fi
+    lbcfg="{$(IFS=,; echo "${keys[*]}")}"
+    endpoints="\"${SIM_ADDRS[0]}\", \"${SIM_ADDRS[1]}\", \"${SIM_ADDRS[2]}\""
+    case "$label" in
+        kv_aware_events*)
+            endpoints=""
+            for i in 1 2 3; do
+                endpoints+="${endpoints:+, }{address: \"${SIM_ADDRS[$((i - 1))]}\", kv_events: \"tcp://127.0.0.1:$((BASE + 20 + i))\", kv_events_replay: \"tcp://127.0.0.1:$((BASE + 30 + i))\"}"
+            done ;;
+    esac
     cat <<YAML
 listen: 127.0.0.1:$((LB_PORT + idx))
 admin: 127.0.0.1:$((LB_PORT + 10 + idx))
 pools:
   - name: bench
     models: ["*"]
-    endpoints: ["${SIM_ADDRS[0]}", "${SIM_ADDRS[1]}", "${SIM_ADDRS[2]}"]
+    endpoints: [$endpoints]
     health_check: {path: /health, interval_ms: 1000, timeout_ms: 500}
     metrics: {path: /metrics, interval_ms: 100}
     lb_policy: $policy
@@ -114,10 +162,10 @@ pools:
 YAML
 }
 
-# Start the router(s) for $1 (a policy name, or sglang_cache_aware), $2 replicas, store $3.
-# Sets URLS (what AIPerf targets) and ADMINS (llm-lb admin ports).
+# Start the router(s) for $1 (a policy name, or sglang_cache_aware), $2 replicas, store $3, run
+# label $4. Sets URLS (what AIPerf targets) and ADMINS (llm-lb admin ports).
 start_routers() {
-    local policy=$1 replicas=$2 store=$3 r
+    local policy=$1 replicas=$2 store=$3 label=$4 r
     URLS=()
     ADMINS=()
     ROUTER_PIDS=()
@@ -132,7 +180,7 @@ start_routers() {
         ROUTER_PIDS+=("$REDIS_PID")
     fi
     for ((r = 0; r < replicas; r++)); do
-        policy_yaml "$r" "$policy" "$store" >"$RUN_DIR/policy$r.yaml"
+        policy_yaml "$r" "$policy" "$store" "$label" >"$RUN_DIR/policy$r.yaml"
         start_llmlb "$WORK/pingora.yaml" "$RUN_DIR/policy$r.yaml" "$RUN_DIR/llm-lb$r.log" $((LB_PORT + r))
         ROUTER_PIDS+=("$LB_PID")
         ADMINS+=($((LB_PORT + 10 + r)))
@@ -156,6 +204,10 @@ start_routers() {
 # AIPerf arguments of a scenario.
 scenario_args() {
     case "$1" in
+        evict | reset)
+            echo "--isl 1000 --isl-stddev 200 --osl 200 --osl-stddev 50 \
+                --conversation-num 60 --conversation-turn-mean 5 --conversation-turn-stddev 0 \
+                --conversation-turn-delay-mean 0 --concurrency 20" ;;
         seed | replicas)
             echo "--isl 200 --isl-stddev 40 --osl 800 --osl-stddev 200 \
                 --conversation-num $SESSIONS --conversation-turn-mean 5 --conversation-turn-stddev 0 \
@@ -174,6 +226,27 @@ scenario_args() {
 # Policies a scenario runs: "label policy replicas store".
 scenario_runs() {
     local p
+    case "$SET:$1" in
+        kv:evict | kv:reset)
+            for p in $POLICIES; do
+                case "$p" in
+                    kv_aware_events) echo "$p kv_aware 1 embedded" ;;
+                    *) echo "$p $p 1 embedded" ;;
+                esac
+            done ;;
+        kv:seed)
+            echo "prefix_cache prefix_cache 1 embedded"
+            echo "kv_aware_events kv_aware 1 embedded" ;;
+        kv:unique)
+            echo "global_least_request global_least_request 1 embedded"
+            echo "kv_aware_events kv_aware 1 embedded" ;;
+        kv:replicas)
+            echo "kv_aware_events kv_aware 1 embedded"
+            echo "kv_aware_events_3x_redis kv_aware 3 redis" ;;
+    esac
+    case "$SET:$1" in
+        kv:*) return ;;
+    esac
     case "$1" in
         seed | unique | hot)
             for p in $POLICIES; do echo "$p $p 1 embedded"; done ;;
@@ -188,8 +261,22 @@ run_one() {
     RUN_DIR="$WORK/$scenario-$label-r$round"
     mkdir -p "$RUN_DIR"
     step "[$scenario] $label (round $round of $REPEATS)"
-    start_sims
-    start_routers "$policy" "$replicas" "$store"
+    local blocks=$KV_BLOCKS
+    case "$scenario" in evict | reset) blocks=${ROUTING_EVICT_KV_BLOCKS:-1024} ;; esac
+    start_sims "$blocks"
+    start_routers "$policy" "$replicas" "$store" "$label"
+    local resetter=""
+    if [ "$scenario" = reset ]; then
+        # Each simulator in turn drops its prefix cache, 10, 20 and 30 s into the run.
+        (
+            for i in 1 2 3; do
+                sleep 10
+                curl -fsS -X POST "${SIM_URLS[$((i - 1))]}/reset_prefix_cache?reset_running_requests=true" \
+                    >>"$RUN_DIR/resets.log" 2>&1 || echo "reset of sim $i failed" >>"$RUN_DIR/resets.log"
+            done
+        ) &
+        resetter=$!
+    fi
     local url_args=() u t0 t1
     for u in "${URLS[@]}"; do url_args+=(--url "$u"); done
     t0=$(date +%s.%N)
@@ -207,7 +294,9 @@ run_one() {
         exit 1
     fi
     t1=$(date +%s.%N)
+    if [ -n "$resetter" ]; then kill "$resetter" 2>/dev/null || true; wait "$resetter" 2>/dev/null || true; fi
     "$BENCH_PY" "$ROOT/scripts/bench-report.py" collect-routing --aiperf "$RUN_DIR/aiperf" \
+        --command "$COMMAND" \
         --scenario "$scenario" --label "$label" --policy "$policy" --replicas "$replicas" \
         --store "$store" --round "$round" --wall-start "$t0" --wall-end "$t1" \
         --sims "${SIM_URLS[@]}" --admins "${ADMINS[@]}" --out "$RESULTS/$scenario-$label-r$round.json"
@@ -229,7 +318,7 @@ done
 ELAPSED=$(($(date +%s) - START))
 step "all runs done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s"
 
-"$BENCH_PY" "$ROOT/scripts/bench-report.py" summarize-routing --dir "$RESULTS" \
+"$BENCH_PY" "$ROOT/scripts/bench-report.py" summarize-routing --dir "$RESULTS" --set "$SET" \
     --elapsed "$ELAPSED" --time-scale "$TIME_SCALE" --kv-blocks "$KV_BLOCKS" --repeats "$REPEATS"
 if [ "${ROUTING_NO_REPORT:-0}" != 1 ]; then
     "$BENCH_PY" "$ROOT/scripts/bench-report.py" render
