@@ -25,9 +25,12 @@ pub struct KvAwareSettings {
     /// Costs within this per mille of the least are near-ties, chosen among at random
     /// (`tieTolerance`, default 0.05).
     pub tie_per_mille: u64,
-    /// How long what llm-lb just routed counts as cached before the engine confirms it
-    /// (`predictedTtlMs`, default 2000).
+    /// How long what llm-lb just routed counts as cached on an endpoint whose KV events llm-lb
+    /// follows, until the engine confirms it (`predictedTtlMs`, default 2000).
     pub predicted_ttl: Duration,
+    /// How long llm-lb's own record of what it routed counts as cached on an endpoint without
+    /// KV events, refreshed whenever used (`redisKeyTTL`, s, default 1800, as `prefix_cache`).
+    pub guess_ttl: Duration,
     /// The most block entries the pool's index keeps (`kvIndexBlocks`, default 262144).
     pub index_blocks: usize,
     /// The event topic subscribed to (`kvEventsTopic`, default all).
@@ -44,6 +47,7 @@ impl Default for KvAwareSettings {
             decode_tokens: 128,
             tie_per_mille: 50,
             predicted_ttl: Duration::from_millis(2000),
+            guess_ttl: Duration::from_secs(1800),
             index_blocks: 262_144,
             events_topic: String::new(),
         }
@@ -123,6 +127,17 @@ impl KvAwareSettings {
                         "must be at most 600000 (10 min)",
                     ));
                     d.predicted_ttl
+                }
+            },
+            guess_ttl: match c.redisKeyTTL {
+                None | Some(0) => d.guess_ttl,
+                Some(s) if s > 0 => Duration::from_secs(s.unsigned_abs()),
+                Some(_) => {
+                    bad.push(InvalidKey::new(
+                        "redisKeyTTL",
+                        "must be a positive number of seconds (0 means the default, 1800)",
+                    ));
+                    d.guess_ttl
                 }
             },
             index_blocks: match c.kvIndexBlocks {

@@ -289,7 +289,11 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 32] {
         ("tlsCaFile", tlsCaFile.is_some(), Redis),
         ("tlsCertFile", tlsCertFile.is_some(), Redis),
         ("tlsKeyFile", tlsKeyFile.is_some(), Redis),
-        ("redisKeyTTL", redisKeyTTL.is_some(), PREFIX),
+        (
+            "redisKeyTTL",
+            redisKeyTTL.is_some(),
+            Policies(&[PolicyKind::PrefixCache, PolicyKind::KvAware]),
+        ),
         ("loadGuardAbsolute", loadGuardAbsolute.is_some(), PREFIX),
         ("loadGuardRelative", loadGuardRelative.is_some(), PREFIX),
         (

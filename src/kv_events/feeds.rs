@@ -39,6 +39,14 @@ pub struct Feeds {
 }
 
 impl Feeds {
+    /// Whether a feed of `endpoint`'s stream is running.
+    pub fn follows(&self, endpoint: &str) -> bool {
+        self.running
+            .lock()
+            .iter()
+            .any(|((e, ..), feed)| e == endpoint && feed.strong_count() > 0)
+    }
+
     /// The feed of `endpoint`'s stream at `url` into `index` (with these options): the running one,
     /// or a new
     /// subscriber started on the current Tokio runtime (`None` outside one).

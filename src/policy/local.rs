@@ -7,33 +7,46 @@ use super::{Lease, Pick, PickInput, PolicyError};
 use crate::endpoint::Outcome;
 use crate::store::{pick_least, PoolCounts};
 
-/// What one attempt holds in the store: one request, or `units` tokens for `kv_aware`.
+/// What one attempt holds in the store: one request, or `units` tokens for `kv_aware`, of
+/// which `at_first_byte` are given back as soon as the answer starts (the prompt's prefill).
 pub(crate) struct StoreLease {
     counts: Arc<PoolCounts>,
     /// The endpoint's label: the count is released against it even after a reload.
     endpoint: String,
     units: u64,
+    at_first_byte: u64,
 }
 
 impl StoreLease {
     pub(crate) fn boxed(counts: &Arc<PoolCounts>, endpoint: &str) -> Box<dyn Lease> {
-        Self::boxed_units(counts, endpoint, 1)
+        Self::boxed_units(counts, endpoint, 1, 0)
     }
 
+    /// `units` held, `at_first_byte` of them (less than `units`) released at the first byte.
     pub(crate) fn boxed_units(
         counts: &Arc<PoolCounts>,
         endpoint: &str,
         units: u64,
+        at_first_byte: u64,
     ) -> Box<dyn Lease> {
         Box::new(StoreLease {
             counts: counts.clone(),
             endpoint: endpoint.to_owned(),
             units,
+            at_first_byte: at_first_byte.min(units.saturating_sub(1)),
         })
     }
 }
 
 impl Lease for StoreLease {
+    fn first_byte(&mut self) {
+        if self.at_first_byte > 0 {
+            self.counts.release_n(&self.endpoint, self.at_first_byte);
+            self.units -= self.at_first_byte;
+            self.at_first_byte = 0;
+        }
+    }
+
     fn release(self: Box<Self>, _outcome: Outcome) {
         self.counts.release_n(&self.endpoint, self.units);
     }

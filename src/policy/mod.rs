@@ -70,6 +70,10 @@ pub struct Pick {
 
 /// Per-attempt accounting held by a policy (e.g. an in-flight count in the state store).
 pub trait Lease: Send + Sync {
+    /// The first byte of the answer arrived: the engine has done the prompt's prefill. Called at
+    /// most once, before [`Lease::release`]; nothing by default.
+    fn first_byte(&mut self) {}
+
     /// Called exactly once.
     fn release(self: Box<Self>, outcome: Outcome);
 }

@@ -84,6 +84,8 @@ pub struct Attempt {
     pub endpoint: EndpointId,
     lease: Option<Box<dyn Lease>>,
     inflight: InflightGuard,
+    /// Whether [`Attempt::first_byte`] ran.
+    answered_once: bool,
     /// What the attempt saw of its upstream, for passive health.
     pub observed: Observed,
 }
@@ -100,7 +102,18 @@ impl Attempt {
             endpoint,
             lease,
             inflight,
+            answered_once: false,
             observed: Observed::default(),
+        }
+    }
+
+    /// The first byte of the answer arrived (tells the lease once).
+    pub fn first_byte(&mut self) {
+        if !self.answered_once {
+            self.answered_once = true;
+            if let Some(lease) = self.lease.as_mut() {
+                lease.first_byte();
+            }
         }
     }
 

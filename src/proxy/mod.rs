@@ -436,6 +436,9 @@ impl ProxyHttp for LbProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         if let Some(b) = body.as_ref().filter(|b| !b.is_empty()) {
+            if let Some(attempt) = ctx.attempt.as_mut() {
+                attempt.first_byte();
+            }
             let mut shared = ctx.shared.lock();
             if shared.response_bytes == 0 {
                 shared.first_byte = Some(ctx.started.elapsed());

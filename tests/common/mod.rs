@@ -877,5 +877,8 @@ pub(crate) async fn fleet_hit_rate(model: &str, policy: &str, n: usize, extra: &
         queries += parse_metric(&text, "vllm:prefix_cache_queries_total", &[]).expect("queries");
     }
     assert!(queries > 0.0);
+    if std::env::var("LLMLB_TEST_LOG").is_ok() {
+        eprintln!("{}", proxy.log_text());
+    }
     hits / queries
 }

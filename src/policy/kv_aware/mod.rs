@@ -6,12 +6,15 @@
 //!   `blockSize` tokens are keyed by [`crate::kv_blocks`].
 //! - **What each engine holds.** The pool's [`KvIndex`] knows, per endpoint, the blocks its
 //!   engine reported in its KV-cache events (stored, removed, cleared) plus what llm-lb routed to
-//!   it in the last `predictedTtlMs` (predicted, until the engine confirms). The cached prefix of
-//!   a candidate is its number of leading blocks held.
+//!   it in the last `predictedTtlMs` (predicted, until the engine confirms). For an endpoint
+//!   without events, what llm-lb routed there is all it knows: those entries last `redisKeyTTL`
+//!   from their last use (as `prefix_cache`'s), within the index's bound. The cached prefix of a
+//!   candidate is its number of leading blocks held.
 //! - **One cost.** For candidate *e*: `prefillWeight × uncached(e) + loadWeight × load(e)`,
 //!   where `uncached(e)` is the prompt tokens not in *e*'s cache and `load(e)` the tokens in flight
-//!   on *e* over every gateway replica (each request counts its uncached prompt tokens plus
-//!   `decodeTokens`), kept in the store. The store picks the least cost and counts the request in
+//!   on *e* over every gateway replica (each request counts its uncached prompt tokens until the
+//!   first byte of its answer, and `decodeTokens`, or its `max_tokens` when smaller, until its
+//!   end), kept in the store. The store picks the least cost and counts the request in
 //!   the same round trip ([`crate::store::InflightStore::acquire_cost`]); candidates within
 //!   `tieTolerance` of the least are chosen among at random so that bursts do not herd.
 //!
@@ -72,6 +75,17 @@ impl KvAware {
     }
 }
 
+/// The decoding load a request adds: `decodeTokens`, or less when the request asks for fewer
+/// (`max_completion_tokens`, `max_tokens`).
+fn decode_tokens(request: &crate::request::LlmRequest, default: u64) -> u64 {
+    let asked = request.json.as_deref().and_then(|body| {
+        ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| body.get(*k).and_then(serde_json::Value::as_u64))
+    });
+    asked.map_or(default, |n| n.min(default))
+}
+
 /// Each candidate's cached blocks, the chosen one's reason.
 fn reason(matched: &[usize], chosen: usize) -> &'static str {
     let best = matched.iter().copied().max().unwrap_or(0);
@@ -105,9 +119,10 @@ impl Policy for KvAware {
             .iter()
             .map(|u| u.saturating_mul(self.settings.prefill_per_mille) / 1000)
             .collect();
+        let decode = decode_tokens(input.request, self.settings.decode_tokens);
         let weights: Vec<u64> = uncached
             .iter()
-            .map(|u| u.saturating_add(self.settings.decode_tokens).max(1))
+            .map(|u| u.saturating_add(decode).max(1))
             .collect();
         let query = CostQuery {
             candidates: &labels,
@@ -127,12 +142,22 @@ impl Policy for KvAware {
                     labels[i],
                 );
                 telemetry::observe_kv_pick(pool, prompt - uncached[i], cost);
-                self.index
-                    .predict(labels[i], &keys, self.settings.predicted_ttl);
+                let ttl = if self.index.feeds().follows(labels[i]) {
+                    self.settings.predicted_ttl
+                } else {
+                    self.settings.guess_ttl
+                };
+                self.index.predict(labels[i], &keys, ttl);
                 Ok(Pick {
                     endpoint: input.candidates[i],
                     reason: reason(&matched, i),
-                    lease: Some(StoreLease::boxed_units(&self.counts, labels[i], weights[i])),
+                    // The prefill part of the load ends with the first byte of the answer.
+                    lease: Some(StoreLease::boxed_units(
+                        &self.counts,
+                        labels[i],
+                        weights[i],
+                        uncached[i],
+                    )),
                 })
             }
             Err(Skip::Saturated) => Err(PolicyError::Saturated),

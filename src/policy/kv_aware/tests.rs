@@ -118,15 +118,28 @@ async fn load_in_tokens_outweighs_a_short_cached_prefix() {
     // Counted in tokens: (64 - 32) + 128 and 64 + 128.
     assert_eq!(p.counts.held(&label(0)), 160);
     assert_eq!(p.counts.held(&label(next.endpoint.index())), 192);
-    hit.lease.expect("lease").release(Outcome::Completed);
+    // Once the answer starts, the prefill is done: only the decoding stays counted.
+    let mut hit_lease = hit.lease.expect("lease");
+    hit_lease.first_byte();
+    hit_lease.first_byte();
+    for _ in 0..1000 {
+        if p.counts.held(&label(0)) == 128 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(p.counts.held(&label(0)), 128);
+    hit_lease.release(Outcome::Completed);
     next.lease.expect("lease").release(Outcome::Completed);
     released(&p).await;
 }
 
 #[tokio::test]
 async fn engine_events_decide_and_evictions_are_seen() {
+    // No predictions at all: the events alone decide.
     let (p, index) = policy(KvAwareSettings {
         predicted_ttl: Duration::ZERO,
+        guess_ttl: Duration::ZERO,
         ..KvAwareSettings::default()
     });
     let (request, tokens) = tokens_prompt(2048, 7);
