@@ -329,26 +329,9 @@ async fn resync_total(proxy: &Proxy, endpoint: &str) -> f64 {
         .sum()
 }
 
-/// SmolLM2's tokenizer directory, from `scripts/engine.sh` (installed once per machine).
-fn smollm2_tokenizer() -> std::path::PathBuf {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/engine.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("run scripts/engine.sh");
-    assert!(out.status.success(), "scripts/engine.sh failed");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("LLAMA_TOKENIZER="))
-        .expect("engine.sh prints LLAMA_TOKENIZER");
-    std::path::PathBuf::from(line.trim_matches('\''))
-}
-
 #[test]
 fn check_loads_the_tokenizer() {
-    let dir = smollm2_tokenizer();
+    let dir = &engine_paths().tokenizer;
     let (ok, text) = check(
         &format!("    lb_config: {{tokenizer: \"{}\"}}\n", dir.display()),
         "[\"127.0.0.1:8001\"]",

@@ -14,40 +14,14 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{free_port, pool_yaml, Proxy};
+use common::{engine_paths, free_port, pool_yaml, EnginePaths, Proxy};
 use serde_json::{json, Value};
 
 /// One real-engine test at a time.
 static FLEET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// `llama-server` and the model, installed by `scripts/engine.sh` (once per machine).
-fn engine_paths() -> &'static (PathBuf, PathBuf) {
-    static PATHS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    PATHS.get_or_init(|| {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/engine.sh");
-        let out = Command::new("bash")
-            .arg(script)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/engine.sh");
-        assert!(
-            out.status.success(),
-            "scripts/engine.sh could not install llama-server and the model"
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let value = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| panic!("scripts/engine.sh printed no {key}: {text}"))
-        };
-        (value("LLAMA_SERVER="), value("LLAMA_MODEL="))
-    })
-}
 
 /// A running `llama-server`.
 struct Engine {
@@ -58,7 +32,7 @@ struct Engine {
 
 impl Engine {
     fn start(dir: &std::path::Path, n: usize) -> Engine {
-        let (server, model) = engine_paths();
+        let EnginePaths { server, model, .. } = engine_paths();
         let port = free_port();
         let log = dir.join(format!("engine-{n}.log"));
         let file = std::fs::File::create(&log).expect("engine log");

@@ -882,3 +882,40 @@ pub(crate) async fn fleet_hit_rate(model: &str, policy: &str, n: usize, extra: &
     }
     hits / queries
 }
+
+/// What `scripts/engine.sh` installs once per machine: llama.cpp's `llama-server`, the SmolLM2
+/// model, and the model's tokenizer files (derived from its GGUF).
+pub(crate) struct EnginePaths {
+    pub server: PathBuf,
+    pub model: PathBuf,
+    pub tokenizer: PathBuf,
+}
+
+/// The real engine's paths, installing it on first use (about 12 minutes on 2 cores, once).
+pub(crate) fn engine_paths() -> &'static EnginePaths {
+    static PATHS: std::sync::OnceLock<EnginePaths> = std::sync::OnceLock::new();
+    PATHS.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/engine.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/engine.sh");
+        assert!(
+            out.status.success(),
+            "scripts/engine.sh could not install llama-server and the model"
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("scripts/engine.sh printed no {key}: {text}"))
+        };
+        EnginePaths {
+            server: value("LLAMA_SERVER="),
+            model: value("LLAMA_MODEL="),
+            tokenizer: value("LLAMA_TOKENIZER="),
+        }
+    })
+}
