@@ -3,6 +3,8 @@
 //! [`SimConfig::default`] holds the same defaults as the `vllm-sim` flags, and
 //! [`SimConfig::validate`] rejects settings the engine cannot run with.
 
+use std::path::PathBuf;
+
 use crate::error::SimError;
 use crate::kv_events::{BlockHashFormat, KvEventsConfig, KvEventsWire};
 
@@ -62,6 +64,11 @@ pub struct SimConfig {
     /// How block hashes are sent: vLLM's `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`, integers by
     /// default.
     pub kv_events_block_hashes: BlockHashFormat,
+    /// vLLM's `--tokenizer`: a directory with the model's Hugging Face `tokenizer.json` and
+    /// `tokenizer_config.json`, whose chat template and tokenizer then make the prompt ids and
+    /// whose vocabulary the generated tokens come from (see [`crate::model_tokenizer`]).
+    /// `None` uses the deterministic stand-in of [`crate::tokenizer`].
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -89,6 +96,7 @@ impl Default for SimConfig {
             kv_events_config: None,
             kv_events_wire: KvEventsWire::Map,
             kv_events_block_hashes: BlockHashFormat::Int,
+            tokenizer: None,
         }
     }
 }

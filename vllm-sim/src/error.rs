@@ -25,6 +25,14 @@ pub enum SimError {
     /// The KV events publisher could not be set up.
     #[error(transparent)]
     KvEvents(#[from] crate::kv_events::KvEventsError),
+    /// The model's tokenizer (`--tokenizer`) could not be loaded.
+    #[error("tokenizer {}: {message}", dir.display())]
+    Tokenizer {
+        /// The directory given.
+        dir: std::path::PathBuf,
+        /// Why it could not be loaded.
+        message: String,
+    },
 }
 
 /// An error answer of the OpenAI-compatible API:

@@ -7,7 +7,10 @@
 //! Like uvicorn under vLLM, it closes a keep-alive connection left idle for
 //! [`SimConfig::keep_alive_timeout_ms`] (5 s by default; see [`keep_alive`]). With vLLM's
 //! `--kv-events-config` ([`SimConfig::kv_events_config`]) it publishes vLLM's KV-cache events
-//! over ZMQ, on vLLM's wire format (see [`kv_events`]).
+//! over ZMQ, on vLLM's wire format (see [`kv_events`]). With vLLM's `--tokenizer`
+//! ([`SimConfig::tokenizer`]) it tokenizes with the model's own chat template and tokenizer and
+//! generates real token ids of its vocabulary (see [`model_tokenizer`]); without, with a
+//! deterministic stand-in ([`tokenizer`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), vllm_sim::SimError> {
@@ -30,6 +33,7 @@ pub mod keep_alive;
 pub mod kv_cache;
 pub mod kv_events;
 pub mod metrics;
+pub mod model_tokenizer;
 pub mod openai;
 pub mod protocol;
 pub mod scheduler;
@@ -50,6 +54,7 @@ pub use kv_events::{KvEventsConfig, KvEventsEndpoints, KvEventsError};
 
 use kv_events::KvEventPublisher;
 use metrics::ExpositionInfo;
+use model_tokenizer::ModelTokenizer;
 use scheduler::{EngineClient, Shared};
 use server::AppState;
 
@@ -101,6 +106,7 @@ pub struct SimHandle {
     shared: Arc<Shared>,
     client: EngineClient,
     kv_events: Option<KvEventPublisher>,
+    tokenizer: Option<Arc<ModelTokenizer>>,
     server: Option<JoinHandle<()>>,
     engine: Option<JoinHandle<()>>,
 }
@@ -110,6 +116,15 @@ pub struct SimHandle {
 /// Tokio runtime.
 pub async fn spawn(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimError> {
     cfg.validate()?;
+    let tokenizer = match cfg.tokenizer.clone() {
+        Some(dir) => {
+            let loaded = tokio::task::spawn_blocking(move || ModelTokenizer::load(&dir))
+                .await
+                .map_err(|e| SimError::Io(std::io::Error::other(e)))??;
+            Some(Arc::new(loaded))
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| SimError::Bind { addr, source })?;
@@ -146,6 +161,7 @@ pub async fn spawn(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimErr
             max_loras: cfg.max_loras,
         }),
         cfg,
+        tokenizer: tokenizer.clone(),
         engine: client.clone(),
         faults: faults.clone(),
     };
@@ -157,6 +173,7 @@ pub async fn spawn(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimErr
         shared,
         client,
         kv_events,
+        tokenizer,
         server: Some(server),
         engine: Some(engine),
     })
@@ -187,6 +204,11 @@ impl SimHandle {
             .reset_prefix_cache(reset_running_requests)
             .await
             .unwrap_or(false)
+    }
+
+    /// The model's tokenizer, with `--tokenizer` ([`SimConfig::tokenizer`]).
+    pub fn tokenizer(&self) -> Option<&Arc<ModelTokenizer>> {
+        self.tokenizer.as_ref()
     }
 
     /// Run-time fault control (the same state as `/admin/faults`).

@@ -2,6 +2,7 @@
 //! SIGINT or SIGTERM.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -12,7 +13,8 @@ use vllm_sim::{KvEventsError, SimConfig};
 /// batching, vLLM metrics and fault injection. Durations are model milliseconds, multiplied
 /// by --time-scale (except --keep-alive-timeout-ms, which is wall-clock). Faults can be
 /// changed at run time with GET|PUT|DELETE /admin/faults; POST /reset_prefix_cache resets the
-/// prefix cache. --kv-events-config publishes vLLM's KV-cache events over ZMQ.
+/// prefix cache. --kv-events-config publishes vLLM's KV-cache events over ZMQ. --tokenizer
+/// tokenizes with the model's own Hugging Face tokenizer and chat template.
 #[derive(Debug, Parser)]
 #[command(name = "vllm-sim", version)]
 struct Cli {
@@ -98,6 +100,14 @@ struct Cli {
     /// event a tagged array; replay replies [seq, payload]).
     #[arg(long, value_name = "map|array", default_value_t = KvEventsWire::Map, value_parser = parse_kv_events_wire)]
     kv_events_wire: KvEventsWire,
+    /// vLLM's --tokenizer: a directory with the model's Hugging Face tokenizer.json and
+    /// tokenizer_config.json (chat template in it or in chat_template.jinja). Prompts are then
+    /// the engine's own ids (chat requests rendered through the chat template, text prompts
+    /// tokenized with the model's special tokens; template errors are HTTP 400), and generated
+    /// tokens are real ids of the vocabulary ending with its eos_token. Without it a
+    /// deterministic stand-in tokenizer and ChatML template are used.
+    #[arg(long, value_name = "DIR")]
+    tokenizer: Option<PathBuf>,
 }
 
 fn parse_kv_events_config(json: &str) -> Result<KvEventsConfig, String> {
@@ -139,6 +149,7 @@ impl Cli {
             kv_events_config: self.kv_events_config,
             kv_events_wire: self.kv_events_wire,
             kv_events_block_hashes: hashes,
+            tokenizer: self.tokenizer,
         };
         Ok((cfg, addr))
     }
@@ -177,6 +188,19 @@ async fn main() -> ExitCode {
         }
     };
     eprintln!("vllm-sim: serving model {model} on http://{}", sim.addr());
+    if let Some(t) = sim.tokenizer() {
+        let kind = if t.single_token_words() {
+            "one token each"
+        } else {
+            "several tokens each"
+        };
+        eprintln!(
+            "vllm-sim: tokenizer {}: eos id {}, {} generator words ({kind})",
+            t.dir().display(),
+            t.eos(),
+            t.words().len(),
+        );
+    }
     if let Some(k) = sim.kv_events() {
         let replay = k
             .replay

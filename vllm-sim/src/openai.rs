@@ -1,6 +1,9 @@
 //! The OpenAI-compatible API: request types, validation and the handlers of
-//! `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/tokenize`, `/health`,
-//! `/version` and `/metrics`, with JSON and SSE bodies shaped as vLLM sends them.
+//! `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/tokenize`, `/detokenize`,
+//! `/health`, `/version` and `/metrics`, with JSON and SSE bodies shaped as vLLM sends them.
+//!
+//! Prompts are tokenized by the model's tokenizer when the server has one (`--tokenizer`,
+//! [`crate::model_tokenizer`]), otherwise by the stand-in of [`crate::tokenizer`].
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -18,10 +21,11 @@ use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::metrics::FinishReason;
+use crate::model_tokenizer::ModelTokenizer;
 use crate::protocol::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatStreamChoice, Completion, CompletionChoice,
-    CompletionStreamChoice, Delta, ModelCard, ModelList, ModelPermission, PromptTokensDetails,
-    StreamChunk, TokenizeResponse, UsageInfo,
+    CompletionStreamChoice, Delta, DetokenizeResponse, ModelCard, ModelList, ModelPermission,
+    PromptTokensDetails, StreamChunk, TokenizeResponse, UsageInfo,
 };
 use crate::scheduler::{Event, Submission, Usage};
 use crate::server::AppState;
@@ -146,6 +150,7 @@ struct Prepared {
     output_len: usize,
     finish: FinishReason,
     gen: TextGen,
+    eos: TokenId,
     stream: bool,
     include_usage: bool,
     continuous_usage: bool,
@@ -184,22 +189,44 @@ fn resolve_model(
     }
 }
 
-fn completion_prompt(prompt: &Value) -> Result<Vec<TokenId>, ApiError> {
+/// Runs tokenizer work (template rendering, encoding) off the async workers, as vLLM does.
+async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("tokenization failed: {e}"),
+        )
+    })?
+}
+
+/// The ids of a `/v1/completions` prompt: text is tokenized by the model's tokenizer (its
+/// special tokens added when `add_special_tokens`) or by the stand-in; ids are taken as given.
+fn completion_prompt(
+    prompt: &Value,
+    tok: Option<&ModelTokenizer>,
+    add_special_tokens: bool,
+) -> Result<Vec<TokenId>, ApiError> {
     fn ids(items: &[Value]) -> Option<Vec<TokenId>> {
         items
             .iter()
             .map(|v| v.as_u64().and_then(|n| TokenId::try_from(n).ok()))
             .collect()
     }
+    let text = |s: &str| match tok {
+        Some(t) => t.text_prompt(s, add_special_tokens),
+        None => Ok(tokenizer::encode(s)),
+    };
     let tokens = match prompt {
-        Value::String(s) => tokenizer::encode(s),
+        Value::String(s) => text(s)?,
         Value::Array(items) if items.is_empty() => {
             return Err(ApiError::bad_request("prompt must not be empty"))
         }
         Value::Array(items) if items.iter().all(Value::is_number) => ids(items)
             .ok_or_else(|| ApiError::bad_request("prompt token ids must be integers >= 0"))?,
         Value::Array(items) if items.len() == 1 => match &items[0] {
-            Value::String(s) => tokenizer::encode(s),
+            Value::String(s) => text(s)?,
             Value::Array(inner) => ids(inner)
                 .ok_or_else(|| ApiError::bad_request("prompt token ids must be integers >= 0"))?,
             _ => {
@@ -303,7 +330,20 @@ fn prepare(
     }
     let opts = s.stream_options.clone().unwrap_or_default();
     let salt = tokenizer::digest(&prompt) ^ s.seed.map(|v| v as u64).unwrap_or(0);
-    let mut gen = TextGen::new(st.cfg.seed, salt);
+    // vLLM stops both endpoints on the tokenizer's EOS; the stand-in has one per endpoint.
+    let (mut gen, eos) = match &st.tokenizer {
+        Some(t) => (
+            TextGen::with_words(st.cfg.seed, salt, t.words().clone()),
+            t.eos(),
+        ),
+        None => (
+            TextGen::new(st.cfg.seed, salt),
+            match kind {
+                Kind::Chat => tokenizer::IM_END,
+                Kind::Completion => tokenizer::END_OF_TEXT,
+            },
+        ),
+    };
     let (output_len, finish) = plan_output(st, s, prompt.len(), &mut gen)?;
     Ok(Prepared {
         kind,
@@ -313,6 +353,7 @@ fn prepare(
         output_len,
         finish,
         gen,
+        eos,
         stream,
         include_usage: opts.include_usage.unwrap_or(false),
         continuous_usage: opts.continuous_usage_stats.unwrap_or(false),
@@ -337,17 +378,35 @@ async fn apply_faults(st: &AppState) -> Result<(), ApiError> {
 pub async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Response {
     let run = async {
         apply_faults(&st).await?;
-        let req: ChatRequest = parse(&body)?;
-        if req.messages.is_empty() {
-            return Err(ApiError::bad_request("messages must not be empty"));
-        }
-        let texts: Vec<(String, String)> = req
-            .messages
-            .iter()
-            .map(|m| (m.role.clone(), m.text()))
-            .collect();
-        let prompt = tokenizer::render_chat(texts.iter().map(|(r, c)| (r.as_str(), c.as_str())));
-        let prepared = prepare(&st, Kind::Chat, &req.sampling, prompt)?;
+        let (sampling, prompt) = match st.tokenizer.clone() {
+            None => {
+                let req: ChatRequest = parse(&body)?;
+                if req.messages.is_empty() {
+                    return Err(ApiError::bad_request("messages must not be empty"));
+                }
+                let texts: Vec<(String, String)> = req
+                    .messages
+                    .iter()
+                    .map(|m| (m.role.clone(), m.text()))
+                    .collect();
+                let prompt =
+                    tokenizer::render_chat(texts.iter().map(|(r, c)| (r.as_str(), c.as_str())));
+                (req.sampling, prompt)
+            }
+            Some(tok) => {
+                // The whole body goes through the template: tools, add_generation_prompt,
+                // chat_template_kwargs … apply as in vLLM.
+                let request: Value = parse(&body)?;
+                let sampling = Sampling::deserialize(&request)
+                    .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))?;
+                let prompt = off_thread(move || tok.chat_prompt(&request)).await?;
+                if prompt.is_empty() {
+                    return Err(ApiError::bad_request("The decoder prompt cannot be empty"));
+                }
+                (sampling, prompt)
+            }
+        };
+        let prepared = prepare(&st, Kind::Chat, &sampling, prompt)?;
         run_request(&st, prepared).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -357,9 +416,12 @@ pub async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Respon
 pub async fn completions(State(st): State<AppState>, body: Bytes) -> Response {
     let run = async {
         apply_faults(&st).await?;
-        let req: CompletionRequest = parse(&body)?;
-        let prompt = completion_prompt(&req.prompt)?;
-        let prepared = prepare(&st, Kind::Completion, &req.sampling, prompt)?;
+        let CompletionRequest { prompt, sampling } = parse(&body)?;
+        let prompt = match st.tokenizer.clone() {
+            None => completion_prompt(&prompt, None, true)?,
+            Some(tok) => off_thread(move || completion_prompt(&prompt, Some(&tok), true)).await?,
+        };
+        let prepared = prepare(&st, Kind::Completion, &sampling, prompt)?;
         run_request(&st, prepared).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -536,10 +598,7 @@ async fn run_request(st: &AppState, p: Prepared) -> Result<Response, ApiError> {
         created: unix_secs(),
         model: p.model,
     };
-    let eos = match p.kind {
-        Kind::Chat => tokenizer::IM_END,
-        Kind::Completion => tokenizer::END_OF_TEXT,
-    };
+    let eos = p.eos;
     let prompt_tokens = p.prompt.len();
     st.engine.submit(Submission {
         prompt: p.prompt,
@@ -591,11 +650,11 @@ async fn collect_json(
         }
         match rx.recv().await {
             Some(Event::Token(t, _)) => {
-                text.push_str(t);
+                text.push_str(&t);
                 n += 1;
             }
             Some(Event::Last(t, usage)) => {
-                text.push_str(t);
+                text.push_str(&t);
                 let body = env.full(&text, &usage);
                 return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
             }
@@ -661,7 +720,7 @@ impl SseStream {
                     }
                     self.sent_tokens += 1;
                     let u = self.running_usage(cached);
-                    self.pending.push_back(self.env.token_chunk(text, None, u));
+                    self.pending.push_back(self.env.token_chunk(&text, None, u));
                 }
                 Some(Event::Last(text, usage)) => {
                     if self.sent_tokens == 0 && self.env.kind == Kind::Chat {
@@ -672,7 +731,7 @@ impl SseStream {
                     let u = (self.include_usage && self.continuous_usage)
                         .then(|| Envelope::usage(&usage));
                     self.pending
-                        .push_back(self.env.token_chunk(text, Some(usage.reason), u));
+                        .push_back(self.env.token_chunk(&text, Some(usage.reason), u));
                     if self.include_usage {
                         self.pending.push_back(self.env.usage_chunk(&usage));
                     }
@@ -725,22 +784,54 @@ pub async fn models(State(st): State<AppState>) -> Response {
 }
 
 /// `POST /tokenize` (vLLM's): `{"prompt": …}` or `{"messages": […]}` → token ids and count.
+///
+/// With the model's tokenizer, a chat request is rendered as `/v1/chat/completions` renders it
+/// (`add_generation_prompt`, `continue_final_message`, `tools`, `chat_template_kwargs`), special
+/// tokens added only with `add_special_tokens: true`; a prompt gets them unless
+/// `add_special_tokens: false`; `return_token_strs` adds the vocabulary strings. The stand-in
+/// ignores these options.
 pub async fn tokenize(State(st): State<AppState>, body: Bytes) -> Response {
     #[derive(Deserialize)]
     struct TokenizeRequest {
         model: Option<String>,
         prompt: Option<Value>,
-        messages: Option<Vec<ChatMessage>>,
+        messages: Option<Value>,
+        add_special_tokens: Option<bool>,
+        return_token_strs: Option<bool>,
     }
-    let run = || -> Result<Response, ApiError> {
+    let run = async {
         let req: TokenizeRequest = parse(&body)?;
         resolve_model(&st, req.model.as_deref())?;
-        let tokens = match (req.prompt, req.messages) {
-            (Some(p), None) => completion_prompt(&p)?,
-            (None, Some(msgs)) => {
+        let (tokens, token_strs) = match (st.tokenizer.clone(), req.prompt, req.messages) {
+            (None, Some(p), None) => (completion_prompt(&p, None, true)?, None),
+            (None, None, Some(msgs)) => {
+                let msgs = Vec::<ChatMessage>::deserialize(&msgs)
+                    .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))?;
                 let texts: Vec<(String, String)> =
                     msgs.iter().map(|m| (m.role.clone(), m.text())).collect();
-                tokenizer::render_chat(texts.iter().map(|(r, c)| (r.as_str(), c.as_str())))
+                let tokens =
+                    tokenizer::render_chat(texts.iter().map(|(r, c)| (r.as_str(), c.as_str())));
+                (tokens, None)
+            }
+            (Some(tok), prompt, messages) if prompt.is_some() != messages.is_some() => {
+                let request: Value = parse(&body)?;
+                let strs = req.return_token_strs.unwrap_or(false);
+                off_thread(move || {
+                    let tokens = match &prompt {
+                        Some(p) => completion_prompt(
+                            p,
+                            Some(&tok),
+                            req.add_special_tokens.unwrap_or(true),
+                        )?,
+                        None if req.add_special_tokens.unwrap_or(false) => {
+                            tok.chat_prompt_with_special_tokens(&request)?
+                        }
+                        None => tok.chat_prompt(&request)?,
+                    };
+                    let token_strs = strs.then(|| tok.token_strs(&tokens));
+                    Ok((tokens, token_strs))
+                })
+                .await?
             }
             _ => {
                 return Err(ApiError::bad_request(
@@ -752,11 +843,44 @@ pub async fn tokenize(State(st): State<AppState>, body: Bytes) -> Response {
             count: tokens.len(),
             max_model_len: st.cfg.max_model_len,
             tokens,
-            token_strs: None,
+            token_strs,
         })
         .into_response())
     };
-    run().unwrap_or_else(IntoResponse::into_response)
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /detokenize` (vLLM's): `{"tokens": [ids]}` → `{"prompt": text}`, special tokens
+/// included. The stand-in hashes text pieces, so it names only its special tokens and the
+/// generated words; other ids get a 400 (start with `--tokenizer` for a real vocabulary).
+pub async fn detokenize(State(st): State<AppState>, body: Bytes) -> Response {
+    #[derive(Deserialize)]
+    struct DetokenizeRequest {
+        model: Option<String>,
+        tokens: Vec<u64>,
+    }
+    let run = async {
+        let req: DetokenizeRequest = parse(&body)?;
+        resolve_model(&st, req.model.as_deref())?;
+        let ids: Vec<TokenId> = req
+            .tokens
+            .iter()
+            .map(|&t| TokenId::try_from(t))
+            .collect::<Result<_, _>>()
+            .map_err(|_| ApiError::bad_request("token ids must fit in 32 bits"))?;
+        let prompt = match st.tokenizer.clone() {
+            Some(tok) => off_thread(move || tok.decode(&ids)).await?,
+            None => tokenizer::decode_known(&ids).map_err(|id| {
+                ApiError::bad_request(format!(
+                    "Token id {id} is not one vllm-sim's stand-in tokenizer can decode: it \
+                     hashes prompt text and names only its special tokens and generated words \
+                     (start it with --tokenizer DIR for a real vocabulary)."
+                ))
+            })?,
+        };
+        Ok::<_, ApiError>(axum::Json(DetokenizeResponse { prompt }).into_response())
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `GET /health`: empty 200 (or the injected status).

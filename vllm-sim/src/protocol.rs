@@ -195,7 +195,14 @@ pub struct TokenizeResponse {
     pub count: usize,
     pub max_model_len: usize,
     pub tokens: Vec<u32>,
-    pub token_strs: Null,
+    /// The tokens' vocabulary strings, with `return_token_strs` (and `--tokenizer`).
+    pub token_strs: Option<Vec<String>>,
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Serialize)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
 }
 
 #[cfg(test)]

@@ -34,15 +34,15 @@ use crate::kv_cache::{capped_hit_blocks, extend_block_hashes, BlockId, KvCache};
 use crate::kv_events::{BlockStored, EventBatch, KvEvent, KvEventSender};
 use crate::metrics::{EngineMetrics, FinishReason};
 use crate::timing::{self, StepWork};
-use crate::tokenizer::{TextGen, TokenId};
+use crate::tokenizer::{empty_text, TextGen, TokenId, TokenText};
 
 /// What the engine tells a request's handler.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// One output token (text empty for EOS) and the prompt tokens served from the cache.
-    Token(&'static str, usize),
+    Token(TokenText, usize),
     /// The last output token, and the request's token counts.
-    Last(&'static str, Usage),
+    Last(TokenText, Usage),
 }
 
 /// Token counts of a finished request.
@@ -707,7 +707,7 @@ impl Engine {
 
     fn apply(&mut self, plan: Vec<Planned>) {
         let now = Instant::now();
-        let mut finished: Vec<(usize, &'static str)> = Vec::new();
+        let mut finished: Vec<(usize, TokenText)> = Vec::new();
         let mut st = self.shared.state.lock();
         for p in &plan {
             let s = &mut self.running[p.idx];
@@ -718,7 +718,7 @@ impl Engine {
             let out_idx = s.num_output();
             let is_last = out_idx + 1 >= s.sub.output_len;
             let (id, text) = if is_last && s.sub.finish == FinishReason::Stop {
-                (s.sub.eos, "")
+                (s.sub.eos, empty_text())
             } else {
                 s.sub.gen.next_token()
             };

@@ -19,6 +19,7 @@ use crate::config::{LoraModule, SimConfig};
 use crate::faults::{self, FaultControl};
 use crate::keep_alive;
 use crate::metrics::ExpositionInfo;
+use crate::model_tokenizer::ModelTokenizer;
 use crate::openai;
 use crate::scheduler::EngineClient;
 
@@ -27,6 +28,8 @@ use crate::scheduler::EngineClient;
 pub struct AppState {
     /// The configuration.
     pub cfg: Arc<SimConfig>,
+    /// The model's tokenizer (`--tokenizer`); `None` for the stand-in.
+    pub tokenizer: Option<Arc<ModelTokenizer>>,
     /// LoRA adapters served.
     pub loras: Arc<Vec<LoraModule>>,
     /// The engine.
@@ -50,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .route("/tokenize", post(openai::tokenize))
+        .route("/detokenize", post(openai::detokenize))
         .route("/health", get(openai::health))
         .route("/version", get(openai::version))
         .route("/metrics", get(openai::metrics))

@@ -9,6 +9,12 @@
 //! * Generated tokens are 4-character words (`" the"`, `" sky"`, …) and the chat EOS is
 //!   `<|im_end|>`: when a client sends a reply back as the next turn's assistant message, it
 //!   tokenizes to exactly the ids that were generated, as with a real model.
+//!
+//! [`TextGen`] draws from a [`Words`] list: this stand-in's by default, or the same words as a
+//! real model's token ids when `--tokenizer` is given ([`crate::model_tokenizer`]).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, LazyLock};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -16,6 +22,15 @@ use xxhash_rust::xxh3::xxh3_64;
 
 /// A token id.
 pub type TokenId = u32;
+
+/// The text of a generated token, cheap to clone (the words are shared by every request).
+pub type TokenText = Arc<str>;
+
+/// The text of a token that adds none (EOS).
+pub fn empty_text() -> TokenText {
+    static EMPTY: LazyLock<TokenText> = LazyLock::new(|| Arc::from(""));
+    EMPTY.clone()
+}
 
 /// `<|endoftext|>`: EOS of `/v1/completions`.
 pub const END_OF_TEXT: TokenId = 0;
@@ -76,7 +91,7 @@ pub fn render_chat<'a>(messages: impl IntoIterator<Item = (&'a str, &'a str)>) -
 }
 
 /// Words the generator emits; each is exactly [`CHARS_PER_TOKEN`] characters.
-const WORDS: [&str; 64] = [
+pub const WORDS: [&str; 64] = [
     " the", " and", " for", " you", " not", " are", " but", " can", " all", " one", " her", " was",
     " had", " his", " our", " out", " day", " get", " has", " him", " how", " man", " new", " now",
     " old", " see", " two", " way", " who", " boy", " did", " its", " let", " put", " say", " she",
@@ -85,24 +100,120 @@ const WORDS: [&str; 64] = [
     " row", " tea", " war", " win",
 ];
 
-/// A deterministic stream of output tokens.
+/// One word of the generator: the tokens it is made of, each with the text it adds.
+#[derive(Debug, Clone)]
+pub struct Word {
+    first: (TokenId, TokenText),
+    rest: Vec<(TokenId, TokenText)>,
+}
+
+impl Word {
+    /// A word of the given tokens; `None` when there are none.
+    pub fn new(tokens: Vec<(TokenId, TokenText)>) -> Option<Word> {
+        let mut it = tokens.into_iter();
+        let first = it.next()?;
+        Some(Word {
+            first,
+            rest: it.collect(),
+        })
+    }
+
+    /// The word's tokens, in order.
+    pub fn tokens(&self) -> impl Iterator<Item = &(TokenId, TokenText)> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
+}
+
+/// The words a [`TextGen`] draws from, uniformly.
+#[derive(Debug, Clone)]
+pub struct Words {
+    first: Word,
+    rest: Vec<Word>,
+}
+
+impl Words {
+    /// A list of words; `None` when there are none.
+    pub fn new(words: Vec<Word>) -> Option<Words> {
+        let mut it = words.into_iter();
+        let first = it.next()?;
+        Some(Words {
+            first,
+            rest: it.collect(),
+        })
+    }
+
+    /// The stand-in's words: [`WORDS`], one token each, ids [`piece_id`].
+    pub fn stand_in() -> Arc<Words> {
+        static STAND_IN: LazyLock<Arc<Words>> = LazyLock::new(|| {
+            let words = WORDS.map(|w| Word {
+                first: (piece_id(w), Arc::from(w)),
+                rest: Vec::new(),
+            });
+            let [first, rest @ ..] = words;
+            Arc::new(Words {
+                first,
+                rest: rest.to_vec(),
+            })
+        });
+        STAND_IN.clone()
+    }
+
+    /// How many words there are.
+    pub fn len(&self) -> usize {
+        1 + self.rest.len()
+    }
+
+    /// Always false: a list has at least one word.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The words, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Word> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
+
+    fn get(&self, i: usize) -> &Word {
+        i.checked_sub(1)
+            .and_then(|i| self.rest.get(i))
+            .unwrap_or(&self.first)
+    }
+}
+
+/// A deterministic stream of output tokens: words drawn uniformly, each emitted token by token.
 #[derive(Debug)]
 pub struct TextGen {
     rng: StdRng,
+    words: Arc<Words>,
+    /// The tokens left of the current word.
+    pending: VecDeque<(TokenId, TokenText)>,
 }
 
 impl TextGen {
-    /// A generator seeded by the server seed and the request (its prompt, its own seed).
+    /// A generator of the stand-in's words, seeded by the server seed and the request (its
+    /// prompt, its own seed).
     pub fn new(seed: u64, salt: u64) -> Self {
+        Self::with_words(seed, salt, Words::stand_in())
+    }
+
+    /// A generator of `words`, seeded as [`TextGen::new`]; the draws are the same for any
+    /// list of the same length.
+    pub fn with_words(seed: u64, salt: u64, words: Arc<Words>) -> Self {
         TextGen {
             rng: StdRng::seed_from_u64(seed ^ salt.rotate_left(17) ^ 0x5eed_5eed_5eed_5eed),
+            words,
+            pending: VecDeque::new(),
         }
     }
 
     /// The next token and its text.
-    pub fn next_token(&mut self) -> (TokenId, &'static str) {
-        let w = WORDS[self.rng.gen_range(0..WORDS.len())];
-        (piece_id(w), w)
+    pub fn next_token(&mut self) -> (TokenId, TokenText) {
+        if let Some(t) = self.pending.pop_front() {
+            return t;
+        }
+        let word = self.words.get(self.rng.gen_range(0..self.words.len()));
+        self.pending.extend(word.rest.iter().cloned());
+        word.first.clone()
     }
 
     /// A uniform draw in `lo..=hi`, for output lengths.
@@ -118,6 +229,25 @@ impl TextGen {
     pub fn unit(&mut self) -> f64 {
         self.rng.gen::<f64>()
     }
+}
+
+/// The text of ids the stand-in can name: its special tokens and the generator's words (text
+/// pieces of prompts are hashed, so they cannot be decoded); `Err` is the first other id.
+pub fn decode_known(ids: &[TokenId]) -> Result<String, TokenId> {
+    static NAMES: LazyLock<std::collections::HashMap<TokenId, &'static str>> =
+        LazyLock::new(|| {
+            let mut names: std::collections::HashMap<TokenId, &'static str> =
+                WORDS.iter().map(|&w| (piece_id(w), w)).collect();
+            names.insert(END_OF_TEXT, "<|endoftext|>");
+            names.insert(IM_START, "<|im_start|>");
+            names.insert(IM_END, "<|im_end|>");
+            names
+        });
+    let mut out = String::new();
+    for id in ids {
+        out.push_str(NAMES.get(id).ok_or(*id)?);
+    }
+    Ok(out)
 }
 
 /// A 64-bit digest of a token sequence (seeds per-request generators).
@@ -169,7 +299,7 @@ mod tests {
         for _ in 0..20 {
             let (id, w) = gen.next_token();
             ids.push(id);
-            text.push_str(w);
+            text.push_str(&w);
         }
         let next = render_chat([
             ("user", "Tell me a story."),
@@ -196,5 +326,31 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert!(WORDS.iter().all(|w| w.chars().count() == CHARS_PER_TOKEN));
+    }
+
+    #[test]
+    fn multi_token_words_come_out_token_by_token() {
+        let word = |ids: &[TokenId]| {
+            Word::new(
+                ids.iter()
+                    .map(|&i| (i, TokenText::from(format!("<{i}>"))))
+                    .collect(),
+            )
+            .unwrap()
+        };
+        let words = Arc::new(Words::new(vec![word(&[1, 2, 3]), word(&[4])]).unwrap());
+        let mut gen = TextGen::with_words(5, 6, words);
+        let ids: Vec<TokenId> = (0..40).map(|_| gen.next_token().0).collect();
+        // 2 and 3 only ever follow 1 and 2.
+        for (i, &id) in ids.iter().enumerate().skip(1) {
+            match id {
+                2 => assert_eq!(ids[i - 1], 1),
+                3 => assert_eq!(ids[i - 1], 2),
+                _ => {}
+            }
+        }
+        assert!(ids.contains(&3) && ids.contains(&4), "{ids:?}");
+        assert!(Word::new(Vec::new()).is_none());
+        assert!(Words::new(Vec::new()).is_none());
     }
 }

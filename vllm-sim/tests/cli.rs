@@ -23,6 +23,7 @@ const FLAGS: &[&str] = &[
     "--fail-status",
     "--seed",
     "--keep-alive-timeout-ms",
+    "--tokenizer",
 ];
 
 #[test]
