@@ -96,6 +96,15 @@ impl EventSim {
     }
 
     async fn spawn(&self, kv_blocks: usize) -> vllm_sim::SimHandle {
+        self.spawn_with(kv_blocks, None).await
+    }
+
+    /// With `tokenizer`: the model's tokenizer and chat template (`vllm-sim --tokenizer`).
+    async fn spawn_with(
+        &self,
+        kv_blocks: usize,
+        tokenizer: Option<&std::path::Path>,
+    ) -> vllm_sim::SimHandle {
         let events = vllm_sim::KvEventsConfig::from_json(&format!(
             r#"{{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:{}", "replay_endpoint": "tcp://*:{}"}}"#,
             self.events, self.replay
@@ -106,6 +115,7 @@ impl EventSim {
             time_scale: 0.0,
             kv_blocks,
             kv_events_config: Some(events),
+            tokenizer: tokenizer.map(std::path::Path::to_path_buf),
             ..vllm_sim::SimConfig::default()
         };
         // A restart may find its ports still closing: retry for a while.
@@ -352,4 +362,97 @@ fn check_loads_the_tokenizer() {
         "[\"127.0.0.1:8001\"]",
     );
     assert!(!ok && text.contains("lb_config.tokenizer"), "{text}");
+}
+
+/// Chats through `kv_aware` to engines that tokenize with the model's tokenizer and publish KV
+/// events (predictions off, so the events alone decide). With the same tokenizer, llm-lb's keys
+/// are the engine's: a conversation's next turn goes back to the engine that reported its
+/// blocks. With approximate tokens, the engine's events never match (so always name the
+/// tokenizer when routing on events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_models_tokenizer_a_chat_matches_the_engines_events() {
+    let tokenizer = engine_paths().tokenizer.clone();
+    for exact in [true, false] {
+        let sims_at = [EventSim::new(), EventSim::new()];
+        let mut sims = Vec::new();
+        for s in &sims_at {
+            sims.push(s.spawn_with(1024, Some(&tokenizer)).await);
+        }
+        let endpoints: Vec<String> = sims_at.iter().map(EventSim::yaml).collect();
+        let lb_config = if exact {
+            format!(
+                "{{predictedTtlMs: 0, tokenizer: \"{}\"}}",
+                tokenizer.display()
+            )
+        } else {
+            "{predictedTtlMs: 0}".to_owned()
+        };
+        let proxy = Proxy::start(&format!(
+            "expose_endpoint_header: true\npools:\n  - name: kv\n    models: [\"*\"]\n    endpoints: [{}]\n    lb_policy: kv_aware\n    lb_config: {lb_config}\n",
+            endpoints.join(", ")
+        ));
+        let client = reqwest::Client::new();
+        let url = proxy.url("/v1/chat/completions");
+        let mut messages = vec![
+            serde_json::json!({"role": "system", "content": "You are a careful assistant. ".repeat(20)}),
+            serde_json::json!({"role": "user", "content": "Tell me about the sea, in detail. ".repeat(10)}),
+        ];
+        let ask = |messages: Vec<serde_json::Value>| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let r = client
+                    .post(&url)
+                    .json(
+                        &serde_json::json!({"model": MODEL, "messages": messages, "max_tokens": 8}),
+                    )
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(r.status(), 200);
+                let header = |n: &str| {
+                    r.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned()
+                };
+                let (endpoint, reason) = (header("x-llm-lb-endpoint"), header("x-llm-lb-reason"));
+                let body: serde_json::Value = r.json().await.expect("json");
+                let reply = body["choices"][0]["message"]["content"]
+                    .as_str()
+                    .expect("content")
+                    .to_owned();
+                let cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0);
+                (endpoint, reason, reply, cached)
+            }
+        };
+        let (first, reason, reply, _) = ask(messages.clone()).await;
+        assert_eq!(reason, "kv_miss");
+        let stored = [
+            ("pool", "kv"),
+            ("endpoint", first.as_str()),
+            ("kind", "stored"),
+        ];
+        wait_at_least(&proxy, "llmlb_kv_events_total", &stored, 1.0).await;
+        messages.push(serde_json::json!({"role": "assistant", "content": reply}));
+        messages.push(serde_json::json!({"role": "user", "content": "And the mountains?"}));
+        let (second, reason, _, cached) = ask(messages).await;
+        if exact {
+            assert_eq!(
+                (second.as_str(), reason.as_str()),
+                (first.as_str(), "kv_hit")
+            );
+            assert!(
+                cached >= 200,
+                "the engine served only {cached} tokens from its cache"
+            );
+        } else {
+            assert_eq!(
+                reason, "kv_miss",
+                "approximate tokens matched the engine's events"
+            );
+        }
+    }
 }
