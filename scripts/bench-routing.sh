@@ -25,7 +25,7 @@
 # global_least_request. Scenarios (default "evict reset seed unique replicas"):
 #   evict     long multi-turn sessions on caches too small to keep them (eviction pressure):
 #             60 sessions x 5 turns, ~1000 input tokens per turn, 200 output, concurrency 20,
-#             1024 KV blocks (16k tokens) per server
+#             2048 KV blocks (32k tokens) per server (1024 thrashes for every policy alike)
 #   reset     evict, and each simulator in turn empties its prefix cache during the run, as an
 #             engine restart does (vLLM's POST /reset_prefix_cache, running requests preempted)
 #   seed, unique   as above (prefix_cache / kv_aware with events / least request)
@@ -40,6 +40,8 @@
 #                       sglang_cache_aware (default: all)
 #   ROUTING_SESSIONS    sessions of the seed workload (default 60)
 #   ROUTING_SET         routing (default) or kv (see above)
+#   ROUTING_EVICT_KV_BLOCKS  KV blocks per server in the evict and reset scenarios (default 2048)
+#   ROUTING_KV_CONFIG   more lb_config keys for kv_aware, e.g. "loadWeight: 0.5, decodeTokens: 32"
 #   ROUTING_NO_REPORT=1 do not regenerate docs/benchmarks.md
 #   LLMLB_VENV, LLMLB_SGL_VENV  Python venvs (default target/py-venv, target/sgl-venv)
 # Results: bench/results/routing/*.json (one file per run) and bench/results/routing.{json,csv}.
@@ -138,6 +140,7 @@ policy_yaml() {
     fi
     if [ "$policy" = kv_aware ]; then
         keys+=("tokenizer: \"$MODEL_TOKENIZER\"")
+        if [ -n "${ROUTING_KV_CONFIG:-}" ]; then keys+=("$ROUTING_KV_CONFIG"); fi
     fi
     lbcfg="{$(IFS=,; echo "${keys[*]}")}"
     endpoints="\"${SIM_ADDRS[0]}\", \"${SIM_ADDRS[1]}\", \"${SIM_ADDRS[2]}\""
@@ -262,7 +265,7 @@ run_one() {
     mkdir -p "$RUN_DIR"
     step "[$scenario] $label (round $round of $REPEATS)"
     local blocks=$KV_BLOCKS
-    case "$scenario" in evict | reset) blocks=${ROUTING_EVICT_KV_BLOCKS:-1024} ;; esac
+    case "$scenario" in evict | reset) blocks=${ROUTING_EVICT_KV_BLOCKS:-2048} ;; esac
     start_sims "$blocks"
     start_routers "$policy" "$replicas" "$store" "$label"
     local resetter=""
