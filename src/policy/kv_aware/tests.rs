@@ -103,6 +103,7 @@ async fn a_conversation_comes_back_to_the_endpoint_that_holds_it() {
 async fn load_in_tokens_outweighs_a_short_cached_prefix() {
     let (p, index) = policy(KvAwareSettings {
         tie_per_mille: 0,
+        decode_tokens: 128,
         ..KvAwareSettings::default()
     });
     // Endpoint 0's engine holds the first 32 tokens of a 64-token prompt.
