@@ -406,13 +406,17 @@ def routing_blocks(data):
         rr = next((r for r in rows if r["label"] == base), None)
         blocks[f"{name}-{scenario}"] = routing_table(rows, rr, ratio=rr is not None)
     el = data.get("elapsed_by_scenario", {})
-    runs = data.get("run_commits") or [data["git"]]
+    runs = data.get("run_commits")
+    provenance = (
+        f"runs from commit(s) {', '.join(f'`{c}`' for c in runs)} (each results file names its own)"
+        if runs
+        else f"summarised at commit `{data['git']}` (these results files do not name theirs)"
+    )
     meta = [
         f"Generated {data['generated']} by `scripts/bench-routing.sh`"
         + (" with `ROUTING_SET=kv`" if name == "kv" else "")
-        + f" on {data['machine']}; runs from commit(s) {', '.join(f'`{c}`' for c in runs)} "
-        f"(each results file names its own).",
-        f"vllm-sim `--time-scale {data['time_scale']}`, `--kv-blocks {data['kv_blocks']}` per server, "
+        + f" on {data['machine']}; {provenance}.",
+        f"vllm-sim `--time-scale {data['time_scale']}`, `--kv-blocks` {data['kv_blocks']} per server, "
         f"{data['repeats']} round(s) per policy"
         + (" (cells: mean, and min–max over the rounds)" if int(data["repeats"]) > 1 else "")
         + ".",

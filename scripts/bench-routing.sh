@@ -321,8 +321,10 @@ done
 ELAPSED=$(($(date +%s) - START))
 step "all runs done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s"
 
+KV_BLOCKS_NOTE="$KV_BLOCKS"
+if [ "$SET" = kv ]; then KV_BLOCKS_NOTE="$KV_BLOCKS (evict and reset: ${ROUTING_EVICT_KV_BLOCKS:-2048})"; fi
 "$BENCH_PY" "$ROOT/scripts/bench-report.py" summarize-routing --dir "$RESULTS" --set "$SET" \
-    --elapsed "$ELAPSED" --time-scale "$TIME_SCALE" --kv-blocks "$KV_BLOCKS" --repeats "$REPEATS"
+    --elapsed "$ELAPSED" --time-scale "$TIME_SCALE" --kv-blocks "$KV_BLOCKS_NOTE" --repeats "$REPEATS"
 if [ "${ROUTING_NO_REPORT:-0}" != 1 ]; then
     "$BENCH_PY" "$ROOT/scripts/bench-report.py" render
 fi
