@@ -229,7 +229,7 @@ pub trait InflightStore: Send + Sync {
 
     /// One atomic round trip for `kv_aware`: the candidate with the least
     /// `base[i] × 1000 + load_per_mille × total[i]` (near-ties within `tie_per_mille` of the least
-    /// uniformly at random, see [`cost_choice`]), whose count grows by `weights[i]` on behalf of
+    /// uniformly at random, the same rule in both stores), whose count grows by `weights[i]` on behalf of
     /// this replica (release it with [`InflightStore::release_n`]). Input errors as for
     /// [`InflightStore::acquire_least`], and when `base` or `weights` do not match `candidates`.
     async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<Acquired, StoreError>;
