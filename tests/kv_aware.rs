@@ -313,6 +313,26 @@ async fn engine_events_steer_and_evictions_resets_and_restarts_are_seen() {
         reason, "kv_hit",
         "the restarted engine's new events are followed"
     );
+    // Every pick was observed: cached tokens and cost histograms, and the pick reasons.
+    let kv = [("pool", "kv")];
+    let picks = proxy
+        .metric("llmlb_kv_matched_tokens_count", &kv)
+        .await
+        .expect("matched tokens histogram");
+    assert_eq!(
+        Some(picks),
+        proxy.metric("llmlb_kv_cost_tokens_count", &kv).await
+    );
+    let hits = [("pool", "kv"), ("reason", "kv_hit")];
+    assert!(
+        proxy
+            .metric("llmlb_picks_total", &hits)
+            .await
+            .unwrap_or(0.0)
+            >= 6.0
+    );
+    let matched = proxy.metric("llmlb_kv_matched_tokens_sum", &kv).await;
+    assert!(matched.unwrap_or(0.0) >= 3.0 * 496.0, "{matched:?}");
 }
 
 /// `BlockStored` events applied so far, over every endpoint.
