@@ -201,7 +201,7 @@ async fn engine_events_steer_and_evictions_resets_and_restarts_are_seen() {
     let client = reqwest::Client::new();
     let url = proxy.url("/v1/completions");
     let place = |prompt: Vec<u32>| {
-        let (client, url, proxy) = (client.clone(), url.clone(), &proxy);
+        let (client, url, proxy, sims_at) = (client.clone(), url.clone(), &proxy, &sims_at);
         async move {
             let before = stored_total(proxy).await;
             let (endpoint, reason, _) = complete(&client, &url, &prompt).await;
@@ -220,15 +220,26 @@ async fn engine_events_steer_and_evictions_resets_and_restarts_are_seen() {
                 let ids: Vec<u32> = (0..16).map(|t| 900_000 + nudge * 16 + t).collect();
                 complete(&client, &format!("http://{endpoint}/v1/completions"), &ids).await;
             }
-            endpoint
+            // From now on the prompt goes back there, and is served from the cache.
+            let (e, reason, cached) = complete(&client, &url, &prompt).await;
+            assert_eq!((e.as_str(), reason.as_str()), (endpoint.as_str(), "kv_hit"));
+            assert!(
+                cached >= 496,
+                "the engine served {cached} tokens from its cache"
+            );
+            let sim = sims_at
+                .iter()
+                .position(|s| s.http.to_string() == endpoint)
+                .expect("a sim");
+            (endpoint, sim)
         }
     };
     let prompt = |base: u32| -> Vec<u32> { (base..base + 512).collect() };
 
     // Steering: the engine that reported the prompt's blocks gets it again, from its cache.
     let a = prompt(1000);
-    let home = place(a.clone()).await;
-    for _ in 0..3 {
+    let (home, _) = place(a.clone()).await;
+    for _ in 0..2 {
         let (e, reason, cached) = complete(&client, &url, &a).await;
         assert_eq!((e.as_str(), reason.as_str()), (home.as_str(), "kv_hit"));
         assert!(
@@ -253,13 +264,7 @@ async fn engine_events_steer_and_evictions_resets_and_restarts_are_seen() {
 
     // Reset: an engine that drops its cache (vLLM's /reset_prefix_cache) is seen.
     let b = prompt(2000);
-    let at = place(b.clone()).await;
-    let (e, reason, _) = complete(&client, &url, &b).await;
-    assert_eq!((e.as_str(), reason.as_str()), (at.as_str(), "kv_hit"));
-    let j = sims_at
-        .iter()
-        .position(|s| s.http.to_string() == at)
-        .expect("a sim");
+    let (at, j) = place(b.clone()).await;
     assert!(
         sims[j]
             .as_ref()
@@ -281,13 +286,7 @@ async fn engine_events_steer_and_evictions_resets_and_restarts_are_seen() {
     // Restart: a restarted engine (same ports, empty cache, sequence from 0) is forgotten, and
     // followed again.
     let c = prompt(3000);
-    let at = place(c.clone()).await;
-    let (e, reason, _) = complete(&client, &url, &c).await;
-    assert_eq!((e.as_str(), reason.as_str()), (at.as_str(), "kv_hit"));
-    let k = sims_at
-        .iter()
-        .position(|s| s.http.to_string() == at)
-        .expect("a sim");
+    let (at, k) = place(c.clone()).await;
     let before = resync_total(&proxy, &at).await;
     sims[k].take().expect("running").shutdown().await;
     sims[k] = Some(sims_at[k].spawn(48).await);
@@ -306,13 +305,8 @@ async fn engine_events_steer_and_evictions_resets_and_restarts_are_seen() {
         reason, "kv_miss",
         "a restarted engine's old blocks must not count"
     );
-    let d = prompt(4000);
-    let _ = place(d.clone()).await;
-    let (_, reason, _) = complete(&client, &url, &d).await;
-    assert_eq!(
-        reason, "kv_hit",
-        "the restarted engine's new events are followed"
-    );
+    // New events are followed again: a new prompt is placed and comes back.
+    place(prompt(4000)).await;
     // Every pick was observed: cached tokens and cost histograms, and the pick reasons.
     let kv = [("pool", "kv")];
     let picks = proxy

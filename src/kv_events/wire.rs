@@ -291,14 +291,14 @@ fn block_stored(f: &Fields<'_>) -> Result<BlockStored, WireError> {
     let token_ids = match f.get(2, "token_ids") {
         Some(ValueRef::Array(items)) => items
             .iter()
-            .map(|t| as_u64(t).and_then(|t| u32::try_from(t).ok()))
+            .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
             .collect::<Option<Vec<u32>>>()
             .ok_or(bad("token_ids"))?,
         Some(_) | None => return Err(bad("token_ids")),
     };
     let block_size = f
         .get(3, "block_size")
-        .and_then(as_u64)
+        .and_then(ValueRef::as_u64)
         .and_then(|n| usize::try_from(n).ok())
         .ok_or(bad("block_size"))?;
     let lora_id = optional(f.get(4, "lora_id"), as_i64).ok_or(bad("lora_id"))?;
@@ -387,21 +387,6 @@ fn as_str<'b>(v: &'b ValueRef<'_>) -> Option<&'b str> {
         | ValueRef::Integer(_)
         | ValueRef::F32(_)
         | ValueRef::F64(_)
-        | ValueRef::Binary(_)
-        | ValueRef::Array(_)
-        | ValueRef::Map(_)
-        | ValueRef::Ext(..) => None,
-    }
-}
-
-fn as_u64(v: &ValueRef<'_>) -> Option<u64> {
-    match v {
-        ValueRef::Integer(i) => i.as_u64(),
-        ValueRef::Nil
-        | ValueRef::Boolean(_)
-        | ValueRef::F32(_)
-        | ValueRef::F64(_)
-        | ValueRef::String(_)
         | ValueRef::Binary(_)
         | ValueRef::Array(_)
         | ValueRef::Map(_)

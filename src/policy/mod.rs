@@ -132,6 +132,19 @@ pub(crate) mod testing {
             .collect()
     }
 
+    /// A chat request of one user message per turn.
+    pub(crate) fn user_chat(turns: &[&str]) -> LlmRequest {
+        let messages: Vec<serde_json::Value> = turns
+            .iter()
+            .map(|t| serde_json::json!({"role": "user", "content": t}))
+            .collect();
+        LlmRequest::parse(
+            serde_json::json!({"model": "m", "messages": messages})
+                .to_string()
+                .as_bytes(),
+        )
+    }
+
     pub(crate) fn ids(n: usize) -> Vec<EndpointId> {
         (0..n).map(EndpointId::new).collect()
     }

@@ -101,7 +101,7 @@ impl Policy for PrefixCache {
 mod tests {
     use std::time::Duration;
 
-    use super::super::testing::{ids, views};
+    use super::super::testing::{ids, user_chat as chat, views};
     use super::super::Outcome;
     use super::*;
     use crate::config::LoadGuard;
@@ -119,18 +119,6 @@ mod tests {
             ttl: Duration::from_secs(60),
         };
         PrefixCache::new(counts, None, settings)
-    }
-
-    fn chat(turns: &[&str]) -> LlmRequest {
-        let messages: Vec<serde_json::Value> = turns
-            .iter()
-            .map(|t| serde_json::json!({"role": "user", "content": t}))
-            .collect();
-        LlmRequest::parse(
-            serde_json::json!({"model": "m", "messages": messages})
-                .to_string()
-                .as_bytes(),
-        )
     }
 
     async fn pick(p: &PrefixCache, request: &LlmRequest, candidates: &[EndpointId]) -> Pick {

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use super::super::testing::{ids, views};
+use super::super::testing::{ids, user_chat as chat, views};
 use super::super::Outcome;
 use super::*;
 use crate::endpoint::EndpointId;
@@ -13,18 +13,6 @@ fn policy(settings: KvAwareSettings) -> (KvAware, Arc<KvIndex>) {
     let index = Arc::new(KvIndex::new("p", 1024));
     let p = KvAware::new(counts, index.clone(), Tokenizer::Approximate, settings);
     (p, index)
-}
-
-fn chat(turns: &[&str]) -> LlmRequest {
-    let messages: Vec<serde_json::Value> = turns
-        .iter()
-        .map(|t| serde_json::json!({"role": "user", "content": t}))
-        .collect();
-    LlmRequest::parse(
-        serde_json::json!({"model": "m", "messages": messages})
-            .to_string()
-            .as_bytes(),
-    )
 }
 
 /// A completion whose prompt is given as token ids `0..n` (offset by `salt`).
