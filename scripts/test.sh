@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing (cmake for Pingora's build, redis-server for the
-# state-store tests, a C/C++ compiler, a real inference engine, cargo-deny), then checks formatting,
+# state-store tests, a C/C++ compiler, Chromium and chromedriver for the status-page test, a real
+# inference engine, cargo-deny), then checks formatting,
 # lints, docs and dependencies (licences, duplicates, sources) and runs every test.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

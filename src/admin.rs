@@ -1,6 +1,8 @@
-//! The admin listener: `GET /metrics` (Prometheus text), `GET /healthz`, and `POST /-/reload`
-//! (reload the policy file, as SIGHUP does, and answer with the verdict). Reloads are accepted
-//! only from loopback clients, whatever address the listener is bound to.
+//! The admin listener: the status page (`GET /`, refreshing itself from `GET /status`, the same
+//! snapshot as JSON; see [`crate::status`]), `GET /metrics` (Prometheus text), `GET /healthz`,
+//! and `POST /-/reload` (reload the policy file, as SIGHUP does, and answer with the verdict).
+//! Reloads are accepted only from loopback clients, whatever address the listener is bound to.
+//! The page is one self-contained file (no external assets), so it works offline.
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -9,11 +11,19 @@ use pingora::protocols::http::ServerSession;
 use pingora::services::listening::Service;
 use pingora_prometheus::prometheus::{self, Encoder, TextEncoder};
 
-use crate::routing::{ReloadError, ReloadHandle};
+use crate::routing::{Live, ReloadError, ReloadHandle};
+use crate::status::Status;
+
+/// The status page.
+const STATUS_PAGE: &str = include_str!("admin/status.html");
+
+const ROUTES: &str = "GET / (status page), GET /status, GET /metrics, GET /healthz, POST /-/reload";
 
 /// Serves the admin endpoints.
 pub struct AdminApp {
     reload: ReloadHandle,
+    live: Live,
+    started: std::time::Instant,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -35,6 +45,22 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
 }
 
 impl AdminApp {
+    fn status(&self) -> Response<Vec<u8>> {
+        let status = Status::of(
+            self.live.current().as_deref(),
+            self.reload.last(),
+            self.started,
+        );
+        match serde_json::to_value(status) {
+            Ok(v) => json(StatusCode::OK, v),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                e.to_string().into_bytes(),
+            ),
+        }
+    }
+
     async fn reload(&self, session: &ServerSession) -> Response<Vec<u8>> {
         let loopback = session
             .client_addr()
@@ -84,27 +110,36 @@ impl ServeHttp for AdminApp {
                 }
             }
             ("/healthz", Method::GET) => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            ("/", Method::GET) => reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                STATUS_PAGE.as_bytes().to_vec(),
+            ),
+            ("/status", Method::GET) => self.status(),
             ("/-/reload", Method::POST) => self.reload(session).await,
-            ("/metrics" | "/healthz", _) | ("/-/reload", _) => reply(
+            ("/" | "/status" | "/metrics" | "/healthz" | "/-/reload", _) => reply(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
-                b"method not allowed: GET /metrics, GET /healthz, POST /-/reload\n".to_vec(),
+                format!("method not allowed: {ROUTES}\n").into_bytes(),
             ),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                b"not found: try GET /metrics, GET /healthz or POST /-/reload\n".to_vec(),
+                format!("not found: try {ROUTES}\n").into_bytes(),
             ),
         }
     }
 }
 
-/// The admin service listening on `addr`; `POST /-/reload` goes to `reload`.
-pub fn service(addr: &str, reload: ReloadHandle) -> Service<HttpServer<AdminApp>> {
-    let mut svc = Service::new(
-        "admin".to_string(),
-        HttpServer::new_app(AdminApp { reload }),
-    );
+/// The admin service listening on `addr`: the status of the routing table in `live`;
+/// `POST /-/reload` goes to `reload`.
+pub fn service(addr: &str, live: Live, reload: ReloadHandle) -> Service<HttpServer<AdminApp>> {
+    let app = AdminApp {
+        reload,
+        live,
+        started: std::time::Instant::now(),
+    };
+    let mut svc = Service::new("admin".to_string(), HttpServer::new_app(app));
     svc.add_tcp(addr);
     svc
 }

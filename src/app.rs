@@ -134,8 +134,8 @@ impl Services {
         // Serve only once the first routing table is built (health views populated).
         server.add_service(proxy).add_dependency(&supervisor);
         if let Some(addr) = admin_addr {
-            let svc = admin::service(&addr.to_string(), reload);
-            log::info!("admin (metrics, healthz, reload) on {addr}");
+            let svc = admin::service(&addr.to_string(), live.clone(), reload);
+            log::info!("admin (status page, metrics, healthz, reload) on {addr}");
             server.add_service(svc);
         }
         live

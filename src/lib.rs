@@ -9,7 +9,8 @@
 //!
 //! ```text
 //! 5  app, cli, admin              wiring: the Pingora server, its services, the admin listener
-//! 4  proxy                        Pingora hooks; proxy::choose picks an endpoint without Pingora
+//! 4  proxy, status                Pingora hooks; proxy::choose picks an endpoint without Pingora;
+//!                                 the operator's snapshot of the routing table
 //! 3  routing                      routing table, pools, generations, DNS, the supervisor
 //! 2  policy, selection            choose an endpoint; the same policies as Pingora BackendSelections
 //! 1  health, store, scrape,       is it admitted? shared counts and prefixes; engine metrics;
@@ -49,6 +50,7 @@ pub mod request;
 pub mod routing;
 pub mod scrape;
 pub mod selection;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod usage;

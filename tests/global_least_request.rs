@@ -124,23 +124,6 @@ fn spread(counts: &[i64]) -> i64 {
     counts.iter().max().unwrap_or(&0) - counts.iter().min().unwrap_or(&0)
 }
 
-/// Poll `check` every 50 ms until it returns `Ok`, failing with its last message after `within`.
-async fn eventually<F>(what: &str, within: Duration, mut check: F)
-where
-    F: AsyncFnMut() -> Result<(), String>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(last) if Instant::now() > deadline => {
-                panic!("{what}: still {last} after {within:?}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
 /// Requests each proxy has in flight to each backend, summed over the proxies.
 async fn local_inflight(proxies: &[&Proxy], backends: &[&Backend]) -> Vec<f64> {
     let mut out = vec![0.0; backends.len()];

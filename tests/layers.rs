@@ -14,7 +14,7 @@ const FLOORS: &[(usize, &[&str])] = &[
     (3, &["health", "store", "scrape", "kv_events"]),
     (4, &["policy"]),
     (5, &["selection", "routing"]),
-    (6, &["proxy"]),
+    (6, &["proxy", "status"]),
     (7, &["admin"]),
     (8, &["app"]),
 ];

@@ -115,6 +115,13 @@ impl Outliers {
         self.is_ejected_at(index, self.now_ms())
     }
 
+    /// How long endpoint `index` stays ejected (`None`: it is admitted).
+    pub fn ejected_for(&self, index: usize) -> Option<Duration> {
+        let now = self.now_ms();
+        let until = self.slots.get(index)?.until_ms.load(Ordering::Acquire);
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+
     fn is_ejected_at(&self, index: usize, now_ms: u64) -> bool {
         self.slots
             .get(index)

@@ -79,7 +79,12 @@ impl Generation {
         }
         let (stop, _) = watch::channel(false);
         Ok(Generation {
-            routes: Arc::new(Routes { id, config, pools }),
+            routes: Arc::new(Routes {
+                id,
+                since: std::time::SystemTime::now(),
+                config,
+                pools,
+            }),
             endpoints,
             stop,
         })

@@ -12,5 +12,5 @@ pub mod table;
 
 pub use generation::{BuildError, Generation};
 pub use pool::{Candidates, InflightGuard, Pool};
-pub use supervisor::{ReloadError, ReloadHandle, Supervisor};
+pub use supervisor::{ReloadError, ReloadHandle, ReloadRecord, Supervisor};
 pub use table::{Live, Routes};

@@ -156,6 +156,11 @@ impl Pool {
         self.outliers.is_ejected(id.index())
     }
 
+    /// How long the endpoint stays ejected (`None`: it is admitted).
+    pub fn ejected_for(&self, id: EndpointId) -> Option<std::time::Duration> {
+        self.outliers.ejected_for(id.index())
+    }
+
     /// The metrics board the policy reads, which a scrape task must keep current.
     pub fn metrics_board(&self) -> Option<&Arc<MetricsBoard>> {
         self.deps.board.as_ref()

@@ -22,7 +22,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -59,19 +59,46 @@ pub enum ReloadError {
 
 type ReloadReply = oneshot::Sender<Result<u64, ReloadError>>;
 
-/// Asks the supervisor to reload the policy file (what SIGHUP does).
+/// How a reload ended, kept for the status page.
+#[derive(Debug, Clone)]
+pub struct ReloadRecord {
+    /// When it ended.
+    pub at: SystemTime,
+    /// What asked for it.
+    pub trigger: ReloadTrigger,
+    /// Its verdict.
+    pub result: ReloadResult,
+    /// The generation it put in force (`None` unless `result` is ok).
+    pub generation: Option<u64>,
+    /// Why it was not applied (`None` if `result` is ok).
+    pub error: Option<String>,
+}
+
+/// The last reload's record, shared by the supervisor (writer) and its handles.
+type LastReload = Arc<Mutex<Option<ReloadRecord>>>;
+
+/// Asks the supervisor to reload the policy file (what SIGHUP does), and tells how the last
+/// reload ended.
 #[derive(Clone)]
-pub struct ReloadHandle(mpsc::Sender<ReloadReply>);
+pub struct ReloadHandle {
+    requests: mpsc::Sender<ReloadReply>,
+    last: LastReload,
+}
 
 impl ReloadHandle {
     /// Reload and wait for the verdict: the new generation's id, or why nothing changed.
     pub async fn reload(&self) -> Result<u64, ReloadError> {
         let (reply, verdict) = oneshot::channel();
-        self.0
+        self.requests
             .send(reply)
             .await
             .map_err(|_| ReloadError::NotRunning)?;
         verdict.await.unwrap_or(Err(ReloadError::NotRunning))
+    }
+
+    /// How the last reload (SIGHUP or admin) ended; `None` before the first one.
+    pub fn last(&self) -> Option<ReloadRecord> {
+        self.last.lock().clone()
     }
 }
 
@@ -83,6 +110,7 @@ pub struct Supervisor {
     registry: Registry,
     /// Taken by `start`: the configuration validated at start, and the reload requests.
     start: Mutex<Option<(Config, mpsc::Receiver<ReloadReply>)>>,
+    last_reload: LastReload,
 }
 
 impl Supervisor {
@@ -96,13 +124,19 @@ impl Supervisor {
     ) -> (Supervisor, Live, ReloadHandle) {
         let live = Live::default();
         let (tx, rx) = mpsc::channel(8);
+        let last_reload = LastReload::default();
         let supervisor = Supervisor {
             policy_path,
             registry,
             live: live.clone(),
             start: Mutex::new(Some((config, rx))),
+            last_reload: last_reload.clone(),
         };
-        (supervisor, live, ReloadHandle(tx))
+        let handle = ReloadHandle {
+            requests: tx,
+            last: last_reload,
+        };
+        (supervisor, live, handle)
     }
 }
 
@@ -120,6 +154,7 @@ impl BackgroundService for Supervisor {
             policy_path: self.policy_path.clone(),
             registry: self.registry.clone(),
             live: self.live.clone(),
+            last_reload: self.last_reload.clone(),
             current: None,
             answers: Answers::new(),
             heartbeats: Vec::new(),
@@ -180,6 +215,7 @@ struct State {
     policy_path: PathBuf,
     registry: Registry,
     live: Live,
+    last_reload: LastReload,
     current: Option<Generation>,
     answers: Answers,
     heartbeats: Vec<Heartbeat>,
@@ -195,15 +231,33 @@ impl State {
             .map_or(config::DEFAULT_DNS_REFRESH, |g| g.routes.config.dns_refresh)
     }
 
-    /// Re-read the policy file and apply it; on any error the running generation stays.
+    /// Re-read the policy file and apply it; on any error the running generation stays. The
+    /// verdict is counted and kept as the last reload's record.
     async fn reload(&mut self, trigger: ReloadTrigger) -> Result<u64, ReloadError> {
+        let verdict = self.try_reload(trigger).await;
+        let result = match &verdict {
+            Ok(_) => ReloadResult::Ok,
+            Err(ReloadError::Invalid(_)) => ReloadResult::Invalid,
+            Err(_) => ReloadResult::Failed,
+        };
+        telemetry::count_reload(trigger, result);
+        *self.last_reload.lock() = Some(ReloadRecord {
+            at: SystemTime::now(),
+            trigger,
+            result,
+            generation: verdict.as_ref().ok().copied(),
+            error: verdict.as_ref().err().map(ToString::to_string),
+        });
+        verdict
+    }
+
+    async fn try_reload(&mut self, trigger: ReloadTrigger) -> Result<u64, ReloadError> {
         let path = self.policy_path.display().to_string();
         let loaded = config::load_with(&self.policy_path, &self.registry.names())
             .and_then(|c| self.registry.check(&c).map(|()| c));
         let config = match loaded {
             Ok(c) => c,
             Err(e) => {
-                telemetry::count_reload(trigger, ReloadResult::Invalid);
                 log::error!("reload ({trigger}): policy file {path} rejected, the running configuration stays: {e}");
                 return Err(ReloadError::Invalid(format!("policy file {path}: {e}")));
             }
@@ -222,12 +276,10 @@ impl State {
         let answers = resolve::resolve(&config, &self.answers).await;
         match self.apply(config, answers).await {
             Ok(id) => {
-                telemetry::count_reload(trigger, ReloadResult::Ok);
                 log::info!("reload ({trigger}): policy file {path} applied as generation {id}");
                 Ok(id)
             }
             Err(e) => {
-                telemetry::count_reload(trigger, ReloadResult::Failed);
                 log::error!("reload ({trigger}): {e}; the running configuration stays");
                 Err(ReloadError::Failed(e.to_string()))
             }

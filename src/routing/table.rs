@@ -12,6 +12,8 @@ use crate::config::Config;
 pub struct Routes {
     /// 1 for the configuration loaded at start, +1 per applied change.
     pub id: u64,
+    /// When it was put in force.
+    pub since: std::time::SystemTime,
     /// The validated configuration it was built from.
     pub config: Config,
     /// One pool per `config.pools` entry, in the same order.

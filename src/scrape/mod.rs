@@ -225,11 +225,13 @@ impl MetricsBoard {
 
     /// Age of the endpoint's latest snapshot at `now`, if it has one.
     pub fn age(&self, endpoint: usize, now: Instant) -> Option<Duration> {
-        let slot = self.slots.get(endpoint)?;
-        let current = slot.current.load();
-        current
-            .as_ref()
+        self.latest(endpoint)
             .map(|s| now.saturating_duration_since(s.taken))
+    }
+
+    /// The endpoint's latest snapshot, however old.
+    pub fn latest(&self, endpoint: usize) -> Option<Arc<Snapshot>> {
+        self.slots.get(endpoint)?.current.load_full()
     }
 
     /// The endpoint's metrics if they are known (a snapshot no older than [`Self::stale_after`]).

@@ -7,10 +7,12 @@
 //! crate, and every other module may report through it.
 
 pub mod labels;
+pub mod readings;
 
 use std::sync::LazyLock;
 
 pub use labels::{FallbackReason, ReloadResult, ReloadTrigger};
+pub use readings::Readings;
 
 use pingora_prometheus::prometheus::{
     register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge,

@@ -919,3 +919,20 @@ pub(crate) fn engine_paths() -> &'static EnginePaths {
         }
     })
 }
+
+/// Poll `check` every 50 ms until it returns `Ok`, failing with its last message after `within`.
+pub(crate) async fn eventually<F>(what: &str, within: Duration, mut check: F)
+where
+    F: AsyncFnMut() -> Result<(), String>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(last) if Instant::now() > deadline => {
+                panic!("{what}: still {last} after {within:?}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}

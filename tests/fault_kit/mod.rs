@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub(crate) use crate::common::eventually;
 use crate::common::Proxy;
 
 /// One request's result.
@@ -310,23 +311,6 @@ pub(crate) fn metric_sum(text: &str, name: &str) -> f64 {
             (n == name).then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
-}
-
-/// Poll `check` every 50 ms until it returns `Ok`, failing with its last message after `within`.
-pub(crate) async fn eventually<F>(what: &str, within: Duration, mut check: F)
-where
-    F: AsyncFnMut() -> Result<(), String>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(last) if Instant::now() > deadline => {
-                panic!("{what}: still {last} after {within:?}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
 }
 
 /// What a proxy process holds once a scenario is over.
