@@ -1,7 +1,7 @@
 //! Wiring: llm-lb's services on a Pingora server — the proxy (behind an h2c sniffer), the admin
-//! listener, the drain watcher and the supervisor, which owns the routing table and its
+//! listener, the drain watcher, the supervisor, which owns the routing table and its
 //! background work (health checks, state-store heartbeats, engine-metrics scraping, reloads, DNS
-//! refresh).
+//! refresh), and with `tracing` the span exporter's flush at shutdown.
 //!
 //! [`run`] is the binary. A program that runs its own Pingora [`Server`] adds llm-lb to it with
 //! [`Services`], next to its other services, optionally with its own policies
@@ -23,8 +23,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use pingora::server::Server;
-use pingora::services::background::background_service;
+use async_trait::async_trait;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
 
 use crate::cli::Cli;
 use crate::config::{self, Config};
@@ -103,6 +105,25 @@ impl Services {
         let listen = config.listen.clone();
         let admin_addr = config.admin;
         let h2c = config.h2c;
+        if let Some(t) = &config.tracing {
+            let settings = telemetry::trace::TraceSettings {
+                otlp_endpoint: t.otlp_endpoint.clone(),
+                service_name: t.service_name.clone(),
+                sample_ratio: t.sample_ratio,
+            };
+            match telemetry::trace::init(&settings) {
+                Ok(provider) => {
+                    log::info!(
+                        "tracing: spans to {} (service {}, sampling {} of new traces)",
+                        t.otlp_endpoint,
+                        t.service_name,
+                        t.sample_ratio
+                    );
+                    server.add_service(background_service("trace flush", TraceFlush(provider)));
+                }
+                Err(e) => log::error!("tracing is off: {e}"),
+            }
+        }
         let (supervisor, live, reload) = Supervisor::new(policy, config, registry);
         let supervisor = server.add_service(background_service("supervisor", supervisor));
 
@@ -139,5 +160,21 @@ impl Services {
             server.add_service(svc);
         }
         live
+    }
+}
+
+/// Sends the spans not exported yet when the server shuts down.
+struct TraceFlush(SdkTracerProvider);
+
+#[async_trait]
+impl BackgroundService for TraceFlush {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let _ = shutdown.changed().await;
+        let provider = self.0.clone();
+        match tokio::task::spawn_blocking(move || provider.shutdown()).await {
+            Ok(Ok(())) => log::debug!("tracing: spans flushed"),
+            Ok(Err(e)) => log::warn!("tracing: flushing spans at shutdown failed: {e}"),
+            Err(e) => log::warn!("tracing: flushing spans at shutdown failed: {e}"),
+        }
     }
 }

@@ -50,8 +50,22 @@ pub struct PolicyFile {
     pub upstream: Option<UpstreamFile>,
     /// How often `host:port` endpoints are resolved again (ms).
     pub dns_refresh_ms: Option<u64>,
+    /// OpenTelemetry traces (off when absent).
+    pub tracing: Option<TracingFile>,
     /// The pools; a request goes to the first one that serves its model.
     pub pools: Vec<PoolFile>,
+}
+
+/// OpenTelemetry traces exported over OTLP/HTTP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingFile {
+    /// The collector's OTLP/HTTP traces URL, e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans (default `llm-lb`).
+    pub service_name: Option<String>,
+    /// Share of new traces sampled, 0–1 (default 1).
+    pub sample_ratio: Option<f64>,
 }
 
 /// Timeouts and connection reuse towards the inference servers.

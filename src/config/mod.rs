@@ -78,10 +78,24 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// How often endpoints given by host name are resolved again.
     pub dns_refresh: Duration,
+    /// OpenTelemetry traces (`None`: off).
+    pub tracing: Option<TracingConfig>,
     /// The pools; a request goes to the first one that serves its model.
     pub pools: Vec<PoolConfig>,
     /// Accepted but ignored settings, reported once at start.
     pub warnings: Vec<Issue>,
+}
+
+/// OpenTelemetry traces: a span per request exported over OTLP/HTTP, and the trace context sent
+/// to the engines.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP traces URL (`http://`).
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// Share of new traces (requests without a sampled `traceparent`) that are sampled, 0–1.
+    pub sample_ratio: f64,
 }
 
 /// Timeouts towards inference servers.

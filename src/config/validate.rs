@@ -7,7 +7,7 @@ use super::file::{self, EndpointFile, LbConfigFile, OneOrMany, PolicyFile, PoolF
 use super::{
     key_users, kv_events_address, Address, Config, ConfigError, CustomPolicy, EndpointSpec,
     HealthCheckConfig, InvalidKey, Issue, KeyUse, MetricsConfig, OutlierConfig, PolicyKind,
-    PolicySettings, PoolConfig, UpstreamConfig, DEFAULT_ADMIN, DEFAULT_BODY_TIMEOUT,
+    PolicySettings, PoolConfig, TracingConfig, UpstreamConfig, DEFAULT_ADMIN, DEFAULT_BODY_TIMEOUT,
     DEFAULT_DNS_REFRESH, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES,
     MAX_WEIGHT,
 };
@@ -88,6 +88,7 @@ impl<'a> Validator<'a> {
             file.dns_refresh_ms,
             DEFAULT_DNS_REFRESH.as_millis() as u64,
         );
+        let tracing = file.tracing.and_then(|t| v.tracing(t));
         if file.pools.is_empty() {
             v.issue("pools", "at least one pool is required");
         }
@@ -119,8 +120,38 @@ impl<'a> Validator<'a> {
             expose_endpoint_header: file.expose_endpoint_header.unwrap_or(false),
             upstream,
             dns_refresh,
+            tracing,
             pools,
             warnings: self.warnings,
+        })
+    }
+
+    fn tracing(&mut self, t: file::TracingFile) -> Option<TracingConfig> {
+        let mut ok = true;
+        match t.otlp_endpoint.strip_prefix("http://") {
+            Some(rest) if !rest.is_empty() => {}
+            _ => {
+                ok = false;
+                self.issue(
+                    "tracing.otlp_endpoint",
+                    "must be an http:// URL of an OTLP/HTTP collector, e.g. http://127.0.0.1:4318/v1/traces (https is not supported: run the collector next to llm-lb)",
+                );
+            }
+        }
+        let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            ok = false;
+            self.issue("tracing.sample_ratio", "must be between 0 and 1");
+        }
+        let service_name = t.service_name.unwrap_or_else(|| "llm-lb".to_string());
+        if service_name.trim().is_empty() {
+            ok = false;
+            self.issue("tracing.service_name", "must not be empty");
+        }
+        ok.then_some(TracingConfig {
+            otlp_endpoint: t.otlp_endpoint,
+            service_name,
+            sample_ratio,
         })
     }
 

@@ -15,6 +15,7 @@ use crate::health::Observed;
 use crate::policy::Lease;
 use crate::request::LlmRequest;
 use crate::routing::{InflightGuard, Pool, Routes};
+use crate::telemetry::trace::RequestSpan;
 
 /// Where a request goes: its pool and what we understood of it.
 #[derive(Clone)]
@@ -65,6 +66,12 @@ pub struct Shared {
     pub first_byte: Option<Duration>,
     /// The end of the response body, for its `usage`.
     pub tail: crate::usage::Tail,
+    /// Time spent choosing endpoints, all attempts together.
+    pub choosing: Duration,
+    /// When (since the request arrived) the last endpoint was picked.
+    pub picked_at: Option<Duration>,
+    /// Trace-context headers sent upstream (tracing on): the request's span is their parent.
+    pub propagate: Vec<(String, String)>,
 }
 
 /// Handed from a parent to its subrequest through Pingora's subrequest user context.
@@ -157,6 +164,10 @@ pub struct RequestCtx {
     pub attempt: Option<Attempt>,
     /// Request body bytes read from the client.
     pub request_bytes: usize,
+    /// Time spent reading the request body.
+    pub read_body: Option<Duration>,
+    /// The request's span (tracing on; the parent's, for a subrequest).
+    pub trace: Option<RequestSpan>,
 }
 
 impl RequestCtx {
@@ -169,6 +180,8 @@ impl RequestCtx {
             shared: Arc::default(),
             attempt: None,
             request_bytes: 0,
+            read_body: None,
+            trace: None,
         }
     }
 }

@@ -37,7 +37,7 @@ pub mod h2c;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -59,6 +59,7 @@ use crate::policy::PolicyError;
 use crate::request::LlmRequest;
 use crate::routing::Live;
 use crate::telemetry;
+use crate::telemetry::trace::{RequestSpan, SpanEnd};
 
 /// How long a refused upload (413) is read and discarded before the connection closes.
 const LINGER: Duration = Duration::from_secs(5);
@@ -234,6 +235,14 @@ impl ProxyHttp for LbProxy {
             return Ok(false);
         }
 
+        let arrived = SystemTime::now()
+            .checked_sub(ctx.started.elapsed())
+            .unwrap_or_else(SystemTime::now);
+        let req = session.req_header();
+        ctx.trace = RequestSpan::start(req.method.as_str(), req.uri.path(), &req.headers, arrived);
+        if let Some(span) = &ctx.trace {
+            ctx.shared.lock().propagate = span.propagation_headers();
+        }
         // Record the body in Pingora's retry buffer (≤ 64 KiB) so it is replayed upstream.
         session.as_downstream_mut().enable_retry_buffering();
         let Some(routes) = self.live.current() else {
@@ -242,7 +251,9 @@ impl ProxyHttp for LbProxy {
                 "llm-lb is starting: no routing table yet",
             );
         };
+        let reading = Instant::now();
         let body = body::read(session, &routes.config).await?;
+        ctx.read_body = Some(reading.elapsed());
         ctx.request_bytes = body.len();
         let request = LlmRequest::parse(&body);
         let Some(pool) = routes.pool_for(request.model.as_deref()).cloned() else {
@@ -283,7 +294,10 @@ impl ProxyHttp for LbProxy {
             telemetry::count_retry(pool.name());
         }
         let tried = ctx.shared.lock().tried.clone();
-        let chosen = match choose::choose(pool, &route.request, &tried, config.max_attempts).await {
+        let choosing = Instant::now();
+        let chosen = choose::choose(pool, &route.request, &tried, config.max_attempts).await;
+        ctx.shared.lock().choosing += choosing.elapsed();
+        let chosen = match chosen {
             Ok(chosen) => chosen,
             Err(e) => {
                 if let ChooseError::Policy(p) = &e {
@@ -297,6 +311,7 @@ impl ProxyHttp for LbProxy {
         let addr = chosen.addr;
         {
             let mut shared = ctx.shared.lock();
+            shared.picked_at = Some(ctx.started.elapsed());
             shared.tried.push(chosen.attempt.endpoint);
             shared.endpoint = Some(addr);
             shared.policy = chosen.policy;
@@ -378,10 +393,15 @@ impl ProxyHttp for LbProxy {
         &self,
         _session: &mut Session,
         upstream_request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         // The body was read (and any 100-continue answered) before the upstream was chosen.
         upstream_request.remove_header(&http::header::EXPECT);
+        // Tracing on: the engine's span becomes a child of this request's.
+        let propagate = ctx.shared.lock().propagate.clone();
+        for (name, value) in propagate {
+            upstream_request.insert_header(name, value)?;
+        }
         Ok(())
     }
 
@@ -516,6 +536,25 @@ impl ProxyHttp for LbProxy {
             telemetry::count_tokens(pool_label, usage.prompt, usage.completion, usage.cached);
         }
         let error = e.map(|e| e.etype().as_str());
+        if let Some(span) = ctx.trace.take() {
+            span.end(SpanEnd {
+                pool: pool.as_deref(),
+                model: ctx.route.as_ref().and_then(|r| r.request.model.as_deref()),
+                policy: shared.policy,
+                reason: shared.reason,
+                endpoint: endpoint.clone(),
+                attempts: shared.tried.len(),
+                reconnects: shared.reconnects,
+                status,
+                error,
+                read_body: ctx.read_body,
+                choose: shared.choosing,
+                wait_first_byte: shared
+                    .first_byte
+                    .zip(shared.picked_at)
+                    .map(|(first, picked)| first.saturating_sub(picked)),
+            });
+        }
         telemetry::AccessLog {
             method: req.method.as_str(),
             path: req.uri.path(),

@@ -7,7 +7,8 @@
 //!   and the error is logged, counted (`llmlb_config_reloads_total{result="invalid"}`) and
 //!   returned. Otherwise the new generation is built and swapped in: new requests use it at once,
 //!   requests in flight finish on the one they started with (see [`super::generation`]).
-//!   `listen`, `admin` and `h2c` are bound at start; a change to them needs a restart or `-u`.
+//!   `listen`, `admin`, `h2c` and `tracing` are bound at start; a change to them needs a restart
+//!   or `-u`.
 //! - **DNS.** Every `dns_refresh_ms`, names are resolved again; when a pool's address set
 //!   changes, a new generation with the same configuration is swapped in (added addresses join,
 //!   removed ones drain).
@@ -269,8 +270,9 @@ impl State {
             if running.listen != config.listen
                 || running.admin != config.admin
                 || running.h2c != config.h2c
+                || running.tracing != config.tracing
             {
-                log::warn!("reload ({trigger}): listen, admin and h2c are bound at start; their new values apply after a restart or an upgrade (-u)");
+                log::warn!("reload ({trigger}): listen, admin, h2c and tracing are bound at start; their new values apply after a restart or an upgrade (-u)");
             }
         }
         let answers = resolve::resolve(&config, &self.answers).await;

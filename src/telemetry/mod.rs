@@ -8,6 +8,7 @@
 
 pub mod labels;
 pub mod readings;
+pub mod trace;
 
 use std::sync::LazyLock;
 

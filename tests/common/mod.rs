@@ -72,6 +72,7 @@ pub(crate) struct Seen {
     pub body_sha256: String,
     pub content_length: Option<String>,
     pub expect: Option<String>,
+    pub traceparent: Option<String>,
 }
 
 pub(crate) struct BackendState {
@@ -257,6 +258,7 @@ async fn handle(
         body_sha256: sha256_hex(&body),
         content_length: h("content-length"),
         expect: h("expect"),
+        traceparent: h("traceparent"),
     });
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let streaming = json.get("stream").and_then(|v| v.as_bool()) == Some(true);
