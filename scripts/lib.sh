@@ -12,6 +12,7 @@ ensure_packages() {
     command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
     command -v curl >/dev/null 2>&1 || missing+=(curl)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)   # tests/security.rs: TLS certificates
+    command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)    # scripts/grafana-check.sh (tests/grafana.rs)
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # tests/status_page.rs: a real browser
     command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
     if ((${#missing[@]})); then
