@@ -7,11 +7,19 @@
 # missing or its lock file changed: `npm ci` in deploy/grafana/check, versions pinned by
 # package-lock.json (node_modules is not committed).
 #
-# Usage: scripts/grafana-check.sh [dashboard.json]     (default: deploy/grafana/llm-lb.json)
+# With --refs it checks nothing and prints, as JSON, what each query (of the panels and the query
+# variables) refers to, read from its PromQL syntax tree: the metric and label matchers of each
+# selector, the labels of each by, without, on, ignoring, group_left and group_right clause and the
+# selectors each applies to (tests/grafana.rs compares them with a running llm-lb's /metrics; the
+# format is described at the top of check.mjs).
+#
+# Usage: scripts/grafana-check.sh [--refs] [dashboard.json]   (default: deploy/grafana/llm-lb.json)
 # Exit status 0 when the dashboard passes; otherwise each problem is printed with its panel.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CHECK="$ROOT/deploy/grafana/check"
+MODE=()
+if [ "${1:-}" = --refs ]; then MODE=(--refs); shift; fi
 DASHBOARD="$(realpath "${1:-$ROOT/deploy/grafana/llm-lb.json}")"
 
 die() { printf 'grafana-check: %s\n' "$*" >&2; exit 1; }
@@ -31,4 +39,4 @@ fi
 flock -u 9
 
 cd "$ROOT"
-exec node "$CHECK/check.mjs" "$DASHBOARD"
+exec node "$CHECK/check.mjs" "${MODE[@]}" "$DASHBOARD"
