@@ -16,8 +16,8 @@
 //! 1  health, store, scrape,       is it admitted? shared counts and prefixes; engine metrics;
 //!    kv_events                    which engine holds which token blocks (KV-cache events)
 //! 0  endpoint, config, telemetry, vocabulary, validated settings, metrics and logs,
-//!    request, prefix, usage,      understanding OpenAI bodies, token block keys, graceful drain
-//!    kv_blocks, drain
+//!    request, apis, prefix,       understanding OpenAI and Anthropic bodies, token block keys,
+//!    usage, kv_blocks, drain      graceful drain
 //! ```
 //!
 //! # Using it as a library
@@ -35,6 +35,7 @@
 )]
 
 pub mod admin;
+pub mod apis;
 pub mod app;
 pub mod cli;
 pub mod config;

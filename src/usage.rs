@@ -1,8 +1,13 @@
-//! Token counts from the `usage` object at the end of an OpenAI-style response.
+//! Token counts from the `usage` object at the end of a response, in each API's shape: chat and
+//! text completions (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details.cached_tokens`),
+//! the Responses API (`input_tokens`, `output_tokens`, `input_tokens_details.cached_tokens`) and
+//! Anthropic's Messages API (`input_tokens` not read from the cache, `cache_read_input_tokens`,
+//! `output_tokens`).
 //!
 //! vLLM, SGLang and llama.cpp put `usage` at the end: last in a JSON completion (llama.cpp adds
 //! only `id` and a few hundred bytes of `timings` after it), and in the last data event before
-//! `[DONE]` of a stream (with `stream_options.include_usage`). So the proxy keeps only the
+//! `[DONE]` of a stream (with `stream_options.include_usage`; `response.completed` of a Responses
+//! stream, `message_delta` of a Messages stream). So the proxy keeps only the
 //! last [`TAIL_BYTES`] of each response body ([`Tail`]) and reads the counts from there when the
 //! response ends — no parsing of the whole body, bounded memory per request.
 
@@ -33,10 +38,28 @@ impl Tail {
         let text = String::from_utf8_lossy(&self.0);
         let at = text.rfind("\"usage\"")?;
         let usage = &text[at..];
-        Some(Usage {
-            prompt: number_after(usage, "\"prompt_tokens\"")?,
-            completion: number_after(usage, "\"completion_tokens\"")?,
-            cached: number_after(usage, "\"cached_tokens\"").unwrap_or(0),
+        let n = |key: &str| number_after(usage, key);
+        if let Some(completion) = n("\"completion_tokens\"") {
+            return Some(Usage {
+                prompt: n("\"prompt_tokens\"")?,
+                completion,
+                cached: n("\"cached_tokens\"").unwrap_or(0),
+            });
+        }
+        let completion = n("\"output_tokens\"")?;
+        let input = n("\"input_tokens\"").unwrap_or(0);
+        Some(match n("\"cache_read_input_tokens\"") {
+            // Anthropic's input_tokens leaves out what was read from the cache.
+            Some(read) => Usage {
+                prompt: input + read + n("\"cache_creation_input_tokens\"").unwrap_or(0),
+                completion,
+                cached: read,
+            },
+            None => Usage {
+                prompt: input,
+                completion,
+                cached: n("\"cached_tokens\"").unwrap_or(0),
+            },
         })
     }
 }
@@ -44,11 +67,13 @@ impl Tail {
 /// Token counts of one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
-    /// `prompt_tokens`.
+    /// Prompt tokens: `prompt_tokens`, `input_tokens` (with Anthropic's cache reads and writes;
+    /// 0 when a stream's last usage leaves them out).
     pub prompt: u64,
-    /// `completion_tokens`.
+    /// `completion_tokens`, `output_tokens`.
     pub completion: u64,
-    /// `prompt_tokens_details.cached_tokens` (0 when absent).
+    /// Of the prompt, read from the prefix cache: `cached_tokens`, `cache_read_input_tokens`
+    /// (0 when absent).
     pub cached: u64,
 }
 
@@ -101,6 +126,45 @@ mod tests {
             })
         );
         assert!(t.0.len() <= TAIL_BYTES);
+    }
+
+    #[test]
+    fn responses_and_messages_usage() {
+        let read = |body: &[u8]| {
+            let mut t = Tail::default();
+            t.push(body);
+            t.usage()
+        };
+        let responses = br#"event: response.completed
+data: {"type":"response.completed","response":{"id":"resp_1","output":[],"usage":{"input_tokens":30,"input_tokens_details":{"cached_tokens":16},"output_tokens":5,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":35}}}
+
+"#;
+        assert_eq!(
+            read(responses),
+            Some(Usage {
+                prompt: 30,
+                completion: 5,
+                cached: 16
+            })
+        );
+        let messages = br#"{"id":"msg_1","type":"message","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":14,"cache_creation_input_tokens":0,"cache_read_input_tokens":16,"output_tokens":5}}"#;
+        assert_eq!(
+            read(messages),
+            Some(Usage {
+                prompt: 30,
+                completion: 5,
+                cached: 16
+            })
+        );
+        let stream_end = b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":7}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        assert_eq!(
+            read(stream_end),
+            Some(Usage {
+                prompt: 0,
+                completion: 7,
+                cached: 0
+            })
+        );
     }
 
     /// Real and representative engine responses, fed in small pieces as a stream arrives.

@@ -43,18 +43,29 @@ impl Policy for GlobalLeastRequest {
     }
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
-        let labels = input.candidate_labels()?;
-        match self.counts.acquire(&labels, self.max).await {
-            Ok(i) => Ok(Pick {
-                endpoint: input.candidates[i],
-                reason: "least_request",
-                lease: Some(StoreLease::boxed(&self.counts, labels[i])),
-            }),
-            Err(Skip::Saturated) => Err(PolicyError::Saturated),
-            Err(Skip::Fallback(reason)) => {
-                telemetry::count_fallback(self.counts.pool(), reason);
-                local_least(&input, self.max)
-            }
+        least_request(&self.counts, self.max, &input).await
+    }
+}
+
+/// The candidate with the fewest requests in flight over every replica, counted in `counts`
+/// (reason `least_request`); the local fallback when the store cannot answer. Also how
+/// `prefix_cache` places load-only requests.
+pub(super) async fn least_request(
+    counts: &Arc<PoolCounts>,
+    max: Option<u64>,
+    input: &PickInput<'_>,
+) -> Result<Pick, PolicyError> {
+    let labels = input.candidate_labels()?;
+    match counts.acquire(&labels, max).await {
+        Ok(i) => Ok(Pick {
+            endpoint: input.candidates[i],
+            reason: "least_request",
+            lease: Some(StoreLease::boxed(counts, labels[i])),
+        }),
+        Err(Skip::Saturated) => Err(PolicyError::Saturated),
+        Err(Skip::Fallback(reason)) => {
+            telemetry::count_fallback(counts.pool(), reason);
+            local_least(input, max)
         }
     }
 }

@@ -13,6 +13,9 @@
 //!   spreads over a few endpoints;
 //! - **miss** — nothing matched: the least loaded candidate (global least request).
 //!
+//! A load-only request (embeddings, rerank: no prompt to keep warm) goes to the least loaded
+//! candidate and is counted, without touching the index (reason `least_request`).
+//!
 //! Holders that are not candidates (unhealthy, removed, already tried by this request) do not
 //! count as matches; the chain is rewritten to the new endpoint, so a conversation that had to move
 //! sticks to where it moved. When the store cannot answer, the request is routed like
@@ -23,6 +26,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::global_least_request::least_request;
 use super::local::{local_least, StoreLease};
 use super::{Pick, PickInput, Policy, PolicyError};
 use crate::config::{PolicyKind, PrefixSettings};
@@ -63,11 +67,16 @@ impl Policy for PrefixCache {
             "prefix_hit",
             "prefix_diverted",
             "prefix_miss",
+            "least_request",
             "local_least_request",
         ]
     }
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
+        if input.request.api.load_only() {
+            // No prompt to keep warm (embeddings, rerank): the least loaded, counted.
+            return least_request(&self.counts, self.max, &input).await;
+        }
         let labels = input.candidate_labels()?;
         let blocks = &input.request.blocks;
         let chain = &blocks[..blocks.len().min(MAX_CHAIN_BLOCKS)];

@@ -66,8 +66,12 @@ impl KvAware {
         }
     }
 
-    /// The prompt's token count and block keys.
+    /// The prompt's token count and block keys. A load-only request (embeddings, rerank) has no
+    /// prompt to keep warm: its input, about 4 bytes a token, counts as prefill load.
     fn keys(&self, input: &PickInput<'_>) -> (u64, Vec<BlockKey>) {
+        if input.request.api.load_only() {
+            return ((input.request.bytes as u64 / 4).max(1), Vec::new());
+        }
         let tokens = self.tokenizer.tokens(input.request);
         let bs = self.settings.block_size;
         let keyed = tokens.len().min(MAX_KEYED_BLOCKS * bs);
@@ -76,9 +80,13 @@ impl KvAware {
 }
 
 /// The decoding load a request adds: `decodeTokens`, or less when the request asks for fewer
-/// (`max_completion_tokens`, `max_tokens`).
+/// (`max_completion_tokens`, `max_tokens`; Responses' `max_output_tokens`); none for a
+/// load-only request.
 fn decode_tokens(request: &crate::request::LlmRequest, default: u64) -> u64 {
-    let asked = request.json.as_deref().and_then(|body| {
+    if request.api.load_only() {
+        return 0;
+    }
+    let asked = request.prompt_body().and_then(|body| {
         ["max_completion_tokens", "max_tokens"]
             .iter()
             .find_map(|k| body.get(*k).and_then(serde_json::Value::as_u64))

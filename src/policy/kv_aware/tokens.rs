@@ -46,9 +46,10 @@ pub enum Tokenizer {
 }
 
 impl Tokenizer {
-    /// The prompt's token ids (empty when the body has no chat or prompt).
+    /// The prompt's token ids (empty when the body has no chat or prompt). A Responses or
+    /// Messages request is tokenized as the chat the engine renders it as.
     pub fn tokens(&self, request: &LlmRequest) -> Vec<u32> {
-        let Some(body) = request.json.as_deref() else {
+        let Some(body) = request.prompt_body() else {
             return Vec::new();
         };
         match self {
