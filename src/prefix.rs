@@ -67,6 +67,31 @@ impl Chain {
     }
 }
 
+/// The key of a session id: a one-block chain of its own in the prefix index (the id is hashed,
+/// never stored or logged in clear).
+pub fn session_key(id: &str) -> BlockKey {
+    let mut h = Xxh3::with_seed(SESSION_SEED);
+    h.update(id.as_bytes());
+    h.digest()
+}
+
+/// Seed of [`session_key`], apart from every chain's.
+const SESSION_SEED: u64 = 0x5e55_1011_5e55_1011;
+
+/// The chain of a prompt's `blocks` within session `session`: the session's key, then each block
+/// key mixed with it. A session's requests all match its first key; the endpoint that served its
+/// longest prompt prefix matches more (a conversation that moved is found where it moved), and two
+/// sessions never share a key.
+pub fn session_chain(session: BlockKey, blocks: &[BlockKey]) -> Vec<BlockKey> {
+    std::iter::once(session)
+        .chain(
+            blocks
+                .iter()
+                .map(|b| xxhash_rust::xxh3::xxh3_64_with_seed(&b.to_le_bytes(), session)),
+        )
+        .collect()
+}
+
 /// Block keys of a chat request's `messages` (an object is treated as a one-element list).
 // Foreign enum (serde_json's Value): `_` / `other` stands for "any other JSON value".
 #[allow(clippy::wildcard_enum_match_arm)]

@@ -45,6 +45,10 @@ pub struct LlmRequest {
     pub chat: Option<Arc<Value>>,
     /// Body size in bytes.
     pub bytes: usize,
+    /// The key of the session the request names (see [`prefix::session_key`] and
+    /// [`prefix::session_chain`]), when its pool keeps session affinity; set by the proxy, which
+    /// sees the headers.
+    pub session: Option<BlockKey>,
 }
 
 impl LlmRequest {
@@ -59,6 +63,7 @@ impl LlmRequest {
             api: Api::Other,
             chat: None,
             bytes: 0,
+            session: None,
         }
     }
 

@@ -98,10 +98,25 @@ pub struct PoolFile {
     pub metrics: Option<MetricsFile>,
     /// Passive health (on with defaults when absent).
     pub outlier_detection: Option<OutlierFile>,
+    /// Session affinity (on with the default headers and body fields when absent).
+    pub session_affinity: Option<SessionFile>,
     /// Name of the policy that picks endpoints.
     pub lb_policy: String,
     /// A built-in policy's keys ([`LbConfigFile`]) or a custom policy's own.
     pub lb_config: Option<serde_yaml::Value>,
+}
+
+/// Session affinity: which headers and body fields name a request's session.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionFile {
+    /// `false` turns it off.
+    pub enabled: Option<bool>,
+    /// Headers naming the session (default: the ones agents send).
+    pub headers: Option<Vec<String>>,
+    /// Body fields naming the session, dotted paths (default `prompt_cache_key`, `user`,
+    /// `metadata.user_id`).
+    pub body_fields: Option<Vec<String>>,
 }
 
 /// `"127.0.0.1:8001"` or `{address: "127.0.0.1:8001", weight: 2}`.

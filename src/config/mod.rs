@@ -18,6 +18,7 @@ mod outlier;
 mod policy;
 mod prefix;
 mod redis;
+mod session;
 mod validate;
 
 pub use error::{ConfigError, InvalidKey, Issue};
@@ -33,6 +34,7 @@ pub use redis::{
     DEFAULT_DEAD_REPLICA_AFTER, DEFAULT_NAMESPACE, DEFAULT_TIMEOUT, MAX_DEAD_REPLICA_AFTER,
     MIN_REPLICA_TIMEOUT_MS,
 };
+pub use session::SessionConfig;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -128,6 +130,8 @@ pub struct PoolConfig {
     pub policy: PolicySettings,
     /// Passive health (`outlier_detection`); `None` when disabled.
     pub outlier: Option<OutlierConfig>,
+    /// Where requests name their session (`session_affinity`); `None` when disabled.
+    pub session: Option<SessionConfig>,
 }
 
 impl PoolConfig {

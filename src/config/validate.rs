@@ -7,9 +7,9 @@ use super::file::{self, EndpointFile, LbConfigFile, OneOrMany, PolicyFile, PoolF
 use super::{
     key_users, kv_events_address, Address, Config, ConfigError, CustomPolicy, EndpointSpec,
     HealthCheckConfig, InvalidKey, Issue, KeyUse, MetricsConfig, OutlierConfig, PolicyKind,
-    PolicySettings, PoolConfig, TracingConfig, UpstreamConfig, DEFAULT_ADMIN, DEFAULT_BODY_TIMEOUT,
-    DEFAULT_DNS_REFRESH, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES,
-    MAX_WEIGHT,
+    PolicySettings, PoolConfig, SessionConfig, TracingConfig, UpstreamConfig, DEFAULT_ADMIN,
+    DEFAULT_BODY_TIMEOUT, DEFAULT_DNS_REFRESH, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES, MAX_WEIGHT,
 };
 
 /// Collects issues and warnings while the file is checked.
@@ -308,6 +308,10 @@ impl<'a> Validator<'a> {
                 self.invalid_keys(&format!("{path}.outlier_detection"), bad);
                 None
             });
+        let session = SessionConfig::from_file(p.session_affinity.as_ref()).unwrap_or_else(|bad| {
+            self.invalid_keys(&format!("{path}.session_affinity"), bad);
+            None
+        });
         if self.issues.len() > before {
             return None;
         }
@@ -319,6 +323,7 @@ impl<'a> Validator<'a> {
             metrics,
             policy: policy?,
             outlier,
+            session,
         })
     }
 

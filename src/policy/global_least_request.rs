@@ -8,14 +8,19 @@
 //! fallback is counted in `llmlb_fallback_total{reason}`. With `maxRequestCount`, a request finds
 //! every candidate at the cap → [`PolicyError::Saturated`] (429); the local fallback applies the
 //! same cap to local counts.
+//!
+//! A request that names a session goes where the session's earlier requests went, under the
+//! default load guard of `prefix_cache` (the same session chain in the prefix index; reasons
+//! `session_hit`, `session_diverted`, `session_new`).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use super::local::{local_least, StoreLease};
+use super::prefix_cache::session_affinity;
 use super::{Pick, PickInput, Policy, PolicyError};
-use crate::config::PolicyKind;
+use crate::config::{PolicyKind, PrefixSettings};
 use crate::store::{PoolCounts, Skip};
 use crate::telemetry;
 
@@ -39,11 +44,29 @@ impl Policy for GlobalLeastRequest {
     }
 
     fn reasons(&self) -> &'static [&'static str] {
-        &["least_request", "local_least_request"]
+        &[
+            "least_request",
+            "session_hit",
+            "session_diverted",
+            "session_new",
+            "local_least_request",
+        ]
     }
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
-        least_request(&self.counts, self.max, &input).await
+        match input.request.session {
+            Some(session) if !input.request.api.load_only() => {
+                session_affinity(
+                    &self.counts,
+                    self.max,
+                    PrefixSettings::default(),
+                    &input,
+                    session,
+                )
+                .await
+            }
+            _ => least_request(&self.counts, self.max, &input).await,
+        }
     }
 }
 

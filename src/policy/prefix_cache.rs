@@ -14,7 +14,10 @@
 //! - **miss** — nothing matched: the least loaded candidate (global least request).
 //!
 //! A load-only request (embeddings, rerank: no prompt to keep warm) goes to the least loaded
-//! candidate and is counted, without touching the index (reason `least_request`).
+//! candidate and is counted, without touching the index (reason `least_request`). A request that
+//! names a session (see [`crate::config::SessionConfig`]) is placed by its session: its chain
+//! starts with the session's key ([`crate::prefix::session_chain`]), with the same guard and
+//! lifetime (reasons `session_hit`, `session_diverted`, `session_new`).
 //!
 //! Holders that are not candidates (unhealthy, removed, already tried by this request) do not
 //! count as matches; the chain is rewritten to the new endpoint, so a conversation that had to move
@@ -30,6 +33,7 @@ use super::global_least_request::least_request;
 use super::local::{local_least, StoreLease};
 use super::{Pick, PickInput, Policy, PolicyError};
 use crate::config::{PolicyKind, PrefixSettings};
+use crate::prefix::session_chain;
 use crate::store::{PoolCounts, PrefixOutcome, Skip};
 use crate::telemetry;
 
@@ -67,6 +71,9 @@ impl Policy for PrefixCache {
             "prefix_hit",
             "prefix_diverted",
             "prefix_miss",
+            "session_hit",
+            "session_diverted",
+            "session_new",
             "least_request",
             "local_least_request",
         ]
@@ -77,33 +84,100 @@ impl Policy for PrefixCache {
             // No prompt to keep warm (embeddings, rerank): the least loaded, counted.
             return least_request(&self.counts, self.max, &input).await;
         }
-        let labels = input.candidate_labels()?;
+        if let Some(session) = &input.request.session {
+            return session_affinity(&self.counts, self.max, self.settings, &input, *session).await;
+        }
         let blocks = &input.request.blocks;
         let chain = &blocks[..blocks.len().min(MAX_CHAIN_BLOCKS)];
-        match self
-            .counts
-            .acquire_prefix(&labels, chain, self.max, self.settings)
-            .await
-        {
-            Ok((i, acquired)) => {
-                telemetry::observe_prefix_match(self.counts.pool(), acquired.matched);
-                Ok(Pick {
-                    endpoint: input.candidates[i],
-                    reason: match acquired.outcome {
-                        PrefixOutcome::Hit => "prefix_hit",
-                        PrefixOutcome::Diverted => "prefix_diverted",
-                        PrefixOutcome::Miss => "prefix_miss",
-                    },
-                    lease: Some(StoreLease::boxed(&self.counts, labels[i])),
-                })
-            }
-            Err(Skip::Saturated) => Err(PolicyError::Saturated),
-            Err(Skip::Fallback(reason)) => {
-                telemetry::count_fallback(self.counts.pool(), reason);
-                local_least(&input, self.max)
-            }
+        let placed = affinity(&self.counts, self.max, self.settings, &input, chain).await?;
+        if let Some(matched) = placed.matched {
+            telemetry::observe_prefix_match(self.counts.pool(), matched);
+        }
+        Ok(placed.with_reason(PREFIX_REASONS))
+    }
+}
+
+/// Pick reasons of a hit, a diversion and a miss.
+type Reasons = [&'static str; 3];
+
+const PREFIX_REASONS: Reasons = ["prefix_hit", "prefix_diverted", "prefix_miss"];
+const SESSION_REASONS: Reasons = ["session_hit", "session_diverted", "session_new"];
+
+/// A pick by affinity, before its reason is named.
+struct Placed {
+    pick: Pick,
+    /// How the store placed it (`None`: the local fallback did).
+    outcome: Option<PrefixOutcome>,
+    /// Leading blocks of the chain matched (`None`: the local fallback placed it).
+    matched: Option<usize>,
+}
+
+impl Placed {
+    /// The pick, its reason one of `reasons` by outcome (a local fallback keeps its own).
+    fn with_reason(self, reasons: Reasons) -> Pick {
+        let [hit, diverted, miss] = reasons;
+        let reason = match self.outcome {
+            Some(PrefixOutcome::Hit) => hit,
+            Some(PrefixOutcome::Diverted) => diverted,
+            Some(PrefixOutcome::Miss) => miss,
+            None => self.pick.reason,
+        };
+        Pick {
+            reason,
+            ..self.pick
         }
     }
+}
+
+/// Place a request by the affinity of `chain` (matched in the index, chosen and counted in one
+/// store round trip); the local fallback when the store cannot answer.
+async fn affinity(
+    counts: &Arc<PoolCounts>,
+    max: Option<u64>,
+    settings: PrefixSettings,
+    input: &PickInput<'_>,
+    chain: &[u64],
+) -> Result<Placed, PolicyError> {
+    let labels = input.candidate_labels()?;
+    match counts.acquire_prefix(&labels, chain, max, settings).await {
+        Ok((i, acquired)) => Ok(Placed {
+            pick: Pick {
+                endpoint: input.candidates[i],
+                reason: "",
+                lease: Some(StoreLease::boxed(counts, labels[i])),
+            },
+            outcome: Some(acquired.outcome),
+            matched: Some(acquired.matched),
+        }),
+        Err(Skip::Saturated) => Err(PolicyError::Saturated),
+        Err(Skip::Fallback(reason)) => {
+            telemetry::count_fallback(counts.pool(), reason);
+            Ok(Placed {
+                pick: local_least(input, max)?,
+                outcome: None,
+                matched: None,
+            })
+        }
+    }
+}
+
+/// Place a request of `session` where the session's earlier requests went: its chain is the
+/// session's key then its prompt's blocks within the session ([`session_chain`]), under the same
+/// load guard and lifetime as prefixes, so the endpoint that served the longest part of this
+/// prompt wins among the session's. A new session goes to the least loaded candidate. Reasons
+/// `session_hit`, `session_diverted`, `session_new`. Also how `global_least_request` keeps
+/// sessions.
+pub(super) async fn session_affinity(
+    counts: &Arc<PoolCounts>,
+    max: Option<u64>,
+    settings: PrefixSettings,
+    input: &PickInput<'_>,
+    session: u64,
+) -> Result<Pick, PolicyError> {
+    let blocks = &input.request.blocks;
+    let chain = session_chain(session, &blocks[..blocks.len().min(MAX_CHAIN_BLOCKS - 1)]);
+    let placed = affinity(counts, max, settings, input, &chain).await?;
+    Ok(placed.with_reason(SESSION_REASONS))
 }
 
 #[cfg(test)]

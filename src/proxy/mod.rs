@@ -255,7 +255,7 @@ impl ProxyHttp for LbProxy {
         let body = body::read(session, &routes.config).await?;
         ctx.read_body = Some(reading.elapsed());
         ctx.request_bytes = body.len();
-        let request = LlmRequest::parse_path(session.req_header().uri.path(), &body);
+        let mut request = LlmRequest::parse_path(session.req_header().uri.path(), &body);
         let Some(pool) = routes.pool_for(request.model.as_deref()).cloned() else {
             let model = request.model.as_deref().unwrap_or_default();
             return Error::e_explain(
@@ -263,6 +263,11 @@ impl ProxyHttp for LbProxy {
                 format!("The model `{model}` does not exist."),
             );
         };
+        if let Some(sessions) = &pool.config.session {
+            request.session = sessions
+                .session_of(&session.req_header().headers, request.json.as_deref())
+                .map(|id| crate::prefix::session_key(&id));
+        }
         ctx.route = Some(Route {
             routes,
             pool,

@@ -1,0 +1,222 @@
+//! Session affinity end to end: a session named by a header (or a body field) stays on one
+//! endpoint across three llm-lb replicas sharing a real `redis-server`, whatever its prompts, and
+//! moves — then sticks where it moved — when that endpoint is over the load guard or gone.
+
+mod common;
+mod redis_harness;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use redis_harness::RedisServer;
+use serde_json::{json, Value};
+
+/// Where a request went and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Routed {
+    endpoint: String,
+    reason: String,
+}
+
+/// Turn `turn` of an agent's conversation: every earlier step and its answer, then step `turn`.
+fn turn(turn: usize) -> Vec<Value> {
+    let mut messages = vec![json!({"role": "system", "content": "You are a coding agent."})];
+    for i in 0..turn {
+        messages.push(json!({"role": "user", "content": format!("step {i}")}));
+        messages.push(json!({"role": "assistant", "content": format!("did {i}")}));
+    }
+    messages.push(json!({"role": "user", "content": format!("step {turn}")}));
+    messages
+}
+
+/// A chat request of session `session` (header `x-session-id`) with `messages`.
+async fn ask(client: &reqwest::Client, proxy: &Proxy, session: &str, messages: &[Value]) -> Routed {
+    let resp = client
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-session-id", session)
+        .json(&json!({"model": "m", "messages": messages}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let header = |n: &str| resp.headers()[n].to_str().expect("header").to_string();
+    Routed {
+        endpoint: header("x-llm-lb-endpoint"),
+        reason: header("x-llm-lb-reason"),
+    }
+}
+
+fn pool(policy: &str, addrs: &[SocketAddr], extra: &str) -> String {
+    format!(
+        "expose_endpoint_header: true\npools:\n{}",
+        pool_yaml(
+            "p",
+            "[m]",
+            addrs,
+            policy,
+            &format!("    health_check: {{interval_ms: 100, unhealthy_threshold: 1}}\n{extra}")
+        )
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stays_across_replicas_and_moves_when_its_endpoint_is_busy_or_gone() {
+    let redis = RedisServer::start().expect("redis-server");
+    let backends = [
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let conf = pool(
+        "prefix_cache",
+        &addrs,
+        &format!(
+            "    lb_config: {{serviceFQDN: '{}', loadGuardAbsolute: 1, loadGuardRelative: 0}}\n",
+            redis.url()
+        ),
+    );
+    let replicas = [
+        Proxy::start(&conf),
+        Proxy::start(&conf),
+        Proxy::start(&conf),
+    ];
+    let client = reqwest::Client::new();
+
+    // An agent's turns through the three replicas in turn: all on the endpoint of the first.
+    let mut endpoints = Vec::new();
+    for i in 0..5 {
+        let r = ask(&client, &replicas[i % 3], "agent-1", &turn(i)).await;
+        let want = if i == 0 { "session_new" } else { "session_hit" };
+        assert_eq!(r.reason, want, "turn {i}");
+        endpoints.push(r.endpoint);
+    }
+    let home = endpoints[0].clone();
+    assert!(endpoints.iter().all(|e| *e == home), "{endpoints:?}");
+
+    // Over the load guard (one request more than the least loaded): with two of its requests
+    // held at home, the session's next turn goes elsewhere — and the session follows it there.
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let (client, url) = (client.clone(), replicas[i].url("/v1/chat/completions"));
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .header("x-session-id", "agent-1")
+                    .json(&json!({"model": "m", "hold": true, "messages": turn(5)}))
+                    .send()
+                    .await
+            })
+        })
+        .collect();
+    let home_backend = backends
+        .iter()
+        .find(|b| b.addr.to_string() == home)
+        .expect("home backend");
+    eventually(
+        "two held requests at home",
+        Duration::from_secs(10),
+        async || match home_backend.active() {
+            2 => Ok(()),
+            n => Err(format!("{n} held")),
+        },
+    )
+    .await;
+    let diverted = ask(&client, &replicas[2], "agent-1", &turn(6)).await;
+    assert_ne!(diverted.endpoint, home);
+    assert_eq!(diverted.reason, "session_diverted");
+    home_backend.release_held(2);
+    for h in held {
+        assert_eq!(h.await.expect("join").expect("send").status(), 200);
+    }
+    for (i, proxy) in replicas.iter().enumerate() {
+        let r = ask(&client, proxy, "agent-1", &turn(7 + i)).await;
+        assert_eq!(
+            (&r.endpoint, r.reason.as_str()),
+            (&diverted.endpoint, "session_hit")
+        );
+    }
+
+    // Gone: that endpoint fails its health check; the session moves once, then stays.
+    let gone = backends
+        .iter()
+        .find(|b| b.addr.to_string() == diverted.endpoint)
+        .expect("backend");
+    gone.state.unhealthy.store(true, Ordering::SeqCst);
+    for proxy in &replicas {
+        proxy
+            .wait_metric(
+                "llmlb_endpoint_healthy",
+                &[("endpoint", diverted.endpoint.as_str())],
+                0.0,
+            )
+            .await;
+    }
+    let moved = ask(&client, &replicas[0], "agent-1", &turn(10)).await;
+    assert_ne!(moved.endpoint, diverted.endpoint, "{moved:?}");
+    for (i, proxy) in replicas.iter().enumerate() {
+        let r = ask(&client, proxy, "agent-1", &turn(11 + i)).await;
+        assert_eq!(
+            (&r.endpoint, r.reason.as_str()),
+            (&moved.endpoint, "session_hit")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_come_from_headers_or_body_fields_and_can_be_turned_off() {
+    let backends = [Backend::start().await, Backend::start().await];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let client = reqwest::Client::new();
+
+    // global_least_request keeps sessions too; OpenAI's prompt_cache_key names one.
+    let proxy = Proxy::start(&pool("global_least_request", &addrs, ""));
+    let mut endpoints = Vec::new();
+    for i in 0..4 {
+        let resp = client
+            .post(proxy.url("/v1/chat/completions"))
+            .json(&json!({"model": "m", "prompt_cache_key": "conv-9",
+                "messages": [{"role": "user", "content": format!("q{i}")}]}))
+            .send()
+            .await
+            .expect("send");
+        let reason = resp.headers()["x-llm-lb-reason"]
+            .to_str()
+            .expect("reason")
+            .to_string();
+        assert_eq!(reason, if i == 0 { "session_new" } else { "session_hit" });
+        endpoints.push(resp.headers()["x-llm-lb-endpoint"].clone());
+    }
+    assert!(endpoints.windows(2).all(|w| w[0] == w[1]), "{endpoints:?}");
+
+    // Turned off: the header is ignored and prompts are keyed as usual.
+    let off = Proxy::start(&pool(
+        "prefix_cache",
+        &addrs,
+        "    session_affinity: {enabled: false}\n",
+    ));
+    let r = ask(&client, &off, "agent-2", &turn(0)).await;
+    assert_eq!(r.reason, "prefix_miss");
+
+    // A custom header.
+    let custom = Proxy::start(&pool(
+        "prefix_cache",
+        &addrs,
+        "    session_affinity: {headers: [x-conversation], body_fields: []}\n",
+    ));
+    let resp = client
+        .post(custom.url("/v1/chat/completions"))
+        .header("x-conversation", "c1")
+        .header("x-session-id", "ignored")
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.headers()["x-llm-lb-reason"], "session_new");
+    assert_eq!(
+        ask(&client, &custom, "other", &turn(0)).await.reason,
+        "prefix_miss"
+    );
+}
