@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Real clients against vllm-sim: the official `openai` Python client (streaming and not,
-# cached tokens on a second turn) and a small multi-turn AIPerf benchmark (zero errors).
+# Real clients against vllm-sim: the official `openai` Python client (chat and text
+# completions, the Responses API with a previous_response_id turn, embeddings; streaming and
+# not, cached tokens on a second turn), the official `anthropic` Python SDK (Messages API,
+# plain and streaming, cached tokens on a repeated prefix) and a small multi-turn AIPerf
+# benchmark (zero errors).
 #
 # Env: LLMLB_VENV      Python venv to create/reuse (default: $ROOT/target/py-venv)
 #      VLLM_SIM_BIN    use this vllm-sim binary instead of building one
@@ -15,6 +18,7 @@ WORK="$TARGET/sim-clients"
 PY_DIR="$ROOT/vllm-sim/py"
 OPENAI_VERSION="3.54.0"
 AIPERF_VERSION="0.13.0"
+ANTHROPIC_VERSION="2.10.0"
 MODEL="sim-model"
 
 say() { printf '== %s\n' "$*"; }
@@ -40,15 +44,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   say "creating venv $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" - "$OPENAI_VERSION" "$AIPERF_VERSION" <<'EOF' 2>/dev/null
+if ! "$VENV/bin/python" - "$OPENAI_VERSION" "$AIPERF_VERSION" "$ANTHROPIC_VERSION" <<'EOF' 2>/dev/null
 import sys
 from importlib.metadata import version
-sys.exit(0 if (version("openai"), version("aiperf")) == (sys.argv[1], sys.argv[2]) else 1)
+want = tuple(sys.argv[1:4])
+sys.exit(0 if (version("openai"), version("aiperf"), version("anthropic")) == want else 1)
 EOF
 then
-  say "installing openai==$OPENAI_VERSION aiperf==$AIPERF_VERSION (takes a few minutes the first time)"
+  say "installing openai==$OPENAI_VERSION aiperf==$AIPERF_VERSION anthropic==$ANTHROPIC_VERSION (takes a few minutes the first time)"
   "$VENV/bin/pip" install -q --disable-pip-version-check \
-    "openai==$OPENAI_VERSION" "aiperf==$AIPERF_VERSION"
+    "openai==$OPENAI_VERSION" "aiperf==$AIPERF_VERSION" "anthropic==$ANTHROPIC_VERSION"
 fi
 
 # 2. The simulator.
@@ -74,9 +79,11 @@ done
 [ -n "$URL" ] || die "vllm-sim did not report its address"
 say "vllm-sim listening on $URL"
 
-# 3. The official openai client.
+# 3. The official openai client, then the official anthropic SDK.
 say "openai client checks"
 "$VENV/bin/python" "$PY_DIR/check_openai.py" "$URL/v1" "$MODEL"
+say "anthropic SDK checks"
+"$VENV/bin/python" "$PY_DIR/check_anthropic.py" "$URL" "$MODEL"
 
 # 4. AIPerf, multi-turn, with a tokenizer built locally.
 TOKENIZER="$WORK/tokenizer"

@@ -69,6 +69,9 @@ pub struct SimConfig {
     /// whose vocabulary the generated tokens come from (see [`crate::model_tokenizer`]).
     /// `None` uses the deterministic stand-in of [`crate::tokenizer`].
     pub tokenizer: Option<PathBuf>,
+    /// Size of the embeddings `/v1/embeddings` returns (a Matryoshka model: requests may ask
+    /// for fewer `dimensions`).
+    pub embedding_dim: usize,
 }
 
 impl Default for SimConfig {
@@ -97,6 +100,7 @@ impl Default for SimConfig {
             kv_events_wire: KvEventsWire::Map,
             kv_events_block_hashes: BlockHashFormat::Int,
             tokenizer: None,
+            embedding_dim: 1024,
         }
     }
 }
@@ -134,6 +138,9 @@ impl SimConfig {
         }
         if self.max_num_batched_tokens == 0 {
             return bad("max_num_batched_tokens", "must be at least 1");
+        }
+        if self.embedding_dim == 0 {
+            return bad("embedding_dim", "must be at least 1");
         }
         for (field, v) in [
             ("prefill_overhead_ms", self.prefill_overhead_ms),

@@ -1,5 +1,6 @@
 //! Typed errors: [`SimError`] for starting the simulator and [`ApiError`] for HTTP answers
-//! shaped like vLLM's OpenAI-compatible error bodies.
+//! shaped like vLLM's OpenAI-compatible error bodies, or (on `/v1/messages`,
+//! [`ApiError::anthropic_response`]) like its Anthropic ones.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -44,6 +45,11 @@ pub struct ApiError {
     pub status: StatusCode,
     /// Human-readable reason.
     pub message: String,
+    /// The error `type` when it is not the one vLLM puts next to the status
+    /// ([`ApiError::kind`]), e.g. the Responses API's `invalid_request_error`.
+    pub error_type: Option<&'static str>,
+    /// The request field at fault (`param`), when vLLM names one.
+    pub param: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -66,7 +72,16 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            error_type: None,
+            param: None,
         }
+    }
+
+    /// The same error with this `type` and `param`, as vLLM's handlers that name them send it.
+    pub fn with_type(mut self, error_type: &'static str, param: Option<&'static str>) -> Self {
+        self.error_type = Some(error_type);
+        self.param = param;
+        self
     }
 
     /// 400: the request is malformed or asks for something impossible.
@@ -82,8 +97,12 @@ impl ApiError {
         )
     }
 
-    /// The error `type` vLLM puts next to each status.
+    /// The error `type`: the one given ([`ApiError::with_type`]), else the one vLLM puts next
+    /// to each status.
     pub fn kind(&self) -> &'static str {
+        if let Some(t) = self.error_type {
+            return t;
+        }
         match self.status.as_u16() {
             400 => "BadRequestError",
             401 => "AuthenticationError",
@@ -105,11 +124,65 @@ impl ApiError {
             error: ErrorInner {
                 message: &self.message,
                 kind: self.kind(),
-                param: None,
+                param: self.param,
                 code: self.status.as_u16(),
             },
         };
         serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_string())
+    }
+}
+
+/// Anthropic's error body: `{"type": "error", "error": {"type", "message"}}`.
+#[derive(Serialize)]
+struct AnthropicErrorBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: AnthropicErrorInner<'a>,
+}
+
+#[derive(Serialize)]
+struct AnthropicErrorInner<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: &'a str,
+}
+
+impl ApiError {
+    /// The Anthropic `error.type` of the status, as vLLM's `translate_error_type` maps it.
+    pub fn anthropic_kind(&self) -> &'static str {
+        match self.status.as_u16() {
+            400 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            s if s >= 500 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The Anthropic-shaped JSON body.
+    pub fn anthropic_body(&self) -> String {
+        let body = AnthropicErrorBody {
+            kind: "error",
+            error: AnthropicErrorInner {
+                kind: self.anthropic_kind(),
+                message: &self.message,
+            },
+        };
+        serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_string())
+    }
+
+    /// The error as vLLM's `/v1/messages` answers it: same status, Anthropic's body.
+    pub fn anthropic_response(&self) -> Response {
+        (
+            self.status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            self.anthropic_body(),
+        )
+            .into_response()
     }
 }
 
@@ -136,5 +209,29 @@ mod tests {
         assert_eq!(v["error"]["type"], "NotFoundError");
         assert_eq!(v["error"]["code"], 404);
         assert!(v["error"]["param"].is_null());
+        let e = ApiError::new(StatusCode::NOT_FOUND, "gone")
+            .with_type("invalid_request_error", Some("response_id"));
+        let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], "response_id");
+    }
+
+    #[test]
+    fn anthropic_body_uses_anthropic_types() {
+        for (status, kind) in [
+            (400, "invalid_request_error"),
+            (404, "not_found_error"),
+            (429, "rate_limit_error"),
+            (500, "api_error"),
+            (503, "overloaded_error"),
+            (418, "invalid_request_error"),
+        ] {
+            let e = ApiError::new(StatusCode::from_u16(status).unwrap(), "m");
+            let v: serde_json::Value = serde_json::from_str(&e.anthropic_body()).unwrap();
+            assert_eq!(
+                v,
+                serde_json::json!({"type": "error", "error": {"type": kind, "message": "m"}})
+            );
+        }
     }
 }

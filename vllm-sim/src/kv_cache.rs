@@ -299,9 +299,34 @@ pub fn capped_hit_blocks(hit_blocks: usize, num_tokens: usize, block_size: usize
     hit_blocks.min(num_tokens.saturating_sub(1) / block_size)
 }
 
+/// Prompt tokens a request newly wrote to the prefix cache, as vLLM 0.34 reports them
+/// (`num_cache_creation_tokens`: `PrefillStats.finalize` at the first output takes the tokens
+/// the request's hashed blocks cover, at most the prompt, less those it found cached): its full
+/// prompt blocks less its cache hits.
+pub fn cache_creation_tokens(
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    block_size: usize,
+) -> usize {
+    let full = prompt_tokens
+        .checked_div(block_size)
+        .map_or(0, |blocks| blocks * block_size);
+    full.saturating_sub(cached_tokens)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_creation_counts_full_prompt_blocks_not_hit() {
+        assert_eq!(cache_creation_tokens(40, 0, 16), 32);
+        assert_eq!(cache_creation_tokens(40, 16, 16), 16);
+        assert_eq!(cache_creation_tokens(40, 32, 16), 0);
+        assert_eq!(cache_creation_tokens(15, 0, 16), 0);
+        assert_eq!(cache_creation_tokens(32, 16, 16), 16);
+        assert_eq!(cache_creation_tokens(32, 16, 0), 0);
+    }
 
     fn hashes(tokens: &[TokenId], extra: &[u8]) -> Vec<u64> {
         let mut h = Vec::new();

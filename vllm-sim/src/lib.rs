@@ -1,6 +1,8 @@
 //! `vllm-sim`: a simulated vLLM server for tests, demos and benchmarks.
 //!
-//! It speaks vLLM's OpenAI-compatible API (chat and text completions, JSON and SSE), keeps a
+//! It speaks vLLM's OpenAI-compatible API (chat and text completions, JSON and SSE), and the
+//! other APIs vLLM serves through the same engine (see [`api`]: the OpenAI Responses API, the
+//! Anthropic Messages API, embeddings); it keeps a
 //! vLLM V1-style prefix cache (16-token blocks, chained hashes, LRU of freed blocks), runs a
 //! continuous-batching scheduler with a FIFO waiting queue, takes modelled time for prefill
 //! and decode, and exposes vLLM's Prometheus metrics. Faults can be injected at run time.
@@ -26,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod api;
 pub mod config;
 pub mod error;
 pub mod faults;
@@ -38,6 +41,7 @@ pub mod openai;
 pub mod protocol;
 pub mod scheduler;
 pub mod server;
+pub mod stats;
 pub mod timing;
 pub mod tokenizer;
 
@@ -51,52 +55,14 @@ pub use config::SimConfig;
 pub use error::{ApiError, SimError};
 pub use faults::{FaultControl, Faults, FaultsPatch, InvalidFaults};
 pub use kv_events::{KvEventsConfig, KvEventsEndpoints, KvEventsError};
+pub use stats::{Api, ApiStats, ByApi, Stats};
 
+use api::store::ResponseStore;
 use kv_events::KvEventPublisher;
 use metrics::ExpositionInfo;
 use model_tokenizer::ModelTokenizer;
 use scheduler::{EngineClient, Shared};
 use server::AppState;
-
-/// A snapshot of the simulator's counters and gauges.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Stats {
-    /// Requests accepted into the queue.
-    pub requests_received: u64,
-    /// Requests finished normally (`stop` or `length`).
-    pub requests_served: u64,
-    /// Requests aborted because the client went away.
-    pub requests_aborted: u64,
-    /// Requests refused with 429 (waiting queue full).
-    pub requests_rejected: u64,
-    /// Requests answered with an injected failure.
-    pub requests_failed: u64,
-    /// Prompt tokens of requests that produced a first token.
-    pub prompt_tokens: u64,
-    /// Cached prompt tokens reported in `usage.prompt_tokens_details.cached_tokens`.
-    pub cached_tokens: u64,
-    /// Output tokens produced.
-    pub generation_tokens: u64,
-    /// `vllm:prefix_cache_queries_total`.
-    pub prefix_cache_queries: u64,
-    /// `vllm:prefix_cache_hits_total`.
-    pub prefix_cache_hits: u64,
-    /// Requests in the running batch now.
-    pub running: usize,
-    /// Requests waiting now.
-    pub waiting: usize,
-    /// KV-cache usage now, 0–1.
-    pub kv_cache_usage: f64,
-    /// Preemptions so far.
-    pub preemptions: u64,
-    /// Model milliseconds (before `time_scale`) spent on prefill, load multiplier included:
-    /// a deterministic measure of how much prompt work the cache saved.
-    pub prefill_model_ms: f64,
-    /// Sum of measured times to first token, seconds.
-    pub ttft_seconds_sum: f64,
-    /// Number of first tokens measured.
-    pub ttft_count: u64,
-}
 
 /// A running simulator. Dropping it stops the server and closes every connection.
 #[derive(Debug)]
@@ -164,6 +130,7 @@ pub async fn spawn(cfg: SimConfig, addr: SocketAddr) -> Result<SimHandle, SimErr
         tokenizer: tokenizer.clone(),
         engine: client.clone(),
         faults: faults.clone(),
+        responses: Arc::new(ResponseStore::default()),
     };
     let engine = tokio::spawn(engine.run());
     let server = tokio::spawn(server::serve(listener, server::router(state), keep_alive));
@@ -239,6 +206,7 @@ impl SimHandle {
             prefill_model_ms: c.prefill_ms,
             ttft_seconds_sum: m.ttft.sum(),
             ttft_count: m.ttft.count(),
+            by_api: c.by_api,
         }
     }
 

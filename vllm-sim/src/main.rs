@@ -9,7 +9,8 @@ use clap::Parser;
 use vllm_sim::kv_events::{BlockHashFormat, KvEventsConfig, KvEventsWire};
 use vllm_sim::{KvEventsError, SimConfig};
 
-/// A simulated vLLM server: OpenAI-compatible API, vLLM V1 prefix caching, continuous
+/// A simulated vLLM server: OpenAI-compatible API (chat and text completions, the Responses
+/// API, embeddings) and the Anthropic Messages API, vLLM V1 prefix caching, continuous
 /// batching, vLLM metrics and fault injection. Durations are model milliseconds, multiplied
 /// by --time-scale (except --keep-alive-timeout-ms, which is wall-clock). Faults can be
 /// changed at run time with GET|PUT|DELETE /admin/faults; POST /reset_prefix_cache resets the
@@ -108,6 +109,10 @@ struct Cli {
     /// deterministic stand-in tokenizer and ChatML template are used.
     #[arg(long, value_name = "DIR")]
     tokenizer: Option<PathBuf>,
+    /// Size of the vectors POST /v1/embeddings returns (requests may ask for fewer with
+    /// `dimensions`, as from a Matryoshka model).
+    #[arg(long, default_value_t = SimConfig::default().embedding_dim)]
+    embedding_dim: usize,
 }
 
 fn parse_kv_events_config(json: &str) -> Result<KvEventsConfig, String> {
@@ -150,6 +155,7 @@ impl Cli {
             kv_events_wire: self.kv_events_wire,
             kv_events_block_hashes: hashes,
             tokenizer: self.tokenizer,
+            embedding_dim: self.embedding_dim,
         };
         Ok((cfg, addr))
     }

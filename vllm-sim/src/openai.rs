@@ -4,6 +4,9 @@
 //!
 //! Prompts are tokenized by the model's tokenizer when the server has one (`--tokenizer`,
 //! [`crate::model_tokenizer`]), otherwise by the stand-in of [`crate::tokenizer`].
+//!
+//! The validation, output planning and engine submission here are shared with the other APIs
+//! of [`crate::api`] (Responses, Messages, embeddings).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -29,6 +32,7 @@ use crate::protocol::{
 };
 use crate::scheduler::{Event, Submission, Usage};
 use crate::server::AppState;
+use crate::stats::Api;
 use crate::tokenizer::{self, TextGen, TokenId};
 
 /// `stream_options`.
@@ -141,39 +145,80 @@ pub enum Kind {
     Completion,
 }
 
-/// A validated request, ready for the engine.
-struct Prepared {
-    kind: Kind,
-    model: String,
-    lora: Option<Arc<str>>,
-    prompt: Vec<TokenId>,
-    output_len: usize,
-    finish: FinishReason,
-    gen: TextGen,
-    eos: TokenId,
-    stream: bool,
-    include_usage: bool,
-    continuous_usage: bool,
+impl Kind {
+    /// The API this endpoint is counted under.
+    pub fn api(self) -> Api {
+        match self {
+            Kind::Chat => Api::ChatCompletions,
+            Kind::Completion => Api::Completions,
+        }
+    }
 }
 
-fn unix_secs() -> u64 {
+/// What the engine runs for one request: its prompt, adapter and planned output.
+#[derive(Debug)]
+pub(crate) struct EngineJob {
+    pub(crate) lora: Option<Arc<str>>,
+    pub(crate) prompt: Vec<TokenId>,
+    pub(crate) output_len: usize,
+    pub(crate) finish: FinishReason,
+    pub(crate) gen: TextGen,
+    pub(crate) eos: TokenId,
+}
+
+impl EngineJob {
+    /// Queues the job; its tokens arrive on the receiver, and dropping the receiver aborts
+    /// it. Errors as [`crate::scheduler::EngineClient::submit`].
+    pub(crate) fn submit(
+        self,
+        st: &AppState,
+        api: Api,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        st.engine.submit(Submission {
+            prompt: self.prompt,
+            lora: self.lora,
+            output_len: self.output_len,
+            finish: self.finish,
+            eos: self.eos,
+            gen: self.gen,
+            tx,
+            arrival: Instant::now(),
+            api,
+        })?;
+        Ok(rx)
+    }
+}
+
+/// A validated request, ready for the engine.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub(crate) kind: Kind,
+    pub(crate) model: String,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+    pub(crate) continuous_usage: bool,
+    pub(crate) job: EngineJob,
+}
+
+pub(crate) fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn random_hex() -> String {
+pub(crate) fn random_hex() -> String {
     format!("{:032x}", rand::thread_rng().gen::<u128>())
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))
 }
 
 /// Resolves the requested model: the base model or one of the LoRA adapters.
-fn resolve_model(
+pub(crate) fn resolve_model(
     st: &AppState,
     model: Option<&str>,
 ) -> Result<(String, Option<Arc<str>>), ApiError> {
@@ -190,7 +235,7 @@ fn resolve_model(
 }
 
 /// Runs tokenizer work (template rendering, encoding) off the async workers, as vLLM does.
-async fn off_thread<T: Send + 'static>(
+pub(crate) async fn off_thread<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work).await.map_err(|e| {
@@ -308,7 +353,7 @@ fn plan_output(
     Ok((len, reason))
 }
 
-fn prepare(
+pub(crate) fn prepare(
     st: &AppState,
     kind: Kind,
     s: &Sampling,
@@ -348,21 +393,23 @@ fn prepare(
     Ok(Prepared {
         kind,
         model,
-        lora,
-        prompt,
-        output_len,
-        finish,
-        gen,
-        eos,
         stream,
         include_usage: opts.include_usage.unwrap_or(false),
         continuous_usage: opts.continuous_usage_stats.unwrap_or(false),
+        job: EngineJob {
+            lora,
+            prompt,
+            output_len,
+            finish,
+            gen,
+            eos,
+        },
     })
 }
 
 /// Applies the latency and failure faults; `Err` is the injected failure. (`hang` pauses
 /// the engine, so accepted requests queue and stall there.)
-async fn apply_faults(st: &AppState) -> Result<(), ApiError> {
+pub(crate) async fn apply_faults(st: &AppState) -> Result<(), ApiError> {
     let extra = st.faults.get().extra_latency_ms;
     if extra > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(extra / 1000.0)).await;
@@ -580,7 +627,7 @@ fn sse<T: Serialize>(v: &T) -> Bytes {
     }
 }
 
-fn closed_error() -> std::io::Error {
+pub(crate) fn closed_error() -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::ConnectionAborted,
         "vllm-sim fault: connection closed",
@@ -588,7 +635,6 @@ fn closed_error() -> std::io::Error {
 }
 
 async fn run_request(st: &AppState, p: Prepared) -> Result<Response, ApiError> {
-    let (tx, rx) = mpsc::unbounded_channel();
     let env = Envelope {
         kind: p.kind,
         id: match p.kind {
@@ -598,18 +644,8 @@ async fn run_request(st: &AppState, p: Prepared) -> Result<Response, ApiError> {
         created: unix_secs(),
         model: p.model,
     };
-    let eos = p.eos;
-    let prompt_tokens = p.prompt.len();
-    st.engine.submit(Submission {
-        prompt: p.prompt,
-        lora: p.lora,
-        output_len: p.output_len,
-        finish: p.finish,
-        eos,
-        gen: p.gen,
-        tx,
-        arrival: Instant::now(),
-    })?;
+    let prompt_tokens = p.job.prompt.len();
+    let rx = p.job.submit(st, p.kind.api())?;
     let close_after = st.faults.get().close_after_tokens;
     if p.stream {
         let stream = SseStream {

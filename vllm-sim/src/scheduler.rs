@@ -10,7 +10,9 @@
 //!    a request whose LoRA adapter cannot join the batch (`max_loras`) is skipped, one that
 //!    does not fit in the cache stops admission;
 //! 4. the step takes its modelled time ([`crate::timing`]), then every request that
-//!    finished its prompt emits one token; requests reaching their length finish.
+//!    finished its prompt emits one token; requests reaching their length finish. A request
+//!    of no output tokens (an embeddings request: vLLM's pooling) finishes with its prefill,
+//!    sampling nothing.
 //!
 //! Full blocks are hashed and cached as soon as they are scheduled, generated tokens too.
 //! While the `hang` fault is set the engine takes no steps.
@@ -33,6 +35,7 @@ use crate::faults::FaultControl;
 use crate::kv_cache::{capped_hit_blocks, extend_block_hashes, BlockId, KvCache};
 use crate::kv_events::{BlockStored, EventBatch, KvEvent, KvEventSender};
 use crate::metrics::{EngineMetrics, FinishReason};
+use crate::stats::{Api, ByApi};
 use crate::timing::{self, StepWork};
 use crate::tokenizer::{empty_text, TextGen, TokenId, TokenText};
 
@@ -65,7 +68,8 @@ pub struct Submission {
     pub prompt: Vec<TokenId>,
     /// LoRA adapter, if the request names one.
     pub lora: Option<Arc<str>>,
-    /// Output tokens to produce.
+    /// Output tokens to produce; 0 for a pooling (embeddings) request, which ends with its
+    /// prefill.
     pub output_len: usize,
     /// Finish reason once `output_len` tokens are out (`Stop`: the last one is `eos`).
     pub finish: FinishReason,
@@ -77,6 +81,8 @@ pub struct Submission {
     pub tx: mpsc::UnboundedSender<Event>,
     /// When the request arrived.
     pub arrival: Instant,
+    /// The endpoint it came through (for [`crate::Stats::by_api`]).
+    pub api: Api,
 }
 
 /// Counters of the simulator (see [`crate::Stats`]).
@@ -94,6 +100,8 @@ pub struct Counters {
     pub cached_tokens: u64,
     /// Model milliseconds (unscaled) spent on prefill, load multiplier included.
     pub prefill_ms: f64,
+    /// Request and token counters per endpoint.
+    pub by_api: ByApi,
 }
 
 /// State shared by the engine and the HTTP handlers.
@@ -165,6 +173,7 @@ impl EngineClient {
             }
             st.metrics.waiting += 1;
             st.counters.received += 1;
+            st.counters.by_api.get_mut(sub.api).requests_received += 1;
         }
         if self.tx.send(sub).is_err() {
             let mut st = self.shared.state.lock();
@@ -664,6 +673,7 @@ impl Engine {
                     st.metrics.prefix_hits += cached as u64;
                     if first {
                         st.counters.cached_tokens += cached as u64;
+                        st.counters.by_api.get_mut(s.sub.api).cached_tokens += cached as u64;
                         let q = s.first_scheduled.unwrap_or(s.arrival) - s.arrival;
                         st.metrics.queue.observe(q.as_secs_f64());
                     }
@@ -715,6 +725,21 @@ impl Engine {
             if s.num_computed < s.tokens.len() {
                 continue; // prefill continues next step
             }
+            if s.sub.output_len == 0 {
+                // A pooling request: its output is the prefill itself, which vLLM counts as
+                // the first token's arrival (TTFT, prompt tokens) without sampling anything.
+                st.metrics.ttft.observe((now - s.arrival).as_secs_f64());
+                st.metrics.prompt_tokens += s.num_prompt as u64;
+                st.counters.prompt_tokens += s.num_prompt as u64;
+                st.counters.by_api.get_mut(s.sub.api).prompt_tokens += s.num_prompt as u64;
+                finished.push((p.idx, empty_text()));
+                continue;
+            }
+            let api = st.counters.by_api.get_mut(s.sub.api);
+            api.generation_tokens += 1;
+            if s.num_output() == 0 {
+                api.prompt_tokens += s.num_prompt as u64;
+            }
             let out_idx = s.num_output();
             let is_last = out_idx + 1 >= s.sub.output_len;
             let (id, text) = if is_last && s.sub.finish == FinishReason::Stop {
@@ -747,6 +772,7 @@ impl Engine {
             let s = self.running.remove(idx);
             self.kv.free(&s.blocks);
             st.metrics.finish(s.sub.finish);
+            st.counters.by_api.get_mut(s.sub.api).requests_served += 1;
             st.metrics.e2e.observe((now - s.arrival).as_secs_f64());
             st.metrics.running = st.metrics.running.saturating_sub(1);
             let usage = Usage {

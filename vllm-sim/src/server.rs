@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::api::{embeddings, messages, responses, store::ResponseStore};
 use crate::config::{LoraModule, SimConfig};
 use crate::faults::{self, FaultControl};
 use crate::keep_alive;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub faults: FaultControl,
     /// Static facts for `/metrics`.
     pub exposition: Arc<ExpositionInfo>,
+    /// Stored Responses-API responses (`previous_response_id`).
+    pub responses: Arc<ResponseStore>,
 }
 
 impl FromRef<AppState> for FaultControl {
@@ -51,6 +54,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/:id", get(responses::retrieve))
+        .route("/v1/messages", post(messages::create))
+        .route("/v1/embeddings", post(embeddings::create))
         .route("/v1/models", get(openai::models))
         .route("/tokenize", post(openai::tokenize))
         .route("/detokenize", post(openai::detokenize))

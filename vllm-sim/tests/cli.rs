@@ -24,6 +24,7 @@ const FLAGS: &[&str] = &[
     "--seed",
     "--keep-alive-timeout-ms",
     "--tokenizer",
+    "--embedding-dim",
 ];
 
 #[test]

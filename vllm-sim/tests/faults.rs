@@ -239,6 +239,72 @@ async fn close_after_tokens_cuts_streams_and_json() {
     assert_eq!(s, 200);
 }
 
+/// The body of a streamed response read to its end; whether the transport failed.
+async fn read_stream(path: &str, sim: &vllm_sim::SimHandle, body: &Value) -> (String, bool) {
+    let resp = client()
+        .post(format!("{}{path}", sim.url()))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut s = resp.bytes_stream();
+    let mut text = String::new();
+    while let Some(chunk) = s.next().await {
+        match chunk {
+            Ok(b) => text.push_str(std::str::from_utf8(&b).unwrap()),
+            Err(_) => return (text, true),
+        }
+    }
+    (text, false)
+}
+
+#[tokio::test]
+async fn close_after_tokens_cuts_the_responses_and_messages_streams() {
+    // 20 tokens take 200 ms: the cut after 2 comes long before the end.
+    let sim = start(SimConfig {
+        time_scale: 1.0,
+        itl_ms: 10.0,
+        ..instant("m")
+    })
+    .await;
+    sim.faults().set_close_after_tokens(Some(2));
+    let (text, cut) = read_stream(
+        "/v1/responses",
+        &sim,
+        &json!({"model": "m", "input": "x", "max_output_tokens": 20, "ignore_eos": true,
+                "stream": true}),
+    )
+    .await;
+    assert!(cut, "{text}");
+    assert_eq!(
+        text.matches("event: response.output_text.delta").count(),
+        2,
+        "{text}"
+    );
+    assert!(!text.contains("response.incomplete"));
+    let (text, cut) = read_stream(
+        "/v1/messages",
+        &sim,
+        &json!({"model": "m", "max_tokens": 20, "min_tokens": 20, "stream": true,
+                "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert!(cut, "{text}");
+    assert_eq!(
+        text.matches("event: content_block_delta").count(),
+        2,
+        "{text}"
+    );
+    assert!(!text.contains("message_stop"));
+    // A cut request is aborted, not served, and a response cut short is not stored.
+    wait_until(5, "the cut requests aborted", || {
+        sim.stats().requests_aborted == 2
+    })
+    .await;
+    assert_eq!(sim.stats().requests_served, 0);
+}
+
 #[tokio::test]
 async fn extra_latency_and_health_status() {
     let sim = start(instant("m")).await;

@@ -225,6 +225,91 @@ async fn prompt_ids_are_the_chat_templates_ids() {
     sim.shutdown().await;
 }
 
+/// vLLM's cached tokens after a turn that computed `computed` tokens of the prefix.
+fn rule(computed: u64, prompt: u64) -> u64 {
+    let b = BLOCK as u64;
+    (computed / b).min((prompt - 1) / b) * b
+}
+
+#[tokio::test]
+async fn responses_messages_and_embeddings_use_the_chat_template_and_cache() {
+    let sim = common::start(config()).await;
+    let system = "You are a careful assistant who answers briefly and precisely.";
+    let q1 = "Name three rivers of Europe and the seas they flow into.";
+    let q2 = "Which of them is the longest?";
+
+    // Responses: instructions + input_text parts render as the chat messages would.
+    let (status, r1) = common::post(
+        &sim,
+        "/v1/responses",
+        &json!({"model": "m", "instructions": system, "max_output_tokens": 12, "ignore_eos": true,
+                "input": [{"role": "user", "content": [{"type": "input_text", "text": q1}]}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{r1}");
+    let want = reference()
+        .chat_tokens(&json!({"messages": messages(&[("system", system), ("user", q1)])}))
+        .unwrap();
+    let p1 = r1["usage"]["input_tokens"].as_u64().unwrap();
+    assert_eq!(p1, want.len() as u64);
+    let reply = r1["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, r2) = common::post(
+        &sim,
+        "/v1/responses",
+        &json!({"model": "m", "instructions": system, "input": q2, "max_output_tokens": 2,
+                "previous_response_id": r1["id"]}),
+    )
+    .await;
+    let turn2 = messages(&[
+        ("system", system),
+        ("user", q1),
+        ("assistant", &reply),
+        ("user", q2),
+    ]);
+    let p2 = reference()
+        .chat_tokens(&json!({ "messages": turn2 }))
+        .unwrap()
+        .len() as u64;
+    assert_eq!(r2["usage"]["input_tokens"], p2);
+    // SmolLM2's generated words round-trip: the whole first turn is a hit.
+    assert_eq!(
+        r2["usage"]["input_tokens_details"]["cached_tokens"],
+        rule(p1 + 12 - 1, p2)
+    );
+
+    // Messages: the same conversation, a cold server would read nothing; this one has the
+    // Responses turns cached, so the Anthropic request reads them.
+    let (status, m) = common::post(
+        &sim,
+        "/v1/messages",
+        &json!({"model": "m", "system": system, "max_tokens": 2, "messages": [
+            {"role": "user", "content": q1},
+            {"role": "assistant", "content": [{"type": "text", "text": reply}]},
+            {"role": "user", "content": q2}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{m}");
+    let u = &m["usage"];
+    let total = u["input_tokens"].as_u64().unwrap()
+        + u["cache_creation_input_tokens"].as_u64().unwrap()
+        + u["cache_read_input_tokens"].as_u64().unwrap();
+    assert_eq!(total, p2);
+    assert_eq!(
+        u["cache_read_input_tokens"],
+        (p2 - 1) / BLOCK as u64 * BLOCK as u64
+    );
+
+    // Embeddings: text tokenized with the tokenizer's special tokens, as a completion prompt.
+    let (_, e) = common::post(&sim, "/v1/embeddings", &json!({"input": q1})).await;
+    assert_eq!(
+        e["usage"]["prompt_tokens"],
+        reference().encode(q1, true).unwrap().len() as u64
+    );
+}
+
 #[tokio::test]
 async fn kv_events_report_the_chat_tokens_full_blocks() {
     let sim = common::start(SimConfig {

@@ -190,3 +190,52 @@ pub async fn scrape(sim: &SimHandle) -> Scrape {
     assert_eq!(status, 200);
     Scrape::parse(&text)
 }
+
+/// The `(event, data)` pairs of an SSE body whose events are named (`event: NAME` then
+/// `data: JSON`), as the Responses and Messages APIs send them.
+pub fn named_events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let (name, data) = e
+                .strip_prefix("event: ")
+                .and_then(|rest| rest.split_once("\ndata: "))
+                .unwrap_or_else(|| panic!("SSE event without a name or data: {e:?}"));
+            let data = serde_json::from_str(data)
+                .unwrap_or_else(|err| panic!("data is not JSON ({err}): {data:?}"));
+            (name.to_string(), data)
+        })
+        .collect()
+}
+
+/// POSTs a streaming request to an API with named events and returns them.
+pub async fn stream_named(sim: &SimHandle, path: &str, body: &Value) -> Vec<(String, Value)> {
+    let resp = client()
+        .post(format!("{}{path}", sim.url()))
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(resp.status().as_u16(), 200);
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    named_events(&resp.text().await.expect("body read"))
+}
+
+/// The prompt ids `/tokenize` gives for chat messages.
+pub async fn tokenize_messages(sim: &SimHandle, messages: &Value) -> Vec<u64> {
+    let (status, v) = post(sim, "/tokenize", &json!({ "messages": messages })).await;
+    assert_eq!(status, 200, "{v}");
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
+}
+
+/// vLLM's cached tokens of a request of `prompt` tokens after one that left `computed` tokens
+/// of the same prefix computed: the full blocks of it, capped at ⌊(n−1)/B⌋·B.
+pub fn expected_cached(computed: u64, prompt: u64, block: u64) -> u64 {
+    (computed / block).min((prompt - 1) / block) * block
+}
