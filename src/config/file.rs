@@ -265,4 +265,10 @@ pub struct LbConfigFile {
     pub kvIndexBlocks: Option<usize>,
     /// `kv_aware`: KV-event topic to subscribe to (default: all).
     pub kvEventsTopic: Option<String>,
+    /// `endpoint_metrics`: `default` (the filter tree), `least` or `most` (of `target_metric`).
+    pub metric_policy: Option<String>,
+    /// `endpoint_metrics`: the scraped gauge `least` and `most` rank by.
+    pub target_metric: Option<String>,
+    /// `endpoint_metrics`: the largest share of the last 100 picks one endpoint may take (0–1].
+    pub rate_limit: Option<f64>,
 }

@@ -10,6 +10,7 @@
 //! store, passive health live here as plain validated data; the modules that act on them import
 //! them.
 
+mod endpoint_metrics;
 mod error;
 pub mod file;
 mod kv_aware;
@@ -21,6 +22,7 @@ mod redis;
 mod session;
 mod validate;
 
+pub use endpoint_metrics::{EndpointMetricsConfig, MetricPolicy, RATE_WINDOW};
 pub use error::{ConfigError, InvalidKey, Issue};
 pub use kv_aware::KvAwareSettings;
 pub use least_busy::{LeastBusyConfig, Thresholds};

@@ -8,6 +8,7 @@
 //! field of [`LbConfigFile`], which [`key_users`] destructures exhaustively, so it does not
 //! compile until it says which policies read it.
 
+use super::endpoint_metrics::EndpointMetricsConfig;
 use super::error::InvalidKey;
 use super::file::LbConfigFile;
 use super::kv_aware::KvAwareSettings;
@@ -52,11 +53,17 @@ policy_kinds! {
     /// The least expected time to first token: uncached prompt tokens (from the engines' KV
     /// events, or predicted) plus tokens in flight, shared through the store.
     KvAware = "kv_aware",
+    /// Higress 2.x `endpoint_metrics`: the filter tree, or the least or most of any scraped
+    /// gauge, with a cap on each endpoint's share of recent picks.
+    EndpointMetrics = "endpoint_metrics",
 }
 
 impl PolicyKind {
-    /// The built-in policy named `name`.
+    /// The built-in policy named `name` (Higress's alias `metrics_based` is `endpoint_metrics`).
     pub fn parse(name: &str) -> Option<Self> {
+        if name == "metrics_based" {
+            return Some(Self::EndpointMetrics);
+        }
         Self::ALL.iter().copied().find(|k| k.name() == name)
     }
 
@@ -64,7 +71,7 @@ impl PolicyKind {
     pub const fn uses_store(self) -> bool {
         match self {
             Self::GlobalLeastRequest | Self::PrefixCache | Self::KvAware => true,
-            Self::RoundRobin | Self::Random | Self::LeastBusy => false,
+            Self::RoundRobin | Self::Random | Self::LeastBusy | Self::EndpointMetrics => false,
         }
     }
 }
@@ -126,6 +133,8 @@ pub enum PolicySettings {
     LeastBusy(LeastBusyConfig),
     /// `kv_aware`.
     KvAware(SharedCounts, KvAwareSettings),
+    /// `endpoint_metrics`.
+    EndpointMetrics(EndpointMetricsConfig),
     /// A policy registered from outside the crate.
     Custom(CustomPolicy),
 }
@@ -151,6 +160,9 @@ impl PolicySettings {
                 }
             }
             PolicyKind::LeastBusy => Self::LeastBusy(LeastBusyConfig::from_lb_config(c)?),
+            PolicyKind::EndpointMetrics => {
+                Self::EndpointMetrics(EndpointMetricsConfig::from_lb_config(c)?)
+            }
             PolicyKind::KvAware => {
                 let shared = SharedCounts::from_lb_config(c);
                 let kv = KvAwareSettings::from_lb_config(c);
@@ -177,7 +189,8 @@ impl PolicySettings {
             | Self::GlobalLeastRequest(_)
             | Self::PrefixCache(..)
             | Self::LeastBusy(_)
-            | Self::KvAware(..)) => other.kind().map_or("", PolicyKind::name),
+            | Self::KvAware(..)
+            | Self::EndpointMetrics(_)) => other.kind().map_or("", PolicyKind::name),
         }
     }
 
@@ -190,6 +203,7 @@ impl PolicySettings {
             Self::PrefixCache(..) => PolicyKind::PrefixCache,
             Self::LeastBusy(_) => PolicyKind::LeastBusy,
             Self::KvAware(..) => PolicyKind::KvAware,
+            Self::EndpointMetrics(_) => PolicyKind::EndpointMetrics,
             Self::Custom(_) => return None,
         })
     }
@@ -198,7 +212,11 @@ impl PolicySettings {
     pub fn shared_counts(&self) -> Option<&SharedCounts> {
         match self {
             Self::GlobalLeastRequest(s) | Self::PrefixCache(s, _) | Self::KvAware(s, _) => Some(s),
-            Self::RoundRobin | Self::Random | Self::LeastBusy(_) | Self::Custom(_) => None,
+            Self::RoundRobin
+            | Self::Random
+            | Self::LeastBusy(_)
+            | Self::EndpointMetrics(_)
+            | Self::Custom(_) => None,
         }
     }
 
@@ -234,13 +252,14 @@ impl KeyUse {
 }
 
 /// Every `lb_config` key as `(name, present in c, who reads it)`.
-pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 32] {
+pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 35] {
     use KeyUse::{Nobody, Policies, Redis, Store};
     const PREFIX: KeyUse = Policies(&[PolicyKind::PrefixCache]);
     const KV: KeyUse = Policies(&[PolicyKind::KvAware]);
     const COUNTS_REQUESTS: KeyUse =
         Policies(&[PolicyKind::GlobalLeastRequest, PolicyKind::PrefixCache]);
-    const LEAST_BUSY: KeyUse = Policies(&[PolicyKind::LeastBusy]);
+    const LEAST_BUSY: KeyUse = Policies(&[PolicyKind::LeastBusy, PolicyKind::EndpointMetrics]);
+    const METRICS: KeyUse = Policies(&[PolicyKind::EndpointMetrics]);
     // Exhaustive on purpose: a new key does not compile until it is listed here.
     let LbConfigFile {
         serviceFQDN,
@@ -275,6 +294,9 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 32] {
         predictedTtlMs,
         kvIndexBlocks,
         kvEventsTopic,
+        metric_policy,
+        target_metric,
+        rate_limit,
     } = c;
     [
         ("serviceFQDN", serviceFQDN.is_some(), Store),
@@ -329,5 +351,8 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 32] {
         ("predictedTtlMs", predictedTtlMs.is_some(), KV),
         ("kvIndexBlocks", kvIndexBlocks.is_some(), KV),
         ("kvEventsTopic", kvEventsTopic.is_some(), KV),
+        ("metric_policy", metric_policy.is_some(), METRICS),
+        ("target_metric", target_metric.is_some(), METRICS),
+        ("rate_limit", rate_limit.is_some(), METRICS),
     ]
 }

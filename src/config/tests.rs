@@ -169,6 +169,7 @@ fn prefix_of(c: &Config) -> PrefixSettings {
         | PolicySettings::GlobalLeastRequest(_)
         | PolicySettings::LeastBusy(_)
         | PolicySettings::KvAware(..)
+        | PolicySettings::EndpointMetrics(_)
         | PolicySettings::Custom(_)) => panic!("prefix_cache settings expected: {other:?}"),
     }
 }
@@ -275,4 +276,45 @@ fn weights_lists_and_routing() {
 fn duplicates_are_rejected() {
     let t = err_text(&MIN.replace("['127.0.0.1:8001']", "['127.0.0.1:8001', '127.0.0.1:8001']"));
     assert!(t.contains("duplicate endpoint"), "{t}");
+}
+
+#[test]
+fn endpoint_metrics_keys() {
+    let with = |lb: &str| {
+        Config::from_yaml(&MIN.replace(
+            "round_robin",
+            &format!("endpoint_metrics\n    lb_config: {lb}"),
+        ))
+    };
+    let c =
+        with("{metric_policy: least, target_metric: 'vllm:num_requests_waiting', rate_limit: 0.6}")
+            .expect("valid");
+    assert_eq!(
+        c.pools[0].policy,
+        PolicySettings::EndpointMetrics(EndpointMetricsConfig {
+            policy: MetricPolicy::Least("vllm:num_requests_waiting".into()),
+            rate_limit: 0.6,
+        })
+    );
+    // Higress's alias, and its default: least_busy's tree with its keys.
+    let alias = Config::from_yaml(&MIN.replace(
+        "round_robin",
+        "metrics_based\n    lb_config: {criticalModels: [m]}",
+    ))
+    .expect("valid");
+    assert!(matches!(
+        &alias.pools[0].policy,
+        PolicySettings::EndpointMetrics(EndpointMetricsConfig {
+            policy: MetricPolicy::Default(tree),
+            ..
+        }) if tree.critical_models == ["m"]
+    ));
+    for (lb, key) in [
+        ("{metric_policy: least}", "target_metric"),
+        ("{metric_policy: fastest}", "metric_policy"),
+        ("{rate_limit: 0}", "rate_limit"),
+    ] {
+        let e = with(lb).expect_err(lb).to_string();
+        assert!(e.contains(&format!("lb_config.{key}")), "{lb}: {e}");
+    }
 }

@@ -7,7 +7,10 @@
 use std::sync::Arc;
 
 use super::kv_aware::{KvAware, Tokenizer};
-use super::{GlobalLeastRequest, LeastBusy, Policy, PrefixCache, Random, Registry, RoundRobin};
+use super::{
+    EndpointMetrics, GlobalLeastRequest, LeastBusy, Policy, PrefixCache, Random, Registry,
+    RoundRobin,
+};
 use crate::config::{EndpointConfig, PolicySettings};
 use crate::kv_events::{Feed, KvIndex};
 use crate::scrape::MetricsBoard;
@@ -62,6 +65,13 @@ pub fn build(
                 .clone()
                 .ok_or_else(|| "least_busy needs a metrics board".to_owned())?;
             Arc::new(LeastBusy::new(board, config.clone()))
+        }
+        PolicySettings::EndpointMetrics(config) => {
+            let board = deps
+                .board
+                .clone()
+                .ok_or_else(|| "endpoint_metrics needs a metrics board".to_owned())?;
+            Arc::new(EndpointMetrics::new(board, config.clone()))
         }
         PolicySettings::KvAware(_, kv) => {
             let index = deps

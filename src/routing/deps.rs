@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use crate::config::{EndpointConfig, KvAwareSettings, PolicySettings, PoolConfig, StoreConfig};
+use crate::config::{
+    EndpointConfig, KvAwareSettings, MetricPolicy, PolicySettings, PoolConfig, StoreConfig,
+};
 use crate::kv_events::{Feed, KvIndex, SubscriberOptions};
 use crate::policy::kv_aware::Tokenizer;
 use crate::policy::Deps;
@@ -27,15 +29,18 @@ pub fn build(
             .and_then(|r| carried_counts(r, pc))
             .unwrap_or_else(|| new_counts(&pc.name, store))
     });
+    let board = |target: Option<String>| {
+        let labels = endpoints.iter().map(|e| e.addr.to_string()).collect();
+        Some(Arc::new(
+            MetricsBoard::new(&pc.name, labels, pc.metrics.interval).with_target(target),
+        ))
+    };
     let board = match &pc.policy {
-        PolicySettings::LeastBusy(_) => {
-            let labels = endpoints.iter().map(|e| e.addr.to_string()).collect();
-            Some(Arc::new(MetricsBoard::new(
-                &pc.name,
-                labels,
-                pc.metrics.interval,
-            )))
-        }
+        PolicySettings::LeastBusy(_) => board(None),
+        PolicySettings::EndpointMetrics(m) => board(match &m.policy {
+            MetricPolicy::Default(_) => None,
+            MetricPolicy::Least(target) | MetricPolicy::Most(target) => Some(target.clone()),
+        }),
         PolicySettings::RoundRobin
         | PolicySettings::Random
         | PolicySettings::GlobalLeastRequest(_)
@@ -56,6 +61,7 @@ pub fn build(
         | PolicySettings::GlobalLeastRequest(_)
         | PolicySettings::PrefixCache(..)
         | PolicySettings::LeastBusy(_)
+        | PolicySettings::EndpointMetrics(_)
         | PolicySettings::Custom(_) => (None, Vec::new(), None),
     };
     Ok(Deps {
@@ -113,6 +119,7 @@ fn carried_index(previous: &Routes, pc: &PoolConfig, kv: &KvAwareSettings) -> Op
         | PolicySettings::GlobalLeastRequest(_)
         | PolicySettings::PrefixCache(..)
         | PolicySettings::LeastBusy(_)
+        | PolicySettings::EndpointMetrics(_)
         | PolicySettings::Custom(_) => None,
     }
 }

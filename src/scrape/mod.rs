@@ -20,7 +20,7 @@
 pub mod parse;
 mod service;
 
-pub use parse::{parse, ParseError};
+pub use parse::{parse, parse_with, ParseError};
 pub use service::{scrape_timeout, ScrapeService, MIN_SCRAPE_TIMEOUT};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +68,9 @@ pub struct EndpointMetrics {
     pub lora: Lora,
     /// The served base model (`model_name` label), when the engine names it.
     pub model: Option<String>,
+    /// The value of the gauge the pool ranks by (`endpoint_metrics`' `target_metric`), when it
+    /// names one.
+    pub target: Option<f64>,
 }
 
 /// One published scrape of one endpoint.
@@ -130,6 +133,8 @@ pub struct MetricsBoard {
     pool: String,
     interval: Duration,
     slots: Vec<Slot>,
+    /// A gauge scraped besides the engine metrics (`endpoint_metrics`' `target_metric`).
+    target: Option<String>,
 }
 
 impl MetricsBoard {
@@ -146,7 +151,19 @@ impl MetricsBoard {
                     current: ArcSwapOption::empty(),
                 })
                 .collect(),
+            target: None,
         }
+    }
+
+    /// This board with gauge `target` scraped too (see [`EndpointMetrics::target`]).
+    pub fn with_target(mut self, target: Option<String>) -> Self {
+        self.target = target;
+        self
+    }
+
+    /// The gauge scraped besides the engine metrics, if any.
+    pub fn target(&self) -> Option<&str> {
+        self.target.as_deref()
     }
 
     /// The pool's name.

@@ -70,8 +70,9 @@ fn wanted(name: &str) -> bool {
     WAITING.contains(&name) || RUNNING.contains(&name) || KV_CACHE.contains(&name) || name == LORA
 }
 
-/// The lines of the families we read (their samples and `# HELP`/`# TYPE` lines).
-fn select(text: &str) -> String {
+/// The lines of the families we read (their samples and `# HELP`/`# TYPE` lines), and those of
+/// `target`.
+fn select(text: &str, target: Option<&str>) -> String {
     let mut out = String::new();
     for line in text.lines() {
         let line = line.trim();
@@ -88,7 +89,7 @@ fn select(text: &str) -> String {
                 .next()
                 .filter(|n| !n.is_empty()),
         };
-        if name.is_some_and(wanted) {
+        if name.is_some_and(|n| wanted(n) || Some(n) == target) {
             out.push_str(line);
             out.push('\n');
         }
@@ -98,7 +99,13 @@ fn select(text: &str) -> String {
 
 /// Read an exposition.
 pub fn parse(text: &str) -> Result<EndpointMetrics, ParseError> {
-    let selected = select(text);
+    parse_with(text, None)
+}
+
+/// [`parse`], also reading gauge `target` (the sum of its series) into
+/// [`EndpointMetrics::target`]; 0 when the exposition lacks it (as Higress reads it).
+pub fn parse_with(text: &str, target: Option<&str>) -> Result<EndpointMetrics, ParseError> {
+    let selected = select(text, target);
     if selected.is_empty() {
         return Err(ParseError::Missing("waiting-queue"));
     }
@@ -130,6 +137,17 @@ pub fn parse(text: &str) -> Result<EndpointMetrics, ParseError> {
             .map(lora)
             .unwrap_or_default(),
         model: waiting.samples.first().and_then(|s| label(s, "model_name")),
+        target: match target {
+            None => None,
+            Some(name) => Some(match families.iter().find(|m| m.name == name) {
+                Some(m) => m
+                    .samples
+                    .iter()
+                    .map(|s| value(name, s))
+                    .sum::<Result<f64, ParseError>>()?,
+                None => 0.0,
+            }),
+        },
     })
 }
 
@@ -250,6 +268,21 @@ mod tests {
         assert_eq!(m.lora.running, vec!["sql-lora", "tweet-lora"]);
         assert_eq!(m.lora.max, 2);
         assert_eq!(m.model.as_deref(), Some(MODEL));
+    }
+
+    #[test]
+    fn a_target_gauge_is_read_besides() {
+        let text = fixture("vllm-v1.txt");
+        let m = parse_with(&text, Some("vllm:prefix_cache_hits_total")).expect("parse");
+        assert_eq!(m.target, Some(121600.0));
+        assert_eq!(m.waiting, 2);
+        let absent = parse_with(&text, Some("vllm:no_such_gauge")).expect("parse");
+        assert_eq!(
+            absent.target,
+            Some(0.0),
+            "a missing gauge reads 0, as in Higress"
+        );
+        assert_eq!(parse(&text).expect("parse").target, None);
     }
 
     #[test]

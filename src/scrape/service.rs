@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use super::{parse, EndpointMetrics, MetricsBoard, ParseError};
+use super::{parse_with, EndpointMetrics, MetricsBoard, ParseError};
 use crate::config::MetricsConfig;
 use crate::telemetry;
 
@@ -235,7 +235,10 @@ impl Scraper {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(parse(&String::from_utf8_lossy(&body))?)
+        Ok(parse_with(
+            &String::from_utf8_lossy(&body),
+            self.board.target(),
+        )?)
     }
 }
 

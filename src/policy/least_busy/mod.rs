@@ -178,10 +178,21 @@ impl LeastBusy {
 }
 
 /// Ends the count of a request dispatched since the last scrape.
-struct DispatchLease {
+pub(super) struct DispatchLease {
     board: Arc<MetricsBoard>,
     endpoint: usize,
     number: u64,
+}
+
+impl DispatchLease {
+    /// Count a request dispatched to `endpoint` on `board` until the lease is released.
+    pub(super) fn boxed(board: &Arc<MetricsBoard>, endpoint: EndpointId) -> Box<Self> {
+        Box::new(DispatchLease {
+            board: board.clone(),
+            number: board.dispatch(endpoint.index()),
+            endpoint: endpoint.index(),
+        })
+    }
 }
 
 impl Lease for DispatchLease {
@@ -206,15 +217,10 @@ impl Policy for LeastBusy {
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
         let (endpoint, reason) = self.choose(&input, &mut rand::thread_rng())?;
-        let number = self.board.dispatch(endpoint.index());
         Ok(Pick {
             endpoint,
             reason,
-            lease: Some(Box::new(DispatchLease {
-                board: self.board.clone(),
-                endpoint: endpoint.index(),
-                number,
-            })),
+            lease: Some(DispatchLease::boxed(&self.board, endpoint)),
         })
     }
 }

@@ -22,6 +22,7 @@ fn metrics(waiting: u64, kv: f64, max: usize, running: &[&str]) -> EndpointMetri
             max,
         },
         model: Some(BASE.to_string()),
+        target: None,
     }
 }
 
