@@ -1,6 +1,7 @@
 //! The APIs clients call, through a real llm-lb: Responses and Anthropic Messages conversations
 //! get prefix affinity like chat's (two Messages conversations with different system prompts
-//! share no key), and embeddings are routed by load and counted in it.
+//! share no key) and the same fleet hit rate on `vllm-sim`, and embeddings are routed by load and
+//! counted in it.
 
 mod common;
 
@@ -159,4 +160,31 @@ async fn embeddings_are_routed_by_load_and_counted_in_it() {
             0.0,
         )
         .await;
+}
+
+/// The same 12 five-turn conversations over chat, Responses and Messages, through `prefix_cache`
+/// on three `vllm-sim` servers (which serve all three APIs through one engine): the fleet's hit
+/// rate, from the simulators' counters, is chat's for each API — and round robin's is far lower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_and_messages_get_chats_fleet_hit_rate() {
+    let extra = "    health_check: {enabled: false}\n";
+    let mut rates = Vec::new();
+    for api in [
+        ConversationApi::Chat,
+        ConversationApi::Responses,
+        ConversationApi::Messages,
+    ] {
+        let affinity = fleet_hit_rate_over(api, "m", "prefix_cache", 3, extra).await;
+        let spread = fleet_hit_rate_over(api, "m", "round_robin", 3, extra).await;
+        eprintln!("{api:?}: prefix_cache {affinity:.3}, round_robin {spread:.3}");
+        assert!(affinity > spread + 0.15, "{api:?}: {affinity} vs {spread}");
+        rates.push(affinity);
+    }
+    let chat = rates[0];
+    for (api, rate) in ["responses", "messages"].iter().zip(&rates[1..]) {
+        assert!(
+            (rate - chat).abs() <= 0.05,
+            "{api}: {rate} vs chat's {chat}"
+        );
+    }
 }

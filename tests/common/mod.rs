@@ -831,10 +831,78 @@ pub(crate) fn failures(sent: &[Sent]) -> Vec<String> {
         .collect()
 }
 
+/// An API a conversation is carried over: the same turns as chat, Responses or Messages bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConversationApi {
+    Chat,
+    Responses,
+    Messages,
+}
+
+impl ConversationApi {
+    fn path(self) -> &'static str {
+        match self {
+            ConversationApi::Chat => "/v1/chat/completions",
+            ConversationApi::Responses => "/v1/responses",
+            ConversationApi::Messages => "/v1/messages",
+        }
+    }
+
+    /// One turn of the conversation `messages` (role/content pairs) in this API; appends the
+    /// assistant's answer to `messages`.
+    async fn turn(
+        self,
+        client: &reqwest::Client,
+        url: &str,
+        model: &str,
+        messages: &mut Vec<serde_json::Value>,
+        max_tokens: u32,
+    ) {
+        let body = match self {
+            ConversationApi::Chat => {
+                chat_turn(client, url, model, messages, max_tokens).await;
+                return;
+            }
+            ConversationApi::Responses => serde_json::json!(
+                {"model": model, "input": messages, "max_output_tokens": max_tokens}),
+            ConversationApi::Messages => serde_json::json!(
+                {"model": model, "messages": messages, "max_tokens": max_tokens}),
+        };
+        let reply: serde_json::Value = client
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        let answer = match self {
+            ConversationApi::Responses => &reply["output"][0]["content"][0]["text"],
+            _ => &reply["content"][0]["text"],
+        };
+        let answer = answer
+            .as_str()
+            .unwrap_or_else(|| panic!("no answer in {reply}"));
+        messages.push(serde_json::json!({"role": "assistant", "content": answer}));
+    }
+}
+
 /// 12 conversations of 5 turns (~200 prompt tokens a turn), 4 at a time, through `policy` on
 /// `n` simulators (`extra`: more of the pool's YAML, e.g. its `lb_config`). The fleet's prefix-cache
 /// hit rate, from the simulators' own counters.
 pub(crate) async fn fleet_hit_rate(model: &str, policy: &str, n: usize, extra: &str) -> f64 {
+    fleet_hit_rate_over(ConversationApi::Chat, model, policy, n, extra).await
+}
+
+/// [`fleet_hit_rate`] with the conversations carried over `api`.
+pub(crate) async fn fleet_hit_rate_over(
+    api: ConversationApi,
+    model: &str,
+    policy: &str,
+    n: usize,
+    extra: &str,
+) -> f64 {
     let base = vllm_sim::SimConfig {
         model: model.to_string(),
         time_scale: 0.0,
@@ -847,7 +915,7 @@ pub(crate) async fn fleet_hit_rate(model: &str, policy: &str, n: usize, extra: &
         pool_yaml("sim", "[\"*\"]", &addrs, policy, extra)
     ));
     let client = reqwest::Client::new();
-    let url = proxy.url("/v1/chat/completions");
+    let url = proxy.url(api.path());
     for batch in [0..4, 4..8, 8..12] {
         let tasks: Vec<_> = batch
             .map(|c| {
@@ -858,7 +926,7 @@ pub(crate) async fn fleet_hit_rate(model: &str, policy: &str, n: usize, extra: &
                         let question = format!("Conversation {c}, turn {turn}. ")
                             + &"Please explain the next step in detail. ".repeat(20);
                         messages.push(serde_json::json!({"role": "user", "content": question}));
-                        chat_turn(&client, &url, &model, &mut messages, 32).await;
+                        api.turn(&client, &url, &model, &mut messages, 32).await;
                     }
                 })
             })
