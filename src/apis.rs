@@ -198,6 +198,48 @@ fn anthropic_messages(body: &Value) -> Vec<Value> {
     out
 }
 
+/// Reads the id a Responses API answer names itself by from the start of its body: the JSON
+/// response's `id`, or in a stream the `response.created` event's `response.id` — the first
+/// `"id"` either way. Looks at the first [`ResponseIdScan::LIMIT`] bytes only.
+#[derive(Debug, Default)]
+pub struct ResponseIdScan {
+    head: Vec<u8>,
+    done: bool,
+}
+
+impl ResponseIdScan {
+    /// Bytes of the body looked at: the id comes first.
+    pub const LIMIT: usize = 4096;
+
+    /// Add the next chunk of the body; the id, once, when it is complete.
+    pub fn push(&mut self, chunk: &[u8]) -> Option<String> {
+        if self.done {
+            return None;
+        }
+        let room = Self::LIMIT.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let found = first_id(&self.head);
+        if found.is_some() || self.head.len() >= Self::LIMIT {
+            self.done = true;
+            self.head = Vec::new();
+        }
+        found
+    }
+}
+
+/// The string value of the first `"id"` key in `head`, if it is complete.
+fn first_id(head: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(head)
+        .or_else(|e| std::str::from_utf8(&head[..e.valid_up_to()]))
+        .ok()?;
+    let after = &text[text.find("\"id\"")? + 4..];
+    let value = after.trim_start().strip_prefix(':')?.trim_start();
+    let value = value.strip_prefix('"')?;
+    let end = value.find('"')?;
+    let id = &value[..end];
+    (!id.is_empty() && !id.contains('\\')).then(|| id.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +323,23 @@ mod tests {
             ]})
         );
         assert_eq!(as_chat(Api::Chat, &body), None);
+    }
+
+    #[test]
+    fn a_responses_answer_names_its_id_in_json_and_in_its_first_event() {
+        let json = br#"{"id": "resp_abc123", "object": "response", "output": []}"#;
+        let mut scan = ResponseIdScan::default();
+        assert_eq!(scan.push(json).as_deref(), Some("resp_abc123"));
+        assert_eq!(scan.push(json), None, "once");
+        // A stream, split mid-id: the id comes when it is complete.
+        let sse = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_9f\",\"status\":\"in_progress\"}}\n\n";
+        let mut scan = ResponseIdScan::default();
+        let cut = sse.len() - 40;
+        assert_eq!(scan.push(&sse[..cut]), None);
+        assert_eq!(scan.push(&sse[cut..]).as_deref(), Some("resp_9f"));
+        // No id in the first LIMIT bytes: gives up.
+        let mut scan = ResponseIdScan::default();
+        assert_eq!(scan.push(&[b' '; ResponseIdScan::LIMIT]), None);
+        assert_eq!(scan.push(br#"{"id":"late"}"#), None);
     }
 }

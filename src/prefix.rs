@@ -78,6 +78,17 @@ pub fn session_key(id: &str) -> BlockKey {
 /// Seed of [`session_key`], apart from every chain's.
 const SESSION_SEED: u64 = 0x5e55_1011_5e55_1011;
 
+/// The key under which the endpoint that stored Responses API response `id` is remembered (a
+/// one-block chain, hashed apart from sessions' and prompts' keys).
+pub fn response_key(id: &str) -> BlockKey {
+    let mut h = Xxh3::with_seed(RESPONSE_SEED);
+    h.update(id.as_bytes());
+    h.digest()
+}
+
+/// Seed of [`response_key`].
+const RESPONSE_SEED: u64 = 0x7e59_0115_e7e5_9011;
+
 /// The chain of a prompt's `blocks` within session `session`: the session's key, then each block
 /// key mixed with it. A session's requests all match its first key; the endpoint that served its
 /// longest prompt prefix matches more (a conversation that moved is found where it moved), and two

@@ -49,6 +49,9 @@ pub struct LlmRequest {
     /// [`prefix::session_chain`]), when its pool keeps session affinity; set by the proxy, which
     /// sees the headers.
     pub session: Option<BlockKey>,
+    /// The key of the response a Responses API request continues (its `previous_response_id`,
+    /// see [`prefix::response_key`]): the endpoint that stored that response must serve it.
+    pub previous_response: Option<BlockKey>,
 }
 
 impl LlmRequest {
@@ -64,6 +67,7 @@ impl LlmRequest {
             chat: None,
             bytes: 0,
             session: None,
+            previous_response: None,
         }
     }
 
@@ -111,6 +115,11 @@ impl LlmRequest {
         } else {
             Vec::new()
         };
+        let previous_response = v
+            .get("previous_response_id")
+            .and_then(Value::as_str)
+            .filter(|id| api == Api::Responses && !id.is_empty())
+            .map(prefix::response_key);
         LlmRequest {
             body: BodyKind::Json,
             model,
@@ -118,6 +127,7 @@ impl LlmRequest {
             blocks,
             json: Some(Arc::new(v)),
             chat,
+            previous_response,
             ..empty
         }
     }

@@ -188,3 +188,135 @@ async fn responses_and_messages_get_chats_fleet_hit_rate() {
         );
     }
 }
+
+/// One Responses API call to `proxy`: its status, endpoint, pick reason and response id (from the
+/// JSON, or from the stream's `response.created` event).
+async fn respond(
+    client: &reqwest::Client,
+    proxy: &Proxy,
+    body: Value,
+) -> (u16, String, String, Option<String>) {
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let resp = client
+        .post(proxy.url("/v1/responses"))
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    let status = resp.status().as_u16();
+    let header = |name: &str| resp.headers()[name].to_str().expect("header").to_string();
+    let (endpoint, reason) = (header("x-llm-lb-endpoint"), header("x-llm-lb-reason"));
+    let text = resp.text().await.expect("body");
+    let answer: Value = match stream {
+        false => serde_json::from_str(&text).expect("json"),
+        true => {
+            let created = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .map(|d| serde_json::from_str::<Value>(d).expect("event"))
+                .find(|e| e["type"] == "response.created")
+                .expect("response.created");
+            created["response"].clone()
+        }
+    };
+    let id = answer["id"].as_str().map(str::to_owned);
+    (status, endpoint, reason, id)
+}
+
+/// A Responses conversation carried by `previous_response_id` (the engine keeps the
+/// conversation; each request sends only the new input) through `prefix_cache` on two
+/// `vllm-sim` servers, which — as vLLM — answer 404 for a response they did not store: every
+/// turn, streamed or not, goes to the endpoint that stored the previous response, even while that
+/// endpoint is busier than the guard allows a prefix hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previous_response_id_goes_where_the_response_is_stored() {
+    let sims = sim_fleet(
+        2,
+        vllm_sim::SimConfig {
+            model: "m".into(),
+            itl_ms: 20.0,
+            ..vllm_sim::SimConfig::default()
+        },
+    )
+    .await;
+    let addrs: Vec<SocketAddr> = sims.iter().map(|s| s.addr()).collect();
+    // A guard of 0: any difference in load diverts a prefix or session hit.
+    let proxy = Proxy::start(&format!(
+        "expose_endpoint_header: true\npools:\n{}",
+        pool_yaml(
+            "p",
+            "[m]",
+            &addrs,
+            "prefix_cache",
+            "    health_check: {enabled: false}\n    lb_config: {loadGuardAbsolute: 0, loadGuardRelative: 0}\n"
+        )
+    ));
+    let client = reqwest::Client::new();
+    let ask = |input: &str, previous: Option<&str>, stream: bool, max: u32| {
+        json!({"model": "m", "input": input, "previous_response_id": previous,
+               "stream": stream, "max_output_tokens": max})
+    };
+    let (status, home, reason, id) =
+        respond(&client, &proxy, ask("plan a trip", None, false, 4)).await;
+    assert_eq!((status, reason.as_str()), (200, "prefix_miss"));
+    let mut previous = id.expect("an id");
+    for turn in 0..6 {
+        let body = ask(
+            &format!("and then {turn}?"),
+            Some(&previous),
+            turn % 2 == 1,
+            4,
+        );
+        let (status, endpoint, reason, id) = respond(&client, &proxy, body).await;
+        assert_eq!(
+            (status, endpoint.as_str(), reason.as_str()),
+            (200, home.as_str(), "response_hit"),
+            "turn {turn}"
+        );
+        previous = id.expect("an id");
+    }
+    // A long answer keeps the home endpoint busy; a fork of the conversation still goes there.
+    let long = tokio::spawn({
+        let (client, body) = (
+            client.clone(),
+            ask("write a long story", Some(&previous), true, 300),
+        );
+        let url = proxy.url("/v1/responses");
+        async move {
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("send")
+                .text()
+                .await
+        }
+    });
+    eventually(
+        "the long answer in flight",
+        Duration::from_secs(10),
+        async || match proxy
+            .metric("llmlb_endpoint_inflight", &[("endpoint", home.as_str())])
+            .await
+        {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    let (status, endpoint, reason, _) = respond(
+        &client,
+        &proxy,
+        ask("or a short one", Some(&previous), false, 4),
+    )
+    .await;
+    assert_eq!(
+        (status, endpoint.as_str(), reason.as_str()),
+        (200, home.as_str(), "response_hit")
+    );
+    // Without the id, the same kind of request is placed by load: to the other endpoint.
+    let (_, endpoint, _, _) = respond(&client, &proxy, ask("unrelated", None, false, 4)).await;
+    assert_ne!(endpoint, home);
+    long.abort();
+}

@@ -256,9 +256,10 @@ async fn bodyless_and_non_json_requests_are_proxied() {
     )
     .await;
     assert_eq!(status, 200);
+    // JSON without a prompt (a chat without messages; embeddings are routed by load instead).
     let (status, _) = post(
         &client,
-        &proxy.url("/v1/embeddings"),
+        &proxy.url("/v1/chat/completions"),
         br#"{"model":"m","input":"x"}"#.to_vec(),
     )
     .await;

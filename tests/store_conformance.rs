@@ -692,13 +692,49 @@ mod cases {
     }
 }
 
+mod remembered {
+    use super::*;
+    use PrefixOutcome::{Hit, Miss};
+
+    /// What an answer taught (`remember`) is matched by the next pick, on every replica, ahead of
+    /// earlier holders, without counting anything; it expires with its TTL.
+    pub(crate) async fn remembered_keys_are_matched_by_every_replica(env: &Env) {
+        let (one, two) = (env.replica(), env.replica());
+        let p = pool("remember");
+        let eps = ["a", "b", "c"];
+        one.remember(&p, 77, "c", Duration::from_secs(60))
+            .await
+            .expect("remember");
+        assert_eq!(counts(&*one, &p, &eps).await, vec![0; 3], "nothing counted");
+        assert_eq!(prefix(&*two, &p, &[77], &eps).await, ("c".into(), 1, Hit));
+        // A later answer from b makes b the key's first holder; c is kept behind it.
+        two.remember(&p, 77, "b", Duration::from_secs(60))
+            .await
+            .expect("remember");
+        assert_eq!(
+            prefix(&*one, &p, &[77], &["a", "b"]).await,
+            ("b".into(), 1, Hit)
+        );
+        assert_eq!(
+            prefix(&*one, &p, &[77], &["a", "c"]).await,
+            ("c".into(), 1, Hit)
+        );
+        // Expiry.
+        one.remember(&p, 78, "a", Duration::from_millis(50))
+            .await
+            .expect("remember");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(prefix(&*two, &p, &[78], &["a"]).await.2, Miss);
+    }
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod embedded {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    super::cases::$case(&super::Env::embedded()).await;
+                    super::all::$case(&super::Env::embedded()).await;
                 }
             )*
         }
@@ -706,7 +742,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    super::cases::$case(&super::Env::single()).await;
+                    super::all::$case(&super::Env::single()).await;
                 }
             )*
         }
@@ -714,14 +750,21 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    super::cases::$case(&super::Env::cluster()).await;
+                    super::all::$case(&super::Env::cluster()).await;
                 }
             )*
         }
     };
 }
 
+/// Every case, whichever module defines it.
+mod all {
+    pub(crate) use super::cases::*;
+    pub(crate) use super::remembered::*;
+}
+
 conformance!(
+    remembered_keys_are_matched_by_every_replica,
     least_loaded_is_chosen,
     ties_are_broken_uniformly,
     release_never_goes_below_zero,

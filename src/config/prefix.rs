@@ -18,6 +18,13 @@ pub struct LoadGuard {
 }
 
 impl LoadGuard {
+    /// A guard that never diverts: the holder is kept however busy (only `maxRequestCount`
+    /// still applies).
+    pub const NEVER: LoadGuard = LoadGuard {
+        absolute: u64::MAX,
+        per_mille: 0,
+    };
+
     /// Whether a holder with `holder` in flight is too busy compared with `least`.
     pub fn too_busy(&self, holder: u64, least: u64) -> bool {
         let extra = self

@@ -91,6 +91,11 @@ impl Observed {
         self.status.is_some()
     }
 
+    /// Whether the upstream answered with a 2xx response header.
+    pub fn succeeded(&self) -> bool {
+        self.status.is_some_and(|s| (200..300).contains(&s))
+    }
+
     /// An error happened during the attempt.
     pub fn error(&mut self, e: &pingora::Error) {
         if self.failure.is_none() {

@@ -11,14 +11,15 @@
 //!
 //! A request that names a session goes where the session's earlier requests went, under the
 //! default load guard of `prefix_cache` (the same session chain in the prefix index; reasons
-//! `session_hit`, `session_diverted`, `session_new`).
+//! `session_hit`, `session_diverted`, `session_new`); a Responses API request that continues a
+//! stored response goes to the endpoint that stored it, as in `prefix_cache`.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::local::{local_least, StoreLease};
-use super::prefix_cache::session_affinity;
+use super::local::{local_least, request_lease};
+use super::prefix_cache::{response_affinity, session_affinity};
 use super::{Pick, PickInput, Policy, PolicyError};
 use crate::config::{PolicyKind, PrefixSettings};
 use crate::store::{PoolCounts, Skip};
@@ -49,21 +50,21 @@ impl Policy for GlobalLeastRequest {
             "session_hit",
             "session_diverted",
             "session_new",
+            "response_hit",
+            "response_diverted",
+            "response_new",
             "local_least_request",
         ]
     }
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
+        let defaults = PrefixSettings::default();
+        if let Some(response) = input.request.previous_response {
+            return response_affinity(&self.counts, self.max, defaults, &input, response).await;
+        }
         match input.request.session {
             Some(session) if !input.request.api.load_only() => {
-                session_affinity(
-                    &self.counts,
-                    self.max,
-                    PrefixSettings::default(),
-                    &input,
-                    session,
-                )
-                .await
+                session_affinity(&self.counts, self.max, defaults, &input, session).await
             }
             _ => least_request(&self.counts, self.max, &input).await,
         }
@@ -83,7 +84,12 @@ pub(super) async fn least_request(
         Ok(i) => Ok(Pick {
             endpoint: input.candidates[i],
             reason: "least_request",
-            lease: Some(StoreLease::boxed(counts, labels[i])),
+            lease: Some(request_lease(
+                counts,
+                labels[i],
+                input.request,
+                PrefixSettings::default().ttl,
+            )),
         }),
         Err(Skip::Saturated) => Err(PolicyError::Saturated),
         Err(Skip::Fallback(reason)) => {

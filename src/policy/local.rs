@@ -2,9 +2,13 @@
 //! fallback when the store cannot answer (fewest requests in flight from this replica).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{Lease, Pick, PickInput, PolicyError};
+use crate::apis::Api;
 use crate::endpoint::Outcome;
+use crate::prefix::response_key;
+use crate::request::LlmRequest;
 use crate::store::{pick_least, PoolCounts};
 
 /// What one attempt holds in the store: one request, or `units` tokens for `kv_aware`, of
@@ -15,6 +19,8 @@ pub(crate) struct StoreLease {
     endpoint: String,
     units: u64,
     at_first_byte: u64,
+    /// How long to remember where a produced response is stored ([`Lease::produced`]).
+    remember: Option<Duration>,
 }
 
 impl StoreLease {
@@ -34,7 +40,39 @@ impl StoreLease {
             endpoint: endpoint.to_owned(),
             units,
             at_first_byte: at_first_byte.min(units.saturating_sub(1)),
+            remember: None,
         })
+    }
+
+    /// [`StoreLease::boxed`] that also remembers, for `ttl`, which endpoint stored the response
+    /// the answer names, under [`response_key`].
+    pub(crate) fn boxed_remembering(
+        counts: &Arc<PoolCounts>,
+        endpoint: &str,
+        ttl: Duration,
+    ) -> Box<dyn Lease> {
+        Box::new(StoreLease {
+            counts: counts.clone(),
+            endpoint: endpoint.to_owned(),
+            units: 1,
+            at_first_byte: 0,
+            remember: Some(ttl),
+        })
+    }
+}
+
+/// The lease of `request` counted on `endpoint`: a Responses API request's also remembers, for
+/// `ttl`, that `endpoint` stores the response it produces ([`StoreLease::boxed_remembering`]).
+pub(crate) fn request_lease(
+    counts: &Arc<PoolCounts>,
+    endpoint: &str,
+    request: &LlmRequest,
+    ttl: Duration,
+) -> Box<dyn Lease> {
+    if request.api == Api::Responses {
+        StoreLease::boxed_remembering(counts, endpoint, ttl)
+    } else {
+        StoreLease::boxed(counts, endpoint)
     }
 }
 
@@ -44,6 +82,12 @@ impl Lease for StoreLease {
             self.counts.release_n(&self.endpoint, self.at_first_byte);
             self.units -= self.at_first_byte;
             self.at_first_byte = 0;
+        }
+    }
+
+    fn produced(&mut self, id: &str) {
+        if let Some(ttl) = self.remember.take() {
+            self.counts.remember(response_key(id), &self.endpoint, ttl);
         }
     }
 

@@ -76,6 +76,11 @@ pub trait Lease: Send + Sync {
     /// most once, before [`Lease::release`]; nothing by default.
     fn first_byte(&mut self) {}
 
+    /// The answer named itself `id` (a Responses API response, which the engine stores and a
+    /// later request may continue with `previous_response_id`). Called at most once, before
+    /// [`Lease::release`]; nothing by default.
+    fn produced(&mut self, _id: &str) {}
+
     /// Called exactly once.
     fn release(self: Box<Self>, outcome: Outcome);
 }

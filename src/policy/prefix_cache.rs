@@ -17,7 +17,9 @@
 //! candidate and is counted, without touching the index (reason `least_request`). A request that
 //! names a session (see [`crate::config::SessionConfig`]) is placed by its session: its chain
 //! starts with the session's key ([`crate::prefix::session_chain`]), with the same guard and
-//! lifetime (reasons `session_hit`, `session_diverted`, `session_new`).
+//! lifetime (reasons `session_hit`, `session_diverted`, `session_new`). A Responses API request
+//! that continues a stored response (`previous_response_id`) goes to the endpoint that stored it
+//! ([`response_affinity`]).
 //!
 //! Holders that are not candidates (unhealthy, removed, already tried by this request) do not
 //! count as matches; the chain is rewritten to the new endpoint, so a conversation that had to move
@@ -30,9 +32,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::global_least_request::least_request;
-use super::local::{local_least, StoreLease};
+use super::local::{local_least, request_lease};
 use super::{Pick, PickInput, Policy, PolicyError};
-use crate::config::{PolicyKind, PrefixSettings};
+use crate::config::{LoadGuard, PolicyKind, PrefixSettings};
 use crate::prefix::session_chain;
 use crate::store::{PoolCounts, PrefixOutcome, Skip};
 use crate::telemetry;
@@ -74,6 +76,9 @@ impl Policy for PrefixCache {
             "session_hit",
             "session_diverted",
             "session_new",
+            "response_hit",
+            "response_diverted",
+            "response_new",
             "least_request",
             "local_least_request",
         ]
@@ -83,6 +88,10 @@ impl Policy for PrefixCache {
         if input.request.api.load_only() {
             // No prompt to keep warm (embeddings, rerank): the least loaded, counted.
             return least_request(&self.counts, self.max, &input).await;
+        }
+        if let Some(response) = input.request.previous_response {
+            return response_affinity(&self.counts, self.max, self.settings, &input, response)
+                .await;
         }
         if let Some(session) = &input.request.session {
             return session_affinity(&self.counts, self.max, self.settings, &input, *session).await;
@@ -102,6 +111,7 @@ type Reasons = [&'static str; 3];
 
 const PREFIX_REASONS: Reasons = ["prefix_hit", "prefix_diverted", "prefix_miss"];
 const SESSION_REASONS: Reasons = ["session_hit", "session_diverted", "session_new"];
+const RESPONSE_REASONS: Reasons = ["response_hit", "response_diverted", "response_new"];
 
 /// A pick by affinity, before its reason is named.
 struct Placed {
@@ -144,7 +154,12 @@ async fn affinity(
             pick: Pick {
                 endpoint: input.candidates[i],
                 reason: "",
-                lease: Some(StoreLease::boxed(counts, labels[i])),
+                lease: Some(request_lease(
+                    counts,
+                    labels[i],
+                    input.request,
+                    settings.ttl,
+                )),
             },
             outcome: Some(acquired.outcome),
             matched: Some(acquired.matched),
@@ -178,6 +193,28 @@ pub(super) async fn session_affinity(
     let chain = session_chain(session, &blocks[..blocks.len().min(MAX_CHAIN_BLOCKS - 1)]);
     let placed = affinity(counts, max, settings, input, &chain).await?;
     Ok(placed.with_reason(SESSION_REASONS))
+}
+
+/// Place a Responses API request that continues stored response `response` (its
+/// `previous_response_id`, [`crate::prefix::response_key`]) on the endpoint that stored it,
+/// whatever its load: no other endpoint has that conversation (vLLM answers 404), so only
+/// `maxRequestCount` diverts (`response_diverted`). Where the response was stored is learnt from
+/// the answer that named it ([`super::Lease::produced`]) and kept as long as prefixes; when it is
+/// unknown or no longer a candidate, the least loaded candidate (`response_new`). Also how
+/// `global_least_request` routes them.
+pub(super) async fn response_affinity(
+    counts: &Arc<PoolCounts>,
+    max: Option<u64>,
+    settings: PrefixSettings,
+    input: &PickInput<'_>,
+    response: u64,
+) -> Result<Pick, PolicyError> {
+    let settings = PrefixSettings {
+        guard: LoadGuard::NEVER,
+        ..settings
+    };
+    let placed = affinity(counts, max, settings, input, &[response]).await?;
+    Ok(placed.with_reason(RESPONSE_REASONS))
 }
 
 #[cfg(test)]

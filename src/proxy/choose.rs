@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::ctx::Attempt;
+use crate::apis::Api;
 use crate::endpoint::{EndpointId, Outcome};
 use crate::policy::{Pick, PickInput, PolicyError};
 use crate::request::LlmRequest;
@@ -94,15 +95,20 @@ pub async fn choose(
     };
     let policy = pool.policy.name();
     telemetry::count_pick(pool.name(), policy, pick.reason);
+    let attempt = Attempt::new(
+        pick.endpoint,
+        pick.lease,
+        pool.inflight_guard(pick.endpoint),
+    );
     Ok(Chosen {
         addr: endpoint.addr,
         policy,
         reason: pick.reason,
-        attempt: Attempt::new(
-            pick.endpoint,
-            pick.lease,
-            pool.inflight_guard(pick.endpoint),
-        ),
+        attempt: if request.api == Api::Responses {
+            attempt.watch_response_id()
+        } else {
+            attempt
+        },
     })
 }
 

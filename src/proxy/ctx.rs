@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::apis::ResponseIdScan;
 use crate::endpoint::{EndpointId, Outcome};
 use crate::health::Observed;
 use crate::policy::Lease;
@@ -93,6 +94,8 @@ pub struct Attempt {
     inflight: InflightGuard,
     /// Whether [`Attempt::first_byte`] ran.
     answered_once: bool,
+    /// Looks for the id a Responses API answer names itself by, to tell the lease.
+    response_id: Option<ResponseIdScan>,
     /// What the attempt saw of its upstream, for passive health.
     pub observed: Observed,
 }
@@ -110,7 +113,31 @@ impl Attempt {
             lease,
             inflight,
             answered_once: false,
+            response_id: None,
             observed: Observed::default(),
+        }
+    }
+
+    /// Look for the id of the response a Responses API answer stores, and tell the lease where
+    /// it was produced ([`Lease::produced`]).
+    pub fn watch_response_id(mut self) -> Self {
+        self.response_id = Some(ResponseIdScan::default());
+        self
+    }
+
+    /// A chunk of the answer's body arrived: the first byte, and perhaps the response's id (read
+    /// from a successful answer only).
+    pub fn body(&mut self, chunk: &[u8]) {
+        self.first_byte();
+        if !self.observed.succeeded() {
+            return;
+        }
+        let Some(id) = self.response_id.as_mut().and_then(|scan| scan.push(chunk)) else {
+            return;
+        };
+        self.response_id = None;
+        if let Some(lease) = self.lease.as_mut() {
+            lease.produced(&id);
         }
     }
 

@@ -462,7 +462,7 @@ impl ProxyHttp for LbProxy {
     ) -> Result<Option<Duration>> {
         if let Some(b) = body.as_ref().filter(|b| !b.is_empty()) {
             if let Some(attempt) = ctx.attempt.as_mut() {
-                attempt.first_byte();
+                attempt.body(b);
             }
             let mut shared = ctx.shared.lock();
             if shared.response_bytes == 0 {

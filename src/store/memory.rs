@@ -226,6 +226,22 @@ impl InflightStore for MemoryStore {
         self.acquire_cost_now(pool, q)
     }
 
+    async fn remember(
+        &self,
+        pool: &str,
+        key: u64,
+        endpoint: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        check_call(pool, 1)?;
+        let now = Instant::now();
+        self.pool(pool)
+            .lock()
+            .prefixes
+            .record(&[key], endpoint, now + ttl, now);
+        Ok(())
+    }
+
     async fn release_n(&self, pool: &str, endpoint: &str, n: u64) -> Result<(), StoreError> {
         self.release_n_now(pool, endpoint, n)
     }

@@ -234,6 +234,19 @@ pub trait InflightStore: Send + Sync {
     /// [`InflightStore::acquire_least`], and when `base` or `weights` do not match `candidates`.
     async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<Acquired, StoreError>;
 
+    /// One round trip: record `endpoint` as the most recent holder of block key `key` (keeping up
+    /// to [`MAX_HOLDERS`] earlier holders), for `ttl` — what an answer taught after the pick, e.g.
+    /// which endpoint stored a Responses API response, so that a later request naming it in
+    /// `previous_response_id` matches the key in [`InflightStore::acquire_prefix`]. Counts
+    /// nothing.
+    async fn remember(
+        &self,
+        pool: &str,
+        key: u64,
+        endpoint: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
     /// One round trip: this replica's count for `endpoint` minus one; nothing when it is already
     /// zero or unknown (never negative). Call exactly once per successful acquire.
     async fn release(&self, pool: &str, endpoint: &str) -> Result<(), StoreError> {

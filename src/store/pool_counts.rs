@@ -272,6 +272,27 @@ impl PoolCounts {
         });
     }
 
+    /// [`InflightStore::remember`] `label` as the holder of `key` for `ttl`. Returns at once; the
+    /// store call runs in a spawned task (skipped while the breaker is open: what is not
+    /// remembered is routed by the policy as if new).
+    pub fn remember(self: &Arc<Self>, key: u64, label: &str, ttl: Duration) {
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(rt) if !self.breaker.is_open() => rt,
+            _ => return,
+        };
+        let (this, label) = (self.clone(), label.to_owned());
+        runtime.spawn(async move {
+            let started = Instant::now();
+            let call = this.store.remember(&this.pool, key, &label, ttl);
+            let result = this.bounded(call).await;
+            telemetry::store_call(&this.pool, "remember", outcome(&result), started.elapsed());
+            match result {
+                Ok(()) => this.on_success(),
+                Err(e) => this.on_failure(&e),
+            }
+        });
+    }
+
     /// Report a release that matched nothing held.
     fn unmatched(&self, label: &str) {
         log::error!(

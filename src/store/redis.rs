@@ -29,6 +29,8 @@
 //!   candidate among their holders (a comma-separated list, most recent first), the choice of
 //!   `acquire_prefix`, the count as in acquire, then every block key rewritten with the chosen
 //!   endpoint first (`SET … PX ttl`).
+//! - **remember** (`KEYS` one block key; `ARGV` endpoint, TTL): the endpoint becomes the key's
+//!   first holder, as **prefix** records a chain; nothing is counted.
 //! - **release** (`KEYS` inflight, total; `ARGV` replica, endpoint): when this replica's field is
 //!   positive, decrement it and the total (removing fields that reach 0); otherwise nothing.
 //! - **inflight** (`KEYS` as acquire; `ARGV` … endpoints…): refresh, reap, `HMGET` the totals.
@@ -257,6 +259,21 @@ return {pick, total, matched, outcome}
 "#
 );
 
+/// KEYS[1] a block key; ARGV[1] the endpoint, ARGV[2] TTL (ms). The endpoint becomes the key's
+/// first holder, as the prefix script records a chain. Mirrors `MemoryStore::remember`.
+const REMEMBER_LUA: &str = r#"
+local ep = ARGV[1]
+local out = {ep}
+local v = redis.call('GET', KEYS[1])
+if v then
+  for e in string.gmatch(v, '[^,]+') do
+    if e ~= ep and #out < MAX_HOLDERS then out[#out + 1] = e end
+  end
+end
+redis.call('SET', KEYS[1], table.concat(out, ','), 'PX', tonumber(ARGV[2]))
+return 1
+"#;
+
 /// ARGV[4] random u32, ARGV[5] load per mille, ARGV[6] tie per mille, ARGV[7] n; then n
 /// candidates, n base costs, n weights. Returns {1-based index, new total}. Mirrors `cost_choice`.
 const COST_LUA: &str = concat!(
@@ -380,6 +397,7 @@ struct Scripts {
     acquire: Script,
     prefix: Script,
     cost: Script,
+    remember: Script,
     release: Script,
     inflight: Script,
     heartbeat: Script,
@@ -429,6 +447,9 @@ impl RedisStore {
                 acquire: Script::new(ACQUIRE_LUA),
                 prefix: Script::new(&PREFIX_LUA.replace("MAX_HOLDERS", &MAX_HOLDERS.to_string())),
                 cost: Script::new(COST_LUA),
+                remember: Script::new(
+                    &REMEMBER_LUA.replace("MAX_HOLDERS", &MAX_HOLDERS.to_string()),
+                ),
                 release: Script::new(RELEASE_LUA),
                 inflight: Script::new(INFLIGHT_LUA),
                 heartbeat: Script::new(HEARTBEAT_LUA),
@@ -742,6 +763,23 @@ impl InflightStore for RedisStore {
             index,
             inflight: to_u64(count),
         })
+    }
+
+    async fn remember(
+        &self,
+        pool: &str,
+        key: u64,
+        endpoint: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        check_call(pool, 1)?;
+        let keys = self.pool_keys(pool);
+        let mut inv = self.scripts.remember.prepare_invoke();
+        inv.key(format!("{}{key:016x}", keys.prefix))
+            .arg(endpoint)
+            .arg(millis(ttl).max(1));
+        let _: i64 = self.invoke(&inv).await?;
+        Ok(())
     }
 
     async fn release_n(&self, pool: &str, endpoint: &str, n: u64) -> Result<(), StoreError> {

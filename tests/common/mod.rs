@@ -879,7 +879,7 @@ impl ConversationApi {
             .expect("json");
         let answer = match self {
             ConversationApi::Responses => &reply["output"][0]["content"][0]["text"],
-            _ => &reply["content"][0]["text"],
+            ConversationApi::Chat | ConversationApi::Messages => &reply["content"][0]["text"],
         };
         let answer = answer
             .as_str()

@@ -161,23 +161,38 @@ impl Cli {
     }
 }
 
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
+/// SIGINT and SIGTERM, caught from this call on: made before the server announces its address,
+/// so a supervisor that signals as soon as it reads the address never kills it mid-start.
+#[cfg(unix)]
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    }
-    let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+/// Ctrl-C.
+#[cfg(not(unix))]
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let stop = match stop_signal() {
+        Ok(stop) => stop,
+        Err(e) => {
+            eprintln!("vllm-sim: cannot catch signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let (cfg, addr) = match Cli::parse().config() {
         Ok(c) => c,
         Err(e) => {
@@ -217,7 +232,7 @@ async fn main() -> ExitCode {
             k.endpoint, k.topic
         );
     }
-    stop_signal().await;
+    stop.await;
     sim.shutdown().await;
     ExitCode::SUCCESS
 }
