@@ -79,7 +79,11 @@ async fn unknown_names_and_bad_settings_are_refused() {
     let e = Config::from_yaml(POOL).expect_err("unregistered");
     assert!(e.to_string().contains("unknown policy 'last'"), "{e}");
     let e = Config::from_yaml_with(&POOL.replace("last", "lost"), &["last"]).expect_err("typo");
-    assert!(e.to_string().contains("endpoint_metrics, last"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("endpoint_metrics, latency_aware, last"),
+        "{e}"
+    );
     // The factory's own check fails the build, naming the pool.
     let bad = format!("{POOL}    lb_config: {{bad: 1}}\n");
     let e = generation(&bad, &registry()).await.err().expect("refused");

@@ -269,6 +269,46 @@ pub struct LbConfigFile {
     pub metric_policy: Option<String>,
     /// `endpoint_metrics`: the scraped gauge `least` and `most` rank by.
     pub target_metric: Option<String>,
-    /// `endpoint_metrics`: the largest share of the last 100 picks one endpoint may take (0–1].
+    /// `endpoint_metrics`: the largest share of the last 100 picks one endpoint may take (0–1];
+    /// `latency_aware`: an endpoint whose share of the last `queue_size` picks reached this is
+    /// skipped while another is below it.
     pub rate_limit: Option<f64>,
+    /// `latency_aware`: `AdaptiveScore` (default), `LeastBusy`, `LeastFirstTokenLatency` or
+    /// `LeastTotalLatency`.
+    pub mode: Option<String>,
+    /// `latency_aware`: EWMA smoothing of latencies, `new = beta·old + (1 − beta)·sample` (0–1,
+    /// default 0.5).
+    pub ewma_beta: Option<f64>,
+    /// `latency_aware`: candidates sampled for the adaptive score (default 2; 0 or less means
+    /// the default).
+    pub p2c_choices: Option<i64>,
+    /// `latency_aware`: weight of `√(ttft_ms + 1)` in the adaptive score (default 0.7).
+    pub ttft_weight: Option<f64>,
+    /// `latency_aware`: weight of `√(total_ms + 1)` in the adaptive score (default 0.3).
+    pub total_latency_weight: Option<f64>,
+    /// `latency_aware`: the score is multiplied by `1 + error_penalty · error_rate` (default 3).
+    pub error_penalty: Option<f64>,
+    /// `latency_aware`: ms an endpoint is avoided after a failure (default 30000; 0 means the
+    /// default).
+    pub failure_cooldown_ms: Option<i64>,
+    /// `latency_aware`: how an endpoint without latency samples scores (`least_busy` only).
+    pub metrics_missing_policy: Option<String>,
+    /// `latency_aware`: latency samples averaged by the `Least*Latency` modes and picks
+    /// remembered for `rate_limit` (default 100; 0 means the default).
+    pub queue_size: Option<i64>,
+    /// Higress: share in-flight counts in Redis; `latency_aware` refuses `true` (not supported
+    /// yet).
+    pub global_inflight_enabled: Option<bool>,
+    /// Higress's key of the shared in-flight counts (refused: see
+    /// [`LbConfigFile::global_inflight_enabled`]).
+    pub global_inflight_key_prefix: Option<serde_yaml::Value>,
+    /// Higress's Redis timeout of the shared in-flight counts (refused).
+    pub global_inflight_timeout: Option<serde_yaml::Value>,
+    /// Higress's Redis TTL of the shared in-flight counts (refused).
+    pub global_inflight_key_ttl: Option<serde_yaml::Value>,
+    /// Higress `cluster_metrics`' services to pick among; `latency_aware` picks among the pool's
+    /// endpoints (refused).
+    pub service_list: Option<serde_yaml::Value>,
+    /// Higress `cluster_metrics`' header naming the chosen service (refused).
+    pub cluster_header: Option<serde_yaml::Value>,
 }

@@ -14,6 +14,7 @@ mod endpoint_metrics;
 mod error;
 pub mod file;
 mod kv_aware;
+mod latency_aware;
 mod least_busy;
 mod outlier;
 mod policy;
@@ -25,6 +26,10 @@ mod validate;
 pub use endpoint_metrics::{EndpointMetricsConfig, MetricPolicy, RATE_WINDOW};
 pub use error::{ConfigError, InvalidKey, Issue};
 pub use kv_aware::KvAwareSettings;
+pub use latency_aware::{
+    LatencyAwareConfig, LatencyMode, DEFAULT_FAILURE_COOLDOWN, DEFAULT_P2C_CHOICES,
+    DEFAULT_QUEUE_SIZE, MAX_FAILURE_COOLDOWN_MS, MAX_QUEUE_SIZE,
+};
 pub use least_busy::{LeastBusyConfig, Thresholds};
 pub use outlier::OutlierConfig;
 pub use policy::{

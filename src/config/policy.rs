@@ -12,6 +12,7 @@ use super::endpoint_metrics::EndpointMetricsConfig;
 use super::error::InvalidKey;
 use super::file::LbConfigFile;
 use super::kv_aware::KvAwareSettings;
+use super::latency_aware::LatencyAwareConfig;
 use super::least_busy::LeastBusyConfig;
 use super::prefix::PrefixSettings;
 use super::redis::RedisConfig;
@@ -56,13 +57,19 @@ policy_kinds! {
     /// Higress 2.x `endpoint_metrics`: the filter tree, or the least or most of any scraped
     /// gauge, with a cap on each endpoint's share of recent picks.
     EndpointMetrics = "endpoint_metrics",
+    /// Higress 2.x `cluster_metrics`: the endpoint with the best smoothed time to first token and
+    /// total time, weighed by its requests in flight and its errors; failing endpoints cool down.
+    LatencyAware = "latency_aware",
 }
 
 impl PolicyKind {
-    /// The built-in policy named `name` (Higress's alias `metrics_based` is `endpoint_metrics`).
+    /// The built-in policy named `name` (Higress's alias `metrics_based` is `endpoint_metrics`,
+    /// `cluster_metrics` is `latency_aware`).
     pub fn parse(name: &str) -> Option<Self> {
-        if name == "metrics_based" {
-            return Some(Self::EndpointMetrics);
+        match name {
+            "metrics_based" => return Some(Self::EndpointMetrics),
+            "cluster_metrics" => return Some(Self::LatencyAware),
+            _ => {}
         }
         Self::ALL.iter().copied().find(|k| k.name() == name)
     }
@@ -71,7 +78,11 @@ impl PolicyKind {
     pub const fn uses_store(self) -> bool {
         match self {
             Self::GlobalLeastRequest | Self::PrefixCache | Self::KvAware => true,
-            Self::RoundRobin | Self::Random | Self::LeastBusy | Self::EndpointMetrics => false,
+            Self::RoundRobin
+            | Self::Random
+            | Self::LeastBusy
+            | Self::EndpointMetrics
+            | Self::LatencyAware => false,
         }
     }
 }
@@ -135,6 +146,8 @@ pub enum PolicySettings {
     KvAware(SharedCounts, KvAwareSettings),
     /// `endpoint_metrics`.
     EndpointMetrics(EndpointMetricsConfig),
+    /// `latency_aware`.
+    LatencyAware(LatencyAwareConfig),
     /// A policy registered from outside the crate.
     Custom(CustomPolicy),
 }
@@ -163,6 +176,7 @@ impl PolicySettings {
             PolicyKind::EndpointMetrics => {
                 Self::EndpointMetrics(EndpointMetricsConfig::from_lb_config(c)?)
             }
+            PolicyKind::LatencyAware => Self::LatencyAware(LatencyAwareConfig::from_lb_config(c)?),
             PolicyKind::KvAware => {
                 let shared = SharedCounts::from_lb_config(c);
                 let kv = KvAwareSettings::from_lb_config(c);
@@ -190,7 +204,8 @@ impl PolicySettings {
             | Self::PrefixCache(..)
             | Self::LeastBusy(_)
             | Self::KvAware(..)
-            | Self::EndpointMetrics(_)) => other.kind().map_or("", PolicyKind::name),
+            | Self::EndpointMetrics(_)
+            | Self::LatencyAware(_)) => other.kind().map_or("", PolicyKind::name),
         }
     }
 
@@ -204,6 +219,7 @@ impl PolicySettings {
             Self::LeastBusy(_) => PolicyKind::LeastBusy,
             Self::KvAware(..) => PolicyKind::KvAware,
             Self::EndpointMetrics(_) => PolicyKind::EndpointMetrics,
+            Self::LatencyAware(_) => PolicyKind::LatencyAware,
             Self::Custom(_) => return None,
         })
     }
@@ -216,6 +232,7 @@ impl PolicySettings {
             | Self::Random
             | Self::LeastBusy(_)
             | Self::EndpointMetrics(_)
+            | Self::LatencyAware(_)
             | Self::Custom(_) => None,
         }
     }
@@ -252,7 +269,7 @@ impl KeyUse {
 }
 
 /// Every `lb_config` key as `(name, present in c, who reads it)`.
-pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 35] {
+pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 50] {
     use KeyUse::{Nobody, Policies, Redis, Store};
     const PREFIX: KeyUse = Policies(&[PolicyKind::PrefixCache]);
     const KV: KeyUse = Policies(&[PolicyKind::KvAware]);
@@ -260,6 +277,7 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 35] {
         Policies(&[PolicyKind::GlobalLeastRequest, PolicyKind::PrefixCache]);
     const LEAST_BUSY: KeyUse = Policies(&[PolicyKind::LeastBusy, PolicyKind::EndpointMetrics]);
     const METRICS: KeyUse = Policies(&[PolicyKind::EndpointMetrics]);
+    const LATENCY: KeyUse = Policies(&[PolicyKind::LatencyAware]);
     // Exhaustive on purpose: a new key does not compile until it is listed here.
     let LbConfigFile {
         serviceFQDN,
@@ -297,6 +315,21 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 35] {
         metric_policy,
         target_metric,
         rate_limit,
+        mode,
+        ewma_beta,
+        p2c_choices,
+        ttft_weight,
+        total_latency_weight,
+        error_penalty,
+        failure_cooldown_ms,
+        metrics_missing_policy,
+        queue_size,
+        global_inflight_enabled,
+        global_inflight_key_prefix,
+        global_inflight_timeout,
+        global_inflight_key_ttl,
+        service_list,
+        cluster_header,
     } = c;
     [
         ("serviceFQDN", serviceFQDN.is_some(), Store),
@@ -353,6 +386,53 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 35] {
         ("kvEventsTopic", kvEventsTopic.is_some(), KV),
         ("metric_policy", metric_policy.is_some(), METRICS),
         ("target_metric", target_metric.is_some(), METRICS),
-        ("rate_limit", rate_limit.is_some(), METRICS),
+        (
+            "rate_limit",
+            rate_limit.is_some(),
+            Policies(&[PolicyKind::EndpointMetrics, PolicyKind::LatencyAware]),
+        ),
+        ("mode", mode.is_some(), LATENCY),
+        ("ewma_beta", ewma_beta.is_some(), LATENCY),
+        ("p2c_choices", p2c_choices.is_some(), LATENCY),
+        ("ttft_weight", ttft_weight.is_some(), LATENCY),
+        (
+            "total_latency_weight",
+            total_latency_weight.is_some(),
+            LATENCY,
+        ),
+        ("error_penalty", error_penalty.is_some(), LATENCY),
+        (
+            "failure_cooldown_ms",
+            failure_cooldown_ms.is_some(),
+            LATENCY,
+        ),
+        (
+            "metrics_missing_policy",
+            metrics_missing_policy.is_some(),
+            LATENCY,
+        ),
+        ("queue_size", queue_size.is_some(), LATENCY),
+        (
+            "global_inflight_enabled",
+            global_inflight_enabled.is_some(),
+            LATENCY,
+        ),
+        (
+            "global_inflight_key_prefix",
+            global_inflight_key_prefix.is_some(),
+            LATENCY,
+        ),
+        (
+            "global_inflight_timeout",
+            global_inflight_timeout.is_some(),
+            LATENCY,
+        ),
+        (
+            "global_inflight_key_ttl",
+            global_inflight_key_ttl.is_some(),
+            LATENCY,
+        ),
+        ("service_list", service_list.is_some(), LATENCY),
+        ("cluster_header", cluster_header.is_some(), LATENCY),
     ]
 }

@@ -170,6 +170,7 @@ fn prefix_of(c: &Config) -> PrefixSettings {
         | PolicySettings::LeastBusy(_)
         | PolicySettings::KvAware(..)
         | PolicySettings::EndpointMetrics(_)
+        | PolicySettings::LatencyAware(_)
         | PolicySettings::Custom(_)) => panic!("prefix_cache settings expected: {other:?}"),
     }
 }
@@ -317,4 +318,125 @@ fn endpoint_metrics_keys() {
         let e = with(lb).expect_err(lb).to_string();
         assert!(e.contains(&format!("lb_config.{key}")), "{lb}: {e}");
     }
+}
+
+#[test]
+fn latency_aware_keys() {
+    let with = |policy: &str, lb: &str| {
+        Config::from_yaml(&MIN.replace("round_robin", &format!("{policy}\n    lb_config: {lb}")))
+    };
+    // Defaults, Higress's.
+    let c = Config::from_yaml(&MIN.replace("round_robin", "latency_aware")).expect("valid");
+    let defaults = LatencyAwareConfig {
+        mode: LatencyMode::AdaptiveScore,
+        ewma_beta: 0.5,
+        p2c_choices: 2,
+        ttft_weight: 0.7,
+        total_latency_weight: 0.3,
+        error_penalty: 3.0,
+        failure_cooldown: Duration::from_secs(30),
+        rate_limit: 1.0,
+        queue_size: 100,
+    };
+    assert_eq!(c.pools[0].policy, PolicySettings::LatencyAware(defaults));
+    assert_eq!(LatencyAwareConfig::default(), defaults);
+    assert!(c.pools[0].policy.store().is_none());
+    // Every key, as a Higress user writes them; 0 (or less, for p2c_choices) means the default.
+    let c = with(
+        "latency_aware",
+        "{mode: LeastTotalLatency, ewma_beta: 0.8, p2c_choices: 3, ttft_weight: 1, \
+         total_latency_weight: 0, error_penalty: 0, failure_cooldown_ms: 5000, \
+         metrics_missing_policy: least_busy, rate_limit: 0.7, queue_size: 20, \
+         global_inflight_enabled: false}",
+    )
+    .expect("valid");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(
+        c.pools[0].policy,
+        PolicySettings::LatencyAware(LatencyAwareConfig {
+            mode: LatencyMode::LeastTotalLatency,
+            ewma_beta: 0.8,
+            p2c_choices: 3,
+            ttft_weight: 1.0,
+            total_latency_weight: 0.0,
+            error_penalty: 0.0,
+            failure_cooldown: Duration::from_millis(5000),
+            rate_limit: 0.7,
+            queue_size: 20,
+        })
+    );
+    let c = with(
+        "cluster_metrics",
+        "{p2c_choices: -1, failure_cooldown_ms: 0, queue_size: 0}",
+    )
+    .expect("Higress's name is an alias");
+    assert_eq!(c.pools[0].policy, PolicySettings::LatencyAware(defaults));
+    for mode in LatencyMode::ALL {
+        let c = with("latency_aware", &format!("{{mode: {}}}", mode.name())).expect("valid");
+        assert!(matches!(
+            c.pools[0].policy,
+            PolicySettings::LatencyAware(LatencyAwareConfig { mode: m, .. }) if m == mode
+        ));
+    }
+    // Each bad value is refused, naming its key.
+    for (lb, key) in [
+        ("{mode: Fastest}", "mode"),
+        ("{mode: adaptivescore}", "mode"),
+        ("{ewma_beta: 1.5}", "ewma_beta"),
+        ("{ewma_beta: -0.1}", "ewma_beta"),
+        ("{ewma_beta: .nan}", "ewma_beta"),
+        ("{ttft_weight: -1}", "ttft_weight"),
+        ("{total_latency_weight: .inf}", "total_latency_weight"),
+        (
+            "{ttft_weight: 0, total_latency_weight: 0}",
+            "total_latency_weight",
+        ),
+        ("{error_penalty: -3}", "error_penalty"),
+        ("{failure_cooldown_ms: -1}", "failure_cooldown_ms"),
+        ("{failure_cooldown_ms: 86400001}", "failure_cooldown_ms"),
+        ("{metrics_missing_policy: random}", "metrics_missing_policy"),
+        ("{rate_limit: 0}", "rate_limit"),
+        ("{rate_limit: 1.01}", "rate_limit"),
+        ("{queue_size: -5}", "queue_size"),
+        ("{queue_size: 10001}", "queue_size"),
+        ("{global_inflight_enabled: true}", "global_inflight_enabled"),
+        (
+            "{global_inflight_key_prefix: x}",
+            "global_inflight_key_prefix",
+        ),
+        ("{global_inflight_timeout: 50}", "global_inflight_timeout"),
+        ("{global_inflight_key_ttl: 60}", "global_inflight_key_ttl"),
+        ("{service_list: [a, b]}", "service_list"),
+        ("{cluster_header: x-target}", "cluster_header"),
+    ] {
+        let e = with("latency_aware", lb).expect_err(lb).to_string();
+        assert!(e.contains(&format!("lb_config.{key}: ")), "{lb}: {e}");
+    }
+    let e = with("latency_aware", "{global_inflight_enabled: true}")
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("not supported yet") && e.contains("this replica"),
+        "{e}"
+    );
+    let e = with("latency_aware", "{service_list: [a]}")
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("pool's endpoints"), "{e}");
+    // Every problem at once.
+    let e = with(
+        "latency_aware",
+        "{mode: x, ewma_beta: 2, queue_size: -1, cluster_header: h}",
+    )
+    .expect_err("refused")
+    .to_string();
+    for key in ["mode", "ewma_beta", "queue_size", "cluster_header"] {
+        assert!(e.contains(&format!("lb_config.{key}")), "{key}: {e}");
+    }
+    // The keys are latency_aware's (rate_limit is endpoint_metrics' too).
+    let c = with("round_robin", "{mode: LeastBusy, ewma_beta: 0.9}").expect("valid");
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    let c = with("endpoint_metrics", "{rate_limit: 0.5, queue_size: 10}").expect("valid");
+    let w: Vec<&str> = c.warnings.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(w, ["pools[0].lb_config.queue_size"]);
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use super::kv_aware::{KvAware, Tokenizer};
 use super::{
-    EndpointMetrics, GlobalLeastRequest, LeastBusy, Policy, PrefixCache, Random, Registry,
-    RoundRobin,
+    EndpointMetrics, GlobalLeastRequest, LatencyAware, LeastBusy, Policy, PrefixCache, Random,
+    Registry, RoundRobin,
 };
 use crate::config::{EndpointConfig, PolicySettings};
 use crate::kv_events::{Feed, KvIndex};
@@ -72,6 +72,9 @@ pub fn build(
                 .clone()
                 .ok_or_else(|| "endpoint_metrics needs a metrics board".to_owned())?;
             Arc::new(EndpointMetrics::new(board, config.clone()))
+        }
+        PolicySettings::LatencyAware(config) => {
+            Arc::new(LatencyAware::new(endpoints.len(), *config))
         }
         PolicySettings::KvAware(_, kv) => {
             let index = deps

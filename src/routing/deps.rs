@@ -46,6 +46,7 @@ pub fn build(
         | PolicySettings::GlobalLeastRequest(_)
         | PolicySettings::PrefixCache(..)
         | PolicySettings::KvAware(..)
+        | PolicySettings::LatencyAware(_)
         | PolicySettings::Custom(_) => None,
     };
     let (kv_index, kv_feeds, tokenizer) = match &pc.policy {
@@ -62,6 +63,7 @@ pub fn build(
         | PolicySettings::PrefixCache(..)
         | PolicySettings::LeastBusy(_)
         | PolicySettings::EndpointMetrics(_)
+        | PolicySettings::LatencyAware(_)
         | PolicySettings::Custom(_) => (None, Vec::new(), None),
     };
     Ok(Deps {
@@ -120,6 +122,7 @@ fn carried_index(previous: &Routes, pc: &PoolConfig, kv: &KvAwareSettings) -> Op
         | PolicySettings::PrefixCache(..)
         | PolicySettings::LeastBusy(_)
         | PolicySettings::EndpointMetrics(_)
+        | PolicySettings::LatencyAware(_)
         | PolicySettings::Custom(_) => None,
     }
 }
