@@ -25,24 +25,6 @@ fn proxy(backends: &[&Backend]) -> Proxy {
     ))
 }
 
-/// Send `body` to `path`; returns the endpoint and the pick reason.
-async fn send(
-    client: &reqwest::Client,
-    proxy: &Proxy,
-    path: &str,
-    body: &Value,
-) -> (String, String) {
-    let resp = client
-        .post(proxy.url(path))
-        .json(body)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(resp.status(), 200, "{path}");
-    let header = |name: &str| resp.headers()[name].to_str().expect("header").to_string();
-    (header("x-llm-lb-endpoint"), header("x-llm-lb-reason"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_and_messages_conversations_keep_their_affinity() {
     let (a, b) = (Backend::start().await, Backend::start().await);
@@ -60,15 +42,17 @@ async fn responses_and_messages_conversations_keep_their_affinity() {
         }
         json!({"model": "m", "max_tokens": 16, "system": system, "messages": messages})
     };
-    let (first, reason) = send(&client, &proxy, "/v1/messages", &turn("you are a coder", 1)).await;
+    let (first, reason) =
+        routed(&client, &proxy, "/v1/messages", &turn("you are a coder", 1)).await;
     assert_eq!(reason, "prefix_miss");
-    let (second, reason) = send(&client, &proxy, "/v1/messages", &turn("you are a coder", 2)).await;
+    let (second, reason) =
+        routed(&client, &proxy, "/v1/messages", &turn("you are a coder", 2)).await;
     assert_eq!(
         (second.as_str(), reason.as_str()),
         (first.as_str(), "prefix_hit")
     );
     // The same messages under another system prompt share nothing with it.
-    let (_, reason) = send(&client, &proxy, "/v1/messages", &turn("you are a poet", 2)).await;
+    let (_, reason) = routed(&client, &proxy, "/v1/messages", &turn("you are a poet", 2)).await;
     assert_eq!(reason, "prefix_miss");
 
     // Responses, with the client sending the conversation so far as input items.
@@ -82,10 +66,10 @@ async fn responses_and_messages_conversations_keep_their_affinity() {
         }
         json!({"model": "m", "instructions": "plan", "input": input})
     };
-    let (first, reason) = send(&client, &proxy, "/v1/responses", &items(1)).await;
+    let (first, reason) = routed(&client, &proxy, "/v1/responses", &items(1)).await;
     assert_eq!(reason, "prefix_miss");
     for turns in 2..4 {
-        let (next, reason) = send(&client, &proxy, "/v1/responses", &items(turns)).await;
+        let (next, reason) = routed(&client, &proxy, "/v1/responses", &items(turns)).await;
         assert_eq!(
             (next.as_str(), reason.as_str()),
             (first.as_str(), "prefix_hit")

@@ -29,15 +29,8 @@ fn yaml(endpoints: &[SocketAddr], policy: &str, lb_config: &str) -> String {
 
 /// Send one completion; returns the endpoint that answered and the pick reason.
 async fn send(client: &reqwest::Client, proxy: &Proxy) -> (String, String) {
-    let resp = client
-        .post(proxy.url("/v1/completions"))
-        .json(&json!({"model": "m", "prompt": "hello", "max_tokens": 2}))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(resp.status(), 200);
-    let header = |n: &str| resp.headers()[n].to_str().expect("header").to_string();
-    (header("x-llm-lb-endpoint"), header("x-llm-lb-reason"))
+    let body = json!({"model": "m", "prompt": "hello", "max_tokens": 2});
+    routed(client, proxy, "/v1/completions", &body).await
 }
 
 async fn retries(proxy: &Proxy) -> f64 {

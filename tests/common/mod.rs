@@ -686,6 +686,25 @@ pub(crate) fn chat_body_with(model: &str, size: usize, stream: bool, long_stream
     .expect("json")
 }
 
+/// POST `body` to `path` through `proxy` (which exposes its pick headers), expecting a 200: the
+/// endpoint that answered and the pick reason.
+pub(crate) async fn routed(
+    client: &reqwest::Client,
+    proxy: &Proxy,
+    path: &str,
+    body: &serde_json::Value,
+) -> (String, String) {
+    let resp = client
+        .post(proxy.url(path))
+        .json(body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200, "{path}");
+    let header = |name: &str| resp.headers()[name].to_str().expect("header").to_string();
+    (header("x-llm-lb-endpoint"), header("x-llm-lb-reason"))
+}
+
 /// One turn of a chat against an OpenAI-compatible `url`: send `messages`, append the assistant's
 /// answer to them, and return the whole reply.
 pub(crate) async fn chat_turn(
