@@ -79,8 +79,8 @@ pub fn sse_events(body: &str) -> Vec<String> {
         .collect()
 }
 
-/// POSTs a streaming request and returns the SSE payloads.
-pub async fn stream(sim: &SimHandle, path: &str, body: &Value) -> Vec<String> {
+/// POSTs a streaming request, expects a 200 event stream and returns its body.
+async fn stream_body(sim: &SimHandle, path: &str, body: &Value) -> String {
     let resp = client()
         .post(format!("{}{path}", sim.url()))
         .json(body)
@@ -90,7 +90,12 @@ pub async fn stream(sim: &SimHandle, path: &str, body: &Value) -> Vec<String> {
     assert_eq!(resp.status().as_u16(), 200);
     let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
     assert!(ct.starts_with("text/event-stream"), "{ct}");
-    sse_events(&resp.text().await.expect("body read"))
+    resp.text().await.expect("body read")
+}
+
+/// POSTs a streaming request and returns the SSE payloads.
+pub async fn stream(sim: &SimHandle, path: &str, body: &Value) -> Vec<String> {
+    sse_events(&stream_body(sim, path, body).await)
 }
 
 /// Polls `cond` every 5 ms until it holds or `secs` pass.
@@ -210,16 +215,7 @@ pub fn named_events(body: &str) -> Vec<(String, Value)> {
 
 /// POSTs a streaming request to an API with named events and returns them.
 pub async fn stream_named(sim: &SimHandle, path: &str, body: &Value) -> Vec<(String, Value)> {
-    let resp = client()
-        .post(format!("{}{path}", sim.url()))
-        .json(body)
-        .send()
-        .await
-        .expect("request sent");
-    assert_eq!(resp.status().as_u16(), 200);
-    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
-    assert!(ct.starts_with("text/event-stream"), "{ct}");
-    named_events(&resp.text().await.expect("body read"))
+    named_events(&stream_body(sim, path, body).await)
 }
 
 /// The prompt ids `/tokenize` gives for chat messages.
