@@ -35,6 +35,7 @@
 )]
 
 pub mod admin;
+pub mod admission;
 pub mod apis;
 pub mod app;
 pub mod cli;

@@ -220,6 +220,7 @@ impl EmbeddedCounts {
                 max: None,
                 guard: self.prefix.guard,
                 ttl: self.prefix.ttl,
+                sole: false,
             };
             self.store.acquire_prefix_now(&self.pool, query).is_ok()
         };

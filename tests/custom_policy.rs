@@ -81,7 +81,7 @@ async fn unknown_names_and_bad_settings_are_refused() {
     let e = Config::from_yaml_with(&POOL.replace("last", "lost"), &["last"]).expect_err("typo");
     assert!(
         e.to_string()
-            .contains("endpoint_metrics, latency_aware, last"),
+            .contains("endpoint_metrics, latency_aware, endpoint_hash, last"),
         "{e}"
     );
     // The factory's own check fails the build, naming the pool.

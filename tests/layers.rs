@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// Top-level modules by floor; a module may import only modules on lower floors (and itself).
 const FLOORS: &[(usize, &[&str])] = &[
     (0, &["endpoint", "config", "telemetry", "drain", "cli"]),
-    (1, &["prefix", "usage", "kv_blocks", "apis"]),
+    (1, &["prefix", "usage", "kv_blocks", "apis", "admission"]),
     (2, &["request"]),
     (3, &["health", "store", "scrape", "kv_events"]),
     (4, &["policy"]),

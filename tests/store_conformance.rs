@@ -163,6 +163,7 @@ async fn prefix_with(
                 max: None,
                 guard: GUARD,
                 ttl,
+                sole: false,
             },
         )
         .await
@@ -269,6 +270,32 @@ mod cases {
         );
     }
 
+    pub(crate) async fn a_sole_binding_replaces_earlier_holders(env: &Env) {
+        let s = env.replica();
+        let p = pool("psole");
+        let bind = |candidates: &'static [&'static str]| PrefixQuery {
+            chain: &[7],
+            candidates,
+            max: None,
+            guard: LoadGuard::NEVER,
+            ttl: Duration::from_secs(60),
+            sole: true,
+        };
+        let first = s.acquire_prefix(&p, bind(&["a"])).await.expect("bind");
+        assert_eq!(first.outcome, Miss);
+        // a is not a candidate: the key moves to b, and a is forgotten.
+        let moved = s.acquire_prefix(&p, bind(&["b"])).await.expect("move");
+        assert_eq!(moved.outcome, Miss);
+        load(&*s, &p, "b", 5).await;
+        for _ in 0..4 {
+            let again = s.acquire_prefix(&p, bind(&["a", "b"])).await.expect("hit");
+            assert_eq!((again.index, again.outcome), (1, Hit), "b, however busy");
+        }
+        // Without sole, a key keeps its earlier holders (most recent first).
+        assert_eq!(prefix(&*s, &p, &[7], &["c"]).await.2, Miss);
+        assert_eq!(prefix(&*s, &p, &[7], &["b"]).await, ("b".into(), 1, Hit));
+    }
+
     pub(crate) async fn prefix_saturation_writes_nothing(env: &Env) {
         let s = env.replica();
         let p = pool("psat");
@@ -278,6 +305,7 @@ mod cases {
             max: Some(max),
             guard: GUARD,
             ttl: Duration::from_secs(60),
+            sole: false,
         };
         s.acquire_prefix(&p, query(&[1], 1)).await.expect("room");
         assert!(matches!(
@@ -783,6 +811,7 @@ conformance!(
     prefix_load_guard_diverts_and_spreads,
     prefix_holders_are_capped_most_recent_first,
     prefix_saturation_writes_nothing,
+    a_sole_binding_replaces_earlier_holders,
     prefix_keys_expire_unless_used,
     prefix_affinity_is_shared_by_replicas_and_isolated_by_pool,
 );

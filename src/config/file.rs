@@ -100,10 +100,52 @@ pub struct PoolFile {
     pub outlier_detection: Option<OutlierFile>,
     /// Session affinity (on with the default headers and body fields when absent).
     pub session_affinity: Option<SessionFile>,
+    /// The waiting room (none when absent).
+    pub admission: Option<AdmissionFile>,
     /// Name of the policy that picks endpoints.
     pub lb_policy: String,
     /// A built-in policy's keys ([`LbConfigFile`]) or a custom policy's own.
     pub lb_config: Option<serde_yaml::Value>,
+}
+
+/// A pool's waiting room: see [`super::AdmissionConfig`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionFile {
+    /// `false` turns it off.
+    pub enabled: Option<bool>,
+    /// Requests this replica lets in flight per endpoint before new ones wait.
+    pub max_inflight: Option<usize>,
+    /// Header naming a request's band (default `x-llm-lb-priority`).
+    pub priority_header: Option<String>,
+    /// Header naming a request's tenant (default `x-tenant-id`).
+    pub tenant_header: Option<String>,
+    /// Band of requests that name none (default `standard`).
+    pub default_band: Option<String>,
+    /// Queue and deadline per band.
+    pub bands: Option<BandsFile>,
+}
+
+/// Per band limits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BandsFile {
+    /// `critical`.
+    pub critical: Option<BandFile>,
+    /// `standard`.
+    pub standard: Option<BandFile>,
+    /// `sheddable`.
+    pub sheddable: Option<BandFile>,
+}
+
+/// One band's limits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BandFile {
+    /// Most requests of the band waiting at once.
+    pub queue: Option<usize>,
+    /// Longest wait, ms.
+    pub deadline_ms: Option<u64>,
 }
 
 /// Session affinity: which headers and body fields name a request's session.
@@ -311,4 +353,10 @@ pub struct LbConfigFile {
     pub service_list: Option<serde_yaml::Value>,
     /// Higress `cluster_metrics`' header naming the chosen service (refused).
     pub cluster_header: Option<serde_yaml::Value>,
+    /// `endpoint_hash`: the header whose value pins a request to an endpoint (default
+    /// `x-mse-consumer`).
+    pub hash_header: Option<String>,
+    /// `endpoint_hash`: minutes a binding lives unused, refreshed on each use (default 60; 0
+    /// means the default).
+    pub stickyTimeout: Option<i64>,
 }

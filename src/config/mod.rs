@@ -10,6 +10,8 @@
 //! store, passive health live here as plain validated data; the modules that act on them import
 //! them.
 
+mod admission;
+mod endpoint_hash;
 mod endpoint_metrics;
 mod error;
 pub mod file;
@@ -23,6 +25,10 @@ mod redis;
 mod session;
 mod validate;
 
+pub use admission::{AdmissionConfig, Band, BandLimits};
+pub use endpoint_hash::{
+    EndpointHashConfig, DEFAULT_HASH_HEADER, DEFAULT_STICKY_TIMEOUT, MAX_STICKY_TIMEOUT_MINUTES,
+};
 pub use endpoint_metrics::{EndpointMetricsConfig, MetricPolicy, RATE_WINDOW};
 pub use error::{ConfigError, InvalidKey, Issue};
 pub use kv_aware::KvAwareSettings;
@@ -139,6 +145,8 @@ pub struct PoolConfig {
     pub outlier: Option<OutlierConfig>,
     /// Where requests name their session (`session_affinity`); `None` when disabled.
     pub session: Option<SessionConfig>,
+    /// The waiting room (`admission`); `None` when there is none.
+    pub admission: Option<AdmissionConfig>,
 }
 
 impl PoolConfig {

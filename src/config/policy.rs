@@ -8,6 +8,7 @@
 //! field of [`LbConfigFile`], which [`key_users`] destructures exhaustively, so it does not
 //! compile until it says which policies read it.
 
+use super::endpoint_hash::EndpointHashConfig;
 use super::endpoint_metrics::EndpointMetricsConfig;
 use super::error::InvalidKey;
 use super::file::LbConfigFile;
@@ -16,6 +17,7 @@ use super::latency_aware::LatencyAwareConfig;
 use super::least_busy::LeastBusyConfig;
 use super::prefix::PrefixSettings;
 use super::redis::RedisConfig;
+use super::session::SessionConfig;
 
 /// Declares [`PolicyKind`] with its `lb_policy` names: one line per built-in policy.
 macro_rules! policy_kinds {
@@ -60,6 +62,9 @@ policy_kinds! {
     /// Higress 2.x `cluster_metrics`: the endpoint with the best smoothed time to first token and
     /// total time, weighed by its requests in flight and its errors; failing endpoints cool down.
     LatencyAware = "latency_aware",
+    /// Higress 2.x `endpoint_hash`: a request naming a key in a header (`hash_header`) is pinned
+    /// to the endpoint the key was bound to in the store; the least loaded binds a new key.
+    EndpointHash = "endpoint_hash",
 }
 
 impl PolicyKind {
@@ -77,7 +82,9 @@ impl PolicyKind {
     /// Whether the policy keeps state in a store (embedded or Redis).
     pub const fn uses_store(self) -> bool {
         match self {
-            Self::GlobalLeastRequest | Self::PrefixCache | Self::KvAware => true,
+            Self::GlobalLeastRequest | Self::PrefixCache | Self::KvAware | Self::EndpointHash => {
+                true
+            }
             Self::RoundRobin
             | Self::Random
             | Self::LeastBusy
@@ -148,6 +155,8 @@ pub enum PolicySettings {
     EndpointMetrics(EndpointMetricsConfig),
     /// `latency_aware`.
     LatencyAware(LatencyAwareConfig),
+    /// `endpoint_hash`.
+    EndpointHash(SharedCounts, EndpointHashConfig),
     /// A policy registered from outside the crate.
     Custom(CustomPolicy),
 }
@@ -177,6 +186,16 @@ impl PolicySettings {
                 Self::EndpointMetrics(EndpointMetricsConfig::from_lb_config(c)?)
             }
             PolicyKind::LatencyAware => Self::LatencyAware(LatencyAwareConfig::from_lb_config(c)?),
+            PolicyKind::EndpointHash => {
+                let shared = SharedCounts::from_lb_config(c);
+                let hash = EndpointHashConfig::from_lb_config(c);
+                match (shared, hash) {
+                    (Ok(s), Ok(h)) => Self::EndpointHash(s, h),
+                    (s, h) => {
+                        return Err([s.err(), h.err()].into_iter().flatten().flatten().collect())
+                    }
+                }
+            }
             PolicyKind::KvAware => {
                 let shared = SharedCounts::from_lb_config(c);
                 let kv = KvAwareSettings::from_lb_config(c);
@@ -205,7 +224,8 @@ impl PolicySettings {
             | Self::LeastBusy(_)
             | Self::KvAware(..)
             | Self::EndpointMetrics(_)
-            | Self::LatencyAware(_)) => other.kind().map_or("", PolicyKind::name),
+            | Self::LatencyAware(_)
+            | Self::EndpointHash(..)) => other.kind().map_or("", PolicyKind::name),
         }
     }
 
@@ -220,6 +240,7 @@ impl PolicySettings {
             Self::KvAware(..) => PolicyKind::KvAware,
             Self::EndpointMetrics(_) => PolicyKind::EndpointMetrics,
             Self::LatencyAware(_) => PolicyKind::LatencyAware,
+            Self::EndpointHash(..) => PolicyKind::EndpointHash,
             Self::Custom(_) => return None,
         })
     }
@@ -227,7 +248,10 @@ impl PolicySettings {
     /// The shared counts' settings, for policies that keep them.
     pub fn shared_counts(&self) -> Option<&SharedCounts> {
         match self {
-            Self::GlobalLeastRequest(s) | Self::PrefixCache(s, _) | Self::KvAware(s, _) => Some(s),
+            Self::GlobalLeastRequest(s)
+            | Self::PrefixCache(s, _)
+            | Self::KvAware(s, _)
+            | Self::EndpointHash(s, _) => Some(s),
             Self::RoundRobin
             | Self::Random
             | Self::LeastBusy(_)
@@ -240,6 +264,23 @@ impl PolicySettings {
     /// Where the policy keeps shared state (`None`: it keeps none).
     pub fn store(&self) -> Option<&StoreConfig> {
         self.shared_counts().map(|s| &s.store)
+    }
+
+    /// The session settings the policy imposes on its pool, whatever `session_affinity` says
+    /// (`endpoint_hash`: its `hash_header` alone).
+    pub fn session(&self) -> Option<SessionConfig> {
+        match self {
+            Self::EndpointHash(_, h) => Some(h.session()),
+            Self::RoundRobin
+            | Self::Random
+            | Self::GlobalLeastRequest(_)
+            | Self::PrefixCache(..)
+            | Self::LeastBusy(_)
+            | Self::KvAware(..)
+            | Self::EndpointMetrics(_)
+            | Self::LatencyAware(_)
+            | Self::Custom(_) => None,
+        }
     }
 }
 
@@ -269,12 +310,16 @@ impl KeyUse {
 }
 
 /// Every `lb_config` key as `(name, present in c, who reads it)`.
-pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 50] {
+pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 52] {
     use KeyUse::{Nobody, Policies, Redis, Store};
     const PREFIX: KeyUse = Policies(&[PolicyKind::PrefixCache]);
     const KV: KeyUse = Policies(&[PolicyKind::KvAware]);
-    const COUNTS_REQUESTS: KeyUse =
-        Policies(&[PolicyKind::GlobalLeastRequest, PolicyKind::PrefixCache]);
+    const COUNTS_REQUESTS: KeyUse = Policies(&[
+        PolicyKind::GlobalLeastRequest,
+        PolicyKind::PrefixCache,
+        PolicyKind::EndpointHash,
+    ]);
+    const HASH: KeyUse = Policies(&[PolicyKind::EndpointHash]);
     const LEAST_BUSY: KeyUse = Policies(&[PolicyKind::LeastBusy, PolicyKind::EndpointMetrics]);
     const METRICS: KeyUse = Policies(&[PolicyKind::EndpointMetrics]);
     const LATENCY: KeyUse = Policies(&[PolicyKind::LatencyAware]);
@@ -330,6 +375,8 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 50] {
         global_inflight_key_ttl,
         service_list,
         cluster_header,
+        hash_header,
+        stickyTimeout,
     } = c;
     [
         ("serviceFQDN", serviceFQDN.is_some(), Store),
@@ -434,5 +481,7 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 50] {
         ),
         ("service_list", service_list.is_some(), LATENCY),
         ("cluster_header", cluster_header.is_some(), LATENCY),
+        ("hash_header", hash_header.is_some(), HASH),
+        ("stickyTimeout", stickyTimeout.is_some(), HASH),
     ]
 }

@@ -171,6 +171,7 @@ fn prefix_of(c: &Config) -> PrefixSettings {
         | PolicySettings::KvAware(..)
         | PolicySettings::EndpointMetrics(_)
         | PolicySettings::LatencyAware(_)
+        | PolicySettings::EndpointHash(..)
         | PolicySettings::Custom(_)) => panic!("prefix_cache settings expected: {other:?}"),
     }
 }
@@ -439,4 +440,94 @@ fn latency_aware_keys() {
     let c = with("endpoint_metrics", "{rate_limit: 0.5, queue_size: 10}").expect("valid");
     let w: Vec<&str> = c.warnings.iter().map(|i| i.path.as_str()).collect();
     assert_eq!(w, ["pools[0].lb_config.queue_size"]);
+}
+
+#[test]
+fn endpoint_hash_keys() {
+    let with = |lb: &str| {
+        Config::from_yaml(&MIN.replace(
+            "round_robin",
+            &format!("endpoint_hash\n    lb_config: {lb}"),
+        ))
+    };
+    // Defaults, Higress's: x-mse-consumer, 60 minutes, the embedded store.
+    let c = Config::from_yaml(&MIN.replace("round_robin", "endpoint_hash")).expect("valid");
+    let p = &c.pools[0];
+    let defaults = EndpointHashConfig {
+        hash_header: "x-mse-consumer".into(),
+        sticky: Duration::from_secs(3600),
+    };
+    assert_eq!(EndpointHashConfig::default(), defaults);
+    let shared = SharedCounts {
+        store: StoreConfig::Embedded,
+        max_inflight: None,
+    };
+    assert_eq!(
+        p.policy,
+        PolicySettings::EndpointHash(shared, defaults.clone())
+    );
+    // The pool's session is the header alone, whatever the defaults of session_affinity.
+    let session = p.session.as_ref().expect("the header is the session");
+    assert_eq!(session.headers, ["x-mse-consumer"]);
+    assert!(session.body_fields.is_empty());
+    // Every key, as a Higress user writes them; stickyTimeout in minutes, 0 is the default.
+    let c = with(
+        "{hash_header: X-User, stickyTimeout: 5, serviceFQDN: redis.local, servicePort: 6380, \
+         password: pw, timeout: 100, database: 2, maxRequestCount: 10}",
+    )
+    .expect("valid");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let PolicySettings::EndpointHash(shared, hash) = &c.pools[0].policy else {
+        panic!("endpoint_hash settings expected: {:?}", c.pools[0].policy);
+    };
+    assert_eq!(hash.hash_header, "x-user");
+    assert_eq!(hash.sticky, Duration::from_secs(300));
+    assert_eq!(shared.max_inflight, Some(10));
+    assert!(matches!(shared.store, StoreConfig::Redis(_)));
+    assert_eq!(
+        c.pools[0].session.as_ref().map(|s| s.headers.clone()),
+        Some(vec!["x-user".to_owned()])
+    );
+    let c = with("{stickyTimeout: 0}").expect("valid");
+    assert!(matches!(
+        &c.pools[0].policy,
+        PolicySettings::EndpointHash(_, h) if h.sticky == DEFAULT_STICKY_TIMEOUT
+    ));
+    // Each bad value is refused, naming its key; every problem at once.
+    for (lb, key) in [
+        ("{stickyTimeout: -1}", "stickyTimeout"),
+        ("{stickyTimeout: 525601}", "stickyTimeout"),
+        ("{hash_header: ''}", "hash_header"),
+        ("{hash_header: 'x user'}", "hash_header"),
+        ("{hash_header: 'x-user:'}", "hash_header"),
+    ] {
+        let e = with(lb).expect_err(lb).to_string();
+        assert!(e.contains(&format!("lb_config.{key}: ")), "{lb}: {e}");
+    }
+    let e = with("{hash_header: 'a b', stickyTimeout: -5, servicePort: 0}")
+        .expect_err("refused")
+        .to_string();
+    for key in ["hash_header", "stickyTimeout"] {
+        assert!(e.contains(&format!("lb_config.{key}")), "{key}: {e}");
+    }
+    assert!(e.contains("minutes"), "{e}");
+    // session_affinity is refused on such a pool, saying why.
+    let e = err_text(&format!(
+        "{}    session_affinity: {{headers: [x-session-id]}}\n",
+        MIN.replace("round_robin", "endpoint_hash")
+    ));
+    assert!(
+        e.contains("pools[0].session_affinity") && e.contains("hash_header"),
+        "{e}"
+    );
+    // The keys are endpoint_hash's; redisKeyTTL is not (stickyTimeout is its TTL).
+    let c = Config::from_yaml(&MIN.replace(
+        "round_robin",
+        "prefix_cache\n    lb_config: {hash_header: x-user, stickyTimeout: 5}",
+    ))
+    .expect("valid");
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    let c = with("{redisKeyTTL: 60}").expect("valid");
+    let w: Vec<&str> = c.warnings.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(w, ["pools[0].lb_config.redisKeyTTL"]);
 }

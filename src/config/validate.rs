@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use super::file::{self, EndpointFile, LbConfigFile, OneOrMany, PolicyFile, PoolFile};
 use super::{
-    key_users, kv_events_address, Address, Config, ConfigError, CustomPolicy, EndpointSpec,
-    HealthCheckConfig, InvalidKey, Issue, KeyUse, MetricsConfig, OutlierConfig, PolicyKind,
-    PolicySettings, PoolConfig, SessionConfig, TracingConfig, UpstreamConfig, DEFAULT_ADMIN,
-    DEFAULT_BODY_TIMEOUT, DEFAULT_DNS_REFRESH, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_HEADER_BYTES, MAX_WEIGHT,
+    key_users, kv_events_address, Address, AdmissionConfig, Config, ConfigError, CustomPolicy,
+    EndpointSpec, HealthCheckConfig, InvalidKey, Issue, KeyUse, MetricsConfig, OutlierConfig,
+    PolicyKind, PolicySettings, PoolConfig, SessionConfig, TracingConfig, UpstreamConfig,
+    DEFAULT_ADMIN, DEFAULT_BODY_TIMEOUT, DEFAULT_DNS_REFRESH, DEFAULT_LISTEN,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, MAX_WEIGHT,
 };
 
 /// Collects issues and warnings while the file is checked.
@@ -302,16 +302,51 @@ impl<'a> Validator<'a> {
                 interval: self.millis(&format!("{path}.metrics.interval_ms"), m.interval_ms, 200),
             }
         };
+        let critical_models: Vec<String> = p
+            .lb_config
+            .as_ref()
+            .and_then(|c| c.get("criticalModels"))
+            .and_then(|m| m.as_sequence())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let admission = AdmissionConfig::from_file(p.admission.as_ref(), critical_models)
+            .unwrap_or_else(|bad| {
+                self.invalid_keys(&format!("{path}.admission"), bad);
+                None
+            });
         let policy = self.policy(path, &p.lb_policy, p.lb_config);
+        if admission.is_some() {
+            // The waiting room reads criticalModels whatever the policy.
+            let used = format!("{path}.lb_config.criticalModels");
+            self.warnings.retain(|w| w.path != used);
+        }
         let outlier =
             OutlierConfig::from_file(p.outlier_detection.as_ref()).unwrap_or_else(|bad| {
                 self.invalid_keys(&format!("{path}.outlier_detection"), bad);
                 None
             });
-        let session = SessionConfig::from_file(p.session_affinity.as_ref()).unwrap_or_else(|bad| {
-            self.invalid_keys(&format!("{path}.session_affinity"), bad);
-            None
-        });
+        let imposed = policy.as_ref().and_then(PolicySettings::session);
+        let session = match imposed {
+            // endpoint_hash: the session is its hash_header, nothing else.
+            Some(imposed) => {
+                if p.session_affinity.is_some() {
+                    self.issue(
+                        &format!("{path}.session_affinity"),
+                        "not with lb_policy endpoint_hash: its key is the header named by \
+                         lb_config.hash_header (default x-mse-consumer); remove session_affinity",
+                    );
+                }
+                Some(imposed)
+            }
+            None => SessionConfig::from_file(p.session_affinity.as_ref()).unwrap_or_else(|bad| {
+                self.invalid_keys(&format!("{path}.session_affinity"), bad);
+                None
+            }),
+        };
         if self.issues.len() > before {
             return None;
         }
@@ -324,6 +359,7 @@ impl<'a> Validator<'a> {
             policy: policy?,
             outlier,
             session,
+            admission,
         })
     }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use super::kv_aware::{KvAware, Tokenizer};
 use super::{
-    EndpointMetrics, GlobalLeastRequest, LatencyAware, LeastBusy, Policy, PrefixCache, Random,
-    Registry, RoundRobin,
+    EndpointHash, EndpointMetrics, GlobalLeastRequest, LatencyAware, LeastBusy, Policy,
+    PrefixCache, Random, Registry, RoundRobin,
 };
 use crate::config::{EndpointConfig, PolicySettings};
 use crate::kv_events::{Feed, KvIndex};
@@ -73,6 +73,11 @@ pub fn build(
                 .ok_or_else(|| "endpoint_metrics needs a metrics board".to_owned())?;
             Arc::new(EndpointMetrics::new(board, config.clone()))
         }
+        PolicySettings::EndpointHash(shared, config) => Arc::new(EndpointHash::new(
+            counts()?,
+            shared.max_inflight,
+            config.clone(),
+        )),
         PolicySettings::LatencyAware(config) => {
             Arc::new(LatencyAware::new(endpoints.len(), *config))
         }

@@ -12,6 +12,7 @@
 //! through a [`Registry`].
 
 mod build;
+pub mod endpoint_hash;
 pub mod endpoint_metrics;
 mod global_least_request;
 pub mod kv_aware;
@@ -24,6 +25,7 @@ mod registry;
 mod round_robin;
 
 pub use build::{build, Deps};
+pub use endpoint_hash::EndpointHash;
 pub use endpoint_metrics::EndpointMetrics;
 pub use global_least_request::GlobalLeastRequest;
 pub use kv_aware::KvAware;

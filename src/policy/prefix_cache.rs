@@ -28,6 +28,7 @@
 //! `llmlb_fallback_total`; affinity resumes with the store.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -98,7 +99,7 @@ impl Policy for PrefixCache {
         }
         let blocks = &input.request.blocks;
         let chain = &blocks[..blocks.len().min(MAX_CHAIN_BLOCKS)];
-        let placed = affinity(&self.counts, self.max, self.settings, &input, chain).await?;
+        let placed = affinity(&self.counts, self.max, self.settings, &input, chain, false).await?;
         if let Some(matched) = placed.matched {
             telemetry::observe_prefix_match(self.counts.pool(), matched);
         }
@@ -107,7 +108,7 @@ impl Policy for PrefixCache {
 }
 
 /// Pick reasons of a hit, a diversion and a miss.
-type Reasons = [&'static str; 3];
+pub(super) type Reasons = [&'static str; 3];
 
 const PREFIX_REASONS: Reasons = ["prefix_hit", "prefix_diverted", "prefix_miss"];
 const SESSION_REASONS: Reasons = ["session_hit", "session_diverted", "session_new"];
@@ -140,16 +141,21 @@ impl Placed {
 }
 
 /// Place a request by the affinity of `chain` (matched in the index, chosen and counted in one
-/// store round trip); the local fallback when the store cannot answer.
+/// store round trip; with `sole` the chosen endpoint becomes the chain's only holder); the local
+/// fallback when the store cannot answer.
 async fn affinity(
     counts: &Arc<PoolCounts>,
     max: Option<u64>,
     settings: PrefixSettings,
     input: &PickInput<'_>,
     chain: &[u64],
+    sole: bool,
 ) -> Result<Placed, PolicyError> {
     let labels = input.candidate_labels()?;
-    match counts.acquire_prefix(&labels, chain, max, settings).await {
+    match counts
+        .acquire_prefix(&labels, chain, max, settings, sole)
+        .await
+    {
         Ok((i, acquired)) => Ok(Placed {
             pick: Pick {
                 endpoint: input.candidates[i],
@@ -191,7 +197,7 @@ pub(super) async fn session_affinity(
 ) -> Result<Pick, PolicyError> {
     let blocks = &input.request.blocks;
     let chain = session_chain(session, &blocks[..blocks.len().min(MAX_CHAIN_BLOCKS - 1)]);
-    let placed = affinity(counts, max, settings, input, &chain).await?;
+    let placed = affinity(counts, max, settings, input, &chain, false).await?;
     Ok(placed.with_reason(SESSION_REASONS))
 }
 
@@ -209,12 +215,42 @@ pub(super) async fn response_affinity(
     input: &PickInput<'_>,
     response: u64,
 ) -> Result<Pick, PolicyError> {
+    let pin = Pin {
+        ttl: settings.ttl,
+        reasons: RESPONSE_REASONS,
+        sole: false,
+    };
+    pinned(counts, max, input, response, pin).await
+}
+
+/// How [`pinned`] keeps a key.
+pub(super) struct Pin {
+    /// The key lives this long from its last use.
+    pub(super) ttl: Duration,
+    /// Reasons of a hit, a diversion (`maxRequestCount`) and a new placement.
+    pub(super) reasons: Reasons,
+    /// The key's endpoint replaces the ones it had (a binding that moves), rather than joining
+    /// them ([`crate::store::PrefixQuery::sole`]).
+    pub(super) sole: bool,
+}
+
+/// Place a request on the endpoint `key` (a one-block chain) is recorded for, whatever its load:
+/// only `maxRequestCount` diverts. When the key is unknown, expired or its endpoint no longer a
+/// candidate, the least loaded candidate, which the key is then recorded for. How
+/// [`response_affinity`] and `endpoint_hash` place requests.
+pub(super) async fn pinned(
+    counts: &Arc<PoolCounts>,
+    max: Option<u64>,
+    input: &PickInput<'_>,
+    key: u64,
+    pin: Pin,
+) -> Result<Pick, PolicyError> {
     let settings = PrefixSettings {
         guard: LoadGuard::NEVER,
-        ..settings
+        ttl: pin.ttl,
     };
-    let placed = affinity(counts, max, settings, input, &[response]).await?;
-    Ok(placed.with_reason(RESPONSE_REASONS))
+    let placed = affinity(counts, max, settings, input, &[key], pin.sole).await?;
+    Ok(placed.with_reason(pin.reasons))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::admission::Permit;
 use crate::apis::ResponseIdScan;
 use crate::endpoint::{EndpointId, Outcome};
 use crate::health::Observed;
@@ -195,6 +196,10 @@ pub struct RequestCtx {
     pub read_body: Option<Duration>,
     /// The request's span (tracing on; the parent's, for a subrequest).
     pub trace: Option<RequestSpan>,
+    /// Its slot in the pool's waiting room, held until the request ends.
+    pub permit: Option<Permit>,
+    /// Seconds after which a refused request may be retried (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl RequestCtx {
@@ -209,6 +214,8 @@ impl RequestCtx {
             request_bytes: 0,
             read_body: None,
             trace: None,
+            permit: None,
+            retry_after: None,
         }
     }
 }

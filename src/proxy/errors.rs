@@ -30,10 +30,19 @@ pub fn body(status: u16, message: &str) -> Bytes {
     Bytes::from(v.to_string())
 }
 
-/// Write an error response unless a response has already started. Closes the connection after.
-pub async fn respond(session: &mut Session, status: u16, message: &str) -> pingora::Result<()> {
+/// Write an error response unless a response has already started, with `Retry-After` (seconds)
+/// when given. Closes the connection after.
+pub async fn respond(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    retry_after: Option<u64>,
+) -> pingora::Result<()> {
     let body = body(status, message);
-    let mut resp = ResponseHeader::build(status, Some(3))?;
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    if let Some(secs) = retry_after {
+        resp.insert_header("retry-after", secs.to_string())?;
+    }
     resp.insert_header("content-type", "application/json")?;
     resp.insert_header("content-length", body.len().to_string())?;
     resp.insert_header("cache-control", "no-store")?;

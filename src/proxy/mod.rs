@@ -29,6 +29,7 @@
 //! ejection). Only a fresh connection's failure moves a request elsewhere. Pooled connections are
 //! kept idle for less than engines keep them (`upstream.idle_timeout_ms`), so the race is rare.
 
+mod admit;
 mod body;
 pub mod choose;
 mod ctx;
@@ -268,6 +269,9 @@ impl ProxyHttp for LbProxy {
                 .session_of(&session.req_header().headers, request.json.as_deref())
                 .map(|id| crate::prefix::session_key(&id));
         }
+        if let Some(room) = &pool.room {
+            ctx.permit = Some(admit::admit(session, ctx, room, &pool, &request).await?);
+        }
         ctx.route = Some(Route {
             routes,
             pool,
@@ -491,7 +495,8 @@ impl ProxyHttp for LbProxy {
             );
         // A subrequest leaves the answer to its parent (which may still retry elsewhere).
         if ctx.role != Role::Sub && !client_gone && session.response_written().is_none() {
-            if let Err(write_err) = errors::respond(session, status, &message).await {
+            let retry_after = ctx.retry_after.filter(|_| status == 429 || status == 503);
+            if let Err(write_err) = errors::respond(session, status, &message, retry_after).await {
                 log::debug!("could not send the error response: {write_err}");
             } else if status == 413 {
                 // Lingering close (as nginx): the client may still be sending the body we refused.

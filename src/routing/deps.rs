@@ -47,6 +47,7 @@ pub fn build(
         | PolicySettings::PrefixCache(..)
         | PolicySettings::KvAware(..)
         | PolicySettings::LatencyAware(_)
+        | PolicySettings::EndpointHash(..)
         | PolicySettings::Custom(_) => None,
     };
     let (kv_index, kv_feeds, tokenizer) = match &pc.policy {
@@ -64,6 +65,7 @@ pub fn build(
         | PolicySettings::LeastBusy(_)
         | PolicySettings::EndpointMetrics(_)
         | PolicySettings::LatencyAware(_)
+        | PolicySettings::EndpointHash(..)
         | PolicySettings::Custom(_) => (None, Vec::new(), None),
     };
     Ok(Deps {
@@ -123,6 +125,7 @@ fn carried_index(previous: &Routes, pc: &PoolConfig, kv: &KvAwareSettings) -> Op
         | PolicySettings::LeastBusy(_)
         | PolicySettings::EndpointMetrics(_)
         | PolicySettings::LatencyAware(_)
+        | PolicySettings::EndpointHash(..)
         | PolicySettings::Custom(_) => None,
     }
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use pingora::lb::Backend;
 
+use crate::admission::WaitingRoom;
 use crate::config::{EndpointConfig, PoolConfig};
 use crate::endpoint::{EndpointId, EndpointView};
 use crate::health::{Checks, HealthView, Outliers, Verdict};
@@ -31,6 +32,9 @@ pub struct Pool {
     health: Option<(Arc<Checks>, HealthView)>,
     /// Passive health: endpoints ejected for failing requests.
     outliers: Arc<Outliers>,
+    /// The waiting room (`admission`), carried to the next generation while its settings are
+    /// unchanged, so requests in flight keep counting.
+    pub room: Option<Arc<WaitingRoom>>,
 }
 
 impl Pool {
@@ -101,7 +105,14 @@ impl Pool {
             config.outlier,
             previous.map(|p| p.outliers.as_ref()),
         );
+        let room = config.admission.as_ref().map(|admission| {
+            previous
+                .and_then(|p| p.room.clone())
+                .filter(|room| room.config() == admission)
+                .unwrap_or_else(|| Arc::new(WaitingRoom::new(&config.name, admission.clone())))
+        });
         Ok(Arc::new(Pool {
+            room,
             outliers,
             policy,
             deps,

@@ -300,7 +300,11 @@ impl MemoryStore {
             .ok_or(StoreError::Saturated)?;
         let ep = q.candidates[index];
         let inflight = st.add(&self.replica, ep, 1);
-        st.prefixes.record(q.chain, ep, now + q.ttl, now);
+        if q.sole {
+            st.prefixes.bind(q.chain, ep, now + q.ttl, now);
+        } else {
+            st.prefixes.record(q.chain, ep, now + q.ttl, now);
+        }
         Ok(PrefixAcquired {
             index,
             inflight,
@@ -436,6 +440,7 @@ mod tests {
                     per_mille: 500,
                 },
                 ttl: Duration::from_secs(600),
+                sole: false,
             };
             let got = store.acquire_prefix_now("p", q).expect("acquire");
             store

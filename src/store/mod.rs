@@ -101,6 +101,10 @@ pub struct PrefixQuery<'a> {
     pub guard: LoadGuard,
     /// Lifetime of the chain's keys, refreshed whenever they are matched or written.
     pub ttl: Duration,
+    /// Record the chosen endpoint as the *only* holder of the chain's keys, forgetting earlier
+    /// ones: a binding (`endpoint_hash`), which moves rather than spreads. Otherwise it becomes
+    /// the first of up to [`MAX_HOLDERS`].
+    pub sole: bool,
 }
 
 /// How the endpoint of an [`InflightStore::acquire_prefix`] was chosen.
@@ -216,7 +220,8 @@ pub trait InflightStore: Send + Sync {
     /// matched key — unless [`LoadGuard::too_busy`] (or it is at `max`), then the least loaded
     /// candidate; with no match, the least loaded candidate. Count one in flight for it exactly
     /// as [`InflightStore::acquire_least`] does, and record it as the first holder of every key
-    /// of the chain (keeping up to [`MAX_HOLDERS`] earlier holders), refreshing their TTL.
+    /// of the chain (keeping up to [`MAX_HOLDERS`] earlier holders, none with `q.sole`),
+    /// refreshing their TTL.
     ///
     /// A key whose holders are all non-candidates (unhealthy, gone, already tried) ends the match
     /// there, and the chain from that key on is rewritten for the chosen endpoint. Saturation and

@@ -147,13 +147,15 @@ impl PoolCounts {
 
     /// [`InflightStore::acquire_prefix`] over `candidates` (endpoint labels): the holder of the
     /// longest prefix of `chain` unless the guard diverts, counted like [`PoolCounts::acquire`].
-    /// Returns the chosen candidate's position and how it was chosen.
+    /// Returns the chosen candidate's position and how it was chosen. With `sole`, the chosen
+    /// endpoint becomes the chain's only holder ([`PrefixQuery::sole`]).
     pub async fn acquire_prefix(
         &self,
         candidates: &[&str],
         chain: &[u64],
         max: Option<u64>,
         settings: PrefixSettings,
+        sole: bool,
     ) -> Result<(usize, PrefixAcquired), Skip> {
         self.ready(candidates)?;
         let query = PrefixQuery {
@@ -162,6 +164,7 @@ impl PoolCounts {
             max,
             guard: settings.guard,
             ttl: settings.ttl,
+            sole,
         };
         let call = self.store.acquire_prefix(&self.pool, query);
         self.counted("acquire_prefix", candidates, |_| 1, call)

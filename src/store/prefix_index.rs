@@ -90,6 +90,17 @@ impl PrefixIndex {
         }
     }
 
+    /// Record `endpoint` as the only holder of every block of `chain` (earlier holders
+    /// forgotten), until `expires`.
+    pub(super) fn bind(&mut self, chain: &[u64], endpoint: &str, expires: Instant, now: Instant) {
+        for key in chain {
+            if let Some(entry) = self.entries.peek_mut(key) {
+                entry.holders.retain(|h| h == endpoint);
+            }
+        }
+        self.record(chain, endpoint, expires, now);
+    }
+
     /// Drop the keys past their TTL, from the least recently written end.
     pub(super) fn expire(&mut self, now: Instant) {
         while self

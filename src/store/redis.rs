@@ -162,7 +162,8 @@ return {pick, total}
 );
 
 /// KEYS[4..] the chain's block keys in order. ARGV[4] random u32, ARGV[5] max or "", ARGV[6] TTL
-/// of block keys (ms), ARGV[7] guard absolute, ARGV[8] guard per mille, ARGV[9..] candidates.
+/// of block keys (ms), ARGV[7] guard absolute, ARGV[8] guard per mille, ARGV[9] "1" to record
+/// the chosen endpoint as the keys' only holder (else "0"), ARGV[10..] candidates.
 /// Returns {1-based index, new total, matched, outcome (1 hit, 2 diverted, 3 miss)}, or
 /// {0, least, matched, 0} when saturated. Mirrors `prefix_choice` and `MemoryStore`.
 const PREFIX_LUA: &str = concat!(
@@ -173,8 +174,9 @@ local random = tonumber(ARGV[4])
 local max = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 local guard_abs, guard_pm = tonumber(ARGV[7]), tonumber(ARGV[8])
+local sole = ARGV[9] == '1'
 local cands, pos = {}, {}
-for i = 9, #ARGV do
+for i = 10, #ARGV do
   cands[#cands + 1] = ARGV[i]
   pos[ARGV[i]] = #cands
 end
@@ -239,10 +241,13 @@ redis.call('HINCRBY', inflight, me .. '|' .. ep, 1)
 local total = redis.call('HINCRBY', totals, ep, 1)
 keep()
 
--- Record the chosen endpoint as the first holder of every key of the chain.
+-- Record the chosen endpoint as the first holder of every key of the chain (the only one when
+-- sole).
 for k = 4, #KEYS do
   local list = current[k]
-  if list == nil then
+  if sole then
+    list = {}
+  elseif list == nil then
     local v = redis.call('GET', KEYS[k])
     list = {}
     if v then
@@ -707,7 +712,8 @@ impl InflightStore for RedisStore {
         };
         inv.arg(millis(q.ttl).max(1))
             .arg(q.guard.absolute)
-            .arg(q.guard.per_mille);
+            .arg(q.guard.per_mille)
+            .arg(if q.sole { "1" } else { "0" });
         for c in q.candidates {
             inv.arg(*c);
         }

@@ -48,6 +48,36 @@ static PICKS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
     .ok()
 });
 
+static QUEUE_LENGTH: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "llmlb_queue_length",
+        "Requests waiting in the pool's waiting room, by priority band",
+        &["pool", "band"]
+    )
+    .ok()
+});
+
+static ADMISSIONS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "llmlb_admissions_total",
+        "Waiting-room decisions, by band, tenant and result (admitted: at once; waited: after \
+         waiting; queue_full, deadline: refused)",
+        &["pool", "band", "tenant", "result"]
+    )
+    .ok()
+});
+
+static QUEUE_WAIT: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "llmlb_queue_wait_seconds",
+        "Time requests waited in the waiting room (admitted after waiting, or refused at their \
+         deadline), by band and tenant",
+        &["pool", "band", "tenant"],
+        vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+    )
+    .ok()
+});
+
 static FALLBACKS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
     register_int_counter_vec!(
         "llmlb_fallback_total",
@@ -302,6 +332,9 @@ static ENGINE_KV: LazyLock<Option<GaugeVec>> = LazyLock::new(|| {
 pub fn touch() {
     LazyLock::force(&REQUESTS);
     LazyLock::force(&PICKS);
+    LazyLock::force(&QUEUE_LENGTH);
+    LazyLock::force(&ADMISSIONS);
+    LazyLock::force(&QUEUE_WAIT);
     LazyLock::force(&FALLBACKS);
     LazyLock::force(&RETRIES);
     LazyLock::force(&RECONNECTS);
@@ -580,6 +613,34 @@ pub fn count_request(pool: &str, endpoint: &str, status: u16) {
 pub fn count_pick(pool: &str, policy: &str, reason: &str) {
     if let Some(m) = PICKS.as_ref() {
         m.with_label_values(&[pool, policy, reason]).inc();
+    }
+}
+
+/// Set the number of requests waiting in `band` of `pool`'s waiting room (`llmlb_queue_length`).
+pub fn set_queue_length(pool: &str, band: &str, len: usize) {
+    if let Some(m) = QUEUE_LENGTH.as_ref() {
+        m.with_label_values(&[pool, band])
+            .set(i64::try_from(len).unwrap_or(i64::MAX));
+    }
+}
+
+/// Count a waiting-room decision (`llmlb_admissions_total`); a request that waited also observes
+/// its wait (`llmlb_queue_wait_seconds`).
+pub fn count_admission(
+    pool: &str,
+    band: &str,
+    tenant: &str,
+    result: &str,
+    waited: std::time::Duration,
+) {
+    if let Some(m) = ADMISSIONS.as_ref() {
+        m.with_label_values(&[pool, band, tenant, result]).inc();
+    }
+    if result == "waited" || result == "deadline" {
+        if let Some(m) = QUEUE_WAIT.as_ref() {
+            m.with_label_values(&[pool, band, tenant])
+                .observe(waited.as_secs_f64());
+        }
     }
 }
 
