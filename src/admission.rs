@@ -182,6 +182,8 @@ impl WaitingRoom {
         let (id, slot) = {
             let mut state = self.state.lock();
             state.capacity = self.config.max_inflight.saturating_mul(endpoints.max(1));
+            // Room that grew (an endpoint came back) goes to those waiting first.
+            self.dispatch(&mut state);
             let ahead = state.queues[..=band.index()].iter().any(|q| q.len > 0);
             if state.inflight < state.capacity && !ahead {
                 state.inflight += 1;
@@ -235,23 +237,29 @@ impl WaitingRoom {
         }
     }
 
-    /// A slot is free: hand it to the next waiter still waiting, else free it.
+    /// A slot is free: hand it on to whoever waits, or free it.
     fn release(self: &Arc<Self>) {
         let mut state = self.state.lock();
-        if state.inflight <= state.capacity {
-            for band in Band::ALL {
-                while let Some(waiter) = state.queues[band.index()].pop() {
-                    self.publish_len(&state, band);
-                    match waiter.slot.send(self.permit()) {
-                        Ok(()) => return,
-                        // The waiter is gone: disarm the permit (dropping it here would
-                        // release under the lock) and try the next.
-                        Err(mut unclaimed) => unclaimed.room = None,
-                    }
+        state.inflight = state.inflight.saturating_sub(1);
+        self.dispatch(&mut state);
+    }
+
+    /// While there is room, hand slots to the waiters in turn (bands first, then tenants).
+    fn dispatch(self: &Arc<Self>, state: &mut State) {
+        for band in Band::ALL {
+            while state.inflight < state.capacity {
+                let Some(waiter) = state.queues[band.index()].pop() else {
+                    break;
+                };
+                self.publish_len(state, band);
+                match waiter.slot.send(self.permit()) {
+                    Ok(()) => state.inflight += 1,
+                    // The waiter is gone: disarm the permit (dropping it here would release
+                    // under the lock) and try the next.
+                    Err(mut unclaimed) => unclaimed.room = None,
                 }
             }
         }
-        state.inflight = state.inflight.saturating_sub(1);
     }
 
     fn publish_len(&self, state: &State, band: Band) {
@@ -425,6 +433,23 @@ mod tests {
             .await
             .expect("room for two");
         drop((a, b));
+    }
+
+    #[tokio::test]
+    async fn room_that_grows_goes_to_those_waiting_first() {
+        let room = room(1, 10, 60_000);
+        let _held = room.admit(Band::Standard, "a", 1).await.expect("room");
+        let waiting = queue(&room, Band::Standard, "a");
+        settle().await;
+        // A second endpoint comes: its slot goes to the one waiting, the newcomer waits.
+        let newcomer = {
+            let room = room.clone();
+            tokio::spawn(async move { room.admit(Band::Standard, "b", 2).await })
+        };
+        settle().await;
+        assert!(waiting.is_finished(), "the waiter got the new slot");
+        assert!(!newcomer.is_finished());
+        assert_eq!(room.inflight(), 2);
     }
 
     #[test]
