@@ -73,7 +73,10 @@ static QUEUE_WAIT: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
         "Time requests waited in the waiting room (admitted after waiting, or refused at their \
          deadline), by band and tenant",
         &["pool", "band", "tenant"],
-        vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+        vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 90.0,
+            120.0
+        ]
     )
     .ok()
 });
