@@ -4,11 +4,13 @@
 //! tried again.
 
 mod common;
+mod redis_harness;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
+use redis_harness::RedisServer;
 use serde_json::json;
 use vllm_sim::SimConfig;
 
@@ -128,4 +130,55 @@ async fn a_failing_endpoint_cools_down_then_is_tried_again() {
     tokio::time::sleep(after.saturating_duration_since(Instant::now())).await;
     assert_eq!(send(&client, &proxy).await.0, live_label);
     assert_eq!(retries(&proxy).await, before + 1.0);
+}
+
+/// `global_inflight_enabled`: the score is multiplied by the endpoint's requests in flight over
+/// every replica sharing the Redis. A second replica, whose pool has only the first endpoint,
+/// holds three long requests there; the first replica then sends everything to the other
+/// endpoint, though it has nothing in flight itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_in_flight_counts_steer_every_replica() {
+    let redis = RedisServer::start().expect("redis-server");
+    let (a, b) = (sim(5.0).await, sim(5.0).await);
+    let lb = format!(
+        "{{global_inflight_enabled: true, serviceFQDN: '{}', global_inflight_timeout: 500}}",
+        redis.url()
+    );
+    let first = Proxy::start(&yaml(&[a.addr(), b.addr()], "latency_aware", &lb));
+    let second = Proxy::start(&yaml(&[a.addr()], "latency_aware", &lb));
+    let client = reqwest::Client::new();
+    // Both endpoints measured by the first replica (an endpoint without a sample scores 1).
+    for _ in 0..6 {
+        send(&client, &first).await;
+    }
+    // Three long answers from `a`, held by the second replica.
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            let (client, url) = (client.clone(), second.url("/v1/completions"));
+            tokio::spawn(async move {
+                let body =
+                    json!({"model": "m", "prompt": "long", "max_tokens": 400, "ignore_eos": true});
+                client
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    second
+        .wait_metric(
+            "llmlb_endpoint_inflight_global",
+            &[("endpoint", a.addr().to_string().as_str())],
+            3.0,
+        )
+        .await;
+    for _ in 0..10 {
+        assert_eq!(
+            send(&client, &first).await,
+            (b.addr().to_string(), "latency_score".to_string())
+        );
+    }
+    held.into_iter().for_each(|h| h.abort());
 }

@@ -604,6 +604,7 @@ mod cases {
                     weights,
                     load_per_mille,
                     tie_per_mille: 0,
+                    scale: &[],
                 },
             )
             .await
@@ -653,6 +654,7 @@ mod cases {
                     weights: &[1, 1, 1],
                     load_per_mille: 1000,
                     tie_per_mille: 0,
+                    scale: &[],
                 },
             )
             .await;
@@ -675,6 +677,7 @@ mod cases {
                         weights: &[1, 1, 1],
                         load_per_mille: 0,
                         tie_per_mille: 50,
+                        scale: &[],
                     },
                 )
                 .await
@@ -717,6 +720,49 @@ mod cases {
             t.await.expect("task").expect("release");
         }
         assert_eq!(counts(&*replicas[1], &p, &eps).await, vec![0; 4]);
+    }
+}
+
+mod scaled {
+    use super::*;
+
+    async fn scaled(
+        s: &dyn InflightStore,
+        pool: &str,
+        candidates: &[&str],
+        scale: &[u64],
+    ) -> String {
+        let a = s
+            .acquire_cost(
+                pool,
+                CostQuery {
+                    candidates,
+                    base: &vec![1; candidates.len()],
+                    weights: &vec![1; candidates.len()],
+                    load_per_mille: 1000,
+                    tie_per_mille: 0,
+                    scale,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("acquire_cost: {e}"));
+        candidates[a.index].to_owned()
+    }
+
+    /// With a scale per candidate the cost is `scale × (in flight + 1)` (`latency_aware`'s score
+    /// times its load over every replica): a fast endpoint takes requests until its load makes it
+    /// dearer than a slow idle one.
+    pub(crate) async fn cost_scale_multiplies_the_load(env: &Env) {
+        let (one, two) = (env.replica(), env.replica());
+        let p = pool("scale");
+        let eps = ["fast", "slow"];
+        // fast costs 10 × (in flight + 1): 10, 20, 30 < slow's 45 × 1.
+        for _ in 0..3 {
+            assert_eq!(scaled(&*one, &p, &eps, &[10, 45]).await, "fast");
+        }
+        // Counts come from every replica: fast has 3 in flight, 40 < 45; then 50 > 45.
+        assert_eq!(scaled(&*two, &p, &eps, &[10, 45]).await, "fast");
+        assert_eq!(scaled(&*two, &p, &eps, &[10, 45]).await, "slow");
     }
 }
 
@@ -789,9 +835,11 @@ macro_rules! conformance {
 mod all {
     pub(crate) use super::cases::*;
     pub(crate) use super::remembered::*;
+    pub(crate) use super::scaled::*;
 }
 
 conformance!(
+    cost_scale_multiplies_the_load,
     remembered_keys_are_matched_by_every_replica,
     least_loaded_is_chosen,
     ties_are_broken_uniformly,

@@ -338,16 +338,16 @@ pub struct LbConfigFile {
     /// `latency_aware`: latency samples averaged by the `Least*Latency` modes and picks
     /// remembered for `rate_limit` (default 100; 0 means the default).
     pub queue_size: Option<i64>,
-    /// Higress: share in-flight counts in Redis; `latency_aware` refuses `true` (not supported
-    /// yet).
+    /// `latency_aware` (AdaptiveScore): share in-flight counts between replicas through the
+    /// Redis the Higress keys name (default false).
     pub global_inflight_enabled: Option<bool>,
-    /// Higress's key of the shared in-flight counts (refused: see
-    /// [`LbConfigFile::global_inflight_enabled`]).
-    pub global_inflight_key_prefix: Option<serde_yaml::Value>,
-    /// Higress's Redis timeout of the shared in-flight counts (refused).
-    pub global_inflight_timeout: Option<serde_yaml::Value>,
-    /// Higress's Redis TTL of the shared in-flight counts (refused).
-    pub global_inflight_key_ttl: Option<serde_yaml::Value>,
+    /// `latency_aware`: the shared counts' key namespace when `keyPrefix` is not given.
+    pub global_inflight_key_prefix: Option<String>,
+    /// `latency_aware`: the Redis call timeout (ms) when `timeout` is not given.
+    pub global_inflight_timeout: Option<i64>,
+    /// Higress's TTL of its in-flight hash (s); llm-lb's counts are kept by replica heartbeats,
+    /// so it has no effect (accepted, checked).
+    pub global_inflight_key_ttl: Option<i64>,
     /// Higress `cluster_metrics`' services to pick among; `latency_aware` picks among the pool's
     /// endpoints (refused).
     pub service_list: Option<serde_yaml::Value>,

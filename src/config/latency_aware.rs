@@ -2,9 +2,10 @@
 //! them): `mode` (`AdaptiveScore`, `LeastBusy`, `LeastFirstTokenLatency`, `LeastTotalLatency`),
 //! the adaptive score's `ewma_beta`, `p2c_choices`, `ttft_weight`, `total_latency_weight`,
 //! `error_penalty`, `failure_cooldown_ms`, `metrics_missing_policy`, and `rate_limit` and
-//! `queue_size` of every mode. Higress's keys that have no meaning here are refused with the
-//! reason: `global_inflight_*` (in-flight counts shared in Redis: not supported yet) and
-//! `service_list` / `cluster_header` (llm-lb picks among the pool's endpoints, not services).
+//! `queue_size` of every mode, and `global_inflight_enabled` (with Higress's Redis keys: the
+//! adaptive score's in-flight counts shared by every replica; read by
+//! [`super::policy::PolicySettings`]). Higress's `service_list` / `cluster_header` are refused:
+//! llm-lb picks among the pool's endpoints, not services.
 
 use std::time::Duration;
 
@@ -103,9 +104,6 @@ impl Default for LatencyAwareConfig {
 }
 
 /// Why Higress's shared in-flight counts are refused.
-const NO_GLOBAL_INFLIGHT: &str = "not supported yet: llm-lb's latency_aware counts the requests \
-     in flight from this replica only (Higress shares them between gateways in Redis)";
-
 impl LatencyAwareConfig {
     /// Read and check the keys `latency_aware` uses; every problem is reported.
     pub fn from_lb_config(c: &LbConfigFile) -> Result<Self, Vec<InvalidKey>> {
@@ -190,29 +188,30 @@ impl LatencyAwareConfig {
                 }
             },
         };
-        if c.global_inflight_enabled == Some(true) {
-            bad("global_inflight_enabled", NO_GLOBAL_INFLIGHT);
+        if c.global_inflight_enabled == Some(true) && mode != LatencyMode::AdaptiveScore {
+            bad(
+                "global_inflight_enabled",
+                "only with mode: AdaptiveScore (as in Higress)",
+            );
         }
-        for (key, present) in [
-            (
-                "global_inflight_key_prefix",
-                c.global_inflight_key_prefix.is_some(),
-            ),
-            (
-                "global_inflight_timeout",
-                c.global_inflight_timeout.is_some(),
-            ),
-            (
-                "global_inflight_key_ttl",
-                c.global_inflight_key_ttl.is_some(),
-            ),
-        ] {
-            if present {
-                bad(
-                    key,
-                    "only used with global_inflight_enabled: true, which llm-lb does not support \
-                     yet (in-flight requests are this replica's)",
-                );
+        if c.global_inflight_enabled != Some(true) {
+            for (key, present) in [
+                (
+                    "global_inflight_key_prefix",
+                    c.global_inflight_key_prefix.is_some(),
+                ),
+                (
+                    "global_inflight_timeout",
+                    c.global_inflight_timeout.is_some(),
+                ),
+                (
+                    "global_inflight_key_ttl",
+                    c.global_inflight_key_ttl.is_some(),
+                ),
+            ] {
+                if present {
+                    bad(key, "only used with global_inflight_enabled: true");
+                }
             }
         }
         for (key, present) in [

@@ -8,6 +8,8 @@
 //! field of [`LbConfigFile`], which [`key_users`] destructures exhaustively, so it does not
 //! compile until it says which policies read it.
 
+use std::time::Duration;
+
 use super::endpoint_hash::EndpointHashConfig;
 use super::endpoint_metrics::EndpointMetricsConfig;
 use super::error::InvalidKey;
@@ -82,14 +84,13 @@ impl PolicyKind {
     /// Whether the policy keeps state in a store (embedded or Redis).
     pub const fn uses_store(self) -> bool {
         match self {
-            Self::GlobalLeastRequest | Self::PrefixCache | Self::KvAware | Self::EndpointHash => {
-                true
-            }
-            Self::RoundRobin
-            | Self::Random
-            | Self::LeastBusy
-            | Self::EndpointMetrics
-            | Self::LatencyAware => false,
+            // latency_aware: with global_inflight_enabled.
+            Self::GlobalLeastRequest
+            | Self::PrefixCache
+            | Self::KvAware
+            | Self::EndpointHash
+            | Self::LatencyAware => true,
+            Self::RoundRobin | Self::Random | Self::LeastBusy | Self::EndpointMetrics => false,
         }
     }
 }
@@ -126,6 +127,52 @@ impl SharedCounts {
     }
 }
 
+/// `latency_aware`'s shared in-flight counts: with `global_inflight_enabled`, in the Redis that
+/// Higress's keys name (required), with `global_inflight_timeout` as the call timeout and
+/// `global_inflight_key_prefix` as the key namespace unless `timeout` / `keyPrefix` are given.
+fn global_inflight(c: &LbConfigFile) -> Result<Option<SharedCounts>, Vec<InvalidKey>> {
+    let mut bad = Vec::new();
+    for (key, value) in [
+        ("global_inflight_timeout", c.global_inflight_timeout),
+        ("global_inflight_key_ttl", c.global_inflight_key_ttl),
+    ] {
+        if value.is_some_and(|v| v < 0) {
+            bad.push(InvalidKey::new(key, "must be 0 or more"));
+        }
+    }
+    if c.global_inflight_enabled != Some(true) || !bad.is_empty() {
+        return if bad.is_empty() { Ok(None) } else { Err(bad) };
+    }
+    let mut shared = SharedCounts::from_lb_config(c)?;
+    let StoreConfig::Redis(redis) = &mut shared.store else {
+        return Err(vec![InvalidKey::new(
+            "global_inflight_enabled",
+            "needs the Redis the counts are shared in: serviceFQDN (and servicePort, username, \
+             password, …) as in Higress",
+        )]);
+    };
+    let timeout = c
+        .global_inflight_timeout
+        .filter(|ms| *ms > 0 && c.timeout.is_none());
+    if let Some(ms) = timeout.and_then(|ms| u64::try_from(ms).ok()) {
+        **redis = (**redis)
+            .clone()
+            .with_timeout(Duration::from_millis(ms))
+            .map_err(|e| vec![e.rekey("global_inflight_timeout")])?;
+    }
+    if let Some(prefix) = c
+        .global_inflight_key_prefix
+        .as_deref()
+        .filter(|_| c.keyPrefix.is_none())
+    {
+        **redis = (**redis)
+            .clone()
+            .with_namespace(prefix)
+            .map_err(|e| vec![e.rekey("global_inflight_key_prefix")])?;
+    }
+    Ok(Some(shared))
+}
+
 /// A policy registered by the program embedding llm-lb (`policy::Registry`), with its pool's
 /// `lb_config` as written (its own keys; the policy checks them).
 #[derive(Debug, Clone, PartialEq)]
@@ -154,7 +201,7 @@ pub enum PolicySettings {
     /// `endpoint_metrics`.
     EndpointMetrics(EndpointMetricsConfig),
     /// `latency_aware`.
-    LatencyAware(LatencyAwareConfig),
+    LatencyAware(Option<SharedCounts>, LatencyAwareConfig),
     /// `endpoint_hash`.
     EndpointHash(SharedCounts, EndpointHashConfig),
     /// A policy registered from outside the crate.
@@ -185,7 +232,9 @@ impl PolicySettings {
             PolicyKind::EndpointMetrics => {
                 Self::EndpointMetrics(EndpointMetricsConfig::from_lb_config(c)?)
             }
-            PolicyKind::LatencyAware => Self::LatencyAware(LatencyAwareConfig::from_lb_config(c)?),
+            PolicyKind::LatencyAware => {
+                Self::LatencyAware(global_inflight(c)?, LatencyAwareConfig::from_lb_config(c)?)
+            }
             PolicyKind::EndpointHash => {
                 let shared = SharedCounts::from_lb_config(c);
                 let hash = EndpointHashConfig::from_lb_config(c);
@@ -224,7 +273,7 @@ impl PolicySettings {
             | Self::LeastBusy(_)
             | Self::KvAware(..)
             | Self::EndpointMetrics(_)
-            | Self::LatencyAware(_)
+            | Self::LatencyAware(..)
             | Self::EndpointHash(..)) => other.kind().map_or("", PolicyKind::name),
         }
     }
@@ -239,7 +288,7 @@ impl PolicySettings {
             Self::LeastBusy(_) => PolicyKind::LeastBusy,
             Self::KvAware(..) => PolicyKind::KvAware,
             Self::EndpointMetrics(_) => PolicyKind::EndpointMetrics,
-            Self::LatencyAware(_) => PolicyKind::LatencyAware,
+            Self::LatencyAware(..) => PolicyKind::LatencyAware,
             Self::EndpointHash(..) => PolicyKind::EndpointHash,
             Self::Custom(_) => return None,
         })
@@ -251,12 +300,13 @@ impl PolicySettings {
             Self::GlobalLeastRequest(s)
             | Self::PrefixCache(s, _)
             | Self::KvAware(s, _)
-            | Self::EndpointHash(s, _) => Some(s),
+            | Self::EndpointHash(s, _)
+            | Self::LatencyAware(Some(s), _) => Some(s),
             Self::RoundRobin
             | Self::Random
             | Self::LeastBusy(_)
             | Self::EndpointMetrics(_)
-            | Self::LatencyAware(_)
+            | Self::LatencyAware(None, _)
             | Self::Custom(_) => None,
         }
     }
@@ -278,7 +328,7 @@ impl PolicySettings {
             | Self::LeastBusy(_)
             | Self::KvAware(..)
             | Self::EndpointMetrics(_)
-            | Self::LatencyAware(_)
+            | Self::LatencyAware(..)
             | Self::Custom(_) => None,
         }
     }

@@ -170,7 +170,7 @@ fn prefix_of(c: &Config) -> PrefixSettings {
         | PolicySettings::LeastBusy(_)
         | PolicySettings::KvAware(..)
         | PolicySettings::EndpointMetrics(_)
-        | PolicySettings::LatencyAware(_)
+        | PolicySettings::LatencyAware(..)
         | PolicySettings::EndpointHash(..)
         | PolicySettings::Custom(_)) => panic!("prefix_cache settings expected: {other:?}"),
     }
@@ -339,7 +339,10 @@ fn latency_aware_keys() {
         rate_limit: 1.0,
         queue_size: 100,
     };
-    assert_eq!(c.pools[0].policy, PolicySettings::LatencyAware(defaults));
+    assert_eq!(
+        c.pools[0].policy,
+        PolicySettings::LatencyAware(None, defaults)
+    );
     assert_eq!(LatencyAwareConfig::default(), defaults);
     assert!(c.pools[0].policy.store().is_none());
     // Every key, as a Higress user writes them; 0 (or less, for p2c_choices) means the default.
@@ -354,29 +357,35 @@ fn latency_aware_keys() {
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     assert_eq!(
         c.pools[0].policy,
-        PolicySettings::LatencyAware(LatencyAwareConfig {
-            mode: LatencyMode::LeastTotalLatency,
-            ewma_beta: 0.8,
-            p2c_choices: 3,
-            ttft_weight: 1.0,
-            total_latency_weight: 0.0,
-            error_penalty: 0.0,
-            failure_cooldown: Duration::from_millis(5000),
-            rate_limit: 0.7,
-            queue_size: 20,
-        })
+        PolicySettings::LatencyAware(
+            None,
+            LatencyAwareConfig {
+                mode: LatencyMode::LeastTotalLatency,
+                ewma_beta: 0.8,
+                p2c_choices: 3,
+                ttft_weight: 1.0,
+                total_latency_weight: 0.0,
+                error_penalty: 0.0,
+                failure_cooldown: Duration::from_millis(5000),
+                rate_limit: 0.7,
+                queue_size: 20,
+            },
+        )
     );
     let c = with(
         "cluster_metrics",
         "{p2c_choices: -1, failure_cooldown_ms: 0, queue_size: 0}",
     )
     .expect("Higress's name is an alias");
-    assert_eq!(c.pools[0].policy, PolicySettings::LatencyAware(defaults));
+    assert_eq!(
+        c.pools[0].policy,
+        PolicySettings::LatencyAware(None, defaults)
+    );
     for mode in LatencyMode::ALL {
         let c = with("latency_aware", &format!("{{mode: {}}}", mode.name())).expect("valid");
         assert!(matches!(
             c.pools[0].policy,
-            PolicySettings::LatencyAware(LatencyAwareConfig { mode: m, .. }) if m == mode
+            PolicySettings::LatencyAware(_, LatencyAwareConfig { mode: m, .. }) if m == mode
         ));
     }
     // Each bad value is refused, naming its key.
@@ -402,10 +411,18 @@ fn latency_aware_keys() {
         ("{queue_size: 10001}", "queue_size"),
         ("{global_inflight_enabled: true}", "global_inflight_enabled"),
         (
+            "{global_inflight_enabled: true, mode: LeastBusy, serviceFQDN: r}",
+            "global_inflight_enabled",
+        ),
+        (
             "{global_inflight_key_prefix: x}",
             "global_inflight_key_prefix",
         ),
         ("{global_inflight_timeout: 50}", "global_inflight_timeout"),
+        (
+            "{global_inflight_enabled: true, serviceFQDN: r, global_inflight_timeout: -1}",
+            "global_inflight_timeout",
+        ),
         ("{global_inflight_key_ttl: 60}", "global_inflight_key_ttl"),
         ("{service_list: [a, b]}", "service_list"),
         ("{cluster_header: x-target}", "cluster_header"),
@@ -416,10 +433,22 @@ fn latency_aware_keys() {
     let e = with("latency_aware", "{global_inflight_enabled: true}")
         .expect_err("refused")
         .to_string();
-    assert!(
-        e.contains("not supported yet") && e.contains("this replica"),
-        "{e}"
-    );
+    assert!(e.contains("serviceFQDN"), "{e}");
+    // Shared in-flight counts in the Redis Higress's keys name; its timeout and prefix apply
+    // unless llm-lb's own keys are given.
+    let c = with(
+        "latency_aware",
+        "{global_inflight_enabled: true, serviceFQDN: redis.static, servicePort: 6380, \
+         global_inflight_timeout: 200, global_inflight_key_prefix: higress-inflight, \
+         global_inflight_key_ttl: 1800}",
+    )
+    .expect("valid");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let Some(StoreConfig::Redis(redis)) = c.pools[0].policy.store() else {
+        panic!("a Redis store: {:?}", c.pools[0].policy)
+    };
+    assert_eq!(redis.timeout(), Duration::from_millis(200));
+    assert_eq!(redis.namespace(), "higress-inflight");
     let e = with("latency_aware", "{service_list: [a]}")
         .expect_err("refused")
         .to_string();

@@ -78,8 +78,12 @@ pub fn build(
             shared.max_inflight,
             config.clone(),
         )),
-        PolicySettings::LatencyAware(config) => {
-            Arc::new(LatencyAware::new(endpoints.len(), *config))
+        PolicySettings::LatencyAware(shared, config) => {
+            let policy = LatencyAware::new(endpoints.len(), *config);
+            Arc::new(match shared {
+                Some(_) => policy.sharing(counts()?),
+                None => policy,
+            })
         }
         PolicySettings::KvAware(_, kv) => {
             let index = deps

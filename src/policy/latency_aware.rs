@@ -27,8 +27,10 @@
 //! status the engine answered: the lease does not see it), [`Outcome::Failed`] an error, a
 //! consecutive error and a cooldown of `failure_cooldown_ms`; [`Outcome::Aborted`] and
 //! [`Outcome::Dropped`] nothing. The figures are this replica's, in memory, and start afresh with
-//! each routing generation (reload, DNS change). Higress's `global_inflight_enabled` (in-flight
-//! counts shared in Redis) is not supported yet.
+//! each routing generation (reload, DNS change). With `global_inflight_enabled` the
+//! `AdaptiveScore` load is the endpoint's requests in flight over every replica: the store picks
+//! the least `score × (in flight + 1)` and counts it in one round trip ([`CostQuery::scale`]);
+//! while the store cannot answer, this replica's own score decides.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -42,6 +44,8 @@ use rand::Rng;
 use super::{Lease, Pick, PickInput, Policy, PolicyError};
 use crate::config::{LatencyAwareConfig, LatencyMode, PolicyKind};
 use crate::endpoint::{EndpointId, Outcome};
+use crate::store::{CostQuery, PoolCounts, Skip};
+use crate::telemetry;
 
 /// Pick reason: the lowest adaptive score (`AdaptiveScore`).
 pub const REASON_SCORE: &str = "latency_score";
@@ -135,6 +139,12 @@ impl State {
         &mut self.endpoints[index]
     }
 
+    /// Count a pick of `endpoint`: one more in flight, and among the last `window` picks.
+    fn picked(&mut self, endpoint: EndpointId, window: usize) {
+        self.stats_mut(endpoint.index()).inflight += 1;
+        self.count_pick(endpoint, window);
+    }
+
     /// Remember a pick of `endpoint` among the last `window`.
     fn count_pick(&mut self, endpoint: EndpointId, window: usize) {
         self.recent.push_back(endpoint);
@@ -196,19 +206,43 @@ impl Shared {
     /// The adaptive score of an endpoint with `s` (lower is better); [`Stats::default`] for one
     /// never picked.
     fn score(&self, s: &Stats, now: Instant) -> f64 {
-        let c = &self.config;
         let mut inflight = s.inflight as f64 + 1.0;
         if s.in_cooldown(now) {
             inflight += s.consecutive_errors as f64 + 1.0;
         }
+        self.latency_score(s) * inflight
+    }
+
+    /// The score's latency and error part: `latency × (1 + error_penalty × error_rate)`, 1 for an
+    /// endpoint without samples.
+    fn latency_score(&self, s: &Stats) -> f64 {
+        let c = &self.config;
         let (ttft, total) = match (s.ewma_ttft, s.ewma_total) {
-            (None, None) => return inflight,
+            (None, None) => return 1.0,
             (Some(t), None) | (None, Some(t)) => (t, t),
             (Some(ttft), Some(total)) => (ttft, total),
         };
         let latency =
             c.ttft_weight * (ttft + 1.0).sqrt() + c.total_latency_weight * (total + 1.0).sqrt();
-        latency * inflight * (1.0 + c.error_penalty * s.error_rate())
+        latency * (1.0 + c.error_penalty * s.error_rate())
+    }
+
+    /// With shared in-flight counts, the score without its load, which the store multiplies by
+    /// the endpoint's requests in flight over every replica plus one: the latency part, times
+    /// `consecutive_errors + 2` while cooling down (the local score's extra load with none in
+    /// flight). In thousandths, at least 1.
+    fn unloaded_score(&self, s: &Stats, now: Instant) -> u64 {
+        let cooling = if s.in_cooldown(now) {
+            s.consecutive_errors as f64 + 2.0
+        } else {
+            1.0
+        };
+        let milli = (self.latency_score(s) * cooling * 1000.0).round();
+        if milli.is_finite() && milli >= 1.0 {
+            milli.min(u64::MAX as f64) as u64
+        } else {
+            1
+        }
     }
 
     /// The candidate for this request and why, with `state` locked; records nothing.
@@ -238,12 +272,31 @@ impl Shared {
             LatencyMode::LeastFirstTokenLatency => mean(&stats(c).ttfts),
             LatencyMode::LeastTotalLatency => mean(&stats(c).totals),
         };
+        let (pool, skipped) = self.sample(state, candidates, now, rng);
+        let ranked: Vec<(EndpointId, f64)> = pool.into_iter().map(|c| (c, value(c))).collect();
+        let chosen =
+            lowest(&ranked, rng).ok_or_else(|| PolicyError::Unavailable("no candidates".into()))?;
+        let least = value(chosen);
+        let limited = skipped.into_iter().any(|c| value(c) < least);
+        Ok((chosen, if limited { REASON_RATE_LIMITED } else { reason }))
+    }
+
+    /// The candidates to rank, and those skipped for `rate_limit`: below the rate limit; for
+    /// `AdaptiveScore` also not cooling down (while some are not) and `p2c_choices` of them at
+    /// random.
+    fn sample(
+        &self,
+        state: &State,
+        candidates: &[EndpointId],
+        now: Instant,
+        rng: &mut impl Rng,
+    ) -> (Vec<EndpointId>, Vec<EndpointId>) {
         let (mut pool, skipped) = self.below_rate_limit(state, candidates);
         if self.config.mode == LatencyMode::AdaptiveScore {
             let cool: Vec<EndpointId> = pool
                 .iter()
                 .copied()
-                .filter(|&c| !stats(c).in_cooldown(now))
+                .filter(|&c| !state.stats(c).is_some_and(|s| s.in_cooldown(now)))
                 .collect();
             if !cool.is_empty() {
                 pool = cool;
@@ -255,12 +308,7 @@ impl Shared {
                     .collect();
             }
         }
-        let ranked: Vec<(EndpointId, f64)> = pool.into_iter().map(|c| (c, value(c))).collect();
-        let chosen =
-            lowest(&ranked, rng).ok_or_else(|| PolicyError::Unavailable("no candidates".into()))?;
-        let least = value(chosen);
-        let limited = skipped.into_iter().any(|c| value(c) < least);
-        Ok((chosen, if limited { REASON_RATE_LIMITED } else { reason }))
+        (pool, skipped)
     }
 
     /// The candidates whose share of the pool's recent picks is below `rate_limit` (all of them
@@ -296,8 +344,7 @@ impl Shared {
     ) -> Result<(EndpointId, &'static str), PolicyError> {
         let mut state = self.state.lock();
         let (endpoint, reason) = self.choose(&state, candidates, now, rng)?;
-        state.stats_mut(endpoint.index()).inflight += 1;
-        state.count_pick(endpoint, self.config.queue_size);
+        state.picked(endpoint, self.config.queue_size);
         Ok((endpoint, reason))
     }
 }
@@ -316,6 +363,8 @@ fn lowest(ranked: &[(EndpointId, f64)], rng: &mut impl Rng) -> Option<EndpointId
 /// The policy of one pool.
 pub struct LatencyAware {
     shared: Arc<Shared>,
+    /// In-flight counts shared by every replica (`global_inflight_enabled`).
+    counts: Option<Arc<PoolCounts>>,
 }
 
 impl LatencyAware {
@@ -329,7 +378,81 @@ impl LatencyAware {
                     recent: VecDeque::with_capacity(config.queue_size + 1),
                 }),
             }),
+            counts: None,
         }
+    }
+
+    /// The policy scoring `AdaptiveScore` with the in-flight counts of every replica in
+    /// `counts` (`global_inflight_enabled`).
+    pub fn sharing(self, counts: Arc<PoolCounts>) -> Self {
+        LatencyAware {
+            counts: Some(counts),
+            ..self
+        }
+    }
+
+    /// `AdaptiveScore` over the shared counts: the sampled candidates' scores without their
+    /// load go to the store, which picks the least `score × (in flight everywhere + 1)` and
+    /// counts it in one round trip. `None` when the store cannot answer (the local score then
+    /// decides, as the other store policies fall back).
+    async fn pick_shared(
+        &self,
+        counts: &Arc<PoolCounts>,
+        input: &PickInput<'_>,
+        now: Instant,
+    ) -> Result<Option<Pick>, PolicyError> {
+        let (sample, scale) = {
+            let state = self.shared.state.lock();
+            let (sample, _) =
+                self.shared
+                    .sample(&state, input.candidates, now, &mut rand::thread_rng());
+            let default = Stats::default();
+            let scale: Vec<u64> = sample
+                .iter()
+                .map(|&c| {
+                    self.shared
+                        .unloaded_score(state.stats(c).unwrap_or(&default), now)
+                })
+                .collect();
+            (sample, scale)
+        };
+        let labels = PickInput {
+            candidates: &sample,
+            ..*input
+        }
+        .candidate_labels()?;
+        let ones = vec![1; sample.len()];
+        let query = CostQuery {
+            candidates: &labels,
+            base: &ones,
+            weights: &ones,
+            load_per_mille: 1000,
+            tie_per_mille: 0,
+            scale: &scale,
+        };
+        let i = match counts.acquire_cost(query).await {
+            Ok((i, _)) => i,
+            Err(Skip::Saturated) => return Err(PolicyError::Saturated),
+            Err(Skip::Fallback(reason)) => {
+                telemetry::count_fallback(counts.pool(), reason);
+                return Ok(None);
+            }
+        };
+        let (endpoint, label) = (sample[i], labels[i]);
+        self.shared
+            .state
+            .lock()
+            .picked(endpoint, self.shared.config.queue_size);
+        Ok(Some(Pick {
+            endpoint,
+            reason: REASON_SCORE,
+            lease: Some(Box::new(LatencyLease {
+                shared: self.shared.clone(),
+                endpoint: endpoint.index(),
+                picked: now,
+                store: Some((counts.clone(), label.to_owned())),
+            })),
+        }))
     }
 }
 
@@ -338,6 +461,8 @@ struct LatencyLease {
     shared: Arc<Shared>,
     endpoint: usize,
     picked: Instant,
+    /// The shared count held (`global_inflight_enabled`): the store and the endpoint's label.
+    store: Option<(Arc<PoolCounts>, String)>,
 }
 
 impl Lease for LatencyLease {
@@ -357,6 +482,9 @@ impl Lease for LatencyLease {
 impl Drop for LatencyLease {
     fn drop(&mut self) {
         self.shared.release(self.endpoint);
+        if let Some((counts, label)) = self.store.take() {
+            counts.release(&label);
+        }
     }
 }
 
@@ -378,6 +506,11 @@ impl Policy for LatencyAware {
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
         let now = Instant::now();
+        if let Some(counts) = &self.counts {
+            if let Some(pick) = self.pick_shared(counts, &input, now).await? {
+                return Ok(pick);
+            }
+        }
         let (endpoint, reason) =
             self.shared
                 .pick(input.candidates, now, &mut rand::thread_rng())?;
@@ -388,6 +521,7 @@ impl Policy for LatencyAware {
                 shared: self.shared.clone(),
                 endpoint: endpoint.index(),
                 picked: now,
+                store: None,
             })),
         })
     }

@@ -46,7 +46,7 @@ pub fn build(
         | PolicySettings::GlobalLeastRequest(_)
         | PolicySettings::PrefixCache(..)
         | PolicySettings::KvAware(..)
-        | PolicySettings::LatencyAware(_)
+        | PolicySettings::LatencyAware(..)
         | PolicySettings::EndpointHash(..)
         | PolicySettings::Custom(_) => None,
     };
@@ -64,7 +64,7 @@ pub fn build(
         | PolicySettings::PrefixCache(..)
         | PolicySettings::LeastBusy(_)
         | PolicySettings::EndpointMetrics(_)
-        | PolicySettings::LatencyAware(_)
+        | PolicySettings::LatencyAware(..)
         | PolicySettings::EndpointHash(..)
         | PolicySettings::Custom(_) => (None, Vec::new(), None),
     };
@@ -124,7 +124,7 @@ fn carried_index(previous: &Routes, pc: &PoolConfig, kv: &KvAwareSettings) -> Op
         | PolicySettings::PrefixCache(..)
         | PolicySettings::LeastBusy(_)
         | PolicySettings::EndpointMetrics(_)
-        | PolicySettings::LatencyAware(_)
+        | PolicySettings::LatencyAware(..)
         | PolicySettings::EndpointHash(..)
         | PolicySettings::Custom(_) => None,
     }

@@ -321,7 +321,14 @@ impl MemoryStore {
         let mut st = pool.lock();
         st.touch_and_reap(&self.replica, Instant::now(), self.dead_after);
         let counts: Vec<u64> = q.candidates.iter().map(|c| st.total(c)).collect();
-        let index = cost_choice(q.base, &counts, q.load_per_mille, q.tie_per_mille, random);
+        let index = cost_choice(
+            q.base,
+            &counts,
+            q.scale,
+            q.load_per_mille,
+            q.tie_per_mille,
+            random,
+        );
         let weight = q.weights[index].max(1);
         let inflight = st.add(&self.replica, q.candidates[index], weight);
         Ok(Acquired { index, inflight })

@@ -148,6 +148,10 @@ pub struct CostQuery<'a> {
     /// Candidates whose cost is within this per mille of the least cost are near-ties, chosen
     /// among uniformly at random so that bursts do not herd onto one endpoint.
     pub tie_per_mille: u64,
+    /// Per candidate, a multiplier of its whole cost (empty: 1 for every candidate). With
+    /// `base` 1 and `load_per_mille` 1000 the cost is `scale × (count + 1)`: `latency_aware`'s
+    /// score times the endpoint's load over every replica.
+    pub scale: &'a [u64],
 }
 
 /// At most this many endpoints are recorded as holders of one block key (most recent first).
@@ -340,21 +344,25 @@ pub(crate) fn pick_least(counts: &[u64], random: u32) -> (usize, u64) {
 /// Checks an [`InflightStore::acquire_cost`] call.
 fn check_cost(pool: &str, q: &CostQuery<'_>) -> Result<(), StoreError> {
     check_call(pool, q.candidates.len())?;
-    if q.base.len() != q.candidates.len() || q.weights.len() != q.candidates.len() {
+    if q.base.len() != q.candidates.len()
+        || q.weights.len() != q.candidates.len()
+        || !(q.scale.is_empty() || q.scale.len() == q.candidates.len())
+    {
         return Err(StoreError::InvalidInput(
-            "one base cost and weight per candidate",
+            "one base cost, weight (and scale, if any) per candidate",
         ));
     }
     Ok(())
 }
 
 /// The cost choice both implementations follow (the Lua script mirrors it line by line): cost
-/// `base[i] × 1000 + load_per_mille × counts[i]`; the candidates within
-/// `least + least × tie_per_mille / 1000` are near-ties, and the `(random mod k)`-th of the `k`
-/// near-ties in order is chosen. `counts` and `base` have one entry per candidate (not empty).
+/// `scale[i] × (base[i] × 1000 + load_per_mille × counts[i])` (`scale` empty: 1); the candidates
+/// within `least + least × tie_per_mille / 1000` are near-ties, and the `(random mod k)`-th of the
+/// `k` near-ties in order is chosen. `counts` and `base` have one entry per candidate (not empty).
 pub(crate) fn cost_choice(
     base: &[u64],
     counts: &[u64],
+    scale: &[u64],
     load_per_mille: u64,
     tie_per_mille: u64,
     random: u32,
@@ -362,9 +370,11 @@ pub(crate) fn cost_choice(
     let costs: Vec<u64> = base
         .iter()
         .zip(counts)
-        .map(|(b, c)| {
+        .enumerate()
+        .map(|(i, (b, c))| {
             b.saturating_mul(1000)
                 .saturating_add(load_per_mille.saturating_mul(*c))
+                .saturating_mul(scale.get(i).copied().unwrap_or(1))
         })
         .collect();
     let least = costs.iter().copied().min().unwrap_or(0);
@@ -455,18 +465,21 @@ mod tests {
     #[test]
     fn cost_choice_weighs_base_against_load_and_spreads_near_ties() {
         // 100 uncached tokens and 50 in flight (at 1:1) beats 0 uncached and 200 in flight.
-        assert_eq!(cost_choice(&[100, 0], &[50, 200], 1000, 0, 0), 0);
+        assert_eq!(cost_choice(&[100, 0], &[50, 200], &[], 1000, 0, 0), 0);
         // Load at half weight: 100 + 25 = 125 against 0 + 100 = 100.
-        assert_eq!(cost_choice(&[100, 0], &[50, 200], 500, 0, 0), 1);
+        assert_eq!(cost_choice(&[100, 0], &[50, 200], &[], 500, 0, 0), 1);
         // Costs 1000, 1040, 2000 (× 1000) with 5 %: the first two are near-ties, the third never.
         let base = [1000, 1000, 2000];
         let counts = [0, 40, 0];
         let picks: Vec<usize> = (0..4)
-            .map(|r| cost_choice(&base, &counts, 1000, 50, r))
+            .map(|r| cost_choice(&base, &counts, &[], 1000, 50, r))
             .collect();
         assert_eq!(picks, vec![0, 1, 0, 1]);
         // Exact ties without tolerance still spread.
-        assert_eq!(cost_choice(&[0, 0], &[3, 3], 1000, 0, 1), 1);
+        assert_eq!(cost_choice(&[0, 0], &[3, 3], &[], 1000, 0, 1), 1);
+        // Scaled: score × (count + 1); 10 × 3 beats 40 × 1, but not 40 × 0 + ... (1 × 40 = 40).
+        assert_eq!(cost_choice(&[1, 1], &[2, 0], &[10, 40], 1000, 0, 0), 0);
+        assert_eq!(cost_choice(&[1, 1], &[4, 0], &[10, 40], 1000, 0, 0), 1);
     }
 
     #[test]

@@ -280,7 +280,8 @@ return 1
 "#;
 
 /// ARGV[4] random u32, ARGV[5] load per mille, ARGV[6] tie per mille, ARGV[7] n; then n
-/// candidates, n base costs, n weights. Returns {1-based index, new total}. Mirrors `cost_choice`.
+/// candidates, n base costs, n weights and optionally n scales. Returns {1-based index, new
+/// total}. Mirrors `cost_choice`.
 const COST_LUA: &str = concat!(
     prelude!(),
     r#"
@@ -289,8 +290,10 @@ local random, load_pm, tie_pm = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(A
 local n = tonumber(ARGV[7])
 local raw = redis.call('HMGET', totals, unpack(ARGV, 8, 7 + n))
 local costs, least = {}, nil
+local scaled = #ARGV >= 7 + 4 * n
 for i = 1, n do
   local c = tonumber(ARGV[7 + n + i]) * 1000 + load_pm * count(raw[i])
+  if scaled then c = c * tonumber(ARGV[7 + 3 * n + i]) end
   costs[i] = c
   if least == nil or c < least then least = c end
 end
@@ -759,6 +762,9 @@ impl InflightStore for RedisStore {
         }
         for w in q.weights {
             inv.arg(*w);
+        }
+        for m in q.scale {
+            inv.arg(*m);
         }
         let (pick, count): (i64, i64) = self.invoke(&inv).await?;
         let index = usize::try_from(pick - 1)

@@ -138,6 +138,7 @@ impl Policy for KvAware {
             weights: &weights,
             load_per_mille: self.settings.load_per_mille,
             tie_per_mille: self.settings.tie_per_mille,
+            scale: &[],
         };
         match self.counts.acquire_cost(query).await {
             Ok((i, load)) => {
