@@ -7,7 +7,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use parking_lot::Mutex;
@@ -54,6 +53,31 @@ async fn engine() -> vllm_sim::SimHandle {
         .expect("spawn vllm-sim")
 }
 
+/// A request of `tokens` tokens that holds the pool's only slot (10 ms a token), once in flight;
+/// answers its status.
+async fn hold(
+    client: &reqwest::Client,
+    proxy: &Proxy,
+    tokens: u32,
+) -> tokio::task::JoinHandle<reqwest::StatusCode> {
+    let (client, url) = (client.clone(), proxy.url("/v1/completions"));
+    let holder = tokio::spawn(async move {
+        let body =
+            json!({"model": "m", "prompt": "hold", "max_tokens": tokens, "ignore_eos": true});
+        client
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .expect("send")
+            .status()
+    });
+    proxy
+        .wait_metric("llmlb_endpoint_inflight", &[("pool", "p")], 1.0)
+        .await;
+    holder
+}
+
 async fn waiting(proxy: &Proxy, band: &str, n: f64) {
     proxy
         .wait_metric("llmlb_queue_length", &[("pool", "p"), ("band", band)], n)
@@ -65,33 +89,7 @@ async fn waiters_are_let_in_by_band_then_by_tenant_in_turn() {
     let sim = engine().await;
     let proxy = Proxy::start(&yaml(sim.addr(), "{max_inflight: 1}"));
     let client = reqwest::Client::new();
-    // One request holds the pool's only slot for about a second.
-    let holder = {
-        let (client, url) = (client.clone(), proxy.url("/v1/completions"));
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(
-                    &json!({"model": "m", "prompt": "hold", "max_tokens": 100, "ignore_eos": true}),
-                )
-                .send()
-                .await
-                .expect("send")
-                .status()
-        })
-    };
-    eventually(
-        "the holder in flight",
-        Duration::from_secs(10),
-        async || match proxy
-            .metric("llmlb_endpoint_inflight", &[("pool", "p")])
-            .await
-        {
-            Some(v) if v >= 1.0 => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    )
-    .await;
+    let holder = hold(&client, &proxy, 100).await;
     // Queue, in this order: tenant a three times, b once, a sheddable, then a critical one.
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -163,32 +161,7 @@ async fn full_queues_and_deadlines_answer_429_with_retry_after_and_critical_503(
         "{max_inflight: 1, bands: {sheddable: {queue: 1, deadline_ms: 300}, critical: {queue: 0}}}",
     ));
     let client = reqwest::Client::new();
-    let holder = {
-        let (client, proxy_url) = (client.clone(), proxy.url("/v1/completions"));
-        tokio::spawn(async move {
-            client
-                .post(proxy_url)
-                .json(
-                    &json!({"model": "m", "prompt": "hold", "max_tokens": 200, "ignore_eos": true}),
-                )
-                .send()
-                .await
-                .expect("send")
-                .status()
-        })
-    };
-    eventually(
-        "the holder in flight",
-        Duration::from_secs(10),
-        async || match proxy
-            .metric("llmlb_endpoint_inflight", &[("pool", "p")])
-            .await
-        {
-            Some(v) if v >= 1.0 => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    )
-    .await;
+    let holder = hold(&client, &proxy, 200).await;
     let shed = [("x-llm-lb-priority", "sheddable")];
     let first = {
         let (client, proxy_url) = (client.clone(), proxy.url("/v1/completions"));

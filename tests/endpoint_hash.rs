@@ -10,7 +10,6 @@ mod redis_harness;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use common::*;
 use redis_harness::RedisServer;
@@ -97,31 +96,17 @@ async fn a_consumer_is_pinned_across_replicas_and_moves_once_when_its_endpoint_f
 
     // A pin, not a preference: with two of alice's requests held at home, she still goes there,
     // and bob, new, goes where the load is least.
-    let held: Vec<_> = (0..2)
-        .map(|i| {
-            let (client, url) = (client.clone(), replicas[i].url(CHAT));
-            tokio::spawn(async move {
-                client
-                    .post(url)
-                    .header("x-mse-consumer", "alice")
-                    .json(&json!({"model": "m", "hold": true,
-                        "messages": [{"role": "user", "content": "long"}]}))
-                    .send()
-                    .await
-            })
-        })
-        .collect();
     let home_backend = backends
         .iter()
         .find(|b| b.addr.to_string() == home)
         .expect("home backend");
-    eventually(
-        "two held requests at home",
-        Duration::from_secs(10),
-        async || match home_backend.active() {
-            2 => Ok(()),
-            n => Err(format!("{n} held")),
-        },
+    let held = hold_through(
+        &client,
+        &[&replicas[0], &replicas[1]],
+        CHAT,
+        ("x-mse-consumer", "alice"),
+        &json!({"model": "m", "hold": true, "messages": [{"role": "user", "content": "long"}]}),
+        home_backend,
     )
     .await;
     let r = ask(&client, &replicas[2], CHAT, alice, &chat("busy")).await;

@@ -7,7 +7,6 @@ mod redis_harness;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use common::*;
 use redis_harness::RedisServer;
@@ -98,30 +97,17 @@ async fn a_session_stays_across_replicas_and_moves_when_its_endpoint_is_busy_or_
 
     // Over the load guard (one request more than the least loaded): with two of its requests
     // held at home, the session's next turn goes elsewhere — and the session follows it there.
-    let held: Vec<_> = (0..2)
-        .map(|i| {
-            let (client, url) = (client.clone(), replicas[i].url("/v1/chat/completions"));
-            tokio::spawn(async move {
-                client
-                    .post(url)
-                    .header("x-session-id", "agent-1")
-                    .json(&json!({"model": "m", "hold": true, "messages": turn(5)}))
-                    .send()
-                    .await
-            })
-        })
-        .collect();
     let home_backend = backends
         .iter()
         .find(|b| b.addr.to_string() == home)
         .expect("home backend");
-    eventually(
-        "two held requests at home",
-        Duration::from_secs(10),
-        async || match home_backend.active() {
-            2 => Ok(()),
-            n => Err(format!("{n} held")),
-        },
+    let held = hold_through(
+        &client,
+        &[&replicas[0], &replicas[1]],
+        "/v1/chat/completions",
+        ("x-session-id", "agent-1"),
+        &json!({"model": "m", "hold": true, "messages": turn(5)}),
+        home_backend,
     )
     .await;
     let diverted = ask(&client, &replicas[2], "agent-1", &turn(6)).await;

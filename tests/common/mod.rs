@@ -686,6 +686,42 @@ pub(crate) fn chat_body_with(model: &str, size: usize, stream: bool, long_stream
     .expect("json")
 }
 
+/// POST `body` (with `"hold": true`: the test backend holds it until released) with header
+/// `(name, value)` through each of `proxies` in the background, and wait until `backend` holds
+/// them all. The handles answer when the requests end.
+pub(crate) async fn hold_through(
+    client: &reqwest::Client,
+    proxies: &[&Proxy],
+    path: &str,
+    (name, value): (&'static str, &'static str),
+    body: &serde_json::Value,
+    backend: &Backend,
+) -> Vec<tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>> {
+    let before = backend.active();
+    let held: Vec<_> = proxies
+        .iter()
+        .map(|proxy| {
+            let request = client
+                .post(proxy.url(path))
+                .header(name, value)
+                .json(body)
+                .send();
+            tokio::spawn(request)
+        })
+        .collect();
+    let want = before + proxies.len() as i64;
+    eventually(
+        "the held requests at the backend",
+        Duration::from_secs(10),
+        async || match backend.active() {
+            n if n == want => Ok(()),
+            n => Err(format!("{n} held, want {want}")),
+        },
+    )
+    .await;
+    held
+}
+
 /// POST `body` to `path` through `proxy` (which exposes its pick headers), expecting a 200: the
 /// endpoint that answered and the pick reason.
 pub(crate) async fn routed(
