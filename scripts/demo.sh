@@ -54,7 +54,11 @@ pools:
     health_check: {path: /health, interval_ms: 1000, timeout_ms: 500}
     lb_policy: $POLICY
 YAML
+# A short grace period: on SIGTERM Pingora waits all of it before exiting (conf/pingora.yaml's
+# 600 s is for generations that stream for minutes, not for a demo's clean-up).
 sed -e "s#/tmp/llm-lb.pid#$WORK/llm-lb.pid#" -e "s#/tmp/llm-lb-upgrade.sock#$WORK/upgrade.sock#" \
+    -e "s#grace_period_seconds: 600#grace_period_seconds: 1#" \
+    -e "s#graceful_shutdown_timeout_seconds: 10#graceful_shutdown_timeout_seconds: 1#" \
     conf/pingora.yaml >"$WORK/pingora.yaml"
 
 step "starting llm-lb (lb_policy: $POLICY, embedded state) on 127.0.0.1:$LB_PORT"
