@@ -214,6 +214,24 @@ async fn respond(
 /// endpoint is busier than the guard allows a prefix hit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn previous_response_id_goes_where_the_response_is_stored() {
+    // A guard of 0: any difference in load diverts a prefix or session hit.
+    let guard = "lb_config: {loadGuardAbsolute: 0, loadGuardRelative: 0}";
+    continues_where_stored("prefix_cache", guard, "prefix_miss").await;
+}
+
+/// The same with `kv_aware` and `latency_aware`, which keep the ids in the store (or, for
+/// `latency_aware` without shared counts, in memory) the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_aware_and_latency_aware_continue_responses_where_stored() {
+    continues_where_stored("kv_aware", "lb_config: {}", "kv_miss").await;
+    continues_where_stored("latency_aware", "lb_config: {}", "latency_score").await;
+}
+
+/// A Responses API conversation through `policy` (with `lb_config`) on two vllm-sims, which
+/// answer 404 to an id they did not store: its first turn is placed by the policy
+/// (`first_reason`), every later one goes where the previous response is stored, also while a
+/// long answer keeps that endpoint busy; an unrelated request is placed by load.
+async fn continues_where_stored(policy: &str, lb_config: &str, first_reason: &str) {
     let sims = sim_fleet(
         2,
         vllm_sim::SimConfig {
@@ -224,15 +242,14 @@ async fn previous_response_id_goes_where_the_response_is_stored() {
     )
     .await;
     let addrs: Vec<SocketAddr> = sims.iter().map(|s| s.addr()).collect();
-    // A guard of 0: any difference in load diverts a prefix or session hit.
     let proxy = Proxy::start(&format!(
         "expose_endpoint_header: true\npools:\n{}",
         pool_yaml(
             "p",
             "[m]",
             &addrs,
-            "prefix_cache",
-            "    health_check: {enabled: false}\n    lb_config: {loadGuardAbsolute: 0, loadGuardRelative: 0}\n"
+            policy,
+            &format!("    health_check: {{enabled: false}}\n    {lb_config}\n")
         )
     ));
     let client = reqwest::Client::new();
@@ -242,7 +259,7 @@ async fn previous_response_id_goes_where_the_response_is_stored() {
     };
     let (status, home, reason, id) =
         respond(&client, &proxy, ask("plan a trip", None, false, 4)).await;
-    assert_eq!((status, reason.as_str()), (200, "prefix_miss"));
+    assert_eq!((status, reason.as_str()), (200, first_reason), "{policy}");
     let mut previous = id.expect("an id");
     for turn in 0..6 {
         let body = ask(
@@ -255,7 +272,7 @@ async fn previous_response_id_goes_where_the_response_is_stored() {
         assert_eq!(
             (status, endpoint.as_str(), reason.as_str()),
             (200, home.as_str(), "response_hit"),
-            "turn {turn}"
+            "{policy}: turn {turn}"
         );
         previous = id.expect("an id");
     }
@@ -297,10 +314,11 @@ async fn previous_response_id_goes_where_the_response_is_stored() {
     .await;
     assert_eq!(
         (status, endpoint.as_str(), reason.as_str()),
-        (200, home.as_str(), "response_hit")
+        (200, home.as_str(), "response_hit"),
+        "{policy}"
     );
     // Without the id, the same kind of request is placed by load: to the other endpoint.
     let (_, endpoint, _, _) = respond(&client, &proxy, ask("unrelated", None, false, 4)).await;
-    assert_ne!(endpoint, home);
+    assert_ne!(endpoint, home, "{policy}");
     long.abort();
 }

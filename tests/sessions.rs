@@ -32,10 +32,21 @@ fn turn(turn: usize) -> Vec<Value> {
 
 /// A chat request of session `session` (header `x-session-id`) with `messages`.
 async fn ask(client: &reqwest::Client, proxy: &Proxy, session: &str, messages: &[Value]) -> Routed {
+    ask_with(
+        client,
+        proxy,
+        session,
+        json!({"model": "m", "messages": messages}),
+    )
+    .await
+}
+
+/// A chat request of session `session` (header `x-session-id`) with `body`.
+async fn ask_with(client: &reqwest::Client, proxy: &Proxy, session: &str, body: Value) -> Routed {
     let resp = client
         .post(proxy.url("/v1/chat/completions"))
         .header("x-session-id", session)
-        .json(&json!({"model": "m", "messages": messages}))
+        .json(&body)
         .send()
         .await
         .expect("send");
@@ -60,8 +71,59 @@ fn pool(policy: &str, addrs: &[SocketAddr], extra: &str) -> String {
     )
 }
 
+/// How one policy is tried.
+struct Case {
+    policy: &'static str,
+    /// `lb_config` keys besides the Redis address.
+    lb_config: &'static str,
+    /// Requests of the session held at its endpoint to put it over the guard.
+    held: usize,
+    /// What every other request of the session adds to its body.
+    extra: Value,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_stays_across_replicas_and_moves_when_its_endpoint_is_busy_or_gone() {
+    sticks_and_moves(Case {
+        policy: "prefix_cache",
+        // Over the guard: one request more than the least loaded.
+        lb_config: "loadGuardAbsolute: 1, loadGuardRelative: 0",
+        held: 2,
+        extra: json!({}),
+    })
+    .await;
+}
+
+/// `kv_aware` counts tokens: the guard allows 3 requests like the one placed (10 output tokens
+/// and its few uncached prompt tokens); one held request decoding 100 000 is far over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_aware_keeps_sessions_across_replicas_under_its_guard() {
+    sticks_and_moves(Case {
+        policy: "kv_aware",
+        lb_config: "decodeTokens: 100000, loadGuardAbsolute: 3, loadGuardRelative: 0",
+        held: 1,
+        extra: json!({"max_tokens": 10}),
+    })
+    .await;
+}
+
+/// `latency_aware` with the in-flight counts of every replica (`global_inflight_enabled`): the
+/// guard counts requests, as `prefix_cache`'s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_aware_keeps_sessions_across_replicas_under_its_guard() {
+    sticks_and_moves(Case {
+        policy: "latency_aware",
+        lb_config: "global_inflight_enabled: true, loadGuardAbsolute: 1, loadGuardRelative: 0",
+        held: 2,
+        extra: json!({}),
+    })
+    .await;
+}
+
+/// An agent's turns through three replicas sharing a real Redis stay on one endpoint; with
+/// `case.held` of its requests held there the next one moves, and the session follows it; when
+/// that endpoint fails its health check the session moves once more, then stays.
+async fn sticks_and_moves(case: Case) {
     let redis = RedisServer::start().expect("redis-server");
     let backends = [
         Backend::start().await,
@@ -70,58 +132,81 @@ async fn a_session_stays_across_replicas_and_moves_when_its_endpoint_is_busy_or_
     ];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let conf = pool(
-        "prefix_cache",
+        case.policy,
         &addrs,
         &format!(
-            "    lb_config: {{serviceFQDN: '{}', loadGuardAbsolute: 1, loadGuardRelative: 0}}\n",
-            redis.url()
+            "    lb_config: {{serviceFQDN: '{}', {}}}\n",
+            redis.url(),
+            case.lb_config
         ),
     );
+    let body = |messages: Vec<Value>| {
+        let mut body = json!({"model": "m", "messages": messages});
+        if let (Some(b), Some(extra)) = (body.as_object_mut(), case.extra.as_object()) {
+            b.extend(extra.clone());
+        }
+        body
+    };
     let replicas = [
         Proxy::start(&conf),
         Proxy::start(&conf),
         Proxy::start(&conf),
     ];
     let client = reqwest::Client::new();
+    let agent =
+        async |proxy: &Proxy, i: usize| ask_with(&client, proxy, "agent-1", body(turn(i))).await;
 
     // An agent's turns through the three replicas in turn: all on the endpoint of the first.
     let mut endpoints = Vec::new();
     for i in 0..5 {
-        let r = ask(&client, &replicas[i % 3], "agent-1", &turn(i)).await;
+        let r = agent(&replicas[i % 3], i).await;
         let want = if i == 0 { "session_new" } else { "session_hit" };
-        assert_eq!(r.reason, want, "turn {i}");
+        assert_eq!(r.reason, want, "{}: turn {i}", case.policy);
         endpoints.push(r.endpoint);
     }
     let home = endpoints[0].clone();
     assert!(endpoints.iter().all(|e| *e == home), "{endpoints:?}");
 
-    // Over the load guard (one request more than the least loaded): with two of its requests
-    // held at home, the session's next turn goes elsewhere — and the session follows it there.
+    // Over the load guard: with requests of the session held at home, its next turn goes
+    // elsewhere — and the session follows it there.
     let home_backend = backends
         .iter()
         .find(|b| b.addr.to_string() == home)
         .expect("home backend");
+    // The last turn's count may still be on its way out (released after the answer ends).
+    for proxy in &replicas {
+        proxy
+            .wait_metric(
+                "llmlb_endpoint_inflight",
+                &[("endpoint", home.as_str())],
+                0.0,
+            )
+            .await;
+    }
+    let through: Vec<&Proxy> = replicas.iter().cycle().take(case.held).collect();
     let held = hold_through(
         &client,
-        &[&replicas[0], &replicas[1]],
+        &through,
         "/v1/chat/completions",
         ("x-session-id", "agent-1"),
         &json!({"model": "m", "hold": true, "messages": turn(5)}),
         home_backend,
     )
     .await;
-    let diverted = ask(&client, &replicas[2], "agent-1", &turn(6)).await;
-    assert_ne!(diverted.endpoint, home);
-    assert_eq!(diverted.reason, "session_diverted");
-    home_backend.release_held(2);
+    let diverted = agent(&replicas[2], 6).await;
+    assert_ne!(diverted.endpoint, home, "{}", case.policy);
+    assert_eq!(diverted.reason, "session_diverted", "{}", case.policy);
+    home_backend.release_held(case.held);
     for h in held {
         assert_eq!(h.await.expect("join").expect("send").status(), 200);
     }
     for (i, proxy) in replicas.iter().enumerate() {
-        let r = ask(&client, proxy, "agent-1", &turn(7 + i)).await;
+        let r = agent(proxy, 7 + i).await;
         assert_eq!(
             (&r.endpoint, r.reason.as_str()),
-            (&diverted.endpoint, "session_hit")
+            (&diverted.endpoint, "session_hit"),
+            "{}",
+            case.policy
         );
     }
 
@@ -140,13 +225,15 @@ async fn a_session_stays_across_replicas_and_moves_when_its_endpoint_is_busy_or_
             )
             .await;
     }
-    let moved = ask(&client, &replicas[0], "agent-1", &turn(10)).await;
+    let moved = agent(&replicas[0], 10).await;
     assert_ne!(moved.endpoint, diverted.endpoint, "{moved:?}");
     for (i, proxy) in replicas.iter().enumerate() {
-        let r = ask(&client, proxy, "agent-1", &turn(11 + i)).await;
+        let r = agent(proxy, 11 + i).await;
         assert_eq!(
             (&r.endpoint, r.reason.as_str()),
-            (&moved.endpoint, "session_hit")
+            (&moved.endpoint, "session_hit"),
+            "{}",
+            case.policy
         );
     }
 }

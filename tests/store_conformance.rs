@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use llm_lb::config::{LoadGuard, RedisConfig};
 use llm_lb::store::{
-    CostQuery, InflightStore, MemoryStore, PrefixOutcome, PrefixQuery, RedisStore, StoreError,
-    MAX_HOLDERS,
+    CostQuery, InflightStore, MemoryStore, PrefixOutcome, PrefixQuery, RedisStore, Sticky,
+    StoreError, MAX_HOLDERS,
 };
 use redis_harness::{RedisCluster, RedisServer};
 
@@ -605,6 +605,7 @@ mod cases {
                     load_per_mille,
                     tie_per_mille: 0,
                     scale: &[],
+                    sticky: None,
                 },
             )
             .await
@@ -655,6 +656,7 @@ mod cases {
                     load_per_mille: 1000,
                     tie_per_mille: 0,
                     scale: &[],
+                    sticky: None,
                 },
             )
             .await;
@@ -678,6 +680,7 @@ mod cases {
                         load_per_mille: 0,
                         tie_per_mille: 50,
                         scale: &[],
+                        sticky: None,
                     },
                 )
                 .await
@@ -742,6 +745,7 @@ mod scaled {
                     load_per_mille: 1000,
                     tie_per_mille: 0,
                     scale,
+                    sticky: None,
                 },
             )
             .await
@@ -763,6 +767,125 @@ mod scaled {
         // Counts come from every replica: fast has 3 in flight, 40 < 45; then 50 > 45.
         assert_eq!(scaled(&*two, &p, &eps, &[10, 45]).await, "fast");
         assert_eq!(scaled(&*two, &p, &eps, &[10, 45]).await, "slow");
+    }
+}
+
+mod sticky {
+    use super::*;
+    use PrefixOutcome::{Diverted, Hit, Miss};
+
+    /// One `acquire_cost` of unit weights and costs `base` for session 91 under `guard`; the
+    /// chosen endpoint and the session's outcome.
+    async fn pick(
+        s: &dyn InflightStore,
+        pool: &str,
+        candidates: &[&str],
+        base: &[u64],
+        guard: LoadGuard,
+        ttl: Duration,
+    ) -> (String, PrefixOutcome) {
+        let a = s
+            .acquire_cost(
+                pool,
+                CostQuery {
+                    candidates,
+                    base,
+                    weights: &vec![1; candidates.len()],
+                    load_per_mille: 1000,
+                    tie_per_mille: 0,
+                    scale: &[],
+                    sticky: Some(Sticky {
+                        key: 91,
+                        guard,
+                        ttl,
+                    }),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("acquire_cost: {e}"));
+        let outcome = a
+            .sticky
+            .unwrap_or_else(|| panic!("no sticky outcome: {a:?}"));
+        (candidates[a.index].to_owned(), outcome)
+    }
+
+    /// A sticky key keeps its endpoint, on every replica, against the cost and until the guard
+    /// finds it too busy; then the cost decides and the key moves with the request (its only
+    /// holder); a key whose endpoint is not a candidate, or expired, is placed by the cost.
+    pub(crate) async fn a_sticky_key_keeps_its_endpoint_within_the_guard(env: &Env) {
+        let (one, two) = (env.replica(), env.replica());
+        let p = pool("sticky");
+        let eps = ["a", "b", "c"];
+        let guard = LoadGuard {
+            absolute: 2,
+            per_mille: 0,
+        };
+        let ttl = Duration::from_secs(60);
+        // First: the cost's choice (b is cheapest), which the key now names.
+        assert_eq!(
+            pick(&*one, &p, &eps, &[5, 1, 5], guard, ttl).await,
+            ("b".into(), Miss)
+        );
+        // Kept on b though c is now cheapest, from the other replica too, while b carries at most
+        // 2 more than the least loaded (a and c: 0).
+        assert_eq!(
+            pick(&*two, &p, &eps, &[5, 5, 1], guard, ttl).await,
+            ("b".into(), Hit)
+        );
+        assert_eq!(counts(&*one, &p, &eps).await, vec![0, 2, 0]);
+        // b at 2: still within; at 3 it is too busy and the cost (c) takes it and the key.
+        assert_eq!(
+            pick(&*one, &p, &eps, &[5, 5, 1], guard, ttl).await,
+            ("b".into(), Hit)
+        );
+        assert_eq!(
+            pick(&*two, &p, &eps, &[5, 5, 1], guard, ttl).await,
+            ("c".into(), Diverted)
+        );
+        assert_eq!(
+            pick(&*one, &p, &eps, &[1, 5, 5], guard, ttl).await,
+            ("c".into(), Hit)
+        );
+        // The key names c alone now: without b among the candidates, c still keeps it.
+        assert_eq!(
+            pick(&*two, &p, &["a", "c"], &[1, 5], guard, ttl).await,
+            ("c".into(), Hit)
+        );
+        // Its endpoint gone from the candidates: placed by cost (b: 1 + 3 < a's 5), bound there.
+        assert_eq!(
+            pick(&*one, &p, &["a", "b"], &[5, 1], guard, ttl).await,
+            ("b".into(), Miss)
+        );
+        // b (4 in flight) too busy: c by cost (1 + 3 against a's 5, b's 5 + 4).
+        assert_eq!(
+            pick(&*one, &p, &eps, &[5, 5, 1], guard, ttl).await,
+            ("c".into(), Diverted)
+        );
+        // Expiry: a short TTL, then the key is new again.
+        let short = Duration::from_millis(50);
+        assert_eq!(pick(&*two, &p, &eps, &[1, 5, 5], guard, short).await.0, "a");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            pick(&*one, &p, &eps, &[5, 5, 1], guard, ttl).await,
+            ("c".into(), Miss)
+        );
+        // Without a sticky key, no outcome.
+        let a = one
+            .acquire_cost(
+                &p,
+                CostQuery {
+                    candidates: &eps,
+                    base: &[1, 1, 1],
+                    weights: &[1, 1, 1],
+                    load_per_mille: 1000,
+                    tie_per_mille: 0,
+                    scale: &[],
+                    sticky: None,
+                },
+            )
+            .await
+            .expect("acquire_cost");
+        assert_eq!(a.sticky, None);
     }
 }
 
@@ -836,9 +959,11 @@ mod all {
     pub(crate) use super::cases::*;
     pub(crate) use super::remembered::*;
     pub(crate) use super::scaled::*;
+    pub(crate) use super::sticky::*;
 }
 
 conformance!(
+    a_sticky_key_keeps_its_endpoint_within_the_guard,
     cost_scale_multiplies_the_load,
     remembered_keys_are_matched_by_every_replica,
     least_loaded_is_chosen,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::error::InvalidKey;
 use super::file::LbConfigFile;
+use super::prefix::{LoadGuard, PrefixSettings};
 
 /// How `kv_aware` tokenizes, indexes and weighs.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,8 +31,12 @@ pub struct KvAwareSettings {
     /// follows, until the engine confirms it (`predictedTtlMs`, default 2000).
     pub predicted_ttl: Duration,
     /// How long llm-lb's own record of what it routed counts as cached on an endpoint without
-    /// KV events, refreshed whenever used (`redisKeyTTL`, s, default 1800, as `prefix_cache`).
+    /// KV events, and session and response keys last, refreshed whenever used (`redisKeyTTL`,
+    /// s, default 1800, as `prefix_cache`).
     pub guess_ttl: Duration,
+    /// When a session's endpoint is too busy to keep it (`loadGuardAbsolute`, in requests like
+    /// the one placed, and `loadGuardRelative`), as in `prefix_cache`.
+    pub session_guard: LoadGuard,
     /// The most block entries the pool's index keeps (`kvIndexBlocks`, default 262144).
     pub index_blocks: usize,
     /// The event topic subscribed to (`kvEventsTopic`, default all).
@@ -48,7 +53,8 @@ impl Default for KvAwareSettings {
             decode_tokens: 16,
             tie_per_mille: 50,
             predicted_ttl: Duration::from_millis(2000),
-            guess_ttl: Duration::from_secs(1800),
+            guess_ttl: PrefixSettings::default().ttl,
+            session_guard: PrefixSettings::default().guard,
             index_blocks: 262_144,
             events_topic: String::new(),
         }
@@ -97,6 +103,10 @@ impl KvAwareSettings {
                 ));
             }
         }
+        let prefix = PrefixSettings::from_lb_config(c).unwrap_or_else(|mut e| {
+            bad.append(&mut e);
+            PrefixSettings::default()
+        });
         let settings = KvAwareSettings {
             tokenizer,
             block_size,
@@ -130,17 +140,8 @@ impl KvAwareSettings {
                     d.predicted_ttl
                 }
             },
-            guess_ttl: match c.redisKeyTTL {
-                None | Some(0) => d.guess_ttl,
-                Some(s) if s > 0 => Duration::from_secs(s.unsigned_abs()),
-                Some(_) => {
-                    bad.push(InvalidKey::new(
-                        "redisKeyTTL",
-                        "must be a positive number of seconds (0 means the default, 1800)",
-                    ));
-                    d.guess_ttl
-                }
-            },
+            guess_ttl: prefix.ttl,
+            session_guard: prefix.guard,
             index_blocks: match c.kvIndexBlocks {
                 None => d.index_blocks,
                 Some(n) if n >= 1 => n,

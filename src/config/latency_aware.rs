@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use super::error::InvalidKey;
 use super::file::LbConfigFile;
+use super::prefix::PrefixSettings;
 
 /// What `latency_aware` ranks endpoints by (`mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +75,9 @@ pub struct LatencyAwareConfig {
     /// Latency samples averaged by the `Least*Latency` modes, and picks remembered for
     /// `rate_limit` (`queue_size`, default 100).
     pub queue_size: usize,
+    /// How long session and response keys last (`redisKeyTTL`) and when a session's endpoint is
+    /// too busy to keep it (`loadGuardAbsolute`, `loadGuardRelative`), as in `prefix_cache`.
+    pub sessions: PrefixSettings,
 }
 
 /// Default `p2c_choices`.
@@ -99,6 +103,7 @@ impl Default for LatencyAwareConfig {
             failure_cooldown: DEFAULT_FAILURE_COOLDOWN,
             rate_limit: 1.0,
             queue_size: DEFAULT_QUEUE_SIZE,
+            sessions: PrefixSettings::default(),
         }
     }
 }
@@ -227,6 +232,10 @@ impl LatencyAwareConfig {
                 );
             }
         }
+        let sessions = PrefixSettings::from_lb_config(c).unwrap_or_else(|mut e| {
+            issues.append(&mut e);
+            d.sessions
+        });
         if !issues.is_empty() {
             return Err(issues);
         }
@@ -240,6 +249,7 @@ impl LatencyAwareConfig {
             failure_cooldown,
             rate_limit,
             queue_size,
+            sessions,
         })
     }
 }

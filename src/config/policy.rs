@@ -362,8 +362,13 @@ impl KeyUse {
 /// Every `lb_config` key as `(name, present in c, who reads it)`.
 pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 52] {
     use KeyUse::{Nobody, Policies, Redis, Store};
-    const PREFIX: KeyUse = Policies(&[PolicyKind::PrefixCache]);
     const KV: KeyUse = Policies(&[PolicyKind::KvAware]);
+    // The lifetime and load guard of prefix, session and response keys.
+    const SESSIONS: KeyUse = Policies(&[
+        PolicyKind::PrefixCache,
+        PolicyKind::KvAware,
+        PolicyKind::LatencyAware,
+    ]);
     const COUNTS_REQUESTS: KeyUse = Policies(&[
         PolicyKind::GlobalLeastRequest,
         PolicyKind::PrefixCache,
@@ -441,13 +446,9 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 52] {
         ("tlsCaFile", tlsCaFile.is_some(), Redis),
         ("tlsCertFile", tlsCertFile.is_some(), Redis),
         ("tlsKeyFile", tlsKeyFile.is_some(), Redis),
-        (
-            "redisKeyTTL",
-            redisKeyTTL.is_some(),
-            Policies(&[PolicyKind::PrefixCache, PolicyKind::KvAware]),
-        ),
-        ("loadGuardAbsolute", loadGuardAbsolute.is_some(), PREFIX),
-        ("loadGuardRelative", loadGuardRelative.is_some(), PREFIX),
+        ("redisKeyTTL", redisKeyTTL.is_some(), SESSIONS),
+        ("loadGuardAbsolute", loadGuardAbsolute.is_some(), SESSIONS),
+        ("loadGuardRelative", loadGuardRelative.is_some(), SESSIONS),
         (
             "maxRequestCount",
             maxRequestCount.is_some(),

@@ -338,6 +338,7 @@ fn latency_aware_keys() {
         failure_cooldown: Duration::from_secs(30),
         rate_limit: 1.0,
         queue_size: 100,
+        sessions: PrefixSettings::default(),
     };
     assert_eq!(
         c.pools[0].policy,
@@ -351,7 +352,8 @@ fn latency_aware_keys() {
         "{mode: LeastTotalLatency, ewma_beta: 0.8, p2c_choices: 3, ttft_weight: 1, \
          total_latency_weight: 0, error_penalty: 0, failure_cooldown_ms: 5000, \
          metrics_missing_policy: least_busy, rate_limit: 0.7, queue_size: 20, \
-         global_inflight_enabled: false}",
+         global_inflight_enabled: false, redisKeyTTL: 60, loadGuardAbsolute: 2, \
+         loadGuardRelative: 0}",
     )
     .expect("valid");
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
@@ -369,6 +371,13 @@ fn latency_aware_keys() {
                 failure_cooldown: Duration::from_millis(5000),
                 rate_limit: 0.7,
                 queue_size: 20,
+                sessions: PrefixSettings {
+                    guard: LoadGuard {
+                        absolute: 2,
+                        per_mille: 0,
+                    },
+                    ttl: Duration::from_secs(60),
+                },
             },
         )
     );

@@ -31,21 +31,43 @@
 //! `AdaptiveScore` load is the endpoint's requests in flight over every replica: the store picks
 //! the least `score × (in flight + 1)` and counts it in one round trip ([`CostQuery::scale`]);
 //! while the store cannot answer, this replica's own score decides.
+//!
+//! A request that names a session (the pool's `session_affinity`) goes where the session's last
+//! request went — whatever its share of recent picks (`rate_limit`) — unless that endpoint cools
+//! down or carries more requests than the load guard allows over the least loaded candidate
+//! (`session_hit`); otherwise the mode chooses among all candidates, without sampling, and the
+//! session follows (`session_diverted`, `session_new`). A Responses API request that continues
+//! a stored response (`previous_response_id`) goes to the endpoint that stored it unless it
+//! cools down (`response_hit`, `response_new`). The guard is `loadGuardAbsolute` (default 8) and
+//! `loadGuardRelative` (0.5), as in `prefix_cache`; both keys last `redisKeyTTL` (default 30
+//! minutes) from their last use: in
+//! the store with `global_inflight_enabled` (so every replica agrees, in the same round trip as
+//! the pick), else in this replica's memory (at most [`MAX_LOCAL_KEYS`] per pool).
 
 use std::collections::VecDeque;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use lru::LruCache;
 use parking_lot::Mutex;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
+use super::kv_aware::{sticky, sticky_reason};
+use super::prefix_cache::Reasons;
 use super::{Lease, Pick, PickInput, Policy, PolicyError};
+use crate::apis::Api;
 use crate::config::{LatencyAwareConfig, LatencyMode, PolicyKind};
 use crate::endpoint::{EndpointId, Outcome};
-use crate::store::{CostQuery, PoolCounts, Skip};
+use crate::prefix::response_key;
+use crate::store::{sticky_choice, CostQuery, PoolCounts, Skip, Sticky};
 use crate::telemetry;
+
+/// Without `global_inflight_enabled`, the most session and response keys a pool remembers
+/// (least recently used first out).
+pub const MAX_LOCAL_KEYS: usize = 65_536;
 
 /// Pick reason: the lowest adaptive score (`AdaptiveScore`).
 pub const REASON_SCORE: &str = "latency_score";
@@ -119,12 +141,14 @@ fn push_window(window: &mut VecDeque<f64>, sample: f64, size: usize) {
 }
 
 /// The pool's figures on this replica.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     /// Indexed by [`EndpointId::index`].
     endpoints: Vec<Stats>,
     /// The pool's last `queue_size` picks, oldest first.
     recent: VecDeque<EndpointId>,
+    /// Without shared counts, each session's or stored response's endpoint, until when.
+    keys: LruCache<u64, (EndpointId, Instant)>,
 }
 
 impl State {
@@ -245,12 +269,14 @@ impl Shared {
         }
     }
 
-    /// The candidate for this request and why, with `state` locked; records nothing.
+    /// The candidate for this request and why, with `state` locked; records nothing. Without
+    /// `p2c`, every candidate is ranked.
     fn choose(
         &self,
         state: &State,
         candidates: &[EndpointId],
         now: Instant,
+        p2c: bool,
         rng: &mut impl Rng,
     ) -> Result<(EndpointId, &'static str), PolicyError> {
         let reason = match self.config.mode {
@@ -272,7 +298,7 @@ impl Shared {
             LatencyMode::LeastFirstTokenLatency => mean(&stats(c).ttfts),
             LatencyMode::LeastTotalLatency => mean(&stats(c).totals),
         };
-        let (pool, skipped) = self.sample(state, candidates, now, rng);
+        let (pool, skipped) = self.sample(state, candidates, now, p2c, rng);
         let ranked: Vec<(EndpointId, f64)> = pool.into_iter().map(|c| (c, value(c))).collect();
         let chosen =
             lowest(&ranked, rng).ok_or_else(|| PolicyError::Unavailable("no candidates".into()))?;
@@ -282,26 +308,20 @@ impl Shared {
     }
 
     /// The candidates to rank, and those skipped for `rate_limit`: below the rate limit; for
-    /// `AdaptiveScore` also not cooling down (while some are not) and `p2c_choices` of them at
-    /// random.
+    /// `AdaptiveScore` also not cooling down (while some are not) and, with `p2c`,
+    /// `p2c_choices` of them at random.
     fn sample(
         &self,
         state: &State,
         candidates: &[EndpointId],
         now: Instant,
+        p2c: bool,
         rng: &mut impl Rng,
     ) -> (Vec<EndpointId>, Vec<EndpointId>) {
         let (mut pool, skipped) = self.below_rate_limit(state, candidates);
         if self.config.mode == LatencyMode::AdaptiveScore {
-            let cool: Vec<EndpointId> = pool
-                .iter()
-                .copied()
-                .filter(|&c| !state.stats(c).is_some_and(|s| s.in_cooldown(now)))
-                .collect();
-            if !cool.is_empty() {
-                pool = cool;
-            }
-            if self.config.p2c_choices < pool.len() {
+            pool = not_cooling(state, pool, now);
+            if p2c && self.config.p2c_choices < pool.len() {
                 pool = pool
                     .choose_multiple(rng, self.config.p2c_choices)
                     .copied()
@@ -336,16 +356,69 @@ impl Shared {
 
     /// Choose for `candidates` at `now` and count the pick (in flight, recent picks) under one
     /// lock, so concurrent picks see each other.
+    #[cfg(test)]
     fn pick(
         &self,
         candidates: &[EndpointId],
         now: Instant,
         rng: &mut impl Rng,
     ) -> Result<(EndpointId, &'static str), PolicyError> {
+        self.pick_keyed(candidates, None, now, rng)
+    }
+
+    /// [`Shared::pick`] for a request that sticks to a key (a session, a stored response) kept
+    /// in this replica's memory: its endpoint, unless it cools down or is too busy by the key's
+    /// guard (in this replica's requests in flight); otherwise the mode's choice among all
+    /// candidates. The chosen endpoint becomes the key's.
+    fn pick_keyed(
+        &self,
+        candidates: &[EndpointId],
+        key: Option<(Sticky, Reasons)>,
+        now: Instant,
+        rng: &mut impl Rng,
+    ) -> Result<(EndpointId, &'static str), PolicyError> {
         let mut state = self.state.lock();
-        let (endpoint, reason) = self.choose(&state, candidates, now, rng)?;
+        let (mut endpoint, mut reason) =
+            self.choose(&state, candidates, now, key.is_none(), rng)?;
+        if let Some((sticky, reasons)) = key {
+            let eligible = not_cooling(&state, candidates.to_vec(), now);
+            let counts: Vec<u64> = candidates
+                .iter()
+                .map(|&c| state.stats(c).map_or(0, |s| s.inflight))
+                .collect();
+            let holder = state
+                .keys
+                .get(&sticky.key)
+                .filter(|(_, until)| *until > now)
+                .map(|(e, _)| *e)
+                .filter(|h| eligible.contains(h));
+            let holders: Vec<usize> = holder
+                .and_then(|h| candidates.iter().position(|&c| c == h))
+                .into_iter()
+                .collect();
+            let chosen = candidates.iter().position(|&c| c == endpoint).unwrap_or(0);
+            let (i, outcome) = sticky_choice(&counts, &holders, sticky.guard, chosen);
+            endpoint = candidates.get(i).copied().unwrap_or(endpoint);
+            reason = sticky_reason(reasons, outcome);
+            let until = now.checked_add(sticky.ttl).unwrap_or(now);
+            state.keys.put(sticky.key, (endpoint, until));
+        }
         state.picked(endpoint, self.config.queue_size);
         Ok((endpoint, reason))
+    }
+}
+
+/// The endpoints of `pool` not cooling down after a failure; all of them when every one is.
+fn not_cooling(state: &State, pool: Vec<EndpointId>, now: Instant) -> Vec<EndpointId> {
+    let cool: Vec<EndpointId> = pool
+        .iter()
+        .copied()
+        .filter(|&c| !state.stats(c).is_some_and(|s| s.in_cooldown(now)))
+        .collect();
+    if cool.is_empty() {
+        pool
+    } else {
+        cool
     }
 }
 
@@ -376,6 +449,7 @@ impl LatencyAware {
                 state: Mutex::new(State {
                     endpoints: vec![Stats::default(); endpoints],
                     recent: VecDeque::with_capacity(config.queue_size + 1),
+                    keys: LruCache::new(NonZeroUsize::MIN.saturating_add(MAX_LOCAL_KEYS - 1)),
                 }),
             }),
             counts: None,
@@ -399,13 +473,21 @@ impl LatencyAware {
         &self,
         counts: &Arc<PoolCounts>,
         input: &PickInput<'_>,
+        key: Option<(Sticky, Reasons)>,
         now: Instant,
     ) -> Result<Option<Pick>, PolicyError> {
         let (sample, scale) = {
             let state = self.shared.state.lock();
-            let (sample, _) =
-                self.shared
-                    .sample(&state, input.candidates, now, &mut rand::thread_rng());
+            let sample = match key {
+                // A key's endpoint is kept whatever its share of recent picks.
+                Some(_) => not_cooling(&state, input.candidates.to_vec(), now),
+                None => {
+                    let mut rng = rand::thread_rng();
+                    self.shared
+                        .sample(&state, input.candidates, now, true, &mut rng)
+                        .0
+                }
+            };
             let default = Stats::default();
             let scale: Vec<u64> = sample
                 .iter()
@@ -429,9 +511,13 @@ impl LatencyAware {
             load_per_mille: 1000,
             tie_per_mille: 0,
             scale: &scale,
+            sticky: key.map(|(s, _)| s),
         };
-        let i = match counts.acquire_cost(query).await {
-            Ok((i, _)) => i,
+        let (i, reason) = match counts.acquire_cost(query).await {
+            Ok((i, acquired)) => match (key, acquired.sticky) {
+                (Some((_, reasons)), Some(outcome)) => (i, sticky_reason(reasons, outcome)),
+                _ => (i, REASON_SCORE),
+            },
             Err(Skip::Saturated) => return Err(PolicyError::Saturated),
             Err(Skip::Fallback(reason)) => {
                 telemetry::count_fallback(counts.pool(), reason);
@@ -445,14 +531,28 @@ impl LatencyAware {
             .picked(endpoint, self.shared.config.queue_size);
         Ok(Some(Pick {
             endpoint,
-            reason: REASON_SCORE,
+            reason,
             lease: Some(Box::new(LatencyLease {
                 shared: self.shared.clone(),
                 endpoint: endpoint.index(),
                 picked: now,
                 store: Some((counts.clone(), label.to_owned())),
+                remember: self.remember(input),
             })),
         }))
+    }
+}
+
+impl LatencyAware {
+    /// The key `input`'s request sticks to, if any ([`sticky`]; the guard in requests).
+    fn sticky_key(&self, input: &PickInput<'_>) -> Option<(Sticky, Reasons)> {
+        sticky(input.request, self.shared.config.sessions, 1)
+    }
+
+    /// How long to remember which endpoint stored the response `input`'s answer will name: a
+    /// Responses API request's.
+    fn remember(&self, input: &PickInput<'_>) -> Option<Duration> {
+        (input.request.api == Api::Responses).then_some(self.shared.config.sessions.ttl)
     }
 }
 
@@ -463,12 +563,30 @@ struct LatencyLease {
     picked: Instant,
     /// The shared count held (`global_inflight_enabled`): the store and the endpoint's label.
     store: Option<(Arc<PoolCounts>, String)>,
+    /// How long to remember where the response the answer names is stored, if it is one.
+    remember: Option<Duration>,
 }
 
 impl Lease for LatencyLease {
     fn first_byte(&mut self) {
         let ms = self.picked.elapsed().as_secs_f64() * 1000.0;
         self.shared.record_ttft(self.endpoint, ms);
+    }
+
+    fn produced(&mut self, id: &str) {
+        let Some(ttl) = self.remember.take() else {
+            return;
+        };
+        let key = response_key(id);
+        match &self.store {
+            Some((counts, label)) => counts.remember(key, label, ttl),
+            None => {
+                let now = Instant::now();
+                let until = now.checked_add(ttl).unwrap_or(now);
+                let endpoint = EndpointId::new(self.endpoint);
+                self.shared.state.lock().keys.put(key, (endpoint, until));
+            }
+        }
     }
 
     fn release(self: Box<Self>, outcome: Outcome) {
@@ -501,19 +619,25 @@ impl Policy for LatencyAware {
             REASON_LEAST_TTFT,
             REASON_LEAST_TOTAL,
             REASON_RATE_LIMITED,
+            "session_hit",
+            "session_diverted",
+            "session_new",
+            "response_hit",
+            "response_new",
         ]
     }
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
         let now = Instant::now();
+        let key = self.sticky_key(&input);
         if let Some(counts) = &self.counts {
-            if let Some(pick) = self.pick_shared(counts, &input, now).await? {
+            if let Some(pick) = self.pick_shared(counts, &input, key, now).await? {
                 return Ok(pick);
             }
         }
         let (endpoint, reason) =
             self.shared
-                .pick(input.candidates, now, &mut rand::thread_rng())?;
+                .pick_keyed(input.candidates, key, now, &mut rand::thread_rng())?;
         Ok(Pick {
             endpoint,
             reason,
@@ -522,6 +646,7 @@ impl Policy for LatencyAware {
                 endpoint: endpoint.index(),
                 picked: now,
                 store: None,
+                remember: self.remember(&input),
             })),
         })
     }
@@ -532,6 +657,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::config::LoadGuard;
+    use crate::policy::prefix_cache::SESSION_REASONS;
     use crate::policy::testing::{histogram, ids};
 
     fn config(mode: LatencyMode) -> LatencyAwareConfig {
@@ -543,6 +670,53 @@ mod tests {
 
     fn policy(n: usize, config: LatencyAwareConfig) -> LatencyAware {
         LatencyAware::new(n, config)
+    }
+
+    /// Without shared counts a session is kept in this replica's memory: on its endpoint
+    /// whatever the scores and the rate limit, until that endpoint carries more than the guard
+    /// allows or cools down; then the session moves with the pick.
+    #[test]
+    fn local_sessions_stick_within_the_guard_and_move() {
+        let p = policy(3, config(LatencyMode::AdaptiveScore));
+        let (now, mut rng) = (Instant::now(), rand::thread_rng());
+        let key = Some((
+            Sticky {
+                key: 7,
+                guard: LoadGuard {
+                    absolute: 2,
+                    per_mille: 0,
+                },
+                ttl: Duration::from_secs(60),
+            },
+            SESSION_REASONS,
+        ));
+        let pick = |key| {
+            p.shared
+                .pick_keyed(&ids(3), key, now, &mut rand::thread_rng())
+        };
+        let (home, reason) = pick(key).expect("pick");
+        assert_eq!(reason, "session_new");
+        // Kept while home carries up to 2 more than the least loaded (these picks stay in
+        // flight), though its score is then the worst and it took every recent pick.
+        for _ in 0..2 {
+            assert_eq!(pick(key).expect("pick"), (home, "session_hit"));
+        }
+        let (moved, reason) = pick(key).expect("pick");
+        assert_eq!(reason, "session_diverted");
+        assert_ne!(moved, home);
+        assert_eq!(pick(key).expect("pick"), (moved, "session_hit"));
+        // Cooling down after a failure, its endpoint is no holder any more (as one no longer a
+        // candidate): the session is placed anew.
+        p.shared
+            .record_end(moved.index(), Outcome::Failed, 1.0, Instant::now());
+        let (again, reason) = p
+            .shared
+            .pick_keyed(&ids(3), key, Instant::now(), &mut rng)
+            .expect("pick");
+        assert_eq!(reason, "session_new");
+        assert_ne!(again, moved);
+        // Without a key the scores decide as before.
+        assert_eq!(pick(None).expect("pick").1, REASON_SCORE);
     }
 
     /// `n` completed attempts on `endpoint` of `ttft` and `total` ms (without counting picks).

@@ -24,56 +24,49 @@ pub(crate) struct StoreLease {
 }
 
 impl StoreLease {
-    pub(crate) fn boxed(counts: &Arc<PoolCounts>, endpoint: &str) -> Box<dyn Lease> {
-        Self::boxed_units(counts, endpoint, 1, 0)
-    }
-
-    /// `units` held, `at_first_byte` of them (less than `units`) released at the first byte.
-    pub(crate) fn boxed_units(
+    /// `units` held, `at_first_byte` of them (less than `units`) released at the first byte;
+    /// with `remember`, which endpoint stored the response the answer names is remembered that
+    /// long, under [`response_key`].
+    fn boxed_units(
         counts: &Arc<PoolCounts>,
         endpoint: &str,
         units: u64,
         at_first_byte: u64,
+        remember: Option<Duration>,
     ) -> Box<dyn Lease> {
         Box::new(StoreLease {
             counts: counts.clone(),
             endpoint: endpoint.to_owned(),
             units,
             at_first_byte: at_first_byte.min(units.saturating_sub(1)),
-            remember: None,
-        })
-    }
-
-    /// [`StoreLease::boxed`] that also remembers, for `ttl`, which endpoint stored the response
-    /// the answer names, under [`response_key`].
-    pub(crate) fn boxed_remembering(
-        counts: &Arc<PoolCounts>,
-        endpoint: &str,
-        ttl: Duration,
-    ) -> Box<dyn Lease> {
-        Box::new(StoreLease {
-            counts: counts.clone(),
-            endpoint: endpoint.to_owned(),
-            units: 1,
-            at_first_byte: 0,
-            remember: Some(ttl),
+            remember,
         })
     }
 }
 
 /// The lease of `request` counted on `endpoint`: a Responses API request's also remembers, for
-/// `ttl`, that `endpoint` stores the response it produces ([`StoreLease::boxed_remembering`]).
+/// `ttl`, that `endpoint` stores the response it produces.
 pub(crate) fn request_lease(
     counts: &Arc<PoolCounts>,
     endpoint: &str,
     request: &LlmRequest,
     ttl: Duration,
 ) -> Box<dyn Lease> {
-    if request.api == Api::Responses {
-        StoreLease::boxed_remembering(counts, endpoint, ttl)
-    } else {
-        StoreLease::boxed(counts, endpoint)
-    }
+    request_lease_units(counts, endpoint, request, ttl, 1, 0)
+}
+
+/// [`request_lease`] holding `units` (`kv_aware`'s tokens), `at_first_byte` of them given back
+/// at the first byte of the answer.
+pub(crate) fn request_lease_units(
+    counts: &Arc<PoolCounts>,
+    endpoint: &str,
+    request: &LlmRequest,
+    ttl: Duration,
+    units: u64,
+    at_first_byte: u64,
+) -> Box<dyn Lease> {
+    let remember = (request.api == Api::Responses).then_some(ttl);
+    StoreLease::boxed_units(counts, endpoint, units, at_first_byte, remember)
 }
 
 impl Lease for StoreLease {

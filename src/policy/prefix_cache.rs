@@ -111,8 +111,10 @@ impl Policy for PrefixCache {
 pub(super) type Reasons = [&'static str; 3];
 
 const PREFIX_REASONS: Reasons = ["prefix_hit", "prefix_diverted", "prefix_miss"];
-const SESSION_REASONS: Reasons = ["session_hit", "session_diverted", "session_new"];
-const RESPONSE_REASONS: Reasons = ["response_hit", "response_diverted", "response_new"];
+/// Reasons of a session kept, moved off a busy endpoint, and placed anew.
+pub(super) const SESSION_REASONS: Reasons = ["session_hit", "session_diverted", "session_new"];
+/// Reasons of a continued response on its endpoint, diverted, and placed anew.
+pub(super) const RESPONSE_REASONS: Reasons = ["response_hit", "response_diverted", "response_new"];
 
 /// A pick by affinity, before its reason is named.
 struct Placed {

@@ -26,7 +26,8 @@ use crate::config::{
 
 use super::{
     check_call, check_cost, cost_choice, heartbeat_interval_for, new_replica_id, pick_least,
-    prefix_choice, Acquired, CostQuery, InflightStore, PrefixAcquired, PrefixQuery, StoreError,
+    prefix_choice, sticky_choice, Acquired, CostAcquired, CostQuery, InflightStore, PrefixAcquired,
+    PrefixQuery, StoreError,
 };
 
 /// The embedded store. Cheap to clone; clones are the same replica.
@@ -222,7 +223,7 @@ impl InflightStore for MemoryStore {
         self.acquire_prefix_now(pool, q)
     }
 
-    async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<Acquired, StoreError> {
+    async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<CostAcquired, StoreError> {
         self.acquire_cost_now(pool, q)
     }
 
@@ -314,14 +315,19 @@ impl MemoryStore {
     }
 
     /// [`InflightStore::acquire_cost`], synchronously.
-    pub fn acquire_cost_now(&self, pool: &str, q: CostQuery<'_>) -> Result<Acquired, StoreError> {
+    pub fn acquire_cost_now(
+        &self,
+        pool: &str,
+        q: CostQuery<'_>,
+    ) -> Result<CostAcquired, StoreError> {
         check_cost(pool, &q)?;
         let random = rand::random::<u32>();
+        let now = Instant::now();
         let pool = self.pool(pool);
         let mut st = pool.lock();
-        st.touch_and_reap(&self.replica, Instant::now(), self.dead_after);
+        st.touch_and_reap(&self.replica, now, self.dead_after);
         let counts: Vec<u64> = q.candidates.iter().map(|c| st.total(c)).collect();
-        let index = cost_choice(
+        let chosen = cost_choice(
             q.base,
             &counts,
             q.scale,
@@ -329,9 +335,23 @@ impl MemoryStore {
             q.tie_per_mille,
             random,
         );
+        let (index, sticky) = match q.sticky {
+            None => (chosen, None),
+            Some(s) => {
+                let (_, holders) = st.prefixes.holders(q.candidates, &[s.key], now);
+                let (index, outcome) = sticky_choice(&counts, &holders, s.guard, chosen);
+                st.prefixes
+                    .bind(&[s.key], q.candidates[index], now + s.ttl, now);
+                (index, Some(outcome))
+            }
+        };
         let weight = q.weights[index].max(1);
         let inflight = st.add(&self.replica, q.candidates[index], weight);
-        Ok(Acquired { index, inflight })
+        Ok(CostAcquired {
+            index,
+            inflight,
+            sticky,
+        })
     }
 
     /// [`InflightStore::release`], synchronously.

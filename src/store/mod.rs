@@ -152,6 +152,36 @@ pub struct CostQuery<'a> {
     /// `base` 1 and `load_per_mille` 1000 the cost is `scale × (count + 1)`: `latency_aware`'s
     /// score times the endpoint's load over every replica.
     pub scale: &'a [u64],
+    /// A key (a session) whose endpoint the request prefers, under a load guard.
+    pub sticky: Option<Sticky>,
+}
+
+/// A key an [`InflightStore::acquire_cost`] keeps on one endpoint, as a preference: the key's
+/// endpoint is chosen, whatever the costs, unless [`LoadGuard::too_busy`] with its count against
+/// the least count of the candidates (in the counts' units); otherwise (or when the key has no
+/// endpoint among the candidates) the cost decides. Either way the chosen endpoint becomes the
+/// key's only holder (as [`PrefixQuery::sole`]), for `ttl`.
+#[derive(Debug, Clone, Copy)]
+pub struct Sticky {
+    /// The key, in the prefix index's key space (e.g. [`crate::prefix::session_key`]).
+    pub key: u64,
+    /// When the key's endpoint is too busy to keep it.
+    pub guard: LoadGuard,
+    /// The key lives this long from its last use.
+    pub ttl: Duration,
+}
+
+/// The result of a successful [`InflightStore::acquire_cost`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CostAcquired {
+    /// Index into the candidates of the chosen endpoint.
+    pub index: usize,
+    /// The chosen endpoint's count over all live replicas, this request included.
+    pub inflight: u64,
+    /// With [`CostQuery::sticky`], how the key placed the request: kept on its endpoint
+    /// ([`PrefixOutcome::Hit`]), moved because that endpoint was too busy
+    /// ([`PrefixOutcome::Diverted`]), or placed by cost for want of one ([`PrefixOutcome::Miss`]).
+    pub sticky: Option<PrefixOutcome>,
 }
 
 /// At most this many endpoints are recorded as holders of one block key (most recent first).
@@ -239,9 +269,10 @@ pub trait InflightStore: Send + Sync {
     /// One atomic round trip for `kv_aware`: the candidate with the least
     /// `base[i] × 1000 + load_per_mille × total[i]` (near-ties within `tie_per_mille` of the least
     /// uniformly at random, the same rule in both stores), whose count grows by `weights[i]` on behalf of
-    /// this replica (release it with [`InflightStore::release_n`]). Input errors as for
+    /// this replica (release it with [`InflightStore::release_n`]). With [`CostQuery::sticky`],
+    /// the key's endpoint instead, unless too busy ([`Sticky`]). Input errors as for
     /// [`InflightStore::acquire_least`], and when `base` or `weights` do not match `candidates`.
-    async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<Acquired, StoreError>;
+    async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<CostAcquired, StoreError>;
 
     /// One round trip: record `endpoint` as the most recent holder of block key `key` (keeping up
     /// to [`MAX_HOLDERS`] earlier holders), for `ttl` — what an answer taught after the pick, e.g.
@@ -389,6 +420,28 @@ pub(crate) fn cost_choice(
         .map_or(0, |(i, _)| i)
 }
 
+/// The sticky choice both implementations follow (the Lua script mirrors it): `holders` are the
+/// candidate indices (ascending) holding the sticky key, `chosen` the cost's choice. The least
+/// loaded holder (the first of equals) keeps the request unless `guard` finds it too busy
+/// against the least count.
+pub(crate) fn sticky_choice(
+    counts: &[u64],
+    holders: &[usize],
+    guard: LoadGuard,
+    chosen: usize,
+) -> (usize, PrefixOutcome) {
+    let count = |i: usize| counts.get(i).copied().unwrap_or(u64::MAX);
+    let Some(holder) = holders.iter().copied().min_by_key(|i| count(*i)) else {
+        return (chosen, PrefixOutcome::Miss);
+    };
+    let least = counts.iter().copied().min().unwrap_or(0);
+    if guard.too_busy(count(holder), least) {
+        (chosen, PrefixOutcome::Diverted)
+    } else {
+        (holder, PrefixOutcome::Hit)
+    }
+}
+
 /// The prefix-cache choice both implementations follow (the Lua script mirrors it): `holders`
 /// are the candidate indices (ascending) holding the deepest matched key, empty on a miss.
 /// `None` when the chosen endpoint — the least loaded one, at worst — is at `max`.
@@ -480,6 +533,30 @@ mod tests {
         // Scaled: score × (count + 1); 10 × 3 beats 40 × 1, but not 40 × 0 + ... (1 × 40 = 40).
         assert_eq!(cost_choice(&[1, 1], &[2, 0], &[10, 40], 1000, 0, 0), 0);
         assert_eq!(cost_choice(&[1, 1], &[4, 0], &[10, 40], 1000, 0, 0), 1);
+    }
+
+    #[test]
+    fn sticky_choice_keeps_the_holder_within_the_guard() {
+        // Holder 1 at 7 against a least of 3: within 3 + max(4, 3/2).
+        assert_eq!(
+            sticky_choice(&[3, 7, 5], &[1], GUARD, 0),
+            (1, PrefixOutcome::Hit)
+        );
+        // At 8 it is too busy: the cost's choice.
+        assert_eq!(
+            sticky_choice(&[3, 8, 5], &[1], GUARD, 2),
+            (2, PrefixOutcome::Diverted)
+        );
+        // No holder among the candidates.
+        assert_eq!(
+            sticky_choice(&[3, 12], &[], GUARD, 1),
+            (1, PrefixOutcome::Miss)
+        );
+        // Several holders: the least loaded, the first of equals.
+        assert_eq!(
+            sticky_choice(&[9, 4, 4], &[0, 1, 2], GUARD, 0),
+            (1, PrefixOutcome::Hit)
+        );
     }
 
     #[test]

@@ -39,7 +39,9 @@ use parking_lot::Mutex;
 use tokio::sync::RwLock;
 
 use super::breaker::Breaker;
-use super::{Acquired, CostQuery, InflightStore, PrefixAcquired, PrefixQuery, StoreError};
+use super::{
+    Acquired, CostAcquired, CostQuery, InflightStore, PrefixAcquired, PrefixQuery, StoreError,
+};
 use crate::config::PrefixSettings;
 use crate::telemetry::{self, FallbackReason};
 
@@ -59,6 +61,12 @@ trait Chosen {
 }
 
 impl Chosen for Acquired {
+    fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Chosen for CostAcquired {
     fn index(&self) -> usize {
         self.index
     }
@@ -132,17 +140,15 @@ impl PoolCounts {
         Ok(index)
     }
 
-    /// [`InflightStore::acquire_cost`]: the candidate of least cost over all replicas, whose
-    /// count grows by its weight. Returns the chosen candidate's position and its new total;
-    /// release with [`PoolCounts::release_n`] and that weight.
-    pub async fn acquire_cost(&self, q: CostQuery<'_>) -> Result<(usize, u64), Skip> {
+    /// [`InflightStore::acquire_cost`]: the candidate of least cost over all replicas (or the
+    /// sticky key's), whose count grows by its weight. Returns the chosen candidate's position
+    /// and the answer; release with [`PoolCounts::release_n`] and that weight.
+    pub async fn acquire_cost(&self, q: CostQuery<'_>) -> Result<(usize, CostAcquired), Skip> {
         self.ready(q.candidates)?;
         let call = self.store.acquire_cost(&self.pool, q);
         let weight = |i: usize| q.weights.get(i).copied().unwrap_or(1).max(1);
-        let (index, acquired) = self
-            .counted("acquire_cost", q.candidates, weight, call)
-            .await?;
-        Ok((index, acquired.inflight))
+        self.counted("acquire_cost", q.candidates, weight, call)
+            .await
     }
 
     /// [`InflightStore::acquire_prefix`] over `candidates` (endpoint labels): the holder of the

@@ -15,7 +15,7 @@
 //!
 //! # Scripts
 //!
-//! Five Lua scripts, loaded by SHA (`EVALSHA`; redis-rs sends `SCRIPT LOAD` and retries once when
+//! Seven Lua scripts, loaded by SHA (`EVALSHA`; redis-rs sends `SCRIPT LOAD` and retries once when
 //! Redis answers `NOSCRIPT`, e.g. after a restart or `SCRIPT FLUSH`). Every key a script touches is
 //! in `KEYS` and shares the pool's hash tag. `ARGV` starts with the replica id, the dead-replica
 //! timeout and the key TTL (ms) for the scripts that refresh the heartbeat:
@@ -29,6 +29,10 @@
 //!   candidate among their holders (a comma-separated list, most recent first), the choice of
 //!   `acquire_prefix`, the count as in acquire, then every block key rewritten with the chosen
 //!   endpoint first (`SET … PX ttl`).
+//! - **cost** (`KEYS` as acquire, then the sticky key if any; `ARGV` … random, load and tie per
+//!   mille, n, sticky TTL and guard, candidates, base costs, weights, scales): `acquire_cost`'s
+//!   choice (least `scale × (base × 1000 + load × total)`, near-ties at random), or the sticky
+//!   key's endpoint unless too busy, which then becomes the key's only holder; counts the weight.
 //! - **remember** (`KEYS` one block key; `ARGV` endpoint, TTL): the endpoint becomes the key's
 //!   first holder, as **prefix** records a chain; nothing is counted.
 //! - **release** (`KEYS` inflight, total; `ARGV` replica, endpoint): when this replica's field is
@@ -53,8 +57,9 @@ use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 
 use super::{
-    check_call, check_cost, heartbeat_interval_for, new_replica_id, Acquired, CostQuery,
-    InflightStore, PrefixAcquired, PrefixOutcome, PrefixQuery, StoreError, KEY_TTL, MAX_HOLDERS,
+    check_call, check_cost, heartbeat_interval_for, new_replica_id, Acquired, CostAcquired,
+    CostQuery, InflightStore, PrefixAcquired, PrefixOutcome, PrefixQuery, StoreError, KEY_TTL,
+    MAX_HOLDERS,
 };
 use crate::config::{RedisConfig, RedisMode};
 
@@ -279,21 +284,25 @@ redis.call('SET', KEYS[1], table.concat(out, ','), 'PX', tonumber(ARGV[2]))
 return 1
 "#;
 
-/// ARGV[4] random u32, ARGV[5] load per mille, ARGV[6] tie per mille, ARGV[7] n; then n
-/// candidates, n base costs, n weights and optionally n scales. Returns {1-based index, new
-/// total}. Mirrors `cost_choice`.
+/// ARGV[4] random u32, ARGV[5] load per mille, ARGV[6] tie per mille, ARGV[7] n, ARGV[8] the
+/// sticky key's TTL (ms) or "" without one (then KEYS[4] is the sticky key), ARGV[9] and
+/// ARGV[10] its guard (absolute, per mille); then n candidates, n base costs, n weights and
+/// optionally n scales. Returns {1-based index, new total, sticky outcome (0 none, 1 hit,
+/// 2 diverted, 3 miss)}. Mirrors `cost_choice` and `sticky_choice`.
 const COST_LUA: &str = concat!(
     prelude!(),
     r#"
 touch_and_reap()
 local random, load_pm, tie_pm = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local n = tonumber(ARGV[7])
-local raw = redis.call('HMGET', totals, unpack(ARGV, 8, 7 + n))
-local costs, least = {}, nil
-local scaled = #ARGV >= 7 + 4 * n
+local at = 10
+local raw = redis.call('HMGET', totals, unpack(ARGV, at + 1, at + n))
+local counts, costs, least = {}, {}, nil
+local scaled = #ARGV >= at + 4 * n
 for i = 1, n do
-  local c = tonumber(ARGV[7 + n + i]) * 1000 + load_pm * count(raw[i])
-  if scaled then c = c * tonumber(ARGV[7 + 3 * n + i]) end
+  counts[i] = count(raw[i])
+  local c = tonumber(ARGV[at + n + i]) * 1000 + load_pm * counts[i]
+  if scaled then c = c * tonumber(ARGV[at + 3 * n + i]) end
   costs[i] = c
   if least == nil or c < least then least = c end
 end
@@ -313,12 +322,37 @@ for i = 1, n do
     want = want - 1
   end
 end
-local ep = ARGV[7 + pick]
-local w = math.max(1, tonumber(ARGV[7 + 2 * n + pick]))
+local outcome = 0
+local sticky_ttl = tonumber(ARGV[8])
+if sticky_ttl then
+  local held = {}
+  local v = redis.call('GET', KEYS[4])
+  if v then
+    for e in string.gmatch(v, '[^,]+') do held[e] = true end
+  end
+  local h, lo = nil, nil
+  for i = 1, n do
+    if lo == nil or counts[i] < lo then lo = counts[i] end
+    if held[ARGV[at + i]] and (h == nil or counts[i] < counts[h]) then h = i end
+  end
+  if h == nil then
+    outcome = 3
+  else
+    local extra = math.max(tonumber(ARGV[9]), math.floor(lo * tonumber(ARGV[10]) / 1000))
+    if counts[h] > lo + extra then
+      outcome = 2
+    else
+      pick, outcome = h, 1
+    end
+  end
+  redis.call('SET', KEYS[4], ARGV[at + pick], 'PX', sticky_ttl)
+end
+local ep = ARGV[at + pick]
+local w = math.max(1, tonumber(ARGV[at + 2 * n + pick]))
 redis.call('HINCRBY', inflight, me .. '|' .. ep, w)
 local total = redis.call('HINCRBY', totals, ep, w)
 keep()
-return {pick, total}
+return {pick, total, outcome}
 "#
 );
 
@@ -746,7 +780,7 @@ impl InflightStore for RedisStore {
         })
     }
 
-    async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<Acquired, StoreError> {
+    async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<CostAcquired, StoreError> {
         check_cost(pool, &q)?;
         let keys = self.pool_keys(pool);
         let mut inv = self.touching(&self.scripts.cost, &keys);
@@ -754,6 +788,17 @@ impl InflightStore for RedisStore {
             .arg(q.load_per_mille)
             .arg(q.tie_per_mille)
             .arg(q.candidates.len());
+        match q.sticky {
+            Some(s) => {
+                inv.key(format!("{}{:016x}", keys.prefix, s.key))
+                    .arg(millis(s.ttl).max(1))
+                    .arg(s.guard.absolute)
+                    .arg(s.guard.per_mille);
+            }
+            None => {
+                inv.arg("").arg(0).arg(0);
+            }
+        }
         for c in q.candidates {
             inv.arg(*c);
         }
@@ -766,14 +811,22 @@ impl InflightStore for RedisStore {
         for m in q.scale {
             inv.arg(*m);
         }
-        let (pick, count): (i64, i64) = self.invoke(&inv).await?;
+        let (pick, count, outcome): (i64, i64, i64) = self.invoke(&inv).await?;
         let index = usize::try_from(pick - 1)
             .ok()
             .filter(|i| *i < q.candidates.len())
             .ok_or_else(|| StoreError::Protocol(format!("cost returned index {pick}")))?;
-        Ok(Acquired {
+        let sticky = match (q.sticky, outcome) {
+            (None, 0) => None,
+            (Some(_), 1) => Some(PrefixOutcome::Hit),
+            (Some(_), 2) => Some(PrefixOutcome::Diverted),
+            (Some(_), 3) => Some(PrefixOutcome::Miss),
+            (_, o) => return Err(StoreError::Protocol(format!("cost returned outcome {o}"))),
+        };
+        Ok(CostAcquired {
             index,
             inflight: to_u64(count),
+            sticky,
         })
     }
 

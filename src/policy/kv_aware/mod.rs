@@ -18,10 +18,21 @@
 //!   the same round trip ([`crate::store::InflightStore::acquire_cost`]); candidates within
 //!   `tieTolerance` of the least are chosen among at random so that bursts do not herd.
 //!
-//! Reasons: `kv_hit` (the chosen endpoint holds the longest cached prefix of any candidate),
-//! `kv_load` (another held more, but its load made it costlier), `kv_miss` (no candidate holds any
-//! block), `local_least_request` (the store could not answer: fewest requests in flight from this
-//! replica). Every pick's scores are logged at debug level.
+//! - **Sessions and stored responses.** A request that names a session (the pool's
+//!   `session_affinity`) goes where the session's last request went, in the same round trip
+//!   ([`Sticky`]), unless that endpoint is too busy by the load guard (`loadGuardAbsolute`,
+//!   default 8, counted in requests like this one, i.e. its tokens at the candidate that holds
+//!   most of it; `loadGuardRelative`, default 0.5, of the least loaded candidate's tokens) above
+//!   the least loaded candidate. Then, and for a session's first request, the cost decides, and the session follows
+//!   (`session_hit`, `session_diverted`, `session_new`). A Responses API request that continues
+//!   a stored response (`previous_response_id`) goes to the endpoint that stored it whatever its
+//!   load (`response_hit`, `response_new`; learnt from the answers, as in `prefix_cache`). Both
+//!   keys last `redisKeyTTL` from their last use.
+//!
+//! Reasons otherwise: `kv_hit` (the chosen endpoint holds the longest cached prefix of any
+//! candidate), `kv_load` (another held more, but its load made it costlier), `kv_miss` (no
+//! candidate holds any block), `local_least_request` (the store could not answer: fewest
+//! requests in flight from this replica). Every pick's scores are logged at debug level.
 
 mod tokens;
 
@@ -31,12 +42,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::local::{local_least, StoreLease};
+use super::local::{local_least, request_lease_units};
+use super::prefix_cache::{Reasons, RESPONSE_REASONS, SESSION_REASONS};
 use super::{Pick, PickInput, Policy, PolicyError};
-use crate::config::{KvAwareSettings, PolicyKind};
+use crate::config::{KvAwareSettings, LoadGuard, PolicyKind, PrefixSettings};
 use crate::kv_blocks::{chain_keys, BlockKey};
 use crate::kv_events::KvIndex;
-use crate::store::{CostQuery, PoolCounts, Skip};
+use crate::store::{CostQuery, PoolCounts, PrefixOutcome, Skip, Sticky};
 use crate::telemetry;
 
 /// Blocks of a prompt keyed and looked up, at most (with 16-token blocks, the first 64 Ki tokens).
@@ -94,6 +106,41 @@ fn decode_tokens(request: &crate::request::LlmRequest, default: u64) -> u64 {
     asked.map_or(default, |n| n.min(default))
 }
 
+/// The key `request` sticks to, if any, and the reasons of its outcomes: the response it
+/// continues (kept whatever the load), else its session (under the load guard of `settings`,
+/// its absolute part counted in units of `weight`: 1 where counts are requests, the request's
+/// least load on any candidate where they are tokens); both keys last the `settings`' TTL.
+pub(super) fn sticky(
+    request: &crate::request::LlmRequest,
+    settings: PrefixSettings,
+    weight: u64,
+) -> Option<(Sticky, Reasons)> {
+    if request.api.load_only() {
+        return None;
+    }
+    let ttl = settings.ttl;
+    if let Some(key) = request.previous_response {
+        let guard = LoadGuard::NEVER;
+        return Some((Sticky { key, guard, ttl }, RESPONSE_REASONS));
+    }
+    let key = request.session?;
+    let guard = LoadGuard {
+        absolute: settings.guard.absolute.saturating_mul(weight),
+        ..settings.guard
+    };
+    Some((Sticky { key, guard, ttl }, SESSION_REASONS))
+}
+
+/// The reason among `reasons` (hit, diverted, new) of a sticky `outcome`.
+pub(super) fn sticky_reason(reasons: Reasons, outcome: PrefixOutcome) -> &'static str {
+    let [hit, diverted, new] = reasons;
+    match outcome {
+        PrefixOutcome::Hit => hit,
+        PrefixOutcome::Diverted => diverted,
+        PrefixOutcome::Miss => new,
+    }
+}
+
 /// Each candidate's cached blocks, the chosen one's reason.
 fn reason(matched: &[usize], chosen: usize) -> &'static str {
     let best = matched.iter().copied().max().unwrap_or(0);
@@ -111,7 +158,17 @@ impl Policy for KvAware {
     }
 
     fn reasons(&self) -> &'static [&'static str] {
-        &["kv_hit", "kv_load", "kv_miss", "local_least_request"]
+        &[
+            "kv_hit",
+            "kv_load",
+            "kv_miss",
+            "session_hit",
+            "session_diverted",
+            "session_new",
+            "response_hit",
+            "response_new",
+            "local_least_request",
+        ]
     }
 
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
@@ -132,6 +189,12 @@ impl Policy for KvAware {
             .iter()
             .map(|u| u.saturating_add(decode).max(1))
             .collect();
+        let least_weight = weights.iter().copied().min().unwrap_or(1);
+        let sessions = PrefixSettings {
+            guard: self.settings.session_guard,
+            ttl: self.settings.guess_ttl,
+        };
+        let sticky = sticky(input.request, sessions, least_weight);
         let query = CostQuery {
             candidates: &labels,
             base: &base,
@@ -139,9 +202,11 @@ impl Policy for KvAware {
             load_per_mille: self.settings.load_per_mille,
             tie_per_mille: self.settings.tie_per_mille,
             scale: &[],
+            sticky: sticky.map(|(s, _)| s),
         };
         match self.counts.acquire_cost(query).await {
-            Ok((i, load)) => {
+            Ok((i, acquired)) => {
+                let load = acquired.inflight;
                 let pool = self.counts.pool();
                 let cost = base[i]
                     + (load.saturating_sub(weights[i])) * self.settings.load_per_mille / 1000;
@@ -157,13 +222,19 @@ impl Policy for KvAware {
                     self.settings.guess_ttl
                 };
                 self.index.predict(labels[i], &keys, ttl);
+                let reason = match (sticky, acquired.sticky) {
+                    (Some((_, reasons)), Some(outcome)) => sticky_reason(reasons, outcome),
+                    _ => reason(&matched, i),
+                };
                 Ok(Pick {
                     endpoint: input.candidates[i],
-                    reason: reason(&matched, i),
+                    reason,
                     // The prefill part of the load ends with the first byte of the answer.
-                    lease: Some(StoreLease::boxed_units(
+                    lease: Some(request_lease_units(
                         &self.counts,
                         labels[i],
+                        input.request,
+                        self.settings.guess_ttl,
                         weights[i],
                         uncached[i],
                     )),
