@@ -30,13 +30,16 @@ pub enum Refused {
     /// It waited past its band's deadline.
     #[error("waited past the {} deadline", .0.name())]
     Deadline(Band),
+    /// Its client went away while it waited.
+    #[error("the client left the {} queue", .0.name())]
+    ClientGone(Band),
 }
 
 impl Refused {
     /// The band of the refused request.
     pub fn band(self) -> Band {
         match self {
-            Refused::QueueFull(b) | Refused::Deadline(b) => b,
+            Refused::QueueFull(b) | Refused::Deadline(b) | Refused::ClientGone(b) => b,
         }
     }
 }
@@ -169,13 +172,15 @@ impl WaitingRoom {
     }
 
     /// Let a request of `band` from `tenant` in now if there is room (and no one more important
-    /// or earlier waits), else queue it until a slot is handed to it or its deadline passes.
+    /// or earlier waits), else queue it until a slot is handed to it, its deadline passes or
+    /// `gone` completes (its client left: the place goes to the next in line at once).
     /// `endpoints` is the number of endpoints the pool can use now.
     pub async fn admit(
         self: &Arc<Self>,
         band: Band,
         tenant: &str,
         endpoints: usize,
+        gone: impl std::future::Future<Output = ()>,
     ) -> Result<Permit, Refused> {
         let started = Instant::now();
         let limits = self.config.bands[band.index()];
@@ -210,13 +215,22 @@ impl WaitingRoom {
             id,
         };
         let mut slot = slot;
-        let handed = match tokio::time::timeout(limits.deadline, &mut slot).await {
-            Ok(Ok(permit)) => Some(permit),
-            // Past the deadline: leave the queue. A slot handed over meanwhile (under the lock,
-            // so before the waiter could be removed) is in the channel: take it.
-            Ok(Err(_)) | Err(_) => {
+        let handed = tokio::select! {
+            waited = tokio::time::timeout(limits.deadline, &mut slot) => match waited {
+                Ok(Ok(permit)) => Some(permit),
+                // Past the deadline: leave the queue. A slot handed over meanwhile (under the
+                // lock, so before the waiter could be removed) is in the channel: take it.
+                Ok(Err(_)) | Err(_) => {
+                    drop(queued);
+                    slot.try_recv().ok()
+                }
+            },
+            () = gone => {
+                // Leave the queue; a slot handed over meanwhile is freed with the channel.
                 drop(queued);
-                slot.try_recv().ok()
+                drop(slot);
+                self.admitted(band, tenant, "client_gone", started.elapsed());
+                return Err(Refused::ClientGone(band));
             }
         };
         match handed {
@@ -309,6 +323,8 @@ pub fn tenant_of(headers: &http::HeaderMap, tenant_header: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::future::pending;
+
     use super::*;
     use crate::config::BandLimits;
 
@@ -337,7 +353,7 @@ mod tests {
         tenant: &str,
     ) -> tokio::task::JoinHandle<Result<Permit, Refused>> {
         let (room, tenant) = (room.clone(), tenant.to_owned());
-        tokio::spawn(async move { room.admit(band, &tenant, 1).await })
+        tokio::spawn(async move { room.admit(band, &tenant, 1, pending()).await })
     }
 
     async fn settle() {
@@ -349,7 +365,10 @@ mod tests {
     #[tokio::test]
     async fn bands_go_first_and_tenants_take_turns() {
         let room = room(1, 100, 60_000);
-        let held = room.admit(Band::Standard, "a", 1).await.expect("room");
+        let held = room
+            .admit(Band::Standard, "a", 1, pending())
+            .await
+            .expect("room");
         // Waiting: tenant a three times, then b once, a sheddable, and then a critical.
         let mut waiting = Vec::new();
         for (band, tenant) in [
@@ -397,11 +416,14 @@ mod tests {
     #[tokio::test]
     async fn full_queues_and_deadlines_refuse() {
         let room = room(1, 1, 50);
-        let _held = room.admit(Band::Standard, "a", 1).await.expect("room");
+        let _held = room
+            .admit(Band::Standard, "a", 1, pending())
+            .await
+            .expect("room");
         let waiting = queue(&room, Band::Sheddable, "a");
         settle().await;
         assert_eq!(
-            room.admit(Band::Sheddable, "b", 1).await.err(),
+            room.admit(Band::Sheddable, "b", 1, pending()).await.err(),
             Some(Refused::QueueFull(Band::Sheddable))
         );
         assert_eq!(
@@ -418,7 +440,10 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_that_gave_up_never_takes_a_slot() {
         let room = room(1, 10, 60_000);
-        let held = room.admit(Band::Standard, "a", 1).await.expect("room");
+        let held = room
+            .admit(Band::Standard, "a", 1, pending())
+            .await
+            .expect("room");
         let gone = queue(&room, Band::Standard, "a");
         settle().await;
         gone.abort();
@@ -427,24 +452,62 @@ mod tests {
         drop(held);
         assert_eq!(room.inflight(), 0);
         // Capacity follows the endpoints usable now.
-        let a = room.admit(Band::Standard, "a", 2).await.expect("room");
+        let a = room
+            .admit(Band::Standard, "a", 2, pending())
+            .await
+            .expect("room");
         let b = room
-            .admit(Band::Standard, "a", 2)
+            .admit(Band::Standard, "a", 2, pending())
             .await
             .expect("room for two");
         drop((a, b));
     }
 
     #[tokio::test]
+    async fn a_client_that_leaves_gives_its_place_to_the_next_at_once() {
+        let room = room(1, 10, 60_000);
+        let held = room
+            .admit(Band::Standard, "a", 1, pending())
+            .await
+            .expect("room");
+        let (leave, left) = oneshot::channel::<()>();
+        let leaving = {
+            let room = room.clone();
+            tokio::spawn(async move {
+                let gone = async {
+                    let _ = left.await;
+                };
+                room.admit(Band::Standard, "a", 1, gone).await
+            })
+        };
+        let next = queue(&room, Band::Standard, "b");
+        settle().await;
+        assert_eq!(room.waiting(Band::Standard), 2);
+        let _ = leave.send(());
+        assert_eq!(
+            leaving.await.expect("task").err(),
+            Some(Refused::ClientGone(Band::Standard))
+        );
+        assert_eq!(room.waiting(Band::Standard), 1);
+        drop(held);
+        settle().await;
+        assert!(next.is_finished(), "the slot went to the next in line");
+        assert_eq!(room.inflight(), 1);
+    }
+
+    #[tokio::test]
     async fn room_that_grows_goes_to_those_waiting_first() {
         let room = room(1, 10, 60_000);
-        let _held = room.admit(Band::Standard, "a", 1).await.expect("room");
+        let _held = room
+            .admit(Band::Standard, "a", 1, pending())
+            .await
+            .expect("room");
         let waiting = queue(&room, Band::Standard, "a");
         settle().await;
         // A second endpoint comes: its slot goes to the one waiting, the newcomer waits.
         let newcomer = {
             let room = room.clone();
-            tokio::spawn(async move { room.admit(Band::Standard, "b", 2).await })
+            tokio::spawn(async move { room.admit(Band::Standard, "b", 2, pending()).await })
         };
         settle().await;
         assert!(waiting.is_finished(), "the waiter got the new slot");

@@ -205,6 +205,57 @@ async fn full_queues_and_deadlines_answer_429_with_retry_after_and_critical_503(
     assert_eq!(complete(&client, &proxy, 2, &shed).await.status(), 200);
 }
 
+/// A client that gives up while it waits (closes its connection) leaves the queue at once, not
+/// at its deadline, and its place goes to the next in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_waiting_leaves_the_queue() {
+    let sim = engine().await;
+    let proxy = Proxy::start(&yaml(sim.addr(), "{max_inflight: 1}"));
+    let client = reqwest::Client::new();
+    let holder = hold(&client, &proxy, 300).await;
+    // Gives up after 1 s: sooner than the standard deadline (10 s) and the holder (3 s).
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(1))
+        .build()
+        .expect("client");
+    let next = {
+        let (client, url) = (client.clone(), proxy.url("/v1/completions"));
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .header("x-tenant-id", "next")
+                .json(&json!({"model": "m", "prompt": "q", "max_tokens": 2}))
+                .send()
+                .await
+                .expect("send")
+                .status()
+        })
+    };
+    let (gave_up, _) = tokio::join!(
+        async {
+            impatient
+                .post(proxy.url("/v1/completions"))
+                .header("x-tenant-id", "gone")
+                .json(&json!({"model": "m", "prompt": "q", "max_tokens": 2}))
+                .send()
+                .await
+        },
+        waiting(&proxy, "standard", 2.0),
+    );
+    assert!(gave_up.expect_err("timed out").is_timeout());
+    waiting(&proxy, "standard", 1.0).await;
+    let left = proxy
+        .metric(
+            "llmlb_admissions_total",
+            &[("tenant", "gone"), ("result", "client_gone")],
+        )
+        .await;
+    assert_eq!(left, Some(1.0));
+    assert!(!holder.is_finished(), "it left long before a slot was free");
+    assert_eq!(holder.await.expect("holder"), 200);
+    assert_eq!(next.await.expect("next"), 200);
+}
+
 #[test]
 fn bad_admission_settings_are_refused_naming_the_key() {
     let e = llm_lb::config::Config::from_yaml(&yaml(

@@ -639,7 +639,7 @@ pub fn count_admission(
     if let Some(m) = ADMISSIONS.as_ref() {
         m.with_label_values(&[pool, band, tenant, result]).inc();
     }
-    if result == "waited" || result == "deadline" {
+    if matches!(result, "waited" | "deadline" | "client_gone") {
         if let Some(m) = QUEUE_WAIT.as_ref() {
             m.with_label_values(&[pool, band, tenant])
                 .observe(waited.as_secs_f64());
