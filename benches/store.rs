@@ -1,6 +1,7 @@
 //! Cost of one pick + release (`acquire_least` then `release`) on the in-flight stores: the
 //! embedded store, and a real `redis-server` on loopback that the benchmark starts itself, for 4,
-//! 16 and 64 candidate endpoints. With Redis this is two round trips (two `EVALSHA`s).
+//! 16 and 64 candidate endpoints. With Redis this is one round trip (one `EVALSHA`, which carries
+//! the previous iteration's release: releases ride on the next call).
 //!
 //! `cargo bench --bench store` (add `-- --quick` for a fast run).
 

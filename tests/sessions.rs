@@ -71,6 +71,23 @@ fn pool(policy: &str, addrs: &[SocketAddr], extra: &str) -> String {
     )
 }
 
+/// Wait until no replica counts anything in flight in pool `p` in `redis`.
+async fn settled(redis: &RedisServer) {
+    eventually(
+        "no request counted in Redis",
+        std::time::Duration::from_secs(10),
+        async || match redis.cli(&["HLEN", "llmlb:{p}:total"]) {
+            Ok(n) if n.trim() == "0" => Ok(()),
+            other => Err(format!(
+                "{other:?}: {:?} {:?}",
+                redis.cli(&["HGETALL", "llmlb:{p}:total"]),
+                redis.cli(&["HGETALL", "llmlb:{p}:inflight"])
+            )),
+        },
+    )
+    .await;
+}
+
 /// How one policy is tried.
 struct Case {
     policy: &'static str,
@@ -155,11 +172,18 @@ async fn sticks_and_moves(case: Case) {
     let client = reqwest::Client::new();
     let agent =
         async |proxy: &Proxy, i: usize| ask_with(&client, proxy, "agent-1", body(turn(i))).await;
+    // A turn once the previous ones are released everywhere: a replica's release reaches Redis
+    // with its next call or a few milliseconds later, and the turns here follow each other
+    // faster than that through different replicas.
+    let next_turn = async |proxy: &Proxy, i: usize| {
+        settled(&redis).await;
+        agent(proxy, i).await
+    };
 
     // An agent's turns through the three replicas in turn: all on the endpoint of the first.
     let mut endpoints = Vec::new();
     for i in 0..5 {
-        let r = agent(&replicas[i % 3], i).await;
+        let r = next_turn(&replicas[i % 3], i).await;
         let want = if i == 0 { "session_new" } else { "session_hit" };
         assert_eq!(r.reason, want, "{}: turn {i}", case.policy);
         endpoints.push(r.endpoint);
@@ -173,16 +197,7 @@ async fn sticks_and_moves(case: Case) {
         .iter()
         .find(|b| b.addr.to_string() == home)
         .expect("home backend");
-    // The last turn's count may still be on its way out (released after the answer ends).
-    for proxy in &replicas {
-        proxy
-            .wait_metric(
-                "llmlb_endpoint_inflight",
-                &[("endpoint", home.as_str())],
-                0.0,
-            )
-            .await;
-    }
+    settled(&redis).await;
     let through: Vec<&Proxy> = replicas.iter().cycle().take(case.held).collect();
     let held = hold_through(
         &client,
@@ -201,7 +216,7 @@ async fn sticks_and_moves(case: Case) {
         assert_eq!(h.await.expect("join").expect("send").status(), 200);
     }
     for (i, proxy) in replicas.iter().enumerate() {
-        let r = agent(proxy, 7 + i).await;
+        let r = next_turn(proxy, 7 + i).await;
         assert_eq!(
             (&r.endpoint, r.reason.as_str()),
             (&diverted.endpoint, "session_hit"),
@@ -225,10 +240,10 @@ async fn sticks_and_moves(case: Case) {
             )
             .await;
     }
-    let moved = agent(&replicas[0], 10).await;
+    let moved = next_turn(&replicas[0], 10).await;
     assert_ne!(moved.endpoint, diverted.endpoint, "{moved:?}");
     for (i, proxy) in replicas.iter().enumerate() {
-        let r = agent(proxy, 11 + i).await;
+        let r = next_turn(proxy, 11 + i).await;
         assert_eq!(
             (&r.endpoint, r.reason.as_str()),
             (&moved.endpoint, "session_hit"),

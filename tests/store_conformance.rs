@@ -132,6 +132,19 @@ async fn counts(s: &dyn InflightStore, pool: &str, endpoints: &[&str]) -> Vec<u6
     s.inflight(pool, endpoints).await.expect("inflight")
 }
 
+/// Release `n` units of `endpoint` and flush, as `PoolCounts` does within milliseconds: a store
+/// that defers releases (Redis) applies them with the replica's next call, so another replica
+/// reading at once would not see them yet.
+async fn release<S: InflightStore + ?Sized>(
+    s: &S,
+    pool: &str,
+    endpoint: &str,
+    n: u64,
+) -> Result<(), StoreError> {
+    s.release_n(pool, endpoint, n).await?;
+    s.flush(pool).await.map(|_| ())
+}
+
 const GUARD: LoadGuard = LoadGuard {
     absolute: 4,
     per_mille: 500,
@@ -376,7 +389,7 @@ mod cases {
             let (i, n) = acquire(&*s, &p, &eps).await;
             assert_eq!(n, 1);
             hist[i] += 1;
-            s.release(&p, eps[i]).await.expect("release");
+            release(&*s, &p, eps[i], 1).await.expect("release");
         }
         // Expected 100 each, standard deviation ~8.2: [55, 145] is beyond 5 sigma.
         for h in hist {
@@ -388,7 +401,7 @@ mod cases {
         for _ in 0..60 {
             let (i, _) = acquire(&*s, &p, &eps).await;
             seen[i] += 1;
-            s.release(&p, eps[i]).await.expect("release");
+            release(&*s, &p, eps[i], 1).await.expect("release");
         }
         assert_eq!(seen[0], 0, "{seen:?}");
         assert!(seen[1] >= 10 && seen[2] >= 10, "{seen:?}");
@@ -397,12 +410,16 @@ mod cases {
     pub(crate) async fn release_never_goes_below_zero(env: &Env) {
         let s = env.replica();
         let p = pool("release");
-        s.release(&p, "never-acquired").await.expect("release");
-        s.release("pool-never-used", "x").await.expect("release");
+        release(&*s, &p, "never-acquired", 1)
+            .await
+            .expect("release");
+        release(&*s, "pool-never-used", "x", 1)
+            .await
+            .expect("release");
         assert_eq!(counts(&*s, &p, &["never-acquired"]).await, vec![0]);
         load(&*s, &p, "a", 1).await;
         for _ in 0..3 {
-            s.release(&p, "a").await.expect("release");
+            release(&*s, &p, "a", 1).await.expect("release");
         }
         assert_eq!(counts(&*s, &p, &["a"]).await, vec![0]);
         // A negative count would make this 0 again.
@@ -427,7 +444,7 @@ mod cases {
         }
         assert_eq!(counts(&*s, &p, &eps).await, vec![2, 2]);
         // A higher cap (or none) still admits; after a release the freed endpoint is chosen.
-        s.release(&p, "b").await.expect("release");
+        release(&*s, &p, "b", 1).await.expect("release");
         let a = s.acquire_least(&p, &eps, Some(2)).await.expect("room");
         assert_eq!((a.index, a.inflight), (1, 2));
         // max 0: always saturated, nothing counted, also on a fresh pool.
@@ -480,8 +497,8 @@ mod cases {
         load(&*s, &p1, "a", 3).await;
         assert_eq!(counts(&*s, &p2, &["a"]).await, vec![0]);
         assert_eq!(acquire(&*s, &p2, &["a", "b"]).await.1, 1);
-        s.release(&p2, "a").await.expect("release");
-        s.release(&p2, "b").await.expect("release");
+        release(&*s, &p2, "a", 1).await.expect("release");
+        release(&*s, &p2, "b", 1).await.expect("release");
         assert_eq!(counts(&*s, &p1, &["a"]).await, vec![3]);
         // Another deployment (namespace) on the same store sees nothing of ours.
         let other = env.replica_with(Duration::from_secs(10), "tenant2");
@@ -499,10 +516,10 @@ mod cases {
         assert_eq!(acquire(&*r2, &p, &["a", "b"]).await, (1, 1));
         assert_eq!(counts(&*r2, &p, &["a", "b"]).await, vec![2, 1]);
         // r2 has nothing in flight to a: its release must not take r1's count.
-        r2.release(&p, "a").await.expect("release");
+        release(&*r2, &p, "a", 1).await.expect("release");
         assert_eq!(counts(&*r1, &p, &["a", "b"]).await, vec![2, 1]);
-        r1.release(&p, "a").await.expect("release");
-        r2.release(&p, "b").await.expect("release");
+        release(&*r1, &p, "a", 1).await.expect("release");
+        release(&*r2, &p, "b", 1).await.expect("release");
         assert_eq!(counts(&*r2, &p, &["a", "b"]).await, vec![1, 0]);
         // Heart-beats recompute totals without changing correct ones.
         r1.heartbeat(&p).await.expect("heartbeat");
@@ -551,7 +568,7 @@ mod cases {
             "reaped too early: {reaped_at:?}"
         );
         // Its late releases find nothing; when it speaks again it starts from zero.
-        doomed.release(&p, "a").await.expect("release");
+        release(&*doomed, &p, "a", 1).await.expect("release");
         assert_eq!(counts(&*live, &p, &["a"]).await, vec![1]);
         assert_eq!(acquire(&*doomed, &p, &["a"]).await, (0, 2));
         // A replica alone never reaps itself, however long it was silent.
@@ -574,8 +591,8 @@ mod cases {
             .expect("restore");
         assert_eq!(counts(&*r2, &p, &eps).await, vec![2, 0, 2]);
         // r1's releases now apply to what it holds: b has nothing of r1's left.
-        r1.release(&p, "b").await.expect("release");
-        r1.release(&p, "c").await.expect("release");
+        release(&*r1, &p, "b", 1).await.expect("release");
+        release(&*r1, &p, "c", 1).await.expect("release");
         assert_eq!(counts(&*r2, &p, &eps).await, vec![2, 0, 1]);
         // Restoring nothing withdraws r1 entirely; r2's share stays.
         r1.restore(&p, &[]).await.expect("restore");
@@ -639,11 +656,11 @@ mod cases {
         assert_eq!(cost(&*s, &p, &["a"], &[0], &[0], 1000).await, "a");
         assert_eq!(counts(&*s, &p, &eps).await, vec![1, 705, 20]);
         // Releases take back exactly the units, never more than this replica holds.
-        s.release_n(&p, "b", 705).await.expect("release b");
-        s.release_n(&p, "a", 1).await.expect("release a");
-        s.release_n(&p, "c", 20).await.expect("c is not s's");
+        release(&*s, &p, "b", 705).await.expect("release b");
+        release(&*s, &p, "a", 1).await.expect("release a");
+        release(&*s, &p, "c", 20).await.expect("c is not s's");
         assert_eq!(counts(&*s, &p, &eps).await, vec![0, 0, 20]);
-        other.release_n(&p, "c", 500).await.expect("release c");
+        release(&*other, &p, "c", 500).await.expect("release c");
         assert_eq!(counts(&*s, &p, &eps).await, vec![0, 0, 0]);
         // Mismatched lengths are refused and count nothing.
         let bad = s
@@ -717,7 +734,7 @@ mod cases {
         for (r, ep) in held {
             let s = replicas[r].clone();
             let p = p.clone();
-            tasks.push(tokio::spawn(async move { s.release(&p, ep).await }));
+            tasks.push(tokio::spawn(async move { release(&*s, &p, ep, 1).await }));
         }
         for t in tasks {
             t.await.expect("task").expect("release");
@@ -889,6 +906,38 @@ mod sticky {
     }
 }
 
+mod deferred {
+    use super::*;
+
+    /// A release needs no round trip of its own: whether the store applies it at once
+    /// (embedded) or with the replica's next call of the pool (Redis), that call already sees it,
+    /// a restore supersedes what was not sent, and a flush sends the rest.
+    pub(crate) async fn releases_ride_on_the_next_call(env: &Env) {
+        let (one, two) = (env.replica(), env.replica());
+        let p = pool("deferred");
+        let eps = ["a", "b"];
+        load(&*one, &p, "a", 2).await;
+        load(&*two, &p, "b", 1).await;
+        // Released, not flushed: one's next pick counts a at 1 (2 - 1) against b's 1, a tie,
+        // and its reading sees the release applied before anything else.
+        one.release(&p, "a").await.expect("release");
+        assert_eq!(counts(&*one, &p, &eps).await, vec![1, 1]);
+        one.release(&p, "a").await.expect("release");
+        assert_eq!(acquire(&*one, &p, &eps).await, (0, 1), "a (0) is the least");
+        assert_eq!(counts(&*two, &p, &eps).await, vec![1, 1]);
+        // A restore supersedes a release not sent yet: one holds a once, whatever was pending.
+        one.release(&p, "a").await.expect("release");
+        one.restore(&p, &[("a", 1)]).await.expect("restore");
+        assert_eq!(counts(&*two, &p, &eps).await, vec![1, 1]);
+        // A flush sends what waits; with nothing waiting it sends nothing.
+        one.release(&p, "a").await.expect("release");
+        let sent = one.flush(&p).await.expect("flush");
+        assert_eq!(sent, one.defers_releases());
+        assert!(!one.flush(&p).await.expect("flush"));
+        assert_eq!(counts(&*two, &p, &eps).await, vec![0, 1]);
+    }
+}
+
 mod remembered {
     use super::*;
     use PrefixOutcome::{Hit, Miss};
@@ -957,12 +1006,14 @@ macro_rules! conformance {
 /// Every case, whichever module defines it.
 mod all {
     pub(crate) use super::cases::*;
+    pub(crate) use super::deferred::*;
     pub(crate) use super::remembered::*;
     pub(crate) use super::scaled::*;
     pub(crate) use super::sticky::*;
 }
 
 conformance!(
+    releases_ride_on_the_next_call,
     a_sticky_key_keeps_its_endpoint_within_the_guard,
     cost_scale_multiplies_the_load,
     remembered_keys_are_matched_by_every_replica,
@@ -1063,7 +1114,7 @@ mod redis_only {
             })
             .collect();
         assert!(slots.iter().all(|s| *s == slots[0]), "{slots:?}");
-        s.release(&p, "10.0.0.1:8000").await.expect("release");
+        release(&s, &p, "10.0.0.1:8000", 1).await.expect("release");
         assert_eq!(server.cli(&["HLEN", &inflight]).expect("cli").trim(), "0");
     }
 
@@ -1075,7 +1126,7 @@ mod redis_only {
         // Every script reloads itself on NOSCRIPT, transparently.
         assert_eq!(acquire(s, &p, &["a", "b"]).await, (1, 1));
         flush();
-        s.release(&p, "a").await.expect("release after flush");
+        release(s, &p, "a", 1).await.expect("release after flush");
         flush();
         s.heartbeat(&p).await.expect("heartbeat after flush");
         flush();
@@ -1100,7 +1151,7 @@ mod redis_only {
         let s = store(&server.url(), CALL_TIMEOUT);
         let warm = pool("warm");
         load(&s, &warm, "a", 2).await;
-        s.release(&warm, "a").await.expect("release");
+        release(&s, &warm, "a", 1).await.expect("release");
         let before = script_loads(&server);
         // Loaded once, then called by SHA: repeated calls load nothing more.
         load(&s, &warm, "a", 5).await;
@@ -1135,7 +1186,7 @@ mod redis_only {
             let start = Instant::now();
             let r = match i % 4 {
                 0 => s.acquire_least(&p, &["a", "b"], None).await.map(|_| ()),
-                1 => s.release(&p, "a").await,
+                1 => release(s, &p, "a", 1).await,
                 2 => s.inflight(&p, &["a"]).await.map(|_| ()),
                 _ => s.heartbeat(&p).await,
             };
@@ -1202,9 +1253,11 @@ mod redis_only {
         server.restart().expect("restart");
         assert_eq!(server.cli(&["DBSIZE"]).expect("cli").trim(), "0");
         // The two in-flight requests finish after the restart: their releases are no-ops.
-        eventually("release", || s.release(&p, "a")).await;
-        s.release(&p, "a").await.expect("release");
-        eventually("release", || other.release(&p, "b")).await;
+        for (r, ep) in [(&s, "a"), (&s, "a"), (&other, "b")] {
+            r.release(&p, ep).await.expect("recorded");
+        }
+        eventually("flush", || s.flush(&p)).await;
+        eventually("flush", || other.flush(&p)).await;
         assert_eq!(counts(&s, &p, &["a", "b"]).await, vec![0, 0]);
         let [inflight, total, _] = s.keys(&p);
         for k in [&inflight, &total] {

@@ -50,8 +50,9 @@
 //! - Only the candidates passed in are eligible; a candidate the store has never seen counts 0, so
 //!   new endpoints are eligible at once. Ties are broken uniformly at random with a random number
 //!   drawn by the caller (the Lua RNG is never used).
-//! - In Redis, pick + increment is one `EVALSHA` round trip and release is one more; scripts are
-//!   sent by SHA and reloaded automatically when Redis answers `NOSCRIPT`. Keys expire after
+//! - In Redis, pick + increment is one `EVALSHA` round trip, and releases ride on the next call
+//!   of the pool ([`InflightStore::defers_releases`]; within a few milliseconds without one, see
+//!   [`PoolCounts`]), so a request costs one round trip, not two; scripts are sent by SHA and reloaded automatically when Redis answers `NOSCRIPT`. Keys expire after
 //!   [`KEY_TTL`] without any write, so pools nobody serves any more do not linger.
 
 mod breaker;
@@ -287,8 +288,12 @@ pub trait InflightStore: Send + Sync {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
-    /// One round trip: this replica's count for `endpoint` minus one; nothing when it is already
-    /// zero or unknown (never negative). Call exactly once per successful acquire.
+    /// This replica's count for `endpoint` minus one; nothing when it is already zero or unknown
+    /// (never negative). Call exactly once per successful acquire. A store whose
+    /// [`InflightStore::defers_releases`] records it here and applies it with this replica's
+    /// next call for the pool (before that call reads anything) or at
+    /// [`InflightStore::flush`]; [`InflightStore::restore`] supersedes the releases not yet
+    /// applied.
     async fn release(&self, pool: &str, endpoint: &str) -> Result<(), StoreError> {
         self.release_n(pool, endpoint, 1).await
     }
@@ -296,6 +301,17 @@ pub trait InflightStore: Send + Sync {
     /// [`InflightStore::release`] of `n` units at once (what an [`InflightStore::acquire_cost`]
     /// counted); never below zero.
     async fn release_n(&self, pool: &str, endpoint: &str, n: u64) -> Result<(), StoreError>;
+
+    /// Whether releases wait for the next call or [`InflightStore::flush`] (Redis: they ride on
+    /// the next pick's round trip instead of costing one of their own).
+    fn defers_releases(&self) -> bool {
+        false
+    }
+
+    /// One round trip, if any release of `pool` waits: apply them now. Whether one was sent.
+    async fn flush(&self, _pool: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 
     /// In-flight requests per endpoint (same order as `endpoints`), summed over live replicas.
     async fn inflight(&self, pool: &str, endpoints: &[&str]) -> Result<Vec<u64>, StoreError>;

@@ -9,7 +9,9 @@
 //!   [`TRIP_AFTER`](super::breaker::TRIP_AFTER) consecutive failures the [`Breaker`] opens and
 //!   requests skip the store without waiting at all.
 //! - [`PoolCounts::release`] — sends the store call from a spawned task, so a slow store never
-//!   delays the end of a response.
+//!   delays the end of a response. A store that defers releases (Redis: they ride on the pool's
+//!   next call) is flushed 2 ms after a release if no call has taken it by then, so
+//!   other replicas see it within milliseconds even when no request follows.
 //! - [`PoolCounts::tick`] — called by the [`heartbeat`](super::heartbeat) loop every heartbeat
 //!   interval: the heartbeat that keeps this replica alive, the repair described below, the
 //!   breaker's probe, and the global in-flight view (`llmlb_endpoint_inflight_global`).
@@ -32,6 +34,7 @@
 //! timed out may still reach the store after the restore; the next tick undoes it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,6 +93,8 @@ pub struct PoolCounts {
     /// Store calls read-lock it; a restore write-locks it (see the module docs).
     gate: RwLock<()>,
     breaker: Breaker,
+    /// A flush of deferred releases is scheduled.
+    flushing: AtomicBool,
 }
 
 impl PoolCounts {
@@ -103,6 +108,7 @@ impl PoolCounts {
             pool: pool.to_owned(),
             gate: RwLock::new(()),
             breaker: Breaker::default(),
+            flushing: AtomicBool::new(false),
         }
     }
 
@@ -278,6 +284,37 @@ impl PoolCounts {
                 Ok(_) => this.on_success(),
                 Err(e) => this.on_failure(&e),
             }
+            if this.store.defers_releases() {
+                this.schedule_flush();
+            }
+        });
+    }
+
+    /// Unless one is already due, flush the store's deferred releases `FLUSH_AFTER` from now:
+    /// by then the pool's next call has usually carried them, and the flush sends nothing.
+    fn schedule_flush(self: &Arc<Self>) {
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(FLUSH_AFTER).await;
+            // Releases from now on schedule another flush.
+            this.flushing.store(false, Ordering::Release);
+            let started = Instant::now();
+            let call = async {
+                let _gate = this.gate.read().await;
+                this.store.flush(&this.pool).await
+            };
+            let result = this.bounded(call).await;
+            if let Ok(false) = result {
+                return;
+            }
+            telemetry::store_call(&this.pool, "flush", outcome(&result), started.elapsed());
+            match result {
+                Ok(_) => this.on_success(),
+                Err(e) => this.on_failure(&e),
+            }
         });
     }
 
@@ -415,6 +452,9 @@ impl PoolCounts {
         }
     }
 }
+
+/// How long a deferred release may wait for the pool's next store call before it is sent alone.
+pub(super) const FLUSH_AFTER: Duration = Duration::from_millis(2);
 
 /// Extra time a call may spend waiting for the gate (a restore in progress) on top of the store's
 /// own timeout, which bounds the call itself.

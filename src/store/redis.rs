@@ -15,10 +15,18 @@
 //!
 //! # Scripts
 //!
-//! Seven Lua scripts, loaded by SHA (`EVALSHA`; redis-rs sends `SCRIPT LOAD` and retries once when
+//! Six Lua scripts, loaded by SHA (`EVALSHA`; redis-rs sends `SCRIPT LOAD` and retries once when
 //! Redis answers `NOSCRIPT`, e.g. after a restart or `SCRIPT FLUSH`). Every key a script touches is
 //! in `KEYS` and shares the pool's hash tag. `ARGV` starts with the replica id, the dead-replica
-//! timeout and the key TTL (ms) for the scripts that refresh the heartbeat:
+//! timeout, the key TTL (ms) and this replica's releases not yet sent for the scripts that refresh
+//! the heartbeat, which apply those releases first.
+//!
+//! **Releases** cost no round trip of their own: [`InflightStore::release_n`] records them, and
+//! the next script of the pool applies them (each takes at most what this replica holds on the
+//! endpoint, so a count never goes negative nor takes another replica's share) —
+//! [`InflightStore::flush`] sends them alone when no call comes (the caller decides when: see
+//! [`crate::store::PoolCounts`]). A call that fails takes its releases with it; the next restore
+//! sets this replica's counts to what it holds, which they are already deducted from.
 //!
 //! - **acquire** (`KEYS` inflight, total, replicas; `ARGV` … random, max or `""`, candidates…):
 //!   refresh heartbeat and reap the dead, read the candidates' totals with one `HMGET`, take the
@@ -35,13 +43,13 @@
 //!   key's endpoint unless too busy, which then becomes the key's only holder; counts the weight.
 //! - **remember** (`KEYS` one block key; `ARGV` endpoint, TTL): the endpoint becomes the key's
 //!   first holder, as **prefix** records a chain; nothing is counted.
-//! - **release** (`KEYS` inflight, total; `ARGV` replica, endpoint): when this replica's field is
-//!   positive, decrement it and the total (removing fields that reach 0); otherwise nothing.
-//! - **inflight** (`KEYS` as acquire; `ARGV` … endpoints…): refresh, reap, `HMGET` the totals.
+//! - **inflight** (`KEYS` as acquire; `ARGV` … endpoints…): refresh, reap, `HMGET` the totals
+//!   (with no endpoint: a flush of the releases).
 //! - **heartbeat** (`KEYS` as acquire): refresh, reap, then drop fields of replicas that have no
-//!   heartbeat and recompute every total from the remaining fields. With `ARGV[4] = "restore"`
+//!   heartbeat and recompute every total from the remaining fields. With `ARGV[5] = "restore"`
 //!   it first replaces this replica's fields with the (endpoint, count) pairs that follow.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +63,7 @@ use ::redis::{
 };
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
+use parking_lot::Mutex;
 
 use super::{
     check_call, check_cost, heartbeat_interval_for, new_replica_id, Acquired, CostAcquired,
@@ -74,7 +83,8 @@ enum Conn {
 ///
 /// KEYS[1] inflight HASH `<replica>|<endpoint>` → n; KEYS[2] total HASH `<endpoint>` → n;
 /// KEYS[3] replicas ZSET `<replica>` → last heartbeat (ms, Redis `TIME`).
-/// ARGV[1] replica id, ARGV[2] dead-replica timeout (ms), ARGV[3] key TTL (ms).
+/// ARGV[1] replica id, ARGV[2] dead-replica timeout (ms), ARGV[3] key TTL (ms), ARGV[4] this
+/// replica's releases not yet applied, as lines `<endpoint> <units>` (may be empty).
 macro_rules! prelude {
     () => {
         r#"
@@ -94,9 +104,22 @@ local function sub_total(ep, n)
   if t > 0 then redis.call('HSET', totals, ep, t) else redis.call('HDEL', totals, ep) end
 end
 
--- Refresh this replica's heartbeat, then forget every replica silent for longer than
--- dead_after, subtracting its contributions from the totals.
+-- Apply this replica's releases: each takes at most what this replica holds on the endpoint
+-- (a count never goes below zero, nor takes another replica's share).
+local function apply_releases()
+  for ep, units in string.gmatch(ARGV[4], '([^ \n]+) (%d+)\n') do
+    local f = me .. '|' .. ep
+    local c = count(redis.call('HGET', inflight, f))
+    local n = math.min(c, tonumber(units))
+    if c <= n then redis.call('HDEL', inflight, f) else redis.call('HINCRBY', inflight, f, -n) end
+    if n > 0 then sub_total(ep, n) end
+  end
+end
+
+-- Apply this replica's releases, refresh its heartbeat, then forget every replica silent for
+-- longer than dead_after, subtracting its contributions from the totals.
 local function touch_and_reap()
+  apply_releases()
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   redis.call('ZADD', replicas, now, me)
@@ -125,14 +148,14 @@ end
     };
 }
 
-/// ARGV[4] random u32, ARGV[5] max in flight or "", ARGV[6..] candidates.
+/// ARGV[5] random u32, ARGV[6] max in flight or "", ARGV[7..] candidates.
 /// Returns {1-based index, new total} or {0, least} when saturated.
 const ACQUIRE_LUA: &str = concat!(
     prelude!(),
     r#"
 touch_and_reap()
-local n = #ARGV - 5
-local raw = redis.call('HMGET', totals, unpack(ARGV, 6))
+local n = #ARGV - 6
+local raw = redis.call('HMGET', totals, unpack(ARGV, 7))
 local counts, least = {}, nil
 for i = 1, n do
   local c = count(raw[i])
@@ -143,7 +166,7 @@ local ties = 0
 for i = 1, n do
   if counts[i] == least then ties = ties + 1 end
 end
-local want = tonumber(ARGV[4]) % ties
+local want = tonumber(ARGV[5]) % ties
 local pick = 1
 for i = 1, n do
   if counts[i] == least then
@@ -154,11 +177,11 @@ for i = 1, n do
     want = want - 1
   end
 end
-if ARGV[5] ~= '' and least >= tonumber(ARGV[5]) then
+if ARGV[6] ~= '' and least >= tonumber(ARGV[6]) then
   keep()
   return {0, least}
 end
-local ep = ARGV[5 + pick]
+local ep = ARGV[6 + pick]
 redis.call('HINCRBY', inflight, me .. '|' .. ep, 1)
 local total = redis.call('HINCRBY', totals, ep, 1)
 keep()
@@ -166,22 +189,22 @@ return {pick, total}
 "#
 );
 
-/// KEYS[4..] the chain's block keys in order. ARGV[4] random u32, ARGV[5] max or "", ARGV[6] TTL
-/// of block keys (ms), ARGV[7] guard absolute, ARGV[8] guard per mille, ARGV[9] "1" to record
-/// the chosen endpoint as the keys' only holder (else "0"), ARGV[10..] candidates.
+/// KEYS[4..] the chain's block keys in order. ARGV[5] random u32, ARGV[6] max or "", ARGV[7] TTL
+/// of block keys (ms), ARGV[8] guard absolute, ARGV[9] guard per mille, ARGV[10] "1" to record
+/// the chosen endpoint as the keys' only holder (else "0"), ARGV[11..] candidates.
 /// Returns {1-based index, new total, matched, outcome (1 hit, 2 diverted, 3 miss)}, or
 /// {0, least, matched, 0} when saturated. Mirrors `prefix_choice` and `MemoryStore`.
 const PREFIX_LUA: &str = concat!(
     prelude!(),
     r#"
 touch_and_reap()
-local random = tonumber(ARGV[4])
-local max = tonumber(ARGV[5])
-local ttl = tonumber(ARGV[6])
-local guard_abs, guard_pm = tonumber(ARGV[7]), tonumber(ARGV[8])
-local sole = ARGV[9] == '1'
+local random = tonumber(ARGV[5])
+local max = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[7])
+local guard_abs, guard_pm = tonumber(ARGV[8]), tonumber(ARGV[9])
+local sole = ARGV[10] == '1'
 local cands, pos = {}, {}
-for i = 10, #ARGV do
+for i = 11, #ARGV do
   cands[#cands + 1] = ARGV[i]
   pos[ARGV[i]] = #cands
 end
@@ -284,18 +307,18 @@ redis.call('SET', KEYS[1], table.concat(out, ','), 'PX', tonumber(ARGV[2]))
 return 1
 "#;
 
-/// ARGV[4] random u32, ARGV[5] load per mille, ARGV[6] tie per mille, ARGV[7] n, ARGV[8] the
-/// sticky key's TTL (ms) or "" without one (then KEYS[4] is the sticky key), ARGV[9] and
-/// ARGV[10] its guard (absolute, per mille); then n candidates, n base costs, n weights and
+/// ARGV[5] random u32, ARGV[6] load per mille, ARGV[7] tie per mille, ARGV[8] n, ARGV[9] the
+/// sticky key's TTL (ms) or "" without one (else KEYS[4] is the sticky key), ARGV[10] and
+/// ARGV[11] its guard (absolute, per mille); then n candidates, n base costs, n weights and
 /// optionally n scales. Returns {1-based index, new total, sticky outcome (0 none, 1 hit,
 /// 2 diverted, 3 miss)}. Mirrors `cost_choice` and `sticky_choice`.
 const COST_LUA: &str = concat!(
     prelude!(),
     r#"
 touch_and_reap()
-local random, load_pm, tie_pm = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local n = tonumber(ARGV[7])
-local at = 10
+local random, load_pm, tie_pm = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local n = tonumber(ARGV[8])
+local at = 11
 local raw = redis.call('HMGET', totals, unpack(ARGV, at + 1, at + n))
 local counts, costs, least = {}, {}, nil
 local scaled = #ARGV >= at + 4 * n
@@ -323,7 +346,7 @@ for i = 1, n do
   end
 end
 local outcome = 0
-local sticky_ttl = tonumber(ARGV[8])
+local sticky_ttl = tonumber(ARGV[9])
 if sticky_ttl then
   local held = {}
   local v = redis.call('GET', KEYS[4])
@@ -338,7 +361,7 @@ if sticky_ttl then
   if h == nil then
     outcome = 3
   else
-    local extra = math.max(tonumber(ARGV[9]), math.floor(lo * tonumber(ARGV[10]) / 1000))
+    local extra = math.max(tonumber(ARGV[10]), math.floor(lo * tonumber(ARGV[11]) / 1000))
     if counts[h] > lo + extra then
       outcome = 2
     else
@@ -356,49 +379,36 @@ return {pick, total, outcome}
 "#
 );
 
-/// KEYS[1] inflight, KEYS[2] total; ARGV[1] replica, ARGV[2] endpoint, ARGV[3] units. Returns the
-/// units released: at most what this replica holds (never goes below zero).
-const RELEASE_LUA: &str = r#"
-local f = ARGV[1] .. '|' .. ARGV[2]
-local c = tonumber(redis.call('HGET', KEYS[1], f)) or 0
-if c <= 0 then
-  if c < 0 then redis.call('HDEL', KEYS[1], f) end
-  return 0
-end
-local n = math.min(c, tonumber(ARGV[3]))
-if c <= n then redis.call('HDEL', KEYS[1], f) else redis.call('HINCRBY', KEYS[1], f, -n) end
-local t = tonumber(redis.call('HGET', KEYS[2], ARGV[2])) or 0
-if t <= n then redis.call('HDEL', KEYS[2], ARGV[2]) else redis.call('HINCRBY', KEYS[2], ARGV[2], -n) end
-return n
-"#;
-
-/// ARGV[4..] endpoints. Returns their totals.
+/// ARGV[5..] endpoints (none: only this replica's releases and heartbeat). Returns their
+/// totals.
 const INFLIGHT_LUA: &str = concat!(
     prelude!(),
     r#"
 touch_and_reap()
-local raw = redis.call('HMGET', totals, unpack(ARGV, 4))
 local out = {}
-for i = 1, #ARGV - 3 do out[i] = count(raw[i]) end
+if #ARGV > 4 then
+  local raw = redis.call('HMGET', totals, unpack(ARGV, 5))
+  for i = 1, #ARGV - 4 do out[i] = count(raw[i]) end
+end
 keep()
 return out
 "#
 );
 
-/// Refresh, reap; with ARGV[4] = "restore", replace this replica's fields with the pairs
-/// ARGV[5], ARGV[6], … (endpoint, count); then drop fields of replicas without a heartbeat and
+/// Refresh, reap; with ARGV[5] = "restore", replace this replica's fields with the pairs
+/// ARGV[6], ARGV[7], … (endpoint, count); then drop fields of replicas without a heartbeat and
 /// recompute all totals.
 const HEARTBEAT_LUA: &str = concat!(
     prelude!(),
     r#"
 touch_and_reap()
-if ARGV[4] == 'restore' then
+if ARGV[5] == 'restore' then
   local mine = me .. '|'
   local fields = redis.call('HKEYS', inflight)
   for _, f in ipairs(fields) do
     if string.sub(f, 1, #mine) == mine then redis.call('HDEL', inflight, f) end
   end
-  for i = 5, #ARGV - 1, 2 do
+  for i = 6, #ARGV - 1, 2 do
     local n = tonumber(ARGV[i + 1]) or 0
     if n > 0 then redis.call('HSET', inflight, mine .. ARGV[i], n) end
   end
@@ -440,7 +450,6 @@ struct Scripts {
     prefix: Script,
     cost: Script,
     remember: Script,
-    release: Script,
     inflight: Script,
     heartbeat: Script,
 }
@@ -453,6 +462,8 @@ pub struct RedisStore {
     conn: ArcSwapOption<Conn>,
     connecting: tokio::sync::Mutex<()>,
     scripts: Scripts,
+    /// Per pool, per endpoint: units released and not yet sent (they go with the next call).
+    unsent: Mutex<HashMap<String, HashMap<String, u64>>>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -485,6 +496,7 @@ impl RedisStore {
             replica,
             conn: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
+            unsent: Mutex::new(HashMap::new()),
             scripts: Scripts {
                 acquire: Script::new(ACQUIRE_LUA),
                 prefix: Script::new(&PREFIX_LUA.replace("MAX_HOLDERS", &MAX_HOLDERS.to_string())),
@@ -492,7 +504,6 @@ impl RedisStore {
                 remember: Script::new(
                     &REMEMBER_LUA.replace("MAX_HOLDERS", &MAX_HOLDERS.to_string()),
                 ),
-                release: Script::new(RELEASE_LUA),
                 inflight: Script::new(INFLIGHT_LUA),
                 heartbeat: Script::new(HEARTBEAT_LUA),
             },
@@ -631,15 +642,26 @@ impl RedisStore {
             .map_err(|_| StoreError::Timeout)?
     }
 
-    /// A script invocation with all three keys and the common arguments.
-    fn touching<'a>(&self, script: &'a Script, keys: &Keys) -> ScriptInvocation<'a> {
+    /// A script invocation with all three keys and the common arguments, carrying the releases
+    /// of `pool` not sent yet (which the script applies first).
+    fn touching<'a>(&self, script: &'a Script, pool: &str, keys: &Keys) -> ScriptInvocation<'a> {
+        let mut releases = String::new();
+        if let Some(unsent) = self.unsent.lock().remove(pool) {
+            for (endpoint, n) in unsent {
+                releases.push_str(&endpoint);
+                releases.push(' ');
+                releases.push_str(&n.to_string());
+                releases.push('\n');
+            }
+        }
         let mut inv = script.prepare_invoke();
         inv.key(&keys.inflight)
             .key(&keys.totals)
             .key(&keys.replicas)
             .arg(&self.replica)
             .arg(millis(self.config.dead_replica_after()))
-            .arg(millis(KEY_TTL));
+            .arg(millis(KEY_TTL))
+            .arg(releases);
         inv
     }
 }
@@ -708,7 +730,7 @@ impl InflightStore for RedisStore {
     ) -> Result<Acquired, StoreError> {
         check_call(pool, candidates.len())?;
         let keys = self.pool_keys(pool);
-        let mut inv = self.touching(&self.scripts.acquire, &keys);
+        let mut inv = self.touching(&self.scripts.acquire, pool, &keys);
         inv.arg(rand::random::<u32>());
         match max {
             Some(m) => inv.arg(m),
@@ -738,7 +760,7 @@ impl InflightStore for RedisStore {
     ) -> Result<PrefixAcquired, StoreError> {
         check_call(pool, q.candidates.len())?;
         let keys = self.pool_keys(pool);
-        let mut inv = self.touching(&self.scripts.prefix, &keys);
+        let mut inv = self.touching(&self.scripts.prefix, pool, &keys);
         for block in q.chain {
             inv.key(format!("{}{block:016x}", keys.prefix));
         }
@@ -783,7 +805,7 @@ impl InflightStore for RedisStore {
     async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<CostAcquired, StoreError> {
         check_cost(pool, &q)?;
         let keys = self.pool_keys(pool);
-        let mut inv = self.touching(&self.scripts.cost, &keys);
+        let mut inv = self.touching(&self.scripts.cost, pool, &keys);
         inv.arg(rand::random::<u32>())
             .arg(q.load_per_mille)
             .arg(q.tie_per_mille)
@@ -849,15 +871,31 @@ impl InflightStore for RedisStore {
 
     async fn release_n(&self, pool: &str, endpoint: &str, n: u64) -> Result<(), StoreError> {
         check_call(pool, 1)?;
-        let keys = self.pool_keys(pool);
-        let mut inv = self.scripts.release.prepare_invoke();
-        inv.key(&keys.inflight)
-            .key(&keys.totals)
-            .arg(&self.replica)
-            .arg(endpoint)
-            .arg(n);
-        let _released: i64 = self.invoke(&inv).await?;
+        if n > 0 {
+            let mut unsent = self.unsent.lock();
+            let units = unsent
+                .entry(pool.to_owned())
+                .or_default()
+                .entry(endpoint.to_owned())
+                .or_default();
+            *units = units.saturating_add(n);
+        }
         Ok(())
+    }
+
+    fn defers_releases(&self) -> bool {
+        true
+    }
+
+    async fn flush(&self, pool: &str) -> Result<bool, StoreError> {
+        check_call(pool, 1)?;
+        if !self.unsent.lock().contains_key(pool) {
+            return Ok(false);
+        }
+        let keys = self.pool_keys(pool);
+        let inv = self.touching(&self.scripts.inflight, pool, &keys);
+        let _: Vec<i64> = self.invoke(&inv).await?;
+        Ok(true)
     }
 
     async fn inflight(&self, pool: &str, endpoints: &[&str]) -> Result<Vec<u64>, StoreError> {
@@ -866,7 +904,7 @@ impl InflightStore for RedisStore {
             return Ok(Vec::new());
         }
         let keys = self.pool_keys(pool);
-        let mut inv = self.touching(&self.scripts.inflight, &keys);
+        let mut inv = self.touching(&self.scripts.inflight, pool, &keys);
         for e in endpoints {
             inv.arg(*e);
         }
@@ -884,7 +922,7 @@ impl InflightStore for RedisStore {
     async fn heartbeat(&self, pool: &str) -> Result<(), StoreError> {
         check_call(pool, 1)?;
         let keys = self.pool_keys(pool);
-        let inv = self.touching(&self.scripts.heartbeat, &keys);
+        let inv = self.touching(&self.scripts.heartbeat, pool, &keys);
         let _: i64 = self.invoke(&inv).await?;
         Ok(())
     }
@@ -892,7 +930,7 @@ impl InflightStore for RedisStore {
     async fn restore(&self, pool: &str, held: &[(&str, u64)]) -> Result<(), StoreError> {
         check_call(pool, 1)?;
         let keys = self.pool_keys(pool);
-        let mut inv = self.touching(&self.scripts.heartbeat, &keys);
+        let mut inv = self.touching(&self.scripts.heartbeat, pool, &keys);
         inv.arg("restore");
         for (endpoint, n) in held {
             inv.arg(*endpoint).arg(*n);
@@ -930,13 +968,7 @@ mod tests {
 
     #[test]
     fn scripts_are_distinct_and_declare_keys() {
-        for s in [
-            ACQUIRE_LUA,
-            COST_LUA,
-            INFLIGHT_LUA,
-            HEARTBEAT_LUA,
-            RELEASE_LUA,
-        ] {
+        for s in [ACQUIRE_LUA, COST_LUA, INFLIGHT_LUA, HEARTBEAT_LUA] {
             assert!(s.contains("KEYS[1]"));
             assert!(!s.contains("math.random"), "no Lua RNG");
         }
