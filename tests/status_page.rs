@@ -22,7 +22,7 @@ use vllm_sim::SimConfig;
 struct Browser {
     client: Client,
     driver: Child,
-    _profile: tempfile::TempDir,
+    profile: tempfile::TempDir,
 }
 
 impl Browser {
@@ -65,7 +65,7 @@ impl Browser {
                     return Browser {
                         client,
                         driver,
-                        _profile: profile,
+                        profile,
                     }
                 }
                 Err(e) => last = e.to_string(),
@@ -94,9 +94,15 @@ impl Browser {
 }
 
 impl Drop for Browser {
+    /// Kill chromedriver, then the Chromium it started (which killing the driver leaves behind,
+    /// orphaned): every process whose command line names this browser's own profile directory.
     fn drop(&mut self) {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        let profile = format!("--user-data-dir={}", self.profile.path().display());
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", "--", &profile])
+            .status();
     }
 }
 
