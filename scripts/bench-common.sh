@@ -203,6 +203,47 @@ write_pingora_yaml() {
         "$ROOT/conf/pingora.yaml" >"$dir/pingora.yaml"
 }
 
+# A policy file $1 for one llm-lb on port $2 (admin on $2 + 10) with a single pool of any model in
+# front of the one endpoint 127.0.0.1:$3, lb_policy $4, lb_config $5 (YAML flow, default {}).
+write_policy_yaml() {
+    local file=$1 port=$2 upstream_port=$3 policy=$4 lbcfg=${5:-"{}"}
+    cat >"$file" <<YAML
+listen: 127.0.0.1:$port
+admin: 127.0.0.1:$((port + 10))
+pools:
+  - name: bench
+    models: ["*"]
+    endpoints: ["127.0.0.1:$upstream_port"]
+    health_check: {path: /health, interval_ms: 1000, timeout_ms: 500}
+    lb_policy: $policy
+    lb_config: $lbcfg
+YAML
+}
+
+# The fixed streaming chat request of the overhead benchmarks, to $1: model $2, $3 output
+# tokens, a ~1 KiB system prompt and a question.
+write_chat_body() {
+    "${BENCH_PY:-python3}" - "$2" "$3" >"$1" <<'EOF'
+import json, sys
+system = ("You are a meticulous assistant for a logistics company. Answer with numbered steps, "
+          "cite the relevant policy section, and keep a friendly, concise tone. ") * 7
+print(json.dumps({"model": sys.argv[1], "stream": True, "max_tokens": int(sys.argv[2]),
+                  "messages": [{"role": "system", "content": system},
+                               {"role": "user", "content": "A pallet arrived damaged. What now?"}]}))
+EOF
+}
+
+# oha (the HTTP load generator of the overhead benchmarks) in $OHA: oha on PATH, else
+# ~/.cargo/bin/oha, installed with cargo when missing.
+ensure_oha() {
+    OHA="${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}"
+    if [ ! -x "$OHA" ]; then
+        step "installing oha (cargo install oha --locked; about 7 minutes on 2 cores)"
+        cargo install oha --locked --version 1.16.0
+        OHA="$HOME/.cargo/bin/oha"
+    fi
+}
+
 # Start llm-lb with pingora file $1 and policy file $2, logging to $3; wait for port $4.
 start_llmlb() {
     local pingora=$1 policy=$2 log=$3 port=$4
@@ -268,5 +309,76 @@ ensure_bench_packages() {
         [ "$(id -u)" -eq 0 ] || sudo="sudo"
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+# The command that reproduces this run: every environment variable whose name starts with one
+# of the prefixes $2... (the script's knobs) as set now, then the script $1 relative to ROOT.
+bench_command() {
+    local script=$1 prefix var val out=""
+    shift
+    for prefix in "$@"; do
+        for var in $(compgen -e | grep "^$prefix" | sort); do
+            val=${!var}
+            if [[ $val =~ ^[A-Za-z0-9_./:=,+-]*$ ]]; then
+                out+="$var=$val "
+            else
+                out+="$var='${val//\'/\'\\\'\'}' "
+            fi
+        done
+    done
+    script="$(cd "$(dirname "$script")" && pwd)/$(basename "$script")"
+    printf '%s%s' "$out" "${script#"$ROOT"/}"
+}
+
+# Write a provenance stamp (JSON) to $1 for a run started by command $2: the commit (full sha),
+# whether the work tree had uncommitted changes outside bench/results and docs (which files, and
+# a hash of their diff and contents, so two runs from the same dirty tree can be told apart), the
+# machine, the date. Extra fields come as JSON on stdin (an object, or nothing). Read-only git
+# (no index refresh, no lock), so it never disturbs someone else's git.
+bench_stamp() {
+    local out=$1 command=$2 extra
+    local -a paths=(-- . ':(exclude)bench/results' ':(exclude)docs' ':(exclude)README.md')
+    extra=$(cat)
+    STAMP_COMMIT="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)" \
+    STAMP_CHANGED="$(git --no-optional-locks -C "$ROOT" status --porcelain "${paths[@]}" 2>/dev/null)" \
+    STAMP_DIFF="$({
+        git --no-optional-locks -C "$ROOT" diff HEAD "${paths[@]}" 2>/dev/null
+        git -C "$ROOT" ls-files -z --others --exclude-standard "${paths[@]}" 2>/dev/null |
+            while IFS= read -r -d '' f; do printf '%s\n' "$f"; cat "$ROOT/$f" 2>/dev/null; done
+    } | sha256sum | cut -c1-16)" \
+    STAMP_COMMAND="$command" STAMP_EXTRA="${extra:-{\}}" STAMP_KERNEL="$(uname -srm)" \
+        python3 - "$out" <<'PY'
+import datetime, json, os, sys
+e = os.environ
+cpu, mem, distro = "unknown CPU", "", ""
+for line in open("/proc/cpuinfo"):
+    if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+for line in open("/proc/meminfo"):
+    if line.startswith("MemTotal"):
+        mem = f", {int(line.split()[1]) / 1048576:.0f} GiB RAM"
+try:
+    for line in open("/etc/os-release"):
+        if line.startswith("PRETTY_NAME="):
+            distro = ", " + line.split("=", 1)[1].strip().strip('"')
+except OSError:
+    pass
+changed = [l.strip() for l in e["STAMP_CHANGED"].splitlines() if l.strip()]
+stamp = {
+    "commit": e["STAMP_COMMIT"],
+    "dirty": bool(changed),
+    "uncommitted_changes": changed,
+    "diff_sha256": e["STAMP_DIFF"] if changed else None,
+    "machine": f"{os.cpu_count()} vCPU ({cpu}){mem}{distro}, {e['STAMP_KERNEL']}",
+    "command": e["STAMP_COMMAND"],
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+}
+stamp.update(json.loads(e["STAMP_EXTRA"]))
+json.dump(stamp, open(sys.argv[1], "w"), indent=1)
+PY
+    if grep -q '"dirty": true' "$out"; then
+        echo "WARNING: the work tree has uncommitted changes: $out records the run as dirty" >&2
     fi
 }
