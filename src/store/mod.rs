@@ -35,10 +35,11 @@
 //!
 //! # Rules every implementation follows
 //!
-//! - Every call refreshes the caller's heartbeat except [`InflightStore::release`]; a replica whose
-//!   heartbeat is older than the *dead-replica timeout* (default 10 s, at most 15 s) is reaped by
-//!   the next survivor that acquires, reads or heart-beats: its contributions are subtracted from the
-//!   totals and removed. A replica never reaps itself (it refreshes itself first). So a gateway that
+//! - Every call refreshes the caller's heartbeat except [`InflightStore::release`] (in Redis, the
+//!   calls of one replica do at most every 100 ms, besides every heartbeat: each refresh costs
+//!   commands); a replica whose heartbeat is older than the *dead-replica timeout* (default 10 s,
+//!   at most 15 s) is reaped by the next survivor that refreshes its own: its contributions are
+//!   subtracted from the totals and removed. A replica never reaps itself (it refreshes itself first). So a gateway that
 //!   is SIGKILLed leaves its counts behind for at most the timeout plus one heartbeat interval.
 //! - [`InflightStore::heartbeat`] must therefore be called every
 //!   [`InflightStore::heartbeat_interval`] by a background service while the gateway runs. It also

@@ -52,7 +52,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::ClusterClientBuilder;
@@ -83,8 +83,10 @@ enum Conn {
 ///
 /// KEYS[1] inflight HASH `<replica>|<endpoint>` → n; KEYS[2] total HASH `<endpoint>` → n;
 /// KEYS[3] replicas ZSET `<replica>` → last heartbeat (ms, Redis `TIME`).
-/// ARGV[1] replica id, ARGV[2] dead-replica timeout (ms), ARGV[3] key TTL (ms), ARGV[4] this
-/// replica's releases not yet applied, as lines `<endpoint> <units>` (may be empty).
+/// ARGV[1] replica id, ARGV[2] dead-replica timeout (ms), ARGV[3] key TTL (ms), or 0 for a call
+/// that neither refreshes the heartbeat and the keys' TTL nor reaps (one of this replica did
+/// less than [`TOUCH_EVERY`] ago), ARGV[4] this replica's releases not yet applied, as lines
+/// `<endpoint> <units>` (may be empty).
 macro_rules! prelude {
     () => {
         r#"
@@ -92,6 +94,7 @@ local inflight, totals, replicas = KEYS[1], KEYS[2], KEYS[3]
 local me = ARGV[1]
 local dead_after = tonumber(ARGV[2])
 local key_ttl = tonumber(ARGV[3])
+local touch = key_ttl > 0
 
 local function count(v)
   local n = tonumber(v) or 0
@@ -116,10 +119,11 @@ local function apply_releases()
   end
 end
 
--- Apply this replica's releases, refresh its heartbeat, then forget every replica silent for
--- longer than dead_after, subtracting its contributions from the totals.
+-- Apply this replica's releases; when touching, refresh its heartbeat, then forget every
+-- replica silent for longer than dead_after, subtracting its contributions from the totals.
 local function touch_and_reap()
   apply_releases()
+  if not touch then return end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   redis.call('ZADD', replicas, now, me)
@@ -142,6 +146,7 @@ local function touch_and_reap()
 end
 
 local function keep()
+  if not touch then return end
   for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], key_ttl) end
 end
 "#
@@ -462,9 +467,22 @@ pub struct RedisStore {
     conn: ArcSwapOption<Conn>,
     connecting: tokio::sync::Mutex<()>,
     scripts: Scripts,
-    /// Per pool, per endpoint: units released and not yet sent (they go with the next call).
-    unsent: Mutex<HashMap<String, HashMap<String, u64>>>,
+    /// What this replica has not told Redis yet, per pool.
+    pools: Mutex<HashMap<String, PoolState>>,
 }
+
+/// A pool's releases not sent yet, and when a call last refreshed the heartbeat.
+#[derive(Default)]
+struct PoolState {
+    /// Per endpoint: units released and not yet sent (they go with the next call).
+    unsent: HashMap<String, u64>,
+    /// When a call last refreshed this replica's heartbeat and the keys' TTL, and reaped.
+    touched: Option<Instant>,
+}
+
+/// Calls refresh the heartbeat, the keys' TTL and reap at most this often (the heartbeat loop
+/// every second regardless): each refresh is three Redis commands, a reap two more.
+const TOUCH_EVERY: Duration = Duration::from_millis(100);
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -496,7 +514,7 @@ impl RedisStore {
             replica,
             conn: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
-            unsent: Mutex::new(HashMap::new()),
+            pools: Mutex::new(HashMap::new()),
             scripts: Scripts {
                 acquire: Script::new(ACQUIRE_LUA),
                 prefix: Script::new(&PREFIX_LUA.replace("MAX_HOLDERS", &MAX_HOLDERS.to_string())),
@@ -643,24 +661,43 @@ impl RedisStore {
     }
 
     /// A script invocation with all three keys and the common arguments, carrying the releases
-    /// of `pool` not sent yet (which the script applies first).
-    fn touching<'a>(&self, script: &'a Script, pool: &str, keys: &Keys) -> ScriptInvocation<'a> {
+    /// of `pool` not sent yet (which the script applies first). It refreshes this replica's
+    /// heartbeat and the keys' TTL, and reaps, when `always` or when no call of this replica
+    /// did for [`TOUCH_EVERY`]: picks at thousands a second need not each do it.
+    fn touching<'a>(
+        &self,
+        script: &'a Script,
+        pool: &str,
+        keys: &Keys,
+        always: bool,
+    ) -> ScriptInvocation<'a> {
         let mut releases = String::new();
-        if let Some(unsent) = self.unsent.lock().remove(pool) {
-            for (endpoint, n) in unsent {
+        let touch = {
+            let mut pools = self.pools.lock();
+            let state = pools.entry(pool.to_owned()).or_default();
+            for (endpoint, n) in state.unsent.drain() {
                 releases.push_str(&endpoint);
                 releases.push(' ');
                 releases.push_str(&n.to_string());
                 releases.push('\n');
             }
-        }
+            let now = Instant::now();
+            let due = always
+                || state
+                    .touched
+                    .is_none_or(|t| now.saturating_duration_since(t) >= TOUCH_EVERY);
+            if due {
+                state.touched = Some(now);
+            }
+            due
+        };
         let mut inv = script.prepare_invoke();
         inv.key(&keys.inflight)
             .key(&keys.totals)
             .key(&keys.replicas)
             .arg(&self.replica)
             .arg(millis(self.config.dead_replica_after()))
-            .arg(millis(KEY_TTL))
+            .arg(if touch { millis(KEY_TTL) } else { 0 })
             .arg(releases);
         inv
     }
@@ -730,7 +767,7 @@ impl InflightStore for RedisStore {
     ) -> Result<Acquired, StoreError> {
         check_call(pool, candidates.len())?;
         let keys = self.pool_keys(pool);
-        let mut inv = self.touching(&self.scripts.acquire, pool, &keys);
+        let mut inv = self.touching(&self.scripts.acquire, pool, &keys, false);
         inv.arg(rand::random::<u32>());
         match max {
             Some(m) => inv.arg(m),
@@ -760,7 +797,7 @@ impl InflightStore for RedisStore {
     ) -> Result<PrefixAcquired, StoreError> {
         check_call(pool, q.candidates.len())?;
         let keys = self.pool_keys(pool);
-        let mut inv = self.touching(&self.scripts.prefix, pool, &keys);
+        let mut inv = self.touching(&self.scripts.prefix, pool, &keys, false);
         for block in q.chain {
             inv.key(format!("{}{block:016x}", keys.prefix));
         }
@@ -805,7 +842,7 @@ impl InflightStore for RedisStore {
     async fn acquire_cost(&self, pool: &str, q: CostQuery<'_>) -> Result<CostAcquired, StoreError> {
         check_cost(pool, &q)?;
         let keys = self.pool_keys(pool);
-        let mut inv = self.touching(&self.scripts.cost, pool, &keys);
+        let mut inv = self.touching(&self.scripts.cost, pool, &keys, false);
         inv.arg(rand::random::<u32>())
             .arg(q.load_per_mille)
             .arg(q.tie_per_mille)
@@ -872,10 +909,11 @@ impl InflightStore for RedisStore {
     async fn release_n(&self, pool: &str, endpoint: &str, n: u64) -> Result<(), StoreError> {
         check_call(pool, 1)?;
         if n > 0 {
-            let mut unsent = self.unsent.lock();
-            let units = unsent
+            let mut pools = self.pools.lock();
+            let units = pools
                 .entry(pool.to_owned())
                 .or_default()
+                .unsent
                 .entry(endpoint.to_owned())
                 .or_default();
             *units = units.saturating_add(n);
@@ -889,11 +927,16 @@ impl InflightStore for RedisStore {
 
     async fn flush(&self, pool: &str) -> Result<bool, StoreError> {
         check_call(pool, 1)?;
-        if !self.unsent.lock().contains_key(pool) {
+        if self
+            .pools
+            .lock()
+            .get(pool)
+            .is_none_or(|p| p.unsent.is_empty())
+        {
             return Ok(false);
         }
         let keys = self.pool_keys(pool);
-        let inv = self.touching(&self.scripts.inflight, pool, &keys);
+        let inv = self.touching(&self.scripts.inflight, pool, &keys, false);
         let _: Vec<i64> = self.invoke(&inv).await?;
         Ok(true)
     }
@@ -904,7 +947,7 @@ impl InflightStore for RedisStore {
             return Ok(Vec::new());
         }
         let keys = self.pool_keys(pool);
-        let mut inv = self.touching(&self.scripts.inflight, pool, &keys);
+        let mut inv = self.touching(&self.scripts.inflight, pool, &keys, false);
         for e in endpoints {
             inv.arg(*e);
         }
@@ -922,7 +965,7 @@ impl InflightStore for RedisStore {
     async fn heartbeat(&self, pool: &str) -> Result<(), StoreError> {
         check_call(pool, 1)?;
         let keys = self.pool_keys(pool);
-        let inv = self.touching(&self.scripts.heartbeat, pool, &keys);
+        let inv = self.touching(&self.scripts.heartbeat, pool, &keys, true);
         let _: i64 = self.invoke(&inv).await?;
         Ok(())
     }
@@ -930,7 +973,7 @@ impl InflightStore for RedisStore {
     async fn restore(&self, pool: &str, held: &[(&str, u64)]) -> Result<(), StoreError> {
         check_call(pool, 1)?;
         let keys = self.pool_keys(pool);
-        let mut inv = self.touching(&self.scripts.heartbeat, pool, &keys);
+        let mut inv = self.touching(&self.scripts.heartbeat, pool, &keys, true);
         inv.arg("restore");
         for (endpoint, n) in held {
             inv.arg(*endpoint).arg(*n);
