@@ -382,3 +382,30 @@ PY
         echo "WARNING: the work tree has uncommitted changes: $out records the run as dirty" >&2
     fi
 }
+
+# The first 16 hex digits of the sha256 of file $1 ("null" when there is none), for stamps.
+bench_sha16() {
+    if [ -f "$1" ]; then sha256sum "$1" | cut -c1-16; else echo null; fi
+}
+
+# Finish the stamp $1 that bench_stamp wrote when the run of command $2 started: add the fields of
+# the JSON object on stdin (or nothing), the date it finished, and, when the commit or the
+# uncommitted changes are no longer those the stamp recorded, `tree_changed_during_run: true` and
+# a warning. $3: a scratch file for the second stamp.
+bench_stamp_finish() {
+    local stamp=$1 command=$2 scratch=$3 extra
+    extra=$(cat)
+    bench_stamp "$scratch" "$command" </dev/null 2>/dev/null
+    STAMP_EXTRA="${extra:-{\}}" python3 - "$stamp" "$scratch" <<'PY'
+import json, os, sys
+stamp, end = (json.load(open(p)) for p in sys.argv[1:])
+stamp.update(json.loads(os.environ["STAMP_EXTRA"]))
+stamp["finished"] = end["date"]
+key = lambda s: (s["commit"], s["uncommitted_changes"], s["diff_sha256"])
+if key(end) != key(stamp):
+    stamp["tree_changed_during_run"] = True
+    print(f"WARNING: the work tree changed while the benchmark ran (recorded in {sys.argv[1]})",
+          file=sys.stderr)
+json.dump(stamp, open(sys.argv[1], "w"), indent=1)
+PY
+}

@@ -4,16 +4,24 @@
 Called by scripts/bench-*.sh; usable by hand on the files they leave in bench/results/:
 
   bench-report.py collect-routing ...     one routing run -> bench/results/routing/<run>.json
+                                          (--stamp: the run's provenance copied in; --raw DIR:
+                                          AIPerf's exports and every /metrics snapshot kept,
+                                          gzipped; --aiperf/--sims/--admins also take such a
+                                          raw directory and its files, to recompute a run)
   bench-report.py summarize-routing ...   every routing run -> bench/results/<set>.{json,csv}
-                                          (--set routing, or kv for bench-routing.sh's KV set)
+                                          (--set routing, or kv for bench-routing.sh's KV set;
+                                          --stamp: the invocation's stamp.json, copied into the
+                                          JSON and as `# ...` lines atop the CSV)
   bench-report.py collect-overhead ...    oha outputs + stamp.json -> bench/results/overhead.{json,csv}
                                           (every run with its within-round ratios, per-target
                                           medians, and the run's provenance)
   bench-report.py collect-micro ...       criterion estimates -> bench/results/micro.{json,csv}
   bench-report.py render [--strict]       tables and plots -> docs/benchmarks.md, docs/img/*.png,
-                                          README's headline block; warns loudly when overhead.json
-                                          has no stamp, was measured on a dirty tree or at another
-                                          commit than HEAD (--strict: refuses, writes nothing)
+                                          README's headline block; warns loudly when overhead.json,
+                                          routing.json or kv.json has no stamp, was measured on a
+                                          dirty tree or at another commit than HEAD, or (routing,
+                                          kv) mixes runs of different trees (--strict: refuses,
+                                          writes nothing)
 
 Only the blocks between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers are rewritten;
 the prose around them is kept.
@@ -22,6 +30,7 @@ import argparse
 import csv
 import datetime
 import glob
+import gzip
 import json
 import os
 import platform
@@ -149,11 +158,11 @@ def pct(v):
 
 
 def spread(values, digits=0, suffix="", scale=1.0):
-    """Mean, and min–max when there are several values."""
+    """Median, and min–max when there are several values."""
     vals = [v * scale for v in values if v is not None]
     if not vals:
         return "–"
-    m = statistics.mean(vals)
+    m = statistics.median(vals)
     if len(vals) == 1:
         return f"{m:,.{digits}f}{suffix}"
     return f"{m:,.{digits}f}{suffix} ({min(vals):,.{digits}f}–{max(vals):,.{digits}f})"
@@ -193,16 +202,69 @@ def oracle(records):
     return hits / queries if queries else None
 
 
+# What of AIPerf's per-request records is kept under raw/: every field the tables, the oracle bound
+# and the TTFT plots are computed from, and the request timing. Left out: the per-chunk latency
+# arrays (one number per output token: megabytes per run), per-request HTTP timings and ids.
+RAW_RECORD_METADATA = (
+    "conversation_id", "turn_index", "session_num", "benchmark_phase", "was_cancelled",
+    "credit_issued_ns", "request_start_ns", "request_ack_ns", "request_end_ns",
+)
+RAW_RECORD_METRICS = (
+    "time_to_first_token", "time_to_second_token", "request_latency", "inter_token_latency",
+    "input_sequence_length", "output_sequence_length", "output_token_count",
+    "usage_prompt_tokens", "usage_completion_tokens", "usage_prompt_cache_read_tokens",
+)
+
+
+def read_text(path):
+    """A file's text, or that of `path`.gz when only the compressed copy exists."""
+    if not os.path.exists(path) and os.path.exists(path + ".gz"):
+        path += ".gz"
+    if path.endswith(".gz"):
+        with gzip.open(path, "rt") as f:
+            return f.read()
+    with open(path) as f:
+        return f.read()
+
+
+def write_gz(path, text):
+    """`text` gzipped to `path` (no timestamp in the header: same input, same bytes)."""
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", compresslevel=9, fileobj=raw, mtime=0) as f:
+        f.write(text.encode())
+
+
+def trim_record(d):
+    out = {
+        "metadata": {k: v for k, v in d.get("metadata", {}).items() if k in RAW_RECORD_METADATA},
+        "metrics": {k: v for k, v in d.get("metrics", {}).items() if k in RAW_RECORD_METRICS},
+    }
+    for k, v in d.items():
+        if k not in ("metadata", "metrics"):
+            out[k] = v  # the error, when the request failed
+    return out
+
+
+def metrics_text(source):
+    """A Prometheus exposition: fetched from an http URL, or read from a (gzipped) snapshot."""
+    if source.startswith("http://") or source.startswith("https://"):
+        return fetch(source.rstrip("/") + "/metrics")
+    return read_text(source)
+
+
 def cmd_collect_routing(a):
     art = a.aiperf
-    summary = json.load(open(os.path.join(art, "profile_export_aiperf.json")))
+    summary_text = read_text(os.path.join(art, "profile_export_aiperf.json"))
+    summary = json.loads(summary_text)
 
     def stat(key, field):
         v = summary.get(key) or {}
         return v.get(field)
 
     records = []
-    for line in open(os.path.join(art, "profile_export.jsonl")):
+    record_lines = read_text(os.path.join(art, "profile_export.jsonl")).splitlines()
+    for line in record_lines:
+        if not line.strip():
+            continue
         d = json.loads(line)
         m, x = d.get("metadata", {}), d.get("metrics", {})
         if d.get("error") or "time_to_first_token" not in x:
@@ -227,9 +289,14 @@ def cmd_collect_routing(a):
             if r["turn"] == 0:
                 r["shared_prefix"] = shared
 
+    # The simulators' and llm-lb's /metrics (URLs, or snapshots kept by an earlier collect),
+    # read once: what is parsed below is what --raw keeps.
+    sim_texts = [metrics_text(s) for s in a.sims]
+    admin_sources = [p if not p.isdigit() else f"http://127.0.0.1:{p}" for p in (a.admins or [])]
+    admin_texts = [metrics_text(s) for s in admin_sources]
+
     sims = []
-    for url in a.sims:
-        text = fetch(url + "/metrics")
+    for url, text in zip(a.sims, sim_texts):
         ttft_sum = total(text, "vllm:time_to_first_token_seconds_sum")
         ttft_n = total(text, "vllm:time_to_first_token_seconds_count")
         sims.append(
@@ -252,17 +319,26 @@ def cmd_collect_routing(a):
     )
 
     picks, replica_requests = {}, []
-    for port in a.admins or []:
-        text = fetch(f"http://127.0.0.1:{port}/metrics")
+    for text in admin_texts:
         for labels, v in samples(text, "llmlb_picks_total"):
             picks[labels.get("reason", "?")] = picks.get(labels.get("reason", "?"), 0) + v
         replica_requests.append(total(text, "llmlb_requests_total"))
 
+    # Provenance: the invocation's stamp (commit, dirty state and files, machine, command, date,
+    # parameters), copied whole so that each run file stands on its own.
+    stamp = {}
+    if a.stamp:
+        if os.path.exists(a.stamp):
+            stamp = json.load(open(a.stamp))
+        else:
+            print(f"WARNING: no provenance stamp at {a.stamp}", file=sys.stderr)
+
     errors = summary.get("error_summary") or []
     out = {
-        "git": git_rev(),
+        "git": stamp["commit"][:7] if stamp.get("commit") else git_rev(),
         "machine": machine(),
         "command": a.command,
+        **stamp,
         "scenario": a.scenario,
         "label": a.label,
         "policy": a.policy,
@@ -287,7 +363,26 @@ def cmd_collect_routing(a):
         "replica_requests": replica_requests,
         "ttft_samples_ms": sorted(round(r["ttft_ms"], 2) for r in records),
     }
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    if a.raw:
+        # The client's and the servers' outputs this file was computed from, gzipped: AIPerf's
+        # summary (JSON and CSV) and its per-request records (trimmed, see RAW_RECORD_*), each
+        # simulator's /metrics (sim1..) and each llm-lb replica's (llm-lb0..) at the end of the run.
+        os.makedirs(a.raw, exist_ok=True)
+        write_gz(os.path.join(a.raw, "profile_export_aiperf.json.gz"), summary_text)
+        csv_path = os.path.join(art, "profile_export_aiperf.csv")
+        if os.path.exists(csv_path) or os.path.exists(csv_path + ".gz"):
+            write_gz(os.path.join(a.raw, "profile_export_aiperf.csv.gz"), read_text(csv_path))
+        write_gz(
+            os.path.join(a.raw, "profile_export.jsonl.gz"),
+            "".join(json.dumps(trim_record(json.loads(l)), separators=(",", ":")) + "\n"
+                    for l in record_lines if l.strip()),
+        )
+        for i, text in enumerate(sim_texts, 1):
+            write_gz(os.path.join(a.raw, f"sim{i}.metrics.gz"), text)
+        for i, text in enumerate(admin_texts):
+            write_gz(os.path.join(a.raw, f"llm-lb{i}.metrics.gz"), text)
+        out["raw"] = os.path.relpath(a.raw, ROOT) if os.path.abspath(a.raw).startswith(ROOT + os.sep) else a.raw
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     json.dump(out, open(a.out, "w"), indent=1)
     print(
         f"   TTFT mean {fmt(out['ttft_ms']['avg'], 1)} ms p99 {fmt(out['ttft_ms']['p99'], 1)} ms | "
@@ -312,24 +407,56 @@ ROUTING_FIELDS = [
 ]
 
 
+ROUTING_RUN = re.compile(r"^(?P<scenario>[^-]+)-(?P<label>.+)-r(?P<round>\d+)\.json$")
+# The keys of a results file that say where it comes from (bench_stamp in bench-common.sh).
+PROVENANCE_KEYS = ("commit", "dirty", "uncommitted_changes", "diff_sha256")
+
+
+def run_provenance(runs):
+    """The distinct trees the runs were measured on: commit, dirty flag and diff hash, with the
+    runs of each (`scenario-label-rN`). A run file without a stamp counts under commit None."""
+    trees = {}
+    for r in runs:
+        key = tuple(json.dumps(r.get(k), sort_keys=True) for k in PROVENANCE_KEYS)
+        t = trees.setdefault(key, {k: r.get(k) for k in PROVENANCE_KEYS} | {"runs": []})
+        t["runs"].append(f"{r['scenario']}-{r['label']}-r{r['round']}")
+    return list(trees.values())
+
+
 def cmd_summarize_routing(a):
-    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.dir, "*.json")))]
+    # Run files only: stamp.json and anything else in the directory are not runs.
+    paths = [p for p in sorted(glob.glob(os.path.join(a.dir, "*.json"))) if ROUTING_RUN.match(os.path.basename(p))]
+    runs = [json.load(open(p)) for p in paths]
     commits = sorted({r.get("git", "unknown") for r in runs})
     groups = {}
     for r in runs:
         groups.setdefault((r["scenario"], r["label"]), []).append(r)
+    stamp = {}
+    if a.stamp and os.path.exists(a.stamp):
+        stamp = json.load(open(a.stamp))
+    elif a.stamp:
+        print(f"WARNING: no provenance stamp at {a.stamp}", file=sys.stderr)
+    trees = run_provenance(runs)
     summary = {
         "generated": now_utc(),
-        "git": git_rev(),
+        "git": stamp["commit"][:7] if stamp.get("commit") else git_rev(),
         "run_commits": commits,
         "machine": machine(),
+        **stamp,
         "set": a.set,
         "elapsed_s": a.elapsed,
         "time_scale": a.time_scale,
         "kv_blocks": a.kv_blocks,
         "repeats": a.repeats,
+        "run_provenance": trees,
+        "runs_without_stamp": sum(len(t["runs"]) for t in trees if not t["commit"]),
         "results": [],
     }
+    if stamp.get("commit") and any(
+        tuple(t[k] for k in PROVENANCE_KEYS) != tuple(stamp.get(k) for k in PROVENANCE_KEYS)
+        for t in trees if t["commit"]
+    ):
+        summary["runs_from_other_trees"] = True
     prev = os.path.join(RESULTS, f"{a.set}.json")
     if os.path.exists(prev):
         # Keep the timing of scenarios that this invocation did not run.
@@ -339,6 +466,7 @@ def cmd_summarize_routing(a):
             pass
     elapsed_by = dict(summary.get("previous_elapsed_s", {}))
     for (scenario, label), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["round"])
         row = {"scenario": scenario, "label": label, "rounds": len(rs)}
         for name, get in ROUTING_FIELDS:
             row[name] = [get(r) for r in rs]
@@ -349,27 +477,55 @@ def cmd_summarize_routing(a):
         summary["results"].append(row)
     for scenario in {r["scenario"] for r in runs}:
         elapsed_by[scenario] = sum(r["wall_s"] for r in runs if r["scenario"] == scenario)
-    summary["elapsed_by_scenario"] = elapsed_by
+    # Only scenarios whose runs are here: a stale timing would describe results that are gone.
+    summary["elapsed_by_scenario"] = {k: v for k, v in elapsed_by.items() if k in {r["scenario"] for r in runs}}
     summary.pop("previous_elapsed_s", None)
     json.dump(summary, open(os.path.join(RESULTS, f"{a.set}.json"), "w"), indent=1)
     with open(os.path.join(RESULTS, f"{a.set}.csv"), "w", newline="") as f:
+        for line in provenance_lines(summary):
+            f.write(f"# {line}\n")
+        for msg in routing_provenance_problems(summary, f"bench/results/{a.set}.json"):
+            if "HEAD is" not in msg:
+                f.write(f"# warning: {msg}\n")
         w = csv.writer(f)
-        w.writerow(["scenario", "label", "round"] + [n for n, _ in ROUTING_FIELDS])
+        # Each run's own commit and dirty flag come last (the columns before are as they were).
+        w.writerow(["scenario", "label", "round"] + [n for n, _ in ROUTING_FIELDS] + ["commit", "dirty"])
         for r in sorted(runs, key=lambda r: (r["scenario"], r["label"], r["round"])):
             w.writerow(
                 [r["scenario"], r["label"], r["round"]]
                 + [("" if g(r) is None else round(g(r), 4)) for _, g in ROUTING_FIELDS]
+                + [r.get("commit") or "", "" if r.get("dirty") is None else int(bool(r["dirty"]))]
             )
-    print("wrote", os.path.relpath(os.path.join(RESULTS, f"{a.set}.json"), ROOT))
+    print("wrote", os.path.relpath(os.path.join(RESULTS, f"{a.set}.json"), ROOT), f"and {a.set}.csv")
+    for msg in routing_provenance_problems(summary, f"bench/results/{a.set}.json"):
+        print(f"WARNING: {msg}", file=sys.stderr)
 
 
-def mean(vals):
+def routing_provenance_problems(data, name):
+    """provenance_problems, and for a routing summary: runs with no stamp, runs from several trees."""
+    problems = provenance_problems(data, name)
+    n = data.get("runs_without_stamp") or 0
+    if n and data.get("commit"):
+        problems.append(f"{n} of the runs in {name} carry no provenance stamp")
+    trees = [t for t in data.get("run_provenance") or [] if t.get("commit")]
+    if len(trees) > 1 or data.get("runs_from_other_trees"):
+        problems.append(
+            f"{name} mixes runs from different trees ("
+            + "; ".join(f"{t['commit'][:7]}{' dirty ' + str(t.get('diff_sha256')) if t.get('dirty') else ''}: "
+                        f"{len(t['runs'])} run(s)" for t in trees)
+            + ")"
+        )
+    return problems
+
+
+def median(vals):
     vals = [v for v in vals if v is not None]
-    return statistics.mean(vals) if vals else None
+    return statistics.median(vals) if vals else None
 
 
 def routing_table(rows, rr=None, ratio=True):
-    """Metric rows, one column per policy (the seed article's layout)."""
+    """Metric rows, one column per policy (the seed article's layout). Cells: the median over the
+    rounds, and min–max when there are several; (×) the ratio of the medians to the baseline."""
     cols = sorted(rows, key=lambda r: POLICY_ORDER.index(r["label"]) if r["label"] in POLICY_ORDER else 99)
     head = "| metric | " + " | ".join(POLICY_TITLE.get(r["label"], r["label"]) for r in cols) + " |"
     sep = "|---|" + "---:|" * len(cols)
@@ -379,8 +535,8 @@ def routing_table(rows, rr=None, ratio=True):
         cells = []
         for r in cols:
             cell = spread(r[key], digits, suffix, scale)
-            if vs_rr and rr is not None and r is not rr and mean(rr[key]) and mean(r[key]) is not None:
-                cell += f" (×{mean(r[key]) / mean(rr[key]):.2f})"
+            if vs_rr and rr is not None and r is not rr and median(rr[key]) and median(r[key]) is not None:
+                cell += f" (×{median(r[key]) / median(rr[key]):.2f})"
             cells.append(cell)
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
 
@@ -393,10 +549,25 @@ def routing_table(rows, rr=None, ratio=True):
     line("oracle hit rate (bound)", "oracle_hit_rate", 1, " %", 100)
     line("TTFT mean at the servers (ms)", "server_ttft_mean_ms", 1)
     line("busiest server's share of requests", "max_server_share", 0, " %", 100)
-    errs = [sum(v or 0 for v in r["errors"]) for r in cols]
-    if any(errs):
-        lines.append("| failed requests | " + " | ".join(str(int(e)) for e in errs) + " |")
+    if any(v for r in cols for v in r["errors"]):
+        line("failed requests", "errors", 0)
     return "\n".join(lines)
+
+
+def placement_cell(values):
+    """A count over the rounds: median (min–max), or the count alone when every round had it."""
+    vals = [v for v in values if v is not None]
+    if vals and min(vals) == max(vals):
+        return f"{vals[0]:,.0f}"
+    return spread(vals)
+
+
+# The scenarios of each set, in the order of the page: a block whose scenario is missing from the
+# results is marked as such rather than left showing figures of an earlier run.
+ROUTING_SCENARIOS = {
+    "routing": ["seed", "seed_fixed", "unique", "hot", "replicas"],
+    "kv": ["evict", "reset", "seed", "unique", "replicas"],
+}
 
 
 def routing_blocks(data):
@@ -409,33 +580,68 @@ def routing_blocks(data):
     for scenario, rows in by.items():
         rr = next((r for r in rows if r["label"] == base), None)
         blocks[f"{name}-{scenario}"] = routing_table(rows, rr, ratio=rr is not None)
+    for scenario in ROUTING_SCENARIOS.get(name, []):
+        if scenario not in by:
+            blocks[f"{name}-{scenario}"] = (
+                f"_Not measured: `bench/results/{name}.json` has no `{scenario}` run (the last "
+                f"invocation did not run this scenario). `{'ROUTING_SET=kv ' if name == 'kv' else ''}"
+                f"./scripts/bench-routing.sh` runs every scenario._"
+            )
     el = data.get("elapsed_by_scenario", {})
-    runs = data.get("run_commits")
-    provenance = (
-        f"runs from commit(s) {', '.join(f'`{c}`' for c in runs)} (each results file names its own)"
-        if runs
-        else f"summarised at commit `{data['git']}` (these results files do not name theirs)"
-    )
+    script = "scripts/bench-routing.sh"
+    if data.get("commit"):
+        provenance = (
+            f"from commit `{data['commit'][:7]}`"
+            + (" **with uncommitted changes**" if data.get("dirty") else "")
+            + f" by `{data.get('command') or script}` on {data['machine']}, started {data.get('date', '?')}"
+            + (f", finished {data['finished']}" if data.get("finished") else "")
+            + f" (provenance in `bench/results/{name}/stamp.json`, in every run file and atop "
+            f"`bench/results/{name}.csv`"
+            + (f"; raw client and server outputs in `bench/results/{name}/raw/`"
+               if os.path.isdir(os.path.join(RESULTS, name, "raw")) else "")
+            + ")"
+        )
+    else:
+        runs = data.get("run_commits")
+        provenance = (
+            f"by `{script}`" + (" with `ROUTING_SET=kv`" if name == "kv" else "") + f" on {data['machine']}; "
+            + (f"runs from commit(s) {', '.join(f'`{c}`' for c in runs)} (each results file names its own)"
+               if runs and runs != ["unknown"]
+               else f"summarised at commit `{data['git']}` (these results files do not name theirs)")
+        )
+    rounds = max((r.get("rounds", 1) for r in data["results"]), default=1)
     meta = [
-        f"Generated {data['generated']} by `scripts/bench-routing.sh`"
-        + (" with `ROUTING_SET=kv`" if name == "kv" else "")
-        + f" on {data['machine']}; {provenance}.",
+        f"Generated {data['generated']} {provenance}.",
         f"vllm-sim `--time-scale {data['time_scale']}`, `--kv-blocks` {data['kv_blocks']} per server, "
         f"{data['repeats']} round(s) per policy"
-        + (" (cells: mean, and min–max over the rounds)" if int(data["repeats"]) > 1 else "")
+        + (" (cells: median, and min–max over the rounds; × is the ratio of the medians)" if rounds > 1 else "")
         + ".",
         "Time spent in the runs: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(el.items()))
         + f" (the last invocation, build excluded: {data['elapsed_s'] / 60:.1f} min).",
     ]
+    # Only what makes the figures belong to no commit goes on the page (a later HEAD is normal).
+    loud = [p for p in routing_provenance_problems(data, f"bench/results/{name}.json") if "HEAD is" not in p]
+    if loud:
+        meta.append("\n**Warning: " + "; ".join(loud) + ".**")
     blocks[f"{name}-meta"] = "\n".join(meta)
-    # Request placement and pick reasons, for the discussion.
+    # Request placement and pick reasons, for the discussion (median, min–max over the rounds).
     lines = ["| scenario | policy | requests per server | llm-lb pick reasons |", "|---|---|---|---|"]
     for scenario, rows in sorted(by.items()):
         for r in sorted(rows, key=lambda r: POLICY_ORDER.index(r["label"]) if r["label"] in POLICY_ORDER else 99):
-            served = " / ".join(str(int(x)) for x in r["served_per_server"][0])
-            picks = r["picks"][0]
-            reasons = ", ".join(f"{k} {int(v)}" for k, v in sorted(picks.items(), key=lambda kv: -kv[1])) or "–"
+            per_round = r["served_per_server"]
+            n = max(len(s) for s in per_round)
+            served = " / ".join(
+                placement_cell([s[i] if i < len(s) else None for s in per_round]) for i in range(n)
+            )
+            # Reasons never given in any round are left out; a count the same in every round
+            # is given once.
+            keys = {k for p in r["picks"] for k in p if any(q.get(k) for q in r["picks"])}
+            totals = {k: median([p.get(k, 0) for p in r["picks"]]) for k in keys}
+            reasons = ", ".join(
+                f"{k} {placement_cell([p.get(k, 0) for p in r['picks']])}"
+                for k in sorted(keys, key=lambda k: (-totals[k], k))
+            ) or "–"
             lines.append(f"| {scenario} | {POLICY_TITLE.get(r['label'], r['label'])} | {served} | {reasons} |")
     blocks[f"{name}-placement"] = "\n".join(lines)
     return blocks
@@ -471,9 +677,9 @@ def routing_plots(data, plt):
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     names = [POLICY_TITLE.get(r["label"], r["label"]).replace(" (no LB)", "\n(no LB)").replace("SGLang router ", "SGLang\n") for r in seed]
-    vals = [100 * (mean(r["hit_rate"]) or 0) for r in seed]
+    vals = [100 * (median(r["hit_rate"]) or 0) for r in seed]
     bars = ax.bar(names, vals, color="#4c72b0")
-    orc = mean([mean(r["oracle_hit_rate"]) for r in seed])
+    orc = median([median(r["oracle_hit_rate"]) for r in seed])
     if orc:
         ax.axhline(100 * orc, color="#c44e52", linestyle="--", label=f"oracle bound {100 * orc:.0f} %")
         ax.legend(fontsize=8, loc="lower right")
@@ -902,33 +1108,54 @@ def micro_plot(data, plt):
 
 
 def headline(routing, overhead_st):
+    """The headline bullets (medians over the rounds)."""
     parts = []
     if routing:
-        seed = {r["label"]: r for r in routing["results"] if r["scenario"] == "seed"}
+        m = median
+
+        def scenario(name):
+            return {r["label"]: r for r in routing["results"] if r["scenario"] == name}
+
+        sessions = (routing.get("parameters") or {}).get("sessions") or 60
+        rounds = max((r.get("rounds", 1) for r in routing["results"]), default=1)
+        of_rounds = f"; medians of {rounds} rounds" if rounds > 1 else ""
+        seed = scenario("seed")
         rr, pc = seed.get("round_robin"), seed.get("prefix_cache")
         if rr and pc:
             parts.append(
-                f"- **Seed workload** (60 five-turn chat sessions, concurrency 20, three simulated vLLM servers): "
-                f"`prefix_cache` cuts mean TTFT from {mean(rr['ttft_mean_ms']):.0f} ms to {mean(pc['ttft_mean_ms']):.0f} ms "
-                f"(×{mean(pc['ttft_mean_ms']) / mean(rr['ttft_mean_ms']):.2f}) and P99 TTFT from {mean(rr['ttft_p99_ms']):.0f} to "
-                f"{mean(pc['ttft_p99_ms']):.0f} ms, and raises the fleet prefix-cache hit rate from "
-                f"{100 * mean(rr['hit_rate']):.0f} % to {100 * mean(pc['hit_rate']):.0f} % "
-                f"(oracle bound {100 * mean(pc['oracle_hit_rate']):.0f} %) against round robin."
+                f"- **Seed workload** ({sessions} five-turn chat sessions, ~200 input and ~800 output tokens a "
+                f"turn with varied lengths, concurrency 20, three simulated vLLM servers{of_rounds}): "
+                f"`prefix_cache` cuts mean TTFT from {m(rr['ttft_mean_ms']):.0f} ms to {m(pc['ttft_mean_ms']):.0f} ms "
+                f"(×{m(pc['ttft_mean_ms']) / m(rr['ttft_mean_ms']):.2f}) and P99 TTFT from {m(rr['ttft_p99_ms']):.0f} to "
+                f"{m(pc['ttft_p99_ms']):.0f} ms, and raises the fleet prefix-cache hit rate from "
+                f"{100 * m(rr['hit_rate']):.0f} % to {100 * m(pc['hit_rate']):.0f} % "
+                f"(oracle bound {100 * m(pc['oracle_hit_rate']):.0f} %) against round robin."
             )
-            sg = seed.get("sglang_cache_aware")
-            if sg:
-                parts.append(
-                    f"- Same workload through the SGLang router's `cache_aware`: TTFT {mean(sg['ttft_mean_ms']):.0f} ms, "
-                    f"hit rate {100 * mean(sg['hit_rate']):.0f} %."
-                )
-        rep = {r["label"]: r for r in routing["results"] if r["scenario"] == "replicas"}
+        fixed = scenario("seed_fixed")
+        frr, fpc = fixed.get("round_robin"), fixed.get("prefix_cache")
+        if frr and fpc:
+            parts.append(
+                f"- **The literal seed workload** (fixed lengths: exactly 200 input and 800 output tokens every "
+                f"turn): mean TTFT {m(frr['ttft_mean_ms']):.0f} → {m(fpc['ttft_mean_ms']):.0f} ms "
+                f"(×{m(fpc['ttft_mean_ms']) / m(frr['ttft_mean_ms']):.2f}), P99 {m(frr['ttft_p99_ms']):.0f} → "
+                f"{m(fpc['ttft_p99_ms']):.0f} ms, hit rate {100 * m(frr['hit_rate']):.0f} → "
+                f"{100 * m(fpc['hit_rate']):.0f} % (oracle {100 * m(fpc['oracle_hit_rate']):.0f} %)."
+            )
+        sg, fsg = seed.get("sglang_cache_aware"), fixed.get("sglang_cache_aware")
+        if sg and rr and pc:
+            s = (f"- The seed workload through the SGLang router's `cache_aware`: TTFT {m(sg['ttft_mean_ms']):.0f} ms, "
+                 f"hit rate {100 * m(sg['hit_rate']):.0f} %")
+            if fsg and frr and fpc:
+                s += f" (fixed lengths: {m(fsg['ttft_mean_ms']):.0f} ms, {100 * m(fsg['hit_rate']):.0f} %)"
+            parts.append(s + ".")
+        rep = scenario("replicas")
         if "prefix_cache_3x_redis" in rep:
             r3 = rep["prefix_cache_3x_redis"]
             un = rep.get("prefix_cache_3x_unshared")
             s = (f"- **Three llm-lb replicas sharing Redis**, requests spread over them round robin: hit rate "
-                 f"{100 * mean(r3['hit_rate']):.0f} %, TTFT {mean(r3['ttft_mean_ms']):.0f} ms")
+                 f"{100 * m(r3['hit_rate']):.0f} %, TTFT {m(r3['ttft_mean_ms']):.0f} ms")
             if un:
-                s += f" (unshared embedded stores: {100 * mean(un['hit_rate']):.0f} %, {mean(un['ttft_mean_ms']):.0f} ms)"
+                s += f" (unshared embedded stores: {100 * m(un['hit_rate']):.0f} %, {m(un['ttft_mean_ms']):.0f} ms)"
             parts.append(s + ".")
     if overhead_st:
         s = overhead_headline(overhead_st)
@@ -993,14 +1220,19 @@ def cmd_render(_a):
     if not os.path.exists(DOC):
         print(f"{DOC} is missing: nothing to render into", file=sys.stderr)
         return 1
+    problems = []
     p = os.path.join(RESULTS, "overhead.json")
     if os.path.exists(p):
-        problems = provenance_problems(json.load(open(p)), "bench/results/overhead.json")
-        for msg in problems:
-            print(f"\n*** WARNING: {msg} ***\n", file=sys.stderr)
-        if problems and _a.strict:
-            print("render --strict: refusing to publish these figures (nothing written)", file=sys.stderr)
-            return 1
+        problems += provenance_problems(json.load(open(p)), "bench/results/overhead.json")
+    for name in ("routing", "kv"):
+        p = os.path.join(RESULTS, f"{name}.json")
+        if os.path.exists(p):
+            problems += routing_provenance_problems(json.load(open(p)), f"bench/results/{name}.json")
+    for msg in problems:
+        print(f"\n*** WARNING: {msg} ***\n", file=sys.stderr)
+    if problems and _a.strict:
+        print("render --strict: refusing to publish these figures (nothing written)", file=sys.stderr)
+        return 1
     text = open(DOC).read()
     routing = overhead = None
     st = None
@@ -1055,10 +1287,14 @@ def main():
     c.add_argument("--round", type=int, default=1)
     c.add_argument("--wall-start", required=True)
     c.add_argument("--wall-end", required=True)
-    c.add_argument("--sims", nargs="+", required=True)
-    c.add_argument("--admins", nargs="*", default=[])
+    c.add_argument("--sims", nargs="+", required=True,
+                   help="simulator base URLs (their /metrics is read), or /metrics snapshot files")
+    c.add_argument("--admins", nargs="*", default=[],
+                   help="llm-lb admin ports or URLs (their /metrics is read), or snapshot files")
     c.add_argument("--out", required=True)
     c.add_argument("--command", default="", help="the command that ran the benchmark")
+    c.add_argument("--stamp", help="the run's provenance stamp (stamp.json), copied into the result")
+    c.add_argument("--raw", help="keep AIPerf's exports and the /metrics snapshots here, gzipped")
     s = sub.add_parser("summarize-routing")
     s.add_argument("--dir", required=True)
     s.add_argument("--elapsed", type=float, default=0)
@@ -1066,6 +1302,7 @@ def main():
     s.add_argument("--kv-blocks", default="")
     s.add_argument("--repeats", default="1")
     s.add_argument("--set", default="routing", choices=sorted(BASELINE))
+    s.add_argument("--stamp", help="the invocation's provenance stamp (stamp.json)")
     o = sub.add_parser("collect-overhead")
     o.add_argument("--dir", required=True)
     o.add_argument("--meta")

@@ -5,13 +5,16 @@
 # throughput, the fleet's prefix-cache hit rate (from the simulators' own counters) and the
 # oracle bound, then regenerates docs/benchmarks.md.
 #
-#   ./scripts/bench-routing.sh                 # everything (about 20 minutes on 2 cores)
-#   ROUTING_SCENARIOS=seed ./scripts/bench-routing.sh        # the seed workload only
+#   ./scripts/bench-routing.sh                 # everything (about 28 minutes on 2 cores)
+#   ROUTING_SCENARIOS=seed ./scripts/bench-routing.sh        # the seed workload only (the
+#                                                            # other scenarios' results go: see ROUTING_APPEND)
 #   ROUTING_REPEATS=3 ./scripts/bench-routing.sh             # interleaved repeats, shows spread
 #
-# Scenarios (ROUTING_SCENARIOS, space separated; default "seed unique hot replicas"):
-#   seed      multi-turn chat: 60 sessions x 5 turns, ~200 input tokens per turn, ~800 output
-#             tokens, concurrency 20 (the seed article's workload)
+# Scenarios (ROUTING_SCENARIOS, space separated; default "seed seed_fixed unique hot replicas"):
+#   seed      multi-turn chat: 60 sessions x 5 turns, ~200 input tokens per turn (sd 40), ~800
+#             output tokens (sd 200), concurrency 20 (the seed article's workload, lengths varied)
+#   seed_fixed  the literal seed workload: the same sessions, turns and concurrency with fixed
+#             lengths, exactly 200 input and 800 output tokens every turn (AIPerf stddev 0)
 #   unique    single-turn prompts that share nothing (affinity must cost nothing)
 #   hot       every session starts with the same long system prompt (affinity must not hot-spot)
 #   replicas  the seed workload through three llm-lb replicas behind an nginx that spreads
@@ -42,9 +45,31 @@
 #   ROUTING_SET         routing (default) or kv (see above)
 #   ROUTING_EVICT_KV_BLOCKS  KV blocks per server in the evict and reset scenarios (default 2048)
 #   ROUTING_KV_CONFIG   more lb_config keys for kv_aware, e.g. "loadWeight: 0.5, decodeTokens: 32"
+#   ROUTING_APPEND=1    keep the results of the scenarios not run now (by default every earlier
+#                       run file, raw output and stamp of the set is deleted first, so that the
+#                       tables never mix runs of different commits; with ROUTING_APPEND=1 they
+#                       may, and bench-report.py says so when it renders the page)
 #   ROUTING_NO_REPORT=1 do not regenerate docs/benchmarks.md
 #   LLMLB_VENV, LLMLB_SGL_VENV  Python venvs (default target/py-venv, target/sgl-venv)
-# Results: bench/results/routing/*.json (one file per run) and bench/results/routing.{json,csv}.
+# Results (bench/results/kv/ and kv.{json,csv} for ROUTING_SET=kv):
+#   bench/results/routing/stamp.json   provenance of the invocation, written before the first run
+#                       and checked after the last: commit, whether the tree had uncommitted
+#                       changes (which files, a hash of the diff), machine, date, the exact command,
+#                       the run parameters, AIPerf's version, the binaries' sha256; a tree that
+#                       changed during the runs is recorded (tree_changed_during_run)
+#   bench/results/routing/<scenario>-<label>-r<round>.json   one file per run, carrying the stamp
+#   bench/results/routing/raw/<scenario>-<label>-r<round>/   what each run file was computed from,
+#                       gzipped: AIPerf's summary (profile_export_aiperf.json, .csv) and its
+#                       per-request records (profile_export.jsonl without the per-chunk latency
+#                       arrays, HTTP timings and ids), the /metrics of each simulator (sim1..3) and
+#                       llm-lb replica (llm-lb0..2) at the end of the run: about 30-45 KB a run,
+#                       under 1 MB a round of the default scenarios;
+#                       `bench-report.py collect-routing --aiperf raw/<run> --sims raw/<run>/sim*
+#                       --admins raw/<run>/llm-lb* ...` recomputes a run file from them
+#   bench/results/routing.{json,csv}   every run, and per scenario and policy the rounds' values;
+#                       the stamp in the JSON and as `# commit: ...` lines atop the CSV
+# bench-report.py render warns loudly (render --strict refuses) when these results have no stamp,
+# come from a dirty tree or another commit than HEAD, or mix runs of different trees.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -60,13 +85,22 @@ REPEATS="${ROUTING_REPEATS:-1}"
 SET="${ROUTING_SET:-routing}"
 case "$SET" in
     routing)
-        SCENARIOS="${ROUTING_SCENARIOS:-seed unique hot replicas}"
+        KNOWN_SCENARIOS="seed seed_fixed unique hot replicas"
+        SCENARIOS="${ROUTING_SCENARIOS:-$KNOWN_SCENARIOS}"
         POLICIES="${ROUTING_POLICIES:-round_robin global_least_request prefix_cache least_busy sglang_cache_aware}" ;;
     kv)
-        SCENARIOS="${ROUTING_SCENARIOS:-evict reset seed unique replicas}"
+        KNOWN_SCENARIOS="evict reset seed unique replicas"
+        SCENARIOS="${ROUTING_SCENARIOS:-$KNOWN_SCENARIOS}"
         POLICIES="${ROUTING_POLICIES:-global_least_request prefix_cache kv_aware kv_aware_events sglang_cache_aware}" ;;
     *) echo "ROUTING_SET must be routing or kv" >&2; exit 2 ;;
 esac
+for scenario in $SCENARIOS; do
+    case " $KNOWN_SCENARIOS " in
+        *" $scenario "*) ;;
+        *) echo "unknown scenario $scenario for ROUTING_SET=$SET (known: $KNOWN_SCENARIOS)" >&2; exit 2 ;;
+    esac
+done
+APPEND="${ROUTING_APPEND:-0}"
 SESSIONS="${ROUTING_SESSIONS:-60}"
 MODEL="bench/llama-3.1-8b"
 LB_PORT=$((BASE + 80))
@@ -75,7 +109,8 @@ FRONT_PORT=$((BASE + 95))
 REDIS_PORT=$((BASE + 379))
 RESULTS="$ROOT/bench/results/$SET"
 WORK="$ROOT/bench/work/$SET"
-COMMAND="ROUTING_SET=$SET ROUTING_SCENARIOS=\"$SCENARIOS\" ROUTING_POLICIES=\"$POLICIES\" ROUTING_REPEATS=$REPEATS scripts/bench-routing.sh"
+# The exact command: every knob set in the environment, then the script.
+COMMAND=$(bench_command "$0" ROUTING_ LLMLB_VENV LLMLB_SGL_VENV BENCH_RUST_LOG)
 
 trap bench_cleanup EXIT
 trap 'exit 130' INT TERM
@@ -92,6 +127,17 @@ ports_free $((BASE + 1)) $((BASE + 2)) $((BASE + 3)) "$LB_PORT" $((LB_PORT + 1))
 
 rm -rf "$WORK"
 mkdir -p "$WORK" "$RESULTS"
+# Results of earlier invocations go, so that the tables never mix commits (ROUTING_APPEND=1: only
+# those of the scenarios run now).
+if [ "$APPEND" = 1 ]; then
+    for scenario in $SCENARIOS; do
+        rm -f "$RESULTS/$scenario-"*.json
+        rm -rf "$RESULTS/raw/$scenario-"*
+    done
+else
+    rm -f "$RESULTS/"*.json
+    rm -rf "$RESULTS/raw"
+fi
 TOKENIZER="$ROOT/target/bench-tokenizer"
 CORPUS="$("$BENCH_PY" -c 'import aiperf, os; print(os.path.join(os.path.dirname(aiperf.__file__), "dataset/generator/assets/shakespeare.txt"))')"
 "$BENCH_PY" "$ROOT/vllm-sim/py/make_tokenizer.py" "$TOKENIZER" "$CORPUS" >/dev/null
@@ -104,6 +150,30 @@ if [ "$SET" = kv ]; then
     MODEL_TOKENIZER="$LLAMA_TOKENIZER"
     SIM_TOKENIZER_ARGS=(--tokenizer "$MODEL_TOKENIZER")
 fi
+
+# Provenance, taken now (the binaries were just built from this tree); checked again at the end.
+AIPERF_VERSION=$("$BENCH_PY" -c 'from importlib.metadata import version; print(version("aiperf"))')
+SGL_VERSION=""
+if [ -n "$BENCH_SGL_PY" ]; then
+    SGL_VERSION=$("$BENCH_SGL_PY" -c 'from importlib.metadata import version; print(version("sglang-router"))')
+fi
+"$BENCH_PY" - "$SET" "$SCENARIOS" "$POLICIES" "$REPEATS" "$SESSIONS" "$TIME_SCALE" "$KV_BLOCKS" \
+    "${ROUTING_EVICT_KV_BLOCKS:-2048}" "${ROUTING_KV_CONFIG:-}" "$APPEND" "$AIPERF_VERSION" "$SGL_VERSION" \
+    "$(bench_sha16 "$LLMLB_BIN")" "$(bench_sha16 "$SIM_BIN")" "$(bench_sha16 "$MODEL_TOKENIZER")" <<'PY' |
+import json, sys
+(rset, scenarios, policies, repeats, sessions, time_scale, kv_blocks, evict_blocks, kv_config, append,
+ aiperf, sgl, lb, sim, tok) = sys.argv[1:]
+sha = lambda v: None if v == "null" else v
+params = {"set": rset, "scenarios": scenarios.split(), "policies": policies.split(),
+          "repeats": int(repeats), "sessions": int(sessions), "time_scale": time_scale,
+          "kv_blocks": int(kv_blocks), "append": append == "1"}
+if rset == "kv":
+    params.update(evict_kv_blocks=int(evict_blocks), kv_config=kv_config or None)
+print(json.dumps({"parameters": params, "aiperf_version": aiperf, "sglang_router_version": sgl or None,
+                  "binaries_sha256_16": {"llm-lb": sha(lb), "vllm-sim": sha(sim)},
+                  "model_tokenizer_sha256_16": sha(tok)}))
+PY
+    bench_stamp "$RESULTS/stamp.json" "$COMMAND"
 
 SIM_URLS=()
 SIM_ADDRS=()
@@ -215,6 +285,11 @@ scenario_args() {
             echo "--isl 200 --isl-stddev 40 --osl 800 --osl-stddev 200 \
                 --conversation-num $SESSIONS --conversation-turn-mean 5 --conversation-turn-stddev 0 \
                 --conversation-turn-delay-mean 0 --concurrency 20" ;;
+        seed_fixed)
+            # The seed workload with every length fixed: 200 input and 800 output tokens a turn.
+            echo "--isl 200 --isl-stddev 0 --osl 800 --osl-stddev 0 \
+                --conversation-num $SESSIONS --conversation-turn-mean 5 --conversation-turn-stddev 0 \
+                --conversation-turn-delay-mean 0 --concurrency 20" ;;
         unique)
             echo "--isl 1000 --isl-stddev 200 --osl 200 --osl-stddev 50 \
                 --conversation-num 200 --conversation-turn-mean 1 --conversation-turn-stddev 0 \
@@ -251,7 +326,7 @@ scenario_runs() {
         kv:*) return ;;
     esac
     case "$1" in
-        seed | unique | hot)
+        seed | seed_fixed | unique | hot)
             for p in $POLICIES; do echo "$p $p 1 embedded"; done ;;
         replicas)
             echo "prefix_cache_3x_redis prefix_cache 3 redis"
@@ -299,7 +374,7 @@ run_one() {
     t1=$(date +%s.%N)
     if [ -n "$resetter" ]; then kill "$resetter" 2>/dev/null || true; wait "$resetter" 2>/dev/null || true; fi
     "$BENCH_PY" "$ROOT/scripts/bench-report.py" collect-routing --aiperf "$RUN_DIR/aiperf" \
-        --command "$COMMAND" \
+        --command "$COMMAND" --stamp "$RESULTS/stamp.json" --raw "$RESULTS/raw/$scenario-$label-r$round" \
         --scenario "$scenario" --label "$label" --policy "$policy" --replicas "$replicas" \
         --store "$store" --round "$round" --wall-start "$t0" --wall-end "$t1" \
         --sims "${SIM_URLS[@]}" --admins "${ADMINS[@]}" --out "$RESULTS/$scenario-$label-r$round.json"
@@ -309,9 +384,6 @@ run_one() {
 
 START=$(date +%s)
 for scenario in $SCENARIOS; do
-    rm -f "$RESULTS/$scenario-"*.json
-done
-for scenario in $SCENARIOS; do
     for ((round = 1; round <= REPEATS; round++)); do
         while read -r label policy replicas store; do
             run_one "$scenario" "$label" "$policy" "$replicas" "$store" "$round"
@@ -320,11 +392,13 @@ for scenario in $SCENARIOS; do
 done
 ELAPSED=$(($(date +%s) - START))
 step "all runs done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s"
+# The stamp gets the runs' duration; a tree that changed while the runs went on is said so.
+echo "{\"elapsed_s\": $ELAPSED}" | bench_stamp_finish "$RESULTS/stamp.json" "$COMMAND" "$WORK/stamp-end.json"
 
 KV_BLOCKS_NOTE="$KV_BLOCKS"
 if [ "$SET" = kv ]; then KV_BLOCKS_NOTE="$KV_BLOCKS (evict and reset: ${ROUTING_EVICT_KV_BLOCKS:-2048})"; fi
 "$BENCH_PY" "$ROOT/scripts/bench-report.py" summarize-routing --dir "$RESULTS" --set "$SET" \
-    --elapsed "$ELAPSED" --time-scale "$TIME_SCALE" --kv-blocks "$KV_BLOCKS_NOTE" --repeats "$REPEATS"
+    --stamp "$RESULTS/stamp.json" --elapsed "$ELAPSED" --time-scale "$TIME_SCALE" --kv-blocks "$KV_BLOCKS_NOTE" --repeats "$REPEATS"
 if [ "${ROUTING_NO_REPORT:-0}" != 1 ]; then
     "$BENCH_PY" "$ROOT/scripts/bench-report.py" render
 fi
