@@ -132,6 +132,25 @@ async fn counts(s: &dyn InflightStore, pool: &str, endpoints: &[&str]) -> Vec<u6
     s.inflight(pool, endpoints).await.expect("inflight")
 }
 
+/// A cost query without scales or a sticky key.
+fn cost_query<'a>(
+    candidates: &'a [&'a str],
+    base: &'a [u64],
+    weights: &'a [u64],
+    load_per_mille: u64,
+    tie_per_mille: u64,
+) -> CostQuery<'a> {
+    CostQuery {
+        candidates,
+        base,
+        weights,
+        load_per_mille,
+        tie_per_mille,
+        scale: &[],
+        sticky: None,
+    }
+}
+
 /// Release `n` units of `endpoint` and flush, as `PoolCounts` does within milliseconds: a store
 /// that defers releases (Redis) applies them with the replica's next call, so another replica
 /// reading at once would not see them yet.
@@ -615,15 +634,7 @@ mod cases {
         let a = s
             .acquire_cost(
                 pool,
-                CostQuery {
-                    candidates,
-                    base,
-                    weights,
-                    load_per_mille,
-                    tie_per_mille: 0,
-                    scale: &[],
-                    sticky: None,
-                },
+                cost_query(candidates, base, weights, load_per_mille, 0),
             )
             .await
             .unwrap_or_else(|e| panic!("acquire_cost({base:?}): {e}"));
@@ -664,18 +675,7 @@ mod cases {
         assert_eq!(counts(&*s, &p, &eps).await, vec![0, 0, 0]);
         // Mismatched lengths are refused and count nothing.
         let bad = s
-            .acquire_cost(
-                &p,
-                CostQuery {
-                    candidates: &eps,
-                    base: &[1, 2],
-                    weights: &[1, 1, 1],
-                    load_per_mille: 1000,
-                    tie_per_mille: 0,
-                    scale: &[],
-                    sticky: None,
-                },
-            )
+            .acquire_cost(&p, cost_query(&eps, &[1, 2], &[1, 1, 1], 1000, 0))
             .await;
         assert!(matches!(bad, Err(StoreError::InvalidInput(_))), "{bad:?}");
         assert_eq!(counts(&*s, &p, &eps).await, vec![0, 0, 0]);
@@ -688,18 +688,7 @@ mod cases {
         let mut chosen = std::collections::HashMap::<String, usize>::new();
         for _ in 0..60 {
             let a = s
-                .acquire_cost(
-                    &p,
-                    CostQuery {
-                        candidates: &eps,
-                        base: &[1000, 1040, 2000],
-                        weights: &[1, 1, 1],
-                        load_per_mille: 0,
-                        tie_per_mille: 50,
-                        scale: &[],
-                        sticky: None,
-                    },
-                )
+                .acquire_cost(&p, cost_query(&eps, &[1000, 1040, 2000], &[1, 1, 1], 0, 50))
                 .await
                 .expect("acquire_cost");
             *chosen.entry(eps[a.index].to_owned()).or_default() += 1;
@@ -888,18 +877,7 @@ mod sticky {
         );
         // Without a sticky key, no outcome.
         let a = one
-            .acquire_cost(
-                &p,
-                CostQuery {
-                    candidates: &eps,
-                    base: &[1, 1, 1],
-                    weights: &[1, 1, 1],
-                    load_per_mille: 1000,
-                    tie_per_mille: 0,
-                    scale: &[],
-                    sticky: None,
-                },
-            )
+            .acquire_cost(&p, cost_query(&eps, &[1, 1, 1], &[1, 1, 1], 1000, 0))
             .await
             .expect("acquire_cost");
         assert_eq!(a.sticky, None);

@@ -29,7 +29,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::global_least_request::least_request;
-use super::prefix_cache::{pinned, Pin, Reasons};
+use super::local::Reasons;
+use super::prefix_cache::{pinned, Pin};
 use super::{Pick, PickInput, Policy, PolicyError};
 use crate::config::{EndpointHashConfig, PolicyKind};
 use crate::store::PoolCounts;

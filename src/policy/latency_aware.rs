@@ -55,8 +55,7 @@ use parking_lot::Mutex;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use super::kv_aware::{sticky, sticky_reason};
-use super::prefix_cache::Reasons;
+use super::local::{outcome_reason, sticky, Reasons};
 use super::{Lease, Pick, PickInput, Policy, PolicyError};
 use crate::apis::Api;
 use crate::config::{LatencyAwareConfig, LatencyMode, PolicyKind};
@@ -399,7 +398,7 @@ impl Shared {
             let chosen = candidates.iter().position(|&c| c == endpoint).unwrap_or(0);
             let (i, outcome) = sticky_choice(&counts, &holders, sticky.guard, chosen);
             endpoint = candidates.get(i).copied().unwrap_or(endpoint);
-            reason = sticky_reason(reasons, outcome);
+            reason = outcome_reason(reasons, outcome);
             let until = now.checked_add(sticky.ttl).unwrap_or(now);
             state.keys.put(sticky.key, (endpoint, until));
         }
@@ -465,6 +464,17 @@ impl LatencyAware {
         }
     }
 
+    /// The key `input`'s request sticks to, if any ([`sticky`]; the guard in requests).
+    fn sticky_key(&self, input: &PickInput<'_>) -> Option<(Sticky, Reasons)> {
+        sticky(input.request, self.shared.config.sessions, 1)
+    }
+
+    /// How long to remember which endpoint stored the response `input`'s answer will name: a
+    /// Responses API request's.
+    fn remember(&self, input: &PickInput<'_>) -> Option<Duration> {
+        (input.request.api == Api::Responses).then_some(self.shared.config.sessions.ttl)
+    }
+
     /// `AdaptiveScore` over the shared counts: the sampled candidates' scores without their
     /// load go to the store, which picks the least `score × (in flight everywhere + 1)` and
     /// counts it in one round trip. `None` when the store cannot answer (the local score then
@@ -515,7 +525,7 @@ impl LatencyAware {
         };
         let (i, reason) = match counts.acquire_cost(query).await {
             Ok((i, acquired)) => match (key, acquired.sticky) {
-                (Some((_, reasons)), Some(outcome)) => (i, sticky_reason(reasons, outcome)),
+                (Some((_, reasons)), Some(outcome)) => (i, outcome_reason(reasons, outcome)),
                 _ => (i, REASON_SCORE),
             },
             Err(Skip::Saturated) => return Err(PolicyError::Saturated),
@@ -540,19 +550,6 @@ impl LatencyAware {
                 remember: self.remember(input),
             })),
         }))
-    }
-}
-
-impl LatencyAware {
-    /// The key `input`'s request sticks to, if any ([`sticky`]; the guard in requests).
-    fn sticky_key(&self, input: &PickInput<'_>) -> Option<(Sticky, Reasons)> {
-        sticky(input.request, self.shared.config.sessions, 1)
-    }
-
-    /// How long to remember which endpoint stored the response `input`'s answer will name: a
-    /// Responses API request's.
-    fn remember(&self, input: &PickInput<'_>) -> Option<Duration> {
-        (input.request.api == Api::Responses).then_some(self.shared.config.sessions.ttl)
     }
 }
 
@@ -658,7 +655,7 @@ mod tests {
 
     use super::*;
     use crate::config::LoadGuard;
-    use crate::policy::prefix_cache::SESSION_REASONS;
+    use crate::policy::local::SESSION_REASONS;
     use crate::policy::testing::{histogram, ids};
 
     fn config(mode: LatencyMode) -> LatencyAwareConfig {

@@ -1,15 +1,25 @@
-//! What the store policies share: the [`Lease`] of a count held in the store, and the local
-//! fallback when the store cannot answer (fewest requests in flight from this replica).
+//! What the store policies share: the [`Lease`] of a count held in the store, the keys a request
+//! sticks to (its session, the response it continues) and the reasons of their outcomes, and the
+//! local fallback when the store cannot answer (fewest requests in flight from this replica).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Lease, Pick, PickInput, PolicyError};
 use crate::apis::Api;
+use crate::config::{LoadGuard, PrefixSettings};
 use crate::endpoint::Outcome;
 use crate::prefix::response_key;
 use crate::request::LlmRequest;
-use crate::store::{pick_least, PoolCounts};
+use crate::store::{pick_least, PoolCounts, PrefixOutcome, Sticky};
+
+/// Reasons of an affinity's hit, diversion and new placement.
+pub(crate) type Reasons = [&'static str; 3];
+
+/// Reasons of a session kept, moved off a busy endpoint, and placed anew.
+pub(crate) const SESSION_REASONS: Reasons = ["session_hit", "session_diverted", "session_new"];
+/// Reasons of a continued response on its endpoint, diverted, and placed anew.
+pub(crate) const RESPONSE_REASONS: Reasons = ["response_hit", "response_diverted", "response_new"];
 
 /// What one attempt holds in the store: one request, or `units` tokens for `kv_aware`, of
 /// which `at_first_byte` are given back as soon as the answer starts (the prompt's prefill).
@@ -86,6 +96,41 @@ impl Lease for StoreLease {
 
     fn release(self: Box<Self>, _outcome: Outcome) {
         self.counts.release_n(&self.endpoint, self.units);
+    }
+}
+
+/// The key `request` sticks to, if any, and the reasons of its outcomes: the response it
+/// continues (kept whatever the load), else its session (under the load guard of `settings`,
+/// its absolute part counted in units of `weight`: 1 where counts are requests, the request's
+/// least load on any candidate where they are tokens); both keys last the `settings`' TTL.
+pub(crate) fn sticky(
+    request: &LlmRequest,
+    settings: PrefixSettings,
+    weight: u64,
+) -> Option<(Sticky, Reasons)> {
+    if request.api.load_only() {
+        return None;
+    }
+    let ttl = settings.ttl;
+    if let Some(key) = request.previous_response {
+        let guard = LoadGuard::NEVER;
+        return Some((Sticky { key, guard, ttl }, RESPONSE_REASONS));
+    }
+    let key = request.session?;
+    let guard = LoadGuard {
+        absolute: settings.guard.absolute.saturating_mul(weight),
+        ..settings.guard
+    };
+    Some((Sticky { key, guard, ttl }, SESSION_REASONS))
+}
+
+/// The reason among `reasons` (hit, diverted, new) of an affinity's `outcome`.
+pub(crate) fn outcome_reason(reasons: Reasons, outcome: PrefixOutcome) -> &'static str {
+    let [hit, diverted, new] = reasons;
+    match outcome {
+        PrefixOutcome::Hit => hit,
+        PrefixOutcome::Diverted => diverted,
+        PrefixOutcome::Miss => new,
     }
 }
 

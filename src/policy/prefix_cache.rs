@@ -33,7 +33,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::global_least_request::least_request;
-use super::local::{local_least, request_lease};
+use super::local::{
+    local_least, outcome_reason, request_lease, Reasons, RESPONSE_REASONS, SESSION_REASONS,
+};
 use super::{Pick, PickInput, Policy, PolicyError};
 use crate::config::{LoadGuard, PolicyKind, PrefixSettings};
 use crate::prefix::session_chain;
@@ -107,14 +109,7 @@ impl Policy for PrefixCache {
     }
 }
 
-/// Pick reasons of a hit, a diversion and a miss.
-pub(super) type Reasons = [&'static str; 3];
-
 const PREFIX_REASONS: Reasons = ["prefix_hit", "prefix_diverted", "prefix_miss"];
-/// Reasons of a session kept, moved off a busy endpoint, and placed anew.
-pub(super) const SESSION_REASONS: Reasons = ["session_hit", "session_diverted", "session_new"];
-/// Reasons of a continued response on its endpoint, diverted, and placed anew.
-pub(super) const RESPONSE_REASONS: Reasons = ["response_hit", "response_diverted", "response_new"];
 
 /// A pick by affinity, before its reason is named.
 struct Placed {
@@ -128,13 +123,9 @@ struct Placed {
 impl Placed {
     /// The pick, its reason one of `reasons` by outcome (a local fallback keeps its own).
     fn with_reason(self, reasons: Reasons) -> Pick {
-        let [hit, diverted, miss] = reasons;
-        let reason = match self.outcome {
-            Some(PrefixOutcome::Hit) => hit,
-            Some(PrefixOutcome::Diverted) => diverted,
-            Some(PrefixOutcome::Miss) => miss,
-            None => self.pick.reason,
-        };
+        let reason = self
+            .outcome
+            .map_or(self.pick.reason, |o| outcome_reason(reasons, o));
         Pick {
             reason,
             ..self.pick

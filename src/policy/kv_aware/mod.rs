@@ -20,11 +20,11 @@
 //!
 //! - **Sessions and stored responses.** A request that names a session (the pool's
 //!   `session_affinity`) goes where the session's last request went, in the same round trip
-//!   ([`Sticky`]), unless that endpoint is too busy by the load guard (`loadGuardAbsolute`,
-//!   default 8, counted in requests like this one, i.e. its tokens at the candidate that holds
-//!   most of it; `loadGuardRelative`, default 0.5, of the least loaded candidate's tokens) above
-//!   the least loaded candidate. Then, and for a session's first request, the cost decides, and the session follows
-//!   (`session_hit`, `session_diverted`, `session_new`). A Responses API request that continues
+//!   ([`crate::store::Sticky`]), unless that endpoint is too busy by the load guard
+//!   (`loadGuardAbsolute`, default 8, counted in requests like this one, i.e. its tokens at the
+//!   candidate that holds most of it; `loadGuardRelative`, default 0.5, of the least loaded
+//!   candidate's tokens) above the least loaded candidate. Then, and for a session's first request, the cost decides, and
+//!   the session follows (`session_hit`, `session_diverted`, `session_new`). A Responses API request that continues
 //!   a stored response (`previous_response_id`) goes to the endpoint that stored it whatever its
 //!   load (`response_hit`, `response_new`; learnt from the answers, as in `prefix_cache`). Both
 //!   keys last `redisKeyTTL` from their last use.
@@ -42,13 +42,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::local::{local_least, request_lease_units};
-use super::prefix_cache::{Reasons, RESPONSE_REASONS, SESSION_REASONS};
+use super::local::{local_least, outcome_reason, request_lease_units, sticky};
 use super::{Pick, PickInput, Policy, PolicyError};
-use crate::config::{KvAwareSettings, LoadGuard, PolicyKind, PrefixSettings};
+use crate::config::{KvAwareSettings, PolicyKind, PrefixSettings};
 use crate::kv_blocks::{chain_keys, BlockKey};
 use crate::kv_events::KvIndex;
-use crate::store::{CostQuery, PoolCounts, PrefixOutcome, Skip, Sticky};
+use crate::store::{CostQuery, PoolCounts, Skip};
 use crate::telemetry;
 
 /// Blocks of a prompt keyed and looked up, at most (with 16-token blocks, the first 64 Ki tokens).
@@ -104,41 +103,6 @@ fn decode_tokens(request: &crate::request::LlmRequest, default: u64) -> u64 {
             .find_map(|k| body.get(*k).and_then(serde_json::Value::as_u64))
     });
     asked.map_or(default, |n| n.min(default))
-}
-
-/// The key `request` sticks to, if any, and the reasons of its outcomes: the response it
-/// continues (kept whatever the load), else its session (under the load guard of `settings`,
-/// its absolute part counted in units of `weight`: 1 where counts are requests, the request's
-/// least load on any candidate where they are tokens); both keys last the `settings`' TTL.
-pub(super) fn sticky(
-    request: &crate::request::LlmRequest,
-    settings: PrefixSettings,
-    weight: u64,
-) -> Option<(Sticky, Reasons)> {
-    if request.api.load_only() {
-        return None;
-    }
-    let ttl = settings.ttl;
-    if let Some(key) = request.previous_response {
-        let guard = LoadGuard::NEVER;
-        return Some((Sticky { key, guard, ttl }, RESPONSE_REASONS));
-    }
-    let key = request.session?;
-    let guard = LoadGuard {
-        absolute: settings.guard.absolute.saturating_mul(weight),
-        ..settings.guard
-    };
-    Some((Sticky { key, guard, ttl }, SESSION_REASONS))
-}
-
-/// The reason among `reasons` (hit, diverted, new) of a sticky `outcome`.
-pub(super) fn sticky_reason(reasons: Reasons, outcome: PrefixOutcome) -> &'static str {
-    let [hit, diverted, new] = reasons;
-    match outcome {
-        PrefixOutcome::Hit => hit,
-        PrefixOutcome::Diverted => diverted,
-        PrefixOutcome::Miss => new,
-    }
 }
 
 /// Each candidate's cached blocks, the chosen one's reason.
@@ -223,7 +187,7 @@ impl Policy for KvAware {
                 };
                 self.index.predict(labels[i], &keys, ttl);
                 let reason = match (sticky, acquired.sticky) {
-                    (Some((_, reasons)), Some(outcome)) => sticky_reason(reasons, outcome),
+                    (Some((_, reasons)), Some(outcome)) => outcome_reason(reasons, outcome),
                     _ => reason(&matched, i),
                 };
                 Ok(Pick {
