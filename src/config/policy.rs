@@ -219,14 +219,11 @@ impl PolicySettings {
                 Self::GlobalLeastRequest(SharedCounts::from_lb_config(c)?)
             }
             PolicyKind::PrefixCache => {
-                let shared = SharedCounts::from_lb_config(c);
-                let prefix = PrefixSettings::from_lb_config(c);
-                match (shared, prefix) {
-                    (Ok(s), Ok(p)) => Self::PrefixCache(s, p),
-                    (s, p) => {
-                        return Err([s.err(), p.err()].into_iter().flatten().flatten().collect())
-                    }
-                }
+                let (s, p) = both(
+                    SharedCounts::from_lb_config(c),
+                    PrefixSettings::from_lb_config(c),
+                )?;
+                Self::PrefixCache(s, p)
             }
             PolicyKind::LeastBusy => Self::LeastBusy(LeastBusyConfig::from_lb_config(c)?),
             PolicyKind::EndpointMetrics => {
@@ -236,28 +233,20 @@ impl PolicySettings {
                 Self::LatencyAware(global_inflight(c)?, LatencyAwareConfig::from_lb_config(c)?)
             }
             PolicyKind::EndpointHash => {
-                let shared = SharedCounts::from_lb_config(c);
-                let hash = EndpointHashConfig::from_lb_config(c);
-                match (shared, hash) {
-                    (Ok(s), Ok(h)) => Self::EndpointHash(s, h),
-                    (s, h) => {
-                        return Err([s.err(), h.err()].into_iter().flatten().flatten().collect())
-                    }
-                }
+                let (s, h) = both(
+                    SharedCounts::from_lb_config(c),
+                    EndpointHashConfig::from_lb_config(c),
+                )?;
+                Self::EndpointHash(s, h)
             }
             PolicyKind::KvAware => {
-                let shared = SharedCounts::from_lb_config(c);
-                let kv = KvAwareSettings::from_lb_config(c);
-                match (shared, kv) {
-                    (Ok(mut s), Ok(k)) => {
-                        // Its counts are tokens: `maxRequestCount` does not apply.
-                        s.max_inflight = None;
-                        Self::KvAware(s, k)
-                    }
-                    (s, k) => {
-                        return Err([s.err(), k.err()].into_iter().flatten().flatten().collect())
-                    }
-                }
+                let (mut s, k) = both(
+                    SharedCounts::from_lb_config(c),
+                    KvAwareSettings::from_lb_config(c),
+                )?;
+                // Its counts are tokens: `maxRequestCount` does not apply.
+                s.max_inflight = None;
+                Self::KvAware(s, k)
             }
         })
     }
@@ -356,6 +345,17 @@ impl KeyUse {
             KeyUse::Policies(kinds) => kinds.contains(&kind),
             KeyUse::Nobody => false,
         }
+    }
+}
+
+/// Both settings, or every problem of either.
+fn both<A, B>(
+    a: Result<A, Vec<InvalidKey>>,
+    b: Result<B, Vec<InvalidKey>>,
+) -> Result<(A, B), Vec<InvalidKey>> {
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (a, b) => Err([a.err(), b.err()].into_iter().flatten().flatten().collect()),
     }
 }
 
