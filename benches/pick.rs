@@ -2,7 +2,12 @@
 //! of 4 to 1024 endpoints. The pool comes from a policy file, as in production; `least_busy`
 //! gets a fresh engine-metrics snapshot for every endpoint, so it runs its whole filter tree;
 //! `prefix_cache` routes a 4-turn conversation that is already cached (the hit path, which
-//! walks the chain and records it again).
+//! walks the chain and records it again); `kv_aware` too, with approximate tokens and, as
+//! `kv_aware_tokenizer`, with the model's chat template and tokenizer (the directory in
+//! `LLMLB_BENCH_TOKENIZER`, which `scripts/bench-micro.sh` sets to SmolLM2's).
+//!
+//! The `tokenize` group times that tokenization alone, as `kv_aware` does it for every request,
+//! for conversations of about 1.5k and 15k tokens.
 //!
 //! `cargo bench --bench pick` (add `-- --quick` for a fast run).
 
@@ -10,11 +15,13 @@
 #![allow(missing_docs)]
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use llm_lb::config::{Config, PolicyKind};
 use llm_lb::endpoint::{EndpointId, EndpointView, Outcome};
+use llm_lb::policy::kv_aware::Tokenizer;
 use llm_lb::policy::{self, PickInput, Registry};
 use llm_lb::request::LlmRequest;
 use llm_lb::scrape::EndpointMetrics;
@@ -25,20 +32,34 @@ fn addr(i: usize) -> String {
     format!("10.{}.{}.{}:8000", i / 65536, (i / 256) % 256, i % 256)
 }
 
-fn config(policy: &str, n: usize) -> Config {
+fn config(policy: &str, lb_config: &str, n: usize) -> Config {
     let endpoints: Vec<String> = (0..n).map(|i| format!("\"{}\"", addr(i))).collect();
     let yaml = format!(
         "listen: 127.0.0.1:18080\nadmin: \"off\"\npools:\n  - name: bench\n    models: [\"*\"]\n    \
-         endpoints: [{}]\n    lb_policy: {policy}\n",
+         endpoints: [{}]\n    lb_policy: {policy}\n    lb_config: {{{lb_config}}}\n",
         endpoints.join(", ")
     );
     Config::from_yaml(&yaml).expect("valid policy file")
 }
 
-fn conversation() -> LlmRequest {
+/// The model's tokenizer directory, if one was given.
+fn tokenizer_dir() -> Option<String> {
+    let dir = std::env::var("LLMLB_BENCH_TOKENIZER")
+        .ok()
+        .filter(|d| !d.is_empty());
+    if dir.is_none() {
+        eprintln!(
+            "LLMLB_BENCH_TOKENIZER is not set: kv_aware_tokenizer and tokenize/smollm2 not run"
+        );
+    }
+    dir
+}
+
+/// A system prompt and `turns` question-and-answer turns, then a last question.
+fn conversation(turns: usize) -> LlmRequest {
     let mut messages =
         vec![serde_json::json!({"role": "system", "content": "Be helpful. ".repeat(80)})];
-    for t in 0..4 {
+    for t in 0..turns {
         messages.push(
             serde_json::json!({"role": "user", "content": format!("question {t} ").repeat(40)}),
         );
@@ -57,13 +78,26 @@ fn benches(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let request = conversation();
+    let request = conversation(4);
+    let tokenizer = tokenizer_dir();
+    // (benchmark name, lb_policy, lb_config)
+    let mut runs: Vec<(&str, &str, String)> = PolicyKind::ALL
+        .iter()
+        .map(|k| (k.name(), k.name(), String::new()))
+        .collect();
+    if let Some(dir) = &tokenizer {
+        runs.push((
+            "kv_aware_tokenizer",
+            "kv_aware",
+            format!("tokenizer: {dir:?}"),
+        ));
+    }
     let mut group = c.benchmark_group("pick");
     group.measurement_time(Duration::from_secs(3));
     group.warm_up_time(Duration::from_secs(1));
-    for name in PolicyKind::ALL.iter().map(|k| k.name()) {
+    for (name, kind, lb_config) in &runs {
         for n in SIZES {
-            let cfg = config(name, n);
+            let cfg = config(kind, lb_config, n);
             let pool = &cfg.pools[0];
             let resolved = llm_lb::routing::resolve::expand(&cfg, &Default::default());
             let deps = llm_lb::routing::deps::build(pool, &resolved[0], None).expect("deps");
@@ -93,7 +127,7 @@ fn benches(c: &mut Criterion) {
                     }
                 }
             };
-            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+            group.bench_with_input(BenchmarkId::new(*name, n), &n, |b, _| {
                 b.to_async(&rt).iter_custom(|iters| {
                     let policy = policy.clone();
                     let (endpoints, candidates, request) = (&endpoints, &candidates, &request);
@@ -117,6 +151,30 @@ fn benches(c: &mut Criterion) {
                         start.elapsed()
                     }
                 })
+            });
+        }
+    }
+    group.finish();
+    tokenize(c, tokenizer.as_deref());
+}
+
+/// `kv_aware`'s tokenization alone, per conversation length in tokens.
+fn tokenize(c: &mut Criterion, dir: Option<&str>) {
+    let mut tokenizers = vec![("approximate", Tokenizer::Approximate)];
+    if let Some(dir) = dir {
+        let t = llm_lb_tokenizer::ChatTokenizer::from_dir(std::path::Path::new(dir))
+            .expect("the model's tokenizer");
+        tokenizers.push(("smollm2", Tokenizer::Exact(Arc::new(t))));
+    }
+    let mut group = c.benchmark_group("tokenize");
+    group.measurement_time(Duration::from_secs(3));
+    group.warm_up_time(Duration::from_secs(1));
+    for turns in [4, 40] {
+        let request = conversation(turns);
+        for (name, tokenizer) in &tokenizers {
+            let n = tokenizer.tokens(&request).len();
+            group.bench_with_input(BenchmarkId::new(*name, n), &request, |b, request| {
+                b.iter(|| black_box(tokenizer.tokens(request).len()))
             });
         }
     }

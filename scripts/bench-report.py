@@ -1002,7 +1002,7 @@ def cmd_collect_micro(a):
             continue
         b = json.load(open(bj))
         group = b.get("group_id", "")
-        if not (group.startswith("parse") or group.startswith("pick")):
+        if not group.startswith(("parse", "pick", "tokenize")):
             continue
         e = json.load(open(est))
         rows.append(
@@ -1016,7 +1016,10 @@ def cmd_collect_micro(a):
                 "mean_hi_ns": e["mean"]["confidence_interval"]["upper_bound"],
             }
         )
-    out = {"generated": now_utc(), "git": git_rev(), "machine": machine(), "rows": rows}
+    out = {"generated": now_utc(), "git": git_rev(), "machine": machine()}
+    if a.stamp:
+        out.update(json.load(open(a.stamp)))
+    out["rows"] = rows
     json.dump(out, open(os.path.join(RESULTS, "micro.json"), "w"), indent=1)
     with open(os.path.join(RESULTS, "micro.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -1059,7 +1062,9 @@ def micro_blocks(data):
                 thr = f"{size / (r['mean_ns'] / 1e9) / 1048576:,.0f} MiB/s"
         lines.append(f"| {human_bytes(size)} | " + " | ".join(cells) + f" | {thr} |")
     pick = [r for r in rows if r["group"].startswith("pick")]
-    policies = [p for p in ["round_robin", "random", "global_least_request", "prefix_cache", "least_busy"] if any(r["function"] == p for r in pick)]
+    order = ["round_robin", "random", "global_least_request", "prefix_cache", "least_busy"]
+    present = {r["function"] for r in pick}
+    policies = [p for p in order if p in present] + sorted(present - set(order))
     plines = ["| endpoints | " + " | ".join(policies) + " |", "|---:|" + "---:|" * len(policies)]
     for n in sorted({num(r["parameter"]) for r in pick}):
         cells = []
@@ -1067,8 +1072,16 @@ def micro_blocks(data):
             r = next((r for r in pick if r["function"] == p and num(r["parameter"]) == n), None)
             cells.append(human_time(r["mean_ns"]) if r else "–")
         plines.append(f"| {n} | " + " | ".join(cells) + " |")
-    meta = f"Generated {data['generated']} from commit `{data['git']}` by `scripts/bench-micro.sh` on {data['machine']}. Criterion mean per iteration."
-    return {"micro-parse": "\n".join(lines), "micro-pick": "\n".join(plines), "micro-meta": meta}
+    tok = sorted((r for r in rows if r["group"].startswith("tokenize")), key=lambda r: (str(r["function"]), num(r["parameter"])))
+    tlines = ["| tokenizer | prompt tokens | time | per 1k tokens |", "|---|---:|---:|---:|"]
+    for r in tok:
+        n = num(r["parameter"])
+        tlines.append(f"| {r['function']} | {n:,} | {human_time(r['mean_ns'])} | {human_time(r['mean_ns'] * 1000 / max(n, 1))} |")
+    if data.get("commit"):
+        meta = " · ".join(provenance_lines(data)) + ". Criterion mean per iteration."
+    else:
+        meta = f"Generated {data['generated']} from commit `{data['git']}` by `scripts/bench-micro.sh` on {data['machine']} (no provenance stamp). Criterion mean per iteration."
+    return {"micro-parse": "\n".join(lines), "micro-pick": "\n".join(plines), "micro-tokenize": "\n".join(tlines), "micro-meta": meta}
 
 
 def micro_plot(data, plt):
@@ -1088,7 +1101,7 @@ def micro_plot(data, plt):
     axes[0].set_title("body parse + prefix block hashing", fontsize=10)
     axes[0].legend(fontsize=8)
     axes[0].grid(True, which="both", alpha=0.3)
-    for p in ["round_robin", "random", "global_least_request", "prefix_cache", "least_busy"]:
+    for p in ["round_robin", "random", "global_least_request", "prefix_cache", "least_busy", "kv_aware", "kv_aware_tokenizer"]:
         pts = sorted((num(r["parameter"]), r["mean_ns"] / 1e3) for r in pick if r["function"] == p)
         if pts:
             axes[1].plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
@@ -1224,6 +1237,9 @@ def cmd_render(_a):
     p = os.path.join(RESULTS, "overhead.json")
     if os.path.exists(p):
         problems += provenance_problems(json.load(open(p)), "bench/results/overhead.json")
+    p = os.path.join(RESULTS, "micro.json")
+    if os.path.exists(p):
+        problems += provenance_problems(json.load(open(p)), "bench/results/micro.json")
     for name in ("routing", "kv"):
         p = os.path.join(RESULTS, f"{name}.json")
         if os.path.exists(p):
@@ -1308,6 +1324,7 @@ def main():
     o.add_argument("--meta")
     m = sub.add_parser("collect-micro")
     m.add_argument("--criterion", required=True)
+    m.add_argument("--stamp", help="provenance stamp (bench_stamp) to carry into micro.json")
     r = sub.add_parser("render")
     r.add_argument("--strict", action="store_true",
                    help="refuse (exit 1, nothing written) when a results file's provenance is "

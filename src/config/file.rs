@@ -297,7 +297,7 @@ pub struct LbConfigFile {
     pub prefillWeight: Option<f64>,
     /// `kv_aware`: cost of one token of load in flight (default 1.0).
     pub loadWeight: Option<f64>,
-    /// `kv_aware`: load a request adds for its decoding, in tokens (default 16).
+    /// `kv_aware`: load a request adds for its decoding, in tokens (default 128).
     pub decodeTokens: Option<u64>,
     /// `kv_aware`: relative cost difference treated as a tie (default 0.05).
     pub tieTolerance: Option<f64>,

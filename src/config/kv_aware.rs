@@ -21,8 +21,10 @@ pub struct KvAwareSettings {
     /// Cost of one token of load in flight, per mille (`loadWeight`, default 1.0).
     pub load_per_mille: u64,
     /// Load a request adds besides its uncached prompt tokens: its decoding, in prompt-token
-    /// equivalents (`decodeTokens`, default 16: with continuous batching a
-    /// decoding request delays a new prompt's prefill little, far less than an uncached token).
+    /// equivalents (`decodeTokens`, default 128). With continuous batching a decoding request
+    /// delays a new prompt's prefill little, but it holds its context in the engine's KV cache:
+    /// weighed too lightly, the requests (and so the conversations) an engine serves drift
+    /// apart from the others', and the busiest engine evicts more (see docs/benchmarks.md).
     pub decode_tokens: u64,
     /// Costs within this per mille of the least are near-ties, chosen among at random
     /// (`tieTolerance`, default 0.05).
@@ -50,7 +52,7 @@ impl Default for KvAwareSettings {
             block_size: 16,
             prefill_per_mille: 1000,
             load_per_mille: 1000,
-            decode_tokens: 16,
+            decode_tokens: 128,
             tie_per_mille: 50,
             predicted_ttl: Duration::from_millis(2000),
             guess_ttl: PrefixSettings::default().ttl,
