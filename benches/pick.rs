@@ -7,24 +7,27 @@
 //! `LLMLB_BENCH_TOKENIZER`, which `scripts/bench-micro.sh` sets to SmolLM2's).
 //!
 //! The `tokenize` group times that tokenization alone, as `kv_aware` does it for every request,
-//! for conversations of about 1.5k and 15k tokens.
+//! for conversations of about 2k and 20k tokens: over the whole prompt, and for a conversation's
+//! next turn, whose earlier turns the tokenizer's segment cache holds.
 //!
 //! `cargo bench --bench pick` (add `-- --quick` for a fast run).
 
 // criterion_group! defines an undocumented `pub fn` for the group.
 #![allow(missing_docs)]
 
+use std::cell::Cell;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use llm_lb::config::{Config, PolicyKind};
 use llm_lb::endpoint::{EndpointId, EndpointView, Outcome};
 use llm_lb::policy::kv_aware::Tokenizer;
 use llm_lb::policy::{self, PickInput, Registry};
 use llm_lb::request::LlmRequest;
 use llm_lb::scrape::EndpointMetrics;
+use llm_lb_tokenizer::ChatTokenizer;
 
 const SIZES: [usize; 5] = [4, 16, 64, 256, 1024];
 
@@ -55,8 +58,8 @@ fn tokenizer_dir() -> Option<String> {
     dir
 }
 
-/// A system prompt and `turns` question-and-answer turns, then a last question.
-fn conversation(turns: usize) -> LlmRequest {
+/// A system prompt and `turns` question-and-answer turns, then the question `last`.
+fn conversation(turns: usize, last: &str) -> LlmRequest {
     let mut messages =
         vec![serde_json::json!({"role": "system", "content": "Be helpful. ".repeat(80)})];
     for t in 0..turns {
@@ -67,7 +70,7 @@ fn conversation(turns: usize) -> LlmRequest {
             serde_json::json!({"role": "assistant", "content": format!("answer {t} ").repeat(120)}),
         );
     }
-    messages.push(serde_json::json!({"role": "user", "content": "and now?"}));
+    messages.push(serde_json::json!({"role": "user", "content": last}));
     let body = serde_json::json!({"model": "m", "stream": true, "messages": messages});
     LlmRequest::parse(&serde_json::to_vec(&body).expect("json"))
 }
@@ -78,7 +81,7 @@ fn benches(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let request = conversation(4);
+    let request = conversation(4, "and now?");
     let tokenizer = tokenizer_dir();
     // (benchmark name, lb_policy, lb_config)
     let mut runs: Vec<(&str, &str, String)> = PolicyKind::ALL
@@ -158,25 +161,46 @@ fn benches(c: &mut Criterion) {
     tokenize(c, tokenizer.as_deref());
 }
 
-/// `kv_aware`'s tokenization alone, per conversation length in tokens.
+/// `kv_aware`'s tokenization alone, per conversation length in tokens: approximate tokens; the
+/// model's chat template and tokenizer over the whole prompt (`smollm2_whole`, a conversation's
+/// first request); and on a conversation's next turn (`smollm2`: its earlier turns were tokenized
+/// before, so only the new question is, the rest comes from the segment cache).
 fn tokenize(c: &mut Criterion, dir: Option<&str>) {
-    let mut tokenizers = vec![("approximate", Tokenizer::Approximate)];
-    if let Some(dir) = dir {
-        let t = llm_lb_tokenizer::ChatTokenizer::from_dir(std::path::Path::new(dir))
-            .expect("the model's tokenizer");
-        tokenizers.push(("smollm2", Tokenizer::Exact(Arc::new(t))));
-    }
+    let chat = dir.map(|dir| {
+        Arc::new(ChatTokenizer::from_dir(std::path::Path::new(dir)).expect("the model's tokenizer"))
+    });
     let mut group = c.benchmark_group("tokenize");
     group.measurement_time(Duration::from_secs(3));
     group.warm_up_time(Duration::from_secs(1));
     for turns in [4, 40] {
-        let request = conversation(turns);
-        for (name, tokenizer) in &tokenizers {
-            let n = tokenizer.tokens(&request).len();
-            group.bench_with_input(BenchmarkId::new(*name, n), &request, |b, request| {
-                b.iter(|| black_box(tokenizer.tokens(request).len()))
-            });
-        }
+        let request = conversation(turns, "and now?");
+        let approximate = Tokenizer::Approximate;
+        let n = approximate.tokens(&request).len();
+        group.bench_with_input(BenchmarkId::new("approximate", n), &request, |b, r| {
+            b.iter(|| black_box(approximate.tokens(r).len()))
+        });
+        let Some(chat) = &chat else { continue };
+        let exact = Tokenizer::Exact(chat.clone());
+        let n = exact.tokens(&request).len();
+        let body = request.prompt_body().expect("a chat").clone();
+        group.bench_with_input(BenchmarkId::new("smollm2_whole", n), &body, |b, body| {
+            b.iter(|| {
+                let text = chat.render_chat(body).expect("render");
+                let ids = chat.tokenizer().encode_fast(text.as_str(), false);
+                black_box(ids.expect("encode").len())
+            })
+        });
+        let asked = Cell::new(0u64);
+        group.bench_with_input(BenchmarkId::new("smollm2", n), &turns, |b, &turns| {
+            b.iter_batched(
+                || {
+                    asked.set(asked.get() + 1);
+                    conversation(turns, &format!("and now, {}?", asked.get()))
+                },
+                |r| black_box(exact.tokens(&r).len()),
+                BatchSize::SmallInput,
+            )
+        });
     }
     group.finish();
 }

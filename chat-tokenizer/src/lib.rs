@@ -25,6 +25,11 @@
 //! templates that iterate over parts, and tool-call `arguments` strings are parsed into objects.
 //! [`Engine::LlamaCpp`] adds what llama.cpp's server does differently (see its docs).
 //!
+//! A chat is sent whole again with every turn: the ids of the text between two special tokens
+//! (a message, for chat templates that wrap each message in them) are kept, bounded, and only the
+//! new messages are tokenized ([`SegmentStats`]; exact by construction, and checked now and then
+//! against tokenizing the whole prompt).
+//!
 //! Object keys reach the template in the order of `serde_json`'s `Map`: sorted, unless the
 //! final binary enables serde_json's `preserve_order` feature, in which case they keep the
 //! request's order as Python does. Only templates that print whole objects (`tools | tojson`)
@@ -39,7 +44,11 @@ use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
 mod pyjson;
+mod segments;
 mod template;
+
+use segments::SegmentCache;
+pub use segments::SegmentStats;
 
 /// Why a tokenizer could not be loaded, or a request rendered or tokenized.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +146,8 @@ pub struct ChatTokenizer {
     adds_bos: bool,
     adds_eos: bool,
     engine: Engine,
+    /// Ids of prompt segments already tokenized (a chat's earlier turns).
+    segments: SegmentCache,
 }
 
 impl fmt::Debug for ChatTokenizer {
@@ -300,8 +311,10 @@ impl ChatTokenizer {
         let adds_bos = bos_id.is_some() && empty.get_ids().first().copied() == bos_id;
         let adds_eos = eos_id.is_some() && empty.get_ids().last().copied() == eos_id;
 
+        let segments = SegmentCache::new(&tokenizer);
         let mut tok = ChatTokenizer {
             tokenizer,
+            segments,
             env,
             default_template: None,
             tool_template: None,
@@ -475,12 +488,23 @@ impl ChatTokenizer {
     /// Tokenizes `text`, parsing the special tokens it contains (`<|im_start|>` …) as the
     /// tokens they name; with `add_special_tokens`, the tokenizer's post-processor adds what the
     /// model adds to every input (a BOS, for many models).
+    ///
+    /// Without `add_special_tokens`, the text between special tokens is tokenized once and its
+    /// ids kept (a chat's earlier turns come back with every new turn; see [`SegmentStats`]).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self
-            .tokenizer
-            .encode_fast(text, add_special_tokens)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        Ok(encoding.get_ids().to_vec())
+        let ids = if add_special_tokens {
+            self.tokenizer
+                .encode_fast(text, true)
+                .map(|e| e.get_ids().to_vec())
+        } else {
+            self.segments.encode(&self.tokenizer, text)
+        };
+        ids.map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// What the cache of tokenized segments did so far.
+    pub fn segment_stats(&self) -> SegmentStats {
+        self.segments.stats()
     }
 
     /// The token ids the engine feeds its KV cache for a chat request: [`Self::render_chat`],

@@ -348,3 +348,36 @@ fn missing_files_and_bad_requests_are_errors() {
         Err(TokenizerError::InvalidRequest(_))
     ));
 }
+
+#[test]
+fn a_chat_s_earlier_turns_are_tokenized_once_with_the_same_ids() {
+    let tok = load(CHATML, false);
+    let whole = |text: &str| -> Vec<u32> {
+        let e = tok.tokenizer().encode_fast(text, false).expect("encode");
+        e.get_ids().to_vec()
+    };
+    let mut messages = vec![json!({"role": "system", "content": "hello world 1 2 3"})];
+    let mut last = SegmentStats::default();
+    for turn in 0..6 {
+        messages.push(json!({"role": "user", "content": format!("hello {turn} world")}));
+        let request = json!({"messages": messages});
+        let ids = tok.chat_tokens(&request).expect("tokens");
+        assert_eq!(ids, whole(&render(&tok, request)), "turn {turn}");
+        let stats = tok.segment_stats();
+        assert!(stats.enabled);
+        // Only the last answer and the new question are tokenized; every other segment (two a
+        // message, then the generation prompt) is found.
+        if turn > 0 {
+            assert_eq!(stats.misses - last.misses, 2, "turn {turn}: {stats:?}");
+            let segments = 2 * messages.len() as u64 + 1;
+            assert_eq!(stats.hits - last.hits, segments - 2, "turn {turn}");
+        }
+        last = stats;
+        messages.push(json!({"role": "assistant", "content": format!("world {turn}")}));
+    }
+    // Text without special tokens is one segment, with the same ids.
+    assert_eq!(
+        tok.encode("hello world 42", false).expect("encode"),
+        whole("hello world 42")
+    );
+}

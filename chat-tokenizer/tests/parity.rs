@@ -468,14 +468,17 @@ fn token_ids_match_llama_server() {
         }
         // vLLM's conventions give the same ids for this model (it adds no BOS), except that
         // vLLM does not prefill a trailing assistant message.
+        // Twice: the second time every segment comes from the segment cache.
         if *name != "trailing assistant message (prefilled)" {
-            checks += 1;
-            let hf_ids = hf.chat_tokens(request).expect("chat_tokens");
-            if hf_ids != ids {
-                failures.push(format!(
-                    "chat {name:?}: Engine::HuggingFace ids differ: {}",
-                    first_id_difference(&llama, &hf_ids, &ids)
-                ));
+            for pass in ["first", "cached"] {
+                checks += 1;
+                let hf_ids = hf.chat_tokens(request).expect("chat_tokens");
+                if hf_ids != ids {
+                    failures.push(format!(
+                        "chat {name:?} ({pass}): Engine::HuggingFace ids differ: {}",
+                        first_id_difference(&llama, &hf_ids, &ids)
+                    ));
+                }
             }
         }
         let usage = server.prompt_tokens("/v1/chat/completions", request);
@@ -486,6 +489,16 @@ fn token_ids_match_llama_server() {
                 ids.len()
             ));
         }
+    }
+
+    // The cache was used and never disagreed with tokenizing the whole prompt (which would have
+    // turned it off, hiding a difference behind the whole prompt's ids).
+    let stats = hf.segment_stats();
+    checks += 1;
+    if !stats.enabled || stats.hits == 0 {
+        failures.push(format!(
+            "the segment cache was not used throughout: {stats:?}"
+        ));
     }
 
     let completions = completion_cases();
