@@ -6,7 +6,7 @@
 # provenance stamp (bench/results/micro-stamp.json: commit, uncommitted changes, machine,
 # command) and regenerates docs/benchmarks.md.
 #
-#   ./scripts/bench-micro.sh            # about 5 minutes on 2 cores (after the build)
+#   ./scripts/bench-micro.sh            # about 7 minutes on 2 cores (after the build)
 #   MICRO_QUICK=1 ./scripts/bench-micro.sh   # criterion --quick: about a minute, rougher
 #
 # Environment knobs: MICRO_QUICK=1 (see above), MICRO_NO_REPORT=1 (do not touch the docs),
