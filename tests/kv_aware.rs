@@ -89,9 +89,9 @@ struct EventSim {
 impl EventSim {
     fn new() -> Self {
         EventSim {
-            http: std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
-            events: free_port(),
-            replay: free_port(),
+            http: std::net::SocketAddr::from(([127, 0, 0, 1], restartable_port())),
+            events: restartable_port(),
+            replay: restartable_port(),
         }
     }
 

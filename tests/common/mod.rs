@@ -56,6 +56,31 @@ pub(crate) fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A free loopback port below the kernel's ephemeral range, for a server a test stops and starts
+/// again on the same port: while it is down, no outgoing connection can be given the port as its
+/// own, which would keep the restarted server from binding it.
+pub(crate) fn restartable_port() -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const FIRST: usize = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32_768);
+    let Some(span) = ephemeral.checked_sub(FIRST).filter(|&n| n > 0) else {
+        return free_port();
+    };
+    // Test binaries run one after another; the process id spreads them over the range anyway.
+    let offset = std::process::id() as usize * 7919;
+    for _ in 0..span {
+        let candidate = FIRST + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(candidate).expect("below the ephemeral range");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port from {FIRST} to {ephemeral}")
+}
+
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()
