@@ -566,7 +566,7 @@ def placement_cell(values):
 # results is marked as such rather than left showing figures of an earlier run.
 ROUTING_SCENARIOS = {
     "routing": ["seed", "seed_fixed", "unique", "hot", "replicas"],
-    "kv": ["evict", "reset", "seed", "unique", "replicas"],
+    "kv": ["evict", "reset", "docs", "docs_reset", "seed", "unique", "replicas"],
 }
 
 

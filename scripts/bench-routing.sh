@@ -31,6 +31,13 @@
 #             2048 KV blocks (32k tokens) per server (1024 thrashes for every policy alike)
 #   reset     evict, and each simulator in turn empties its prefix cache during the run, as an
 #             engine restart does (vLLM's POST /reset_prefix_cache, running requests preempted)
+#   docs      shared documents under eviction: 80 sessions x 4 turns, each opening with one of 16
+#             documents of 2000 tokens (AIPerf --num-prefix-prompts) and going on with its own
+#             questions (~300 tokens) and answers (~150), concurrency 24, ROUTING_DOCS_KV_BLOCKS
+#             blocks per server (default 1024, 16k tokens: the documents, 32k tokens, fit once
+#             across the fleet but not on any one server, and not beside the sessions' own turns
+#             without evicting)
+#   docs_reset  docs, with the resets of reset
 #   seed, unique   as above (prefix_cache / kv_aware with events / least request)
 #   replicas  seed through three kv_aware replicas sharing Redis, against one replica
 #
@@ -44,6 +51,7 @@
 #   ROUTING_SESSIONS    sessions of the seed workload (default 60)
 #   ROUTING_SET         routing (default) or kv (see above)
 #   ROUTING_EVICT_KV_BLOCKS  KV blocks per server in the evict and reset scenarios (default 2048)
+#   ROUTING_DOCS_KV_BLOCKS   KV blocks per server in the docs and docs_reset scenarios (default 1024)
 #   ROUTING_KV_CONFIG   more lb_config keys for kv_aware, e.g. "loadWeight: 0.5, decodeTokens: 32"
 #   ROUTING_APPEND=1    keep the results of the scenarios not run now (by default every earlier
 #                       run file, raw output and stamp of the set is deleted first, so that the
@@ -89,7 +97,7 @@ case "$SET" in
         SCENARIOS="${ROUTING_SCENARIOS:-$KNOWN_SCENARIOS}"
         POLICIES="${ROUTING_POLICIES:-round_robin global_least_request prefix_cache least_busy sglang_cache_aware}" ;;
     kv)
-        KNOWN_SCENARIOS="evict reset seed unique replicas"
+        KNOWN_SCENARIOS="evict reset docs docs_reset seed unique replicas"
         SCENARIOS="${ROUTING_SCENARIOS:-$KNOWN_SCENARIOS}"
         POLICIES="${ROUTING_POLICIES:-global_least_request prefix_cache kv_aware kv_aware_events sglang_cache_aware}" ;;
     *) echo "ROUTING_SET must be routing or kv" >&2; exit 2 ;;
@@ -158,17 +166,17 @@ if [ -n "$BENCH_SGL_PY" ]; then
     SGL_VERSION=$("$BENCH_SGL_PY" -c 'from importlib.metadata import version; print(version("sglang-router"))')
 fi
 "$BENCH_PY" - "$SET" "$SCENARIOS" "$POLICIES" "$REPEATS" "$SESSIONS" "$TIME_SCALE" "$KV_BLOCKS" \
-    "${ROUTING_EVICT_KV_BLOCKS:-2048}" "${ROUTING_KV_CONFIG:-}" "$APPEND" "$AIPERF_VERSION" "$SGL_VERSION" \
+    "${ROUTING_EVICT_KV_BLOCKS:-2048}" "${ROUTING_DOCS_KV_BLOCKS:-1024}" "${ROUTING_KV_CONFIG:-}" "$APPEND" "$AIPERF_VERSION" "$SGL_VERSION" \
     "$(bench_sha16 "$LLMLB_BIN")" "$(bench_sha16 "$SIM_BIN")" "$(bench_sha16 "$MODEL_TOKENIZER")" <<'PY' |
 import json, sys
-(rset, scenarios, policies, repeats, sessions, time_scale, kv_blocks, evict_blocks, kv_config, append,
+(rset, scenarios, policies, repeats, sessions, time_scale, kv_blocks, evict_blocks, docs_blocks, kv_config, append,
  aiperf, sgl, lb, sim, tok) = sys.argv[1:]
 sha = lambda v: None if v == "null" else v
 params = {"set": rset, "scenarios": scenarios.split(), "policies": policies.split(),
           "repeats": int(repeats), "sessions": int(sessions), "time_scale": time_scale,
           "kv_blocks": int(kv_blocks), "append": append == "1"}
 if rset == "kv":
-    params.update(evict_kv_blocks=int(evict_blocks), kv_config=kv_config or None)
+    params.update(evict_kv_blocks=int(evict_blocks), docs_kv_blocks=int(docs_blocks), kv_config=kv_config or None)
 print(json.dumps({"parameters": params, "aiperf_version": aiperf, "sglang_router_version": sgl or None,
                   "binaries_sha256_16": {"llm-lb": sha(lb), "vllm-sim": sha(sim)},
                   "model_tokenizer_sha256_16": sha(tok)}))
@@ -281,6 +289,10 @@ scenario_args() {
             echo "--isl 1000 --isl-stddev 200 --osl 200 --osl-stddev 50 \
                 --conversation-num 60 --conversation-turn-mean 5 --conversation-turn-stddev 0 \
                 --conversation-turn-delay-mean 0 --concurrency 20" ;;
+        docs | docs_reset)
+            echo "--num-prefix-prompts 16 --prefix-prompt-length 2000 --isl 300 --isl-stddev 60 \
+                --osl 150 --osl-stddev 40 --conversation-num 80 --conversation-turn-mean 4 \
+                --conversation-turn-stddev 0 --conversation-turn-delay-mean 0 --concurrency 24" ;;
         seed | replicas)
             echo "--isl 200 --isl-stddev 40 --osl 800 --osl-stddev 200 \
                 --conversation-num $SESSIONS --conversation-turn-mean 5 --conversation-turn-stddev 0 \
@@ -305,7 +317,7 @@ scenario_args() {
 scenario_runs() {
     local p
     case "$SET:$1" in
-        kv:evict | kv:reset)
+        kv:evict | kv:reset | kv:docs | kv:docs_reset)
             for p in $POLICIES; do
                 case "$p" in
                     kv_aware_events) echo "$p kv_aware 1 embedded" ;;
@@ -340,11 +352,14 @@ run_one() {
     mkdir -p "$RUN_DIR"
     step "[$scenario] $label (round $round of $REPEATS)"
     local blocks=$KV_BLOCKS
-    case "$scenario" in evict | reset) blocks=${ROUTING_EVICT_KV_BLOCKS:-2048} ;; esac
+    case "$scenario" in
+        evict | reset) blocks=${ROUTING_EVICT_KV_BLOCKS:-2048} ;;
+        docs | docs_reset) blocks=${ROUTING_DOCS_KV_BLOCKS:-1024} ;;
+    esac
     start_sims "$blocks"
     start_routers "$policy" "$replicas" "$store" "$label"
     local resetter=""
-    if [ "$scenario" = reset ]; then
+    if [ "$scenario" = reset ] || [ "$scenario" = docs_reset ]; then
         # Each simulator in turn drops its prefix cache, 10, 20 and 30 s into the run.
         (
             for i in 1 2 3; do
@@ -396,7 +411,9 @@ step "all runs done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s"
 echo "{\"elapsed_s\": $ELAPSED}" | bench_stamp_finish "$RESULTS/stamp.json" "$COMMAND" "$WORK/stamp-end.json"
 
 KV_BLOCKS_NOTE="$KV_BLOCKS"
-if [ "$SET" = kv ]; then KV_BLOCKS_NOTE="$KV_BLOCKS (evict and reset: ${ROUTING_EVICT_KV_BLOCKS:-2048})"; fi
+if [ "$SET" = kv ]; then
+    KV_BLOCKS_NOTE="$KV_BLOCKS (evict and reset: ${ROUTING_EVICT_KV_BLOCKS:-2048}, docs and docs_reset: ${ROUTING_DOCS_KV_BLOCKS:-1024})"
+fi
 "$BENCH_PY" "$ROOT/scripts/bench-report.py" summarize-routing --dir "$RESULTS" --set "$SET" \
     --stamp "$RESULTS/stamp.json" --elapsed "$ELAPSED" --time-scale "$TIME_SCALE" --kv-blocks "$KV_BLOCKS_NOTE" --repeats "$REPEATS"
 if [ "${ROUTING_NO_REPORT:-0}" != 1 ]; then

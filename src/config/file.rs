@@ -299,6 +299,9 @@ pub struct LbConfigFile {
     pub loadWeight: Option<f64>,
     /// `kv_aware`: load a request adds for its decoding, in tokens (default 128).
     pub decodeTokens: Option<u64>,
+    /// `kv_aware`: what an engine with KV events evicted, but llm-lb routed there, counts as
+    /// cached by this fraction (default 0.5).
+    pub routedWeight: Option<f64>,
     /// `kv_aware`: relative cost difference treated as a tie (default 0.05).
     pub tieTolerance: Option<f64>,
     /// `kv_aware`: lifetime of predicted index entries (ms, default 2000).

@@ -26,6 +26,11 @@ pub struct KvAwareSettings {
     /// weighed too lightly, the requests (and so the conversations) an engine serves drift
     /// apart from the others', and the busiest engine evicts more (see docs/benchmarks.md).
     pub decode_tokens: u64,
+    /// What llm-lb routed to an endpoint whose KV events it follows counts as cached there, per
+    /// mille of a block, once the engine evicted it (`routedWeight`, default 0.5): content stays
+    /// where it was placed when no engine holds it any more, instead of going wherever load
+    /// says and being cached everywhere in turn.
+    pub routed_per_mille: u64,
     /// Costs within this per mille of the least are near-ties, chosen among at random
     /// (`tieTolerance`, default 0.05).
     pub tie_per_mille: u64,
@@ -39,7 +44,8 @@ pub struct KvAwareSettings {
     /// When a session's endpoint is too busy to keep it (`loadGuardAbsolute`, in requests like
     /// the one placed, and `loadGuardRelative`), as in `prefix_cache`.
     pub session_guard: LoadGuard,
-    /// The most block entries the pool's index keeps (`kvIndexBlocks`, default 262144).
+    /// The most block entries the pool's index keeps, and its routed history as many
+    /// (`kvIndexBlocks`, default 262144).
     pub index_blocks: usize,
     /// The event topic subscribed to (`kvEventsTopic`, default all).
     pub events_topic: String,
@@ -53,6 +59,7 @@ impl Default for KvAwareSettings {
             prefill_per_mille: 1000,
             load_per_mille: 1000,
             decode_tokens: 128,
+            routed_per_mille: 500,
             tie_per_mille: 50,
             predicted_ttl: Duration::from_millis(2000),
             guess_ttl: PrefixSettings::default().ttl,
@@ -120,6 +127,17 @@ impl KvAwareSettings {
             ),
             load_per_mille: per_mille("loadWeight", c.loadWeight, d.load_per_mille, &mut bad),
             decode_tokens: c.decodeTokens.unwrap_or(d.decode_tokens),
+            routed_per_mille: match c.routedWeight {
+                None => d.routed_per_mille,
+                Some(w) if w.is_finite() && (0.0..=1.0).contains(&w) => (w * 1000.0).round() as u64,
+                Some(_) => {
+                    bad.push(InvalidKey::new(
+                        "routedWeight",
+                        "must be a fraction from 0 to 1",
+                    ));
+                    d.routed_per_mille
+                }
+            },
             tie_per_mille: match c.tieTolerance {
                 None => d.tie_per_mille,
                 Some(t) if t.is_finite() && (0.0..=1.0).contains(&t) => (t * 1000.0).round() as u64,

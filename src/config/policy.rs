@@ -360,7 +360,7 @@ fn both<A, B>(
 }
 
 /// Every `lb_config` key as `(name, present in c, who reads it)`.
-pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 52] {
+pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 53] {
     use KeyUse::{Nobody, Policies, Redis, Store};
     const KV: KeyUse = Policies(&[PolicyKind::KvAware]);
     // The lifetime and load guard of prefix, session and response keys.
@@ -408,6 +408,7 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 52] {
         prefillWeight,
         loadWeight,
         decodeTokens,
+        routedWeight,
         tieTolerance,
         predictedTtlMs,
         kvIndexBlocks,
@@ -478,6 +479,7 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 52] {
         ("prefillWeight", prefillWeight.is_some(), KV),
         ("loadWeight", loadWeight.is_some(), KV),
         ("decodeTokens", decodeTokens.is_some(), KV),
+        ("routedWeight", routedWeight.is_some(), KV),
         ("tieTolerance", tieTolerance.is_some(), KV),
         ("predictedTtlMs", predictedTtlMs.is_some(), KV),
         ("kvIndexBlocks", kvIndexBlocks.is_some(), KV),

@@ -80,6 +80,11 @@ pub struct KvIndex {
     inner: Mutex<Inner>,
     evicted: AtomicU64,
     unknown_parent: AtomicU64,
+    /// Whether this index sets the pool's `llmlb_kv_index_blocks` (not the routed history).
+    gauge: bool,
+    /// What llm-lb routed to endpoints whose events it follows, kept after the engines evicted
+    /// it (see [`KvIndex::remember_routed`]); `None` in the history itself.
+    routed: Option<Box<KvIndex>>,
 }
 
 impl std::fmt::Debug for KvIndex {
@@ -152,6 +157,20 @@ impl KvIndex {
     pub fn new(pool: &str, capacity: usize) -> Self {
         telemetry::set_kv_index_blocks(pool, 0);
         KvIndex {
+            gauge: true,
+            routed: Some(Box::new(KvIndex {
+                gauge: false,
+                routed: None,
+                ..KvIndex::empty(pool, capacity)
+            })),
+            ..KvIndex::empty(pool, capacity)
+        }
+    }
+
+    fn empty(pool: &str, capacity: usize) -> Self {
+        KvIndex {
+            gauge: false,
+            routed: None,
             pool: pool.to_string(),
             capacity: capacity.max(1),
             feeds: Feeds::default(),
@@ -166,6 +185,31 @@ impl KvIndex {
             }),
             evicted: AtomicU64::new(0),
             unknown_parent: AtomicU64::new(0),
+        }
+    }
+
+    fn report(&self, entries: usize) {
+        if self.gauge {
+            telemetry::set_kv_index_blocks(&self.pool, entries);
+        }
+    }
+
+    /// Record that llm-lb routed the blocks `keys` to `endpoint`, whose engine's events it
+    /// follows, in the routed history: kept for `ttl` from their last routing whatever the
+    /// engine evicts since, within the same bound as the index. It tells where content was
+    /// placed when no engine holds it any more ([`KvIndex::matched_routed`]).
+    pub fn remember_routed(&self, endpoint: &str, keys: &[BlockKey], ttl: Duration) {
+        if let Some(routed) = &self.routed {
+            routed.predict(endpoint, keys, ttl);
+        }
+    }
+
+    /// How many leading blocks of the chain `keys` llm-lb routed to each of `endpoints` in the
+    /// routed history ([`KvIndex::remember_routed`]).
+    pub fn matched_routed(&self, keys: &[BlockKey], endpoints: &[&str]) -> Vec<usize> {
+        match &self.routed {
+            Some(routed) => routed.matched(keys, endpoints),
+            None => vec![0; endpoints.len()],
         }
     }
 
@@ -254,7 +298,7 @@ impl KvIndex {
         self.evicted.fetch_add(evicted, Ordering::Relaxed);
         self.unknown_parent
             .fetch_add(done.unknown_parent as u64, Ordering::Relaxed);
-        telemetry::set_kv_index_blocks(&self.pool, entries);
+        self.report(entries);
         done
     }
 
@@ -284,7 +328,7 @@ impl KvIndex {
             (inner.entries, evicted)
         };
         self.evicted.fetch_add(evicted, Ordering::Relaxed);
-        telemetry::set_kv_index_blocks(&self.pool, entries);
+        self.report(entries);
     }
 
     /// How many leading blocks of the chain `keys` each of `endpoints` (labels) holds, confirmed
@@ -349,11 +393,15 @@ impl KvIndex {
             }
             inner.entries
         };
-        telemetry::set_kv_index_blocks(&self.pool, entries);
+        self.report(entries);
     }
 
-    /// Forget `endpoint` altogether (it left the pool): its blocks, predictions and slot.
+    /// Forget `endpoint` altogether (it left the pool): its blocks, predictions, routed
+    /// history and slot.
     pub fn forget_endpoint(&self, endpoint: &str) {
+        if let Some(routed) = &self.routed {
+            routed.forget_endpoint(endpoint);
+        }
         let entries = {
             let mut inner = self.inner.lock();
             if let Some(slot) = inner.labels.remove(endpoint) {
@@ -369,7 +417,7 @@ impl KvIndex {
             }
             inner.entries
         };
-        telemetry::set_kv_index_blocks(&self.pool, entries);
+        self.report(entries);
     }
 }
 
@@ -1008,5 +1056,38 @@ mod tests {
         let mut out = Vec::new();
         index.matched_slots(&chain_keys(&t, BS), &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn the_routed_history_outlives_evictions_within_its_bound() {
+        let index = KvIndex::new("p", 4);
+        let t = tokens(4 * BS, 12);
+        let keys = chain_keys(&t, BS);
+        index.remember_routed("a", &keys, Duration::from_secs(60));
+        index.apply("a", &[stored(1, None, &t)]);
+        assert_eq!(index.matched(&keys, &["a"]), vec![4]);
+        // The engine evicts and then clears: the index forgets, the history does not.
+        index.apply(
+            "a",
+            &[KvEvent::BlockRemoved(BlockRemoved {
+                block_hashes: vec![EngineHash::from(1u64)],
+                ..BlockRemoved::default()
+            })],
+        );
+        index.clear_endpoint("a");
+        assert_eq!(index.matched(&keys, &["a"]), vec![0]);
+        assert_eq!(index.matched_routed(&keys, &["a", "b"]), vec![4, 0]);
+        // Bounded like the index, and not counted in the index's own blocks.
+        let routed = index.routed.as_deref().expect("history");
+        for salt in 13..20 {
+            let other = chain_keys(&tokens(8 * BS, salt), BS);
+            index.remember_routed("b", &other, Duration::from_secs(60));
+            assert!(routed.blocks() <= 4);
+        }
+        assert_eq!(index.blocks(), 0);
+        // Forgotten with the endpoint.
+        assert_eq!(index.matched_routed(&keys, &["a"]), vec![4]);
+        index.forget_endpoint("a");
+        assert_eq!(index.matched_routed(&keys, &["a"]), vec![0]);
     }
 }

@@ -6,10 +6,13 @@
 //!   `blockSize` tokens are keyed by [`crate::kv_blocks`].
 //! - **What each engine holds.** The pool's [`KvIndex`] knows, per endpoint, the blocks its
 //!   engine reported in its KV-cache events (stored, removed, cleared) plus what llm-lb routed to
-//!   it in the last `predictedTtlMs` (predicted, until the engine confirms). For an endpoint
-//!   without events, what llm-lb routed there is all it knows: those entries last `redisKeyTTL`
-//!   from their last use (as `prefix_cache`'s), within the index's bound. The cached prefix of a
-//!   candidate is its number of leading blocks held.
+//!   it in the last `predictedTtlMs` (predicted, until the engine confirms). What llm-lb routed
+//!   there and the engine evicted since counts `routedWeight` of a block (the index's routed
+//!   history, kept `redisKeyTTL` from the last routing), so that content nobody holds any more
+//!   goes back where it was placed. For an endpoint without events, what llm-lb routed there is
+//!   all it knows: those entries last `redisKeyTTL` from their last use (as `prefix_cache`'s),
+//!   within the index's bound. The cached prefix of a candidate is its number of leading blocks
+//!   held (routed-and-evicted blocks by their weight).
 //! - **One cost.** For candidate *e*: `prefillWeight × uncached(e) + loadWeight × load(e)`,
 //!   where `uncached(e)` is the prompt tokens not in *e*'s cache and `load(e)` the tokens in flight
 //!   on *e* over every gateway replica (each request counts its uncached prompt tokens until the
@@ -139,10 +142,18 @@ impl Policy for KvAware {
         let labels = input.candidate_labels()?;
         let (prompt, keys) = self.keys(&input);
         let matched = self.index.matched(&keys, &labels);
+        let routed = self.index.matched_routed(&keys, &labels);
         let bs = self.settings.block_size as u64;
+        // Blocks held count whole; blocks llm-lb routed there and the engine evicted since
+        // count `routedWeight` of a block.
         let uncached: Vec<u64> = matched
             .iter()
-            .map(|m| prompt.saturating_sub(*m as u64 * bs))
+            .zip(&routed)
+            .map(|(m, r)| {
+                let evicted = r.saturating_sub(*m) as u64;
+                let cached = *m as u64 * bs + evicted * bs * self.settings.routed_per_mille / 1000;
+                prompt.saturating_sub(cached)
+            })
             .collect();
         let base: Vec<u64> = uncached
             .iter()
@@ -179,8 +190,12 @@ impl Policy for KvAware {
                     keys.len(),
                     labels[i],
                 );
-                telemetry::observe_kv_pick(pool, prompt - uncached[i], cost);
+                telemetry::observe_kv_pick(pool, (matched[i] as u64 * bs).min(prompt), cost);
                 let ttl = if self.index.feeds().follows(labels[i]) {
+                    if self.settings.routed_per_mille > 0 {
+                        self.index
+                            .remember_routed(labels[i], &keys, self.settings.guess_ttl);
+                    }
                     self.settings.predicted_ttl
                 } else {
                     self.settings.guess_ttl

@@ -169,3 +169,62 @@ async fn without_the_store_it_falls_back_to_local_least_request() {
     assert_eq!(chosen.reason, "local_least_request");
     assert!(chosen.lease.is_none());
 }
+
+#[tokio::test]
+async fn content_an_engine_evicted_stays_where_it_was_placed() {
+    // Events are followed for every endpoint (streams that never answer: nothing is held), and
+    // predictions end at once: only the routed history remembers where a prompt went.
+    let settings = KvAwareSettings {
+        predicted_ttl: Duration::ZERO,
+        tie_per_mille: 0,
+        ..KvAwareSettings::default()
+    };
+    let (p, index) = policy(settings.clone());
+    let _feeds: Vec<_> = (0..3)
+        .map(|i| {
+            let options = crate::kv_events::SubscriberOptions::default();
+            index
+                .feeds()
+                .follow(&index, &label(i), "tcp://127.0.0.1:9", options)
+                .expect("feed")
+        })
+        .collect();
+    let (request, tokens) = tokens_prompt(2048, 3);
+    let placed = pick(&p, &request, &[EndpointId::new(1)]).await;
+    placed.lease.expect("lease").release(Outcome::Completed);
+    released(&p).await;
+    // No engine holds the prompt; it goes back where it was placed, at equal load.
+    for _ in 0..3 {
+        let again = pick(&p, &request, &ids(3)).await;
+        assert_eq!(
+            (again.endpoint, again.reason),
+            (EndpointId::new(1), "kv_miss")
+        );
+        again.lease.expect("lease").release(Outcome::Completed);
+        released(&p).await;
+    }
+    // What an engine reports holding outweighs what was routed elsewhere.
+    index.apply(&label(2), &[stored(&tokens, 500)]);
+    let held = pick(&p, &request, &ids(3)).await;
+    assert_eq!((held.endpoint, held.reason), (EndpointId::new(2), "kv_hit"));
+    held.lease.expect("lease").release(Outcome::Completed);
+    released(&p).await;
+    // With `routedWeight` 0 the history is not kept.
+    let (p, index) = policy(KvAwareSettings {
+        routed_per_mille: 0,
+        ..settings
+    });
+    let _feed = index.feeds().follow(
+        &index,
+        &label(1),
+        "tcp://127.0.0.1:9",
+        crate::kv_events::SubscriberOptions::default(),
+    );
+    let placed = pick(&p, &request, &[EndpointId::new(1)]).await;
+    placed.lease.expect("lease").release(Outcome::Completed);
+    released(&p).await;
+    assert_eq!(
+        index.matched_routed(&chain_keys(&tokens, 16), &[&label(1)]),
+        vec![0]
+    );
+}
