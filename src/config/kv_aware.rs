@@ -87,6 +87,18 @@ fn per_mille(
     }
 }
 
+/// A fraction in `0..=1` as per mille.
+fn fraction(key: &'static str, value: Option<f64>, default: u64, bad: &mut Vec<InvalidKey>) -> u64 {
+    match value {
+        None => default,
+        Some(v) if v.is_finite() && (0.0..=1.0).contains(&v) => (v * 1000.0).round() as u64,
+        Some(_) => {
+            bad.push(InvalidKey::new(key, "must be a fraction from 0 to 1"));
+            default
+        }
+    }
+}
+
 impl KvAwareSettings {
     /// Read and check the keys; every problem is reported.
     pub fn from_lb_config(c: &LbConfigFile) -> Result<Self, Vec<InvalidKey>> {
@@ -127,28 +139,13 @@ impl KvAwareSettings {
             ),
             load_per_mille: per_mille("loadWeight", c.loadWeight, d.load_per_mille, &mut bad),
             decode_tokens: c.decodeTokens.unwrap_or(d.decode_tokens),
-            routed_per_mille: match c.routedWeight {
-                None => d.routed_per_mille,
-                Some(w) if w.is_finite() && (0.0..=1.0).contains(&w) => (w * 1000.0).round() as u64,
-                Some(_) => {
-                    bad.push(InvalidKey::new(
-                        "routedWeight",
-                        "must be a fraction from 0 to 1",
-                    ));
-                    d.routed_per_mille
-                }
-            },
-            tie_per_mille: match c.tieTolerance {
-                None => d.tie_per_mille,
-                Some(t) if t.is_finite() && (0.0..=1.0).contains(&t) => (t * 1000.0).round() as u64,
-                Some(_) => {
-                    bad.push(InvalidKey::new(
-                        "tieTolerance",
-                        "must be a fraction from 0 to 1",
-                    ));
-                    d.tie_per_mille
-                }
-            },
+            routed_per_mille: fraction(
+                "routedWeight",
+                c.routedWeight,
+                d.routed_per_mille,
+                &mut bad,
+            ),
+            tie_per_mille: fraction("tieTolerance", c.tieTolerance, d.tie_per_mille, &mut bad),
             predicted_ttl: match c.predictedTtlMs {
                 None => d.predicted_ttl,
                 Some(ms) if ms <= 600_000 => Duration::from_millis(ms),
