@@ -166,9 +166,11 @@ async fn status_page_shows_health_ejection_and_reloads_live() {
     let proxy = Proxy::start(&policy);
     let client = reqwest::Client::new();
     // Conversations 0-3, each asked again: the engines' prefix caches serve the repeats.
-    let chat = async |i: usize| {
+    // Conversation `c`: a new one is placed by least request (ties at random), a known one goes
+    // back where it went.
+    let chat = async |c: usize| {
         let body = json!({"model": "m", "max_tokens": 4,
-            "messages": [{"role": "user", "content": format!("conversation {}: tell me something", i % 4)}]});
+            "messages": [{"role": "user", "content": format!("conversation {c}: tell me something")}]});
         let resp = client
             .post(proxy.url("/v1/chat/completions"))
             .json(&body)
@@ -178,7 +180,7 @@ async fn status_page_shows_health_ejection_and_reloads_live() {
         resp.status().as_u16()
     };
     for i in 0..8 {
-        assert_eq!(chat(i).await, 200, "chat {i}");
+        assert_eq!(chat(i % 4).await, 200, "chat {i}");
     }
     let body = json!({"model": "b", "max_tokens": 4, "prompt": "a batch job"});
     let resp = client
@@ -256,10 +258,11 @@ async fn status_page_shows_health_ejection_and_reloads_live() {
     browser.eval("window.sameLoad = true; return null;").await;
 
     // A fault: the third engine answers every completion with 503 (relayed to the client: the
-    // engine may have started); after two failures in a row it is ejected.
+    // engine may have started); after two failures in a row it is ejected. New conversations,
+    // so that some are placed there (the four above may all sit on the other two).
     sims[2].faults().set_fail(1.0, 503).expect("fault");
     let victim = addrs[2].to_string();
-    for i in 6..60 {
+    for i in 100..160 {
         let _ = chat(i).await;
         let s = status(&proxy).await;
         if s["pools"][0]["endpoints"][2]["state"] == "ejected" {
