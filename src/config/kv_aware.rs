@@ -70,30 +70,22 @@ impl Default for KvAwareSettings {
     }
 }
 
-/// A weight in `0..=1000` as per mille.
+/// A number in `0..=max` as per mille (`max` 1: a fraction, 1000: a weight).
 fn per_mille(
     key: &'static str,
     value: Option<f64>,
     default: u64,
+    max: f64,
     bad: &mut Vec<InvalidKey>,
 ) -> u64 {
     match value {
         None => default,
-        Some(v) if v.is_finite() && (0.0..=1000.0).contains(&v) => (v * 1000.0).round() as u64,
+        Some(v) if v.is_finite() && (0.0..=max).contains(&v) => (v * 1000.0).round() as u64,
         Some(_) => {
-            bad.push(InvalidKey::new(key, "must be a number from 0 to 1000"));
-            default
-        }
-    }
-}
-
-/// A fraction in `0..=1` as per mille.
-fn fraction(key: &'static str, value: Option<f64>, default: u64, bad: &mut Vec<InvalidKey>) -> u64 {
-    match value {
-        None => default,
-        Some(v) if v.is_finite() && (0.0..=1.0).contains(&v) => (v * 1000.0).round() as u64,
-        Some(_) => {
-            bad.push(InvalidKey::new(key, "must be a fraction from 0 to 1"));
+            bad.push(InvalidKey::new(
+                key,
+                format!("must be a number from 0 to {max}"),
+            ));
             default
         }
     }
@@ -135,17 +127,31 @@ impl KvAwareSettings {
                 "prefillWeight",
                 c.prefillWeight,
                 d.prefill_per_mille,
+                1000.0,
                 &mut bad,
             ),
-            load_per_mille: per_mille("loadWeight", c.loadWeight, d.load_per_mille, &mut bad),
+            load_per_mille: per_mille(
+                "loadWeight",
+                c.loadWeight,
+                d.load_per_mille,
+                1000.0,
+                &mut bad,
+            ),
             decode_tokens: c.decodeTokens.unwrap_or(d.decode_tokens),
-            routed_per_mille: fraction(
+            routed_per_mille: per_mille(
                 "routedWeight",
                 c.routedWeight,
                 d.routed_per_mille,
+                1.0,
                 &mut bad,
             ),
-            tie_per_mille: fraction("tieTolerance", c.tieTolerance, d.tie_per_mille, &mut bad),
+            tie_per_mille: per_mille(
+                "tieTolerance",
+                c.tieTolerance,
+                d.tie_per_mille,
+                1.0,
+                &mut bad,
+            ),
             predicted_ttl: match c.predictedTtlMs {
                 None => d.predicted_ttl,
                 Some(ms) if ms <= 600_000 => Duration::from_millis(ms),
