@@ -38,12 +38,12 @@ fn kv_aware_needs_no_other_key_and_names_bad_ones() {
     let (ok, text) = check("", "[\"127.0.0.1:8001\", \"127.0.0.1:8002\"]");
     assert!(ok, "{text}");
     let (ok, text) = check(
-        "    lb_config: {blockSize: 32, prefillWeight: 1.5, loadWeight: 0.5, decodeTokens: 64, tieTolerance: 0.1, predictedTtlMs: 500, routedWeight: 0.25, kvIndexBlocks: 1000, kvEventsTopic: kv}\n",
+        "    lb_config: {blockSize: 32, prefillWeight: 1.5, loadWeight: 0.5, decodeTokens: 64, tieTolerance: 0.1, predictedTtlMs: 500, routedWeight: 0.25, evictionWeight: 2, kvIndexBlocks: 1000, kvEventsTopic: kv}\n",
         "[{address: \"127.0.0.1:8001\", kv_events: \"tcp://127.0.0.1:5557\"}]",
     );
     assert!(ok, "{text}");
     let (ok, text) = check(
-        "    lb_config: {blockSize: 0, tieTolerance: 2, routedWeight: 1.5, tokenizer: /nonexistent}\n",
+        "    lb_config: {blockSize: 0, tieTolerance: 2, routedWeight: 1.5, evictionWeight: -1, tokenizer: /nonexistent}\n",
         "[{address: \"127.0.0.1:8001\", kv_events: \"http://127.0.0.1:5557\"}]",
     );
     assert!(!ok, "{text}");
@@ -51,6 +51,7 @@ fn kv_aware_needs_no_other_key_and_names_bad_ones() {
         "blockSize",
         "tieTolerance",
         "routedWeight",
+        "evictionWeight",
         "tokenizer",
         "kv_events",
         "tcp://host:port",

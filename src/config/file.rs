@@ -302,6 +302,9 @@ pub struct LbConfigFile {
     /// `kv_aware`: what an engine with KV events evicted, but llm-lb routed there, counts as
     /// cached by this fraction (default 0.5).
     pub routedWeight: Option<f64>,
+    /// `kv_aware`: extra cost of an uncached prompt token on an engine whose KV cache is full
+    /// (default 1.0).
+    pub evictionWeight: Option<f64>,
     /// `kv_aware`: relative cost difference treated as a tie (default 0.05).
     pub tieTolerance: Option<f64>,
     /// `kv_aware`: lifetime of predicted index entries (ms, default 2000).

@@ -31,6 +31,12 @@ pub struct KvAwareSettings {
     /// where it was placed when no engine holds it any more, instead of going wherever load
     /// says and being cached everywhere in turn.
     pub routed_per_mille: u64,
+    /// On an endpoint whose KV events say its cache is full, each uncached prompt token also
+    /// evicts a cached one, which may be needed again: it costs this much more, per mille, in
+    /// proportion to how full the cache is (`evictionWeight`, default 1.0). Moving content off
+    /// its holder onto a full engine then needs a bigger difference in load, and new content
+    /// goes preferably to an engine with room (one that just emptied its cache).
+    pub eviction_per_mille: u64,
     /// Costs within this per mille of the least are near-ties, chosen among at random
     /// (`tieTolerance`, default 0.05).
     pub tie_per_mille: u64,
@@ -60,6 +66,7 @@ impl Default for KvAwareSettings {
             load_per_mille: 1000,
             decode_tokens: 128,
             routed_per_mille: 500,
+            eviction_per_mille: 1000,
             tie_per_mille: 50,
             predicted_ttl: Duration::from_millis(2000),
             guess_ttl: PrefixSettings::default().ttl,
@@ -143,6 +150,13 @@ impl KvAwareSettings {
                 c.routedWeight,
                 d.routed_per_mille,
                 1.0,
+                &mut bad,
+            ),
+            eviction_per_mille: per_mille(
+                "evictionWeight",
+                c.evictionWeight,
+                d.eviction_per_mille,
+                1000.0,
                 &mut bad,
             ),
             tie_per_mille: per_mille(

@@ -360,7 +360,7 @@ fn both<A, B>(
 }
 
 /// Every `lb_config` key as `(name, present in c, who reads it)`.
-pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 53] {
+pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 54] {
     use KeyUse::{Nobody, Policies, Redis, Store};
     const KV: KeyUse = Policies(&[PolicyKind::KvAware]);
     // The lifetime and load guard of prefix, session and response keys.
@@ -409,6 +409,7 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 53] {
         loadWeight,
         decodeTokens,
         routedWeight,
+        evictionWeight,
         tieTolerance,
         predictedTtlMs,
         kvIndexBlocks,
@@ -480,6 +481,7 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 53] {
         ("loadWeight", loadWeight.is_some(), KV),
         ("decodeTokens", decodeTokens.is_some(), KV),
         ("routedWeight", routedWeight.is_some(), KV),
+        ("evictionWeight", evictionWeight.is_some(), KV),
         ("tieTolerance", tieTolerance.is_some(), KV),
         ("predictedTtlMs", predictedTtlMs.is_some(), KV),
         ("kvIndexBlocks", kvIndexBlocks.is_some(), KV),

@@ -126,6 +126,9 @@ struct Endpoint {
     by_engine: HashMap<EngineHash, BlockKey>,
     /// Predictions (key, deadline) in the order they were made.
     predictions: VecDeque<(BlockKey, Instant)>,
+    /// The most blocks the engine held when it evicted some: its cache's size, as far as the
+    /// events tell (0 until it first evicts). Kept through clears.
+    full_at: usize,
 }
 
 impl Endpoint {
@@ -134,6 +137,15 @@ impl Endpoint {
             label: label.to_string(),
             by_engine: HashMap::new(),
             predictions: VecDeque::new(),
+            full_at: 0,
+        }
+    }
+
+    /// How full the engine's cache is, per mille of [`Endpoint::full_at`] (0 before it evicts).
+    fn fullness(&self) -> u64 {
+        match self.full_at {
+            0 => 0,
+            full => (self.by_engine.len().min(full) * 1000 / full) as u64,
         }
     }
 }
@@ -384,6 +396,25 @@ impl KvIndex {
         }));
     }
 
+    /// How full each of `endpoints` (labels) reports its KV cache, per mille: the blocks it holds
+    /// over the most it held when it evicted some. 0 for an endpoint that never evicted (its cache
+    /// has room, or llm-lb does not follow its events) or that the index does not know; an
+    /// engine that emptied its cache (`AllBlocksCleared`) fills up from 0 again.
+    pub fn fullness(&self, endpoints: &[&str]) -> Vec<u64> {
+        let inner = self.inner.lock();
+        endpoints
+            .iter()
+            .map(|label| {
+                inner
+                    .labels
+                    .get(*label)
+                    .and_then(|&slot| inner.endpoints.get(slot as usize))
+                    .and_then(Option::as_ref)
+                    .map_or(0, Endpoint::fullness)
+            })
+            .collect()
+    }
+
     /// Forget every block and prediction of `endpoint` (it keeps its slot).
     pub fn clear_endpoint(&self, endpoint: &str) {
         let entries = {
@@ -576,6 +607,10 @@ impl Inner {
         if !(gpu && first_group) {
             done.ignored += 1;
             return;
+        }
+        if let Some(ep) = self.endpoint(slot) {
+            // An engine evicts only when its cache is full (an emptied one says AllBlocksCleared).
+            ep.full_at = ep.full_at.max(ep.by_engine.len());
         }
         for hash in &e.block_hashes {
             let key = self.endpoint(slot).and_then(|ep| ep.by_engine.remove(hash));
@@ -833,6 +868,30 @@ mod tests {
         // The parent is per endpoint: b never stored block 2.
         let done = index.apply("b", &[stored(3, Some(2), &t[2 * BS..4 * BS])]);
         assert_eq!(done.unknown_parent, 1);
+    }
+
+    #[test]
+    fn an_engine_is_full_once_it_evicts_and_empty_after_a_clear() {
+        let index = KvIndex::new("p", DEFAULT_CAPACITY);
+        let t = tokens(4 * BS, 3);
+        index.apply("a", &[stored(1, None, &t)]);
+        // Four blocks held, none evicted yet: the cache may have room.
+        assert_eq!(index.fullness(&["a", "b"]), vec![0, 0]);
+        // Evicting one block to store another says the cache holds four.
+        let u = tokens(BS, 4);
+        index.apply("a", &[removed(&[4]), stored(9, None, &u)]);
+        assert_eq!(index.fullness(&["a"]), vec![1000]);
+        index.apply("a", &[removed(&[3])]);
+        assert_eq!(index.fullness(&["a"]), vec![750]);
+        // An emptied cache fills up from nothing, against the size it had.
+        index.apply("a", &[KvEvent::AllBlocksCleared]);
+        assert_eq!(index.fullness(&["a"]), vec![0]);
+        index.apply("a", &[stored(1, None, &t[..2 * BS])]);
+        assert_eq!(index.fullness(&["a"]), vec![500]);
+        // A forgotten endpoint starts over.
+        index.forget_endpoint("a");
+        index.apply("a", &[stored(1, None, &t)]);
+        assert_eq!(index.fullness(&["a"]), vec![0]);
     }
 
     #[test]

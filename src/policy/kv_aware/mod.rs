@@ -13,8 +13,11 @@
 //!   all it knows: those entries last `redisKeyTTL` from their last use (as `prefix_cache`'s),
 //!   within the index's bound. The cached prefix of a candidate is its number of leading blocks
 //!   held (routed-and-evicted blocks by their weight).
-//! - **One cost.** For candidate *e*: `prefillWeight × uncached(e) + loadWeight × load(e)`,
-//!   where `uncached(e)` is the prompt tokens not in *e*'s cache and `load(e)` the tokens in flight
+//! - **One cost.** For candidate *e*:
+//!   `(prefillWeight + evictionWeight × full(e)) × uncached(e) + loadWeight × load(e)`,
+//!   where `uncached(e)` is the prompt tokens not in *e*'s cache, `full(e)` how full *e*'s cache
+//!   is by its KV events (0 to 1, [`KvIndex::fullness`]: on a full cache each uncached token
+//!   evicts a cached one, which may be needed again), and `load(e)` the tokens in flight
 //!   on *e* over every gateway replica (each request counts its uncached prompt tokens until the
 //!   first byte of its answer, and `decodeTokens`, or its `max_tokens` when smaller, until its
 //!   end), kept in the store. The store picks the least cost and counts the request in
@@ -155,9 +158,16 @@ impl Policy for KvAware {
                 prompt.saturating_sub(cached)
             })
             .collect();
+        // An uncached token costs its prefill, and on a full cache the token it evicts.
+        let fullness = self.index.fullness(&labels);
         let base: Vec<u64> = uncached
             .iter()
-            .map(|u| u.saturating_mul(self.settings.prefill_per_mille) / 1000)
+            .zip(&fullness)
+            .map(|(u, f)| {
+                let per_million =
+                    self.settings.prefill_per_mille * 1000 + self.settings.eviction_per_mille * f;
+                u.saturating_mul(per_million) / 1_000_000
+            })
             .collect();
         let decode = decode_tokens(input.request, self.settings.decode_tokens);
         let weights: Vec<u64> = uncached
@@ -186,7 +196,7 @@ impl Policy for KvAware {
                 let cost = base[i]
                     + (load.saturating_sub(weights[i])) * self.settings.load_per_mille / 1000;
                 log::debug!(
-                    "pool {pool}: kv_aware prompt={prompt} tokens, {} blocks; candidates {labels:?} matched blocks {matched:?} uncached {uncached:?}; chose {} (cost {cost}, load after {load})",
+                    "pool {pool}: kv_aware prompt={prompt} tokens, {} blocks; candidates {labels:?} matched blocks {matched:?} uncached {uncached:?} fullness {fullness:?}; chose {} (cost {cost}, load after {load})",
                     keys.len(),
                     labels[i],
                 );

@@ -228,3 +228,64 @@ async fn content_an_engine_evicted_stays_where_it_was_placed() {
         vec![0]
     );
 }
+
+#[tokio::test]
+async fn uncached_tokens_cost_more_on_a_full_cache() {
+    let settings = KvAwareSettings {
+        tie_per_mille: 0,
+        ..KvAwareSettings::default()
+    };
+    let removed = |hash: u64| {
+        KvEvent::BlockRemoved(BlockRemoved {
+            block_hashes: vec![EngineHash::from(hash)],
+            ..BlockRemoved::default()
+        })
+    };
+    let (request, tokens) = tokens_prompt(1536, 0);
+    let (filler, _) = tokens_prompt(1000, 50_000);
+    for eviction_per_mille in [0, 1000] {
+        let (p, index) = policy(KvAwareSettings {
+            eviction_per_mille,
+            ..settings.clone()
+        });
+        // Endpoint 0 holds the first 1024 tokens of the prompt, endpoint 1 other content; both
+        // have evicted, so their caches are full. Endpoint 2's cache was full and emptied.
+        let other = |salt| tokens_prompt(64, salt).1;
+        index.apply(&label(0), &[stored(&other(90_000), 900)]);
+        index.apply(&label(0), &[stored(&tokens[..1024], 1), removed(900)]);
+        index.apply(&label(1), &[stored(&other(80_000), 800), removed(800)]);
+        index.apply(&label(1), &[stored(&other(81_000), 810)]);
+        index.apply(&label(2), &[stored(&other(70_000), 700), removed(700)]);
+        index.apply(&label(2), &[KvEvent::AllBlocksCleared]);
+        assert_eq!(index.fullness(&[&label(0), &label(1), &label(2)])[1], 1000);
+        // Endpoint 0 is busy with 1000 uncached prompt tokens and 128 of decoding.
+        let busy = pick(&p, &filler, &[EndpointId::new(0)]).await;
+        let two = [EndpointId::new(0), EndpointId::new(1)];
+        let chosen = pick(&p, &request, &two).await;
+        if eviction_per_mille == 0 {
+            // 512 uncached + 1128 in flight costs more than 1536 uncached on an idle engine.
+            assert_eq!(
+                (chosen.endpoint, chosen.reason),
+                (EndpointId::new(1), "kv_load")
+            );
+        } else {
+            // On full caches 512 uncached tokens cost about 1024, 1536 cost 3072: the content
+            // stays where it is held...
+            assert_eq!(
+                (chosen.endpoint, chosen.reason),
+                (EndpointId::new(0), "kv_hit")
+            );
+            // ...unless an engine has room: there, 1536 uncached tokens cost their prefill only.
+            let roomy = pick(&p, &request, &ids(3)).await;
+            assert_eq!(
+                (roomy.endpoint, roomy.reason),
+                (EndpointId::new(2), "kv_load")
+            );
+            roomy.lease.expect("lease").release(Outcome::Completed);
+        }
+        for l in [busy.lease, chosen.lease] {
+            l.expect("lease").release(Outcome::Completed);
+        }
+        released(&p).await;
+    }
+}
