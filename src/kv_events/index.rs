@@ -129,6 +129,9 @@ struct Endpoint {
     /// The most blocks the engine held when it evicted some: its cache's size, as far as the
     /// events tell (0 until it first evicts). Kept through clears.
     full_at: usize,
+    /// Whether the engine evicted since its blocks were last cleared (by the engine, or by a
+    /// resync that forgot them): then its cache is full, whatever the index still knows of it.
+    evicting: bool,
 }
 
 impl Endpoint {
@@ -138,12 +141,15 @@ impl Endpoint {
             by_engine: HashMap::new(),
             predictions: VecDeque::new(),
             full_at: 0,
+            evicting: false,
         }
     }
 
-    /// How full the engine's cache is, per mille of [`Endpoint::full_at`] (0 before it evicts).
+    /// How full the engine's cache is, per mille: all of it while it evicts, else the blocks it
+    /// holds over [`Endpoint::full_at`] (0 before it ever evicted).
     fn fullness(&self) -> u64 {
         match self.full_at {
+            _ if self.evicting => 1000,
             0 => 0,
             full => (self.by_engine.len().min(full) * 1000 / full) as u64,
         }
@@ -396,10 +402,12 @@ impl KvIndex {
         }));
     }
 
-    /// How full each of `endpoints` (labels) reports its KV cache, per mille: the blocks it holds
-    /// over the most it held when it evicted some. 0 for an endpoint that never evicted (its cache
-    /// has room, or llm-lb does not follow its events) or that the index does not know; an
-    /// engine that emptied its cache (`AllBlocksCleared`) fills up from 0 again.
+    /// How full each of `endpoints` (labels) reports its KV cache, per mille: 1000 once it evicts
+    /// (an engine evicts only when its cache is full), else the blocks it holds over the most it
+    /// held when it last evicted. 0 for an endpoint that never evicted (its cache has room, or
+    /// llm-lb does not follow its events) or that the index does not know; an engine that
+    /// emptied its cache (`AllBlocksCleared`) fills up from 0 again. After a resync that forgot
+    /// an endpoint's blocks, its next eviction says it is full again.
     pub fn fullness(&self, endpoints: &[&str]) -> Vec<u64> {
         let inner = self.inner.lock();
         endpoints
@@ -611,6 +619,7 @@ impl Inner {
         if let Some(ep) = self.endpoint(slot) {
             // An engine evicts only when its cache is full (an emptied one says AllBlocksCleared).
             ep.full_at = ep.full_at.max(ep.by_engine.len());
+            ep.evicting = true;
         }
         for hash in &e.block_hashes {
             let key = self.endpoint(slot).and_then(|ep| ep.by_engine.remove(hash));
@@ -713,6 +722,7 @@ impl Inner {
         let Some(ep) = self.endpoint(slot) else {
             return;
         };
+        ep.evicting = false;
         let confirmed: Vec<BlockKey> = ep.by_engine.drain().map(|(_, key)| key).collect();
         let predicted: Vec<(BlockKey, Instant)> = ep.predictions.drain(..).collect();
         for key in confirmed {
@@ -881,13 +891,20 @@ mod tests {
         let u = tokens(BS, 4);
         index.apply("a", &[removed(&[4]), stored(9, None, &u)]);
         assert_eq!(index.fullness(&["a"]), vec![1000]);
-        index.apply("a", &[removed(&[3])]);
-        assert_eq!(index.fullness(&["a"]), vec![750]);
+        // While it evicts it is full, whatever the index still knows of it.
+        index.apply("a", &[removed(&[3, 2])]);
+        assert_eq!(index.fullness(&["a"]), vec![1000]);
         // An emptied cache fills up from nothing, against the size it had.
         index.apply("a", &[KvEvent::AllBlocksCleared]);
         assert_eq!(index.fullness(&["a"]), vec![0]);
         index.apply("a", &[stored(1, None, &t[..2 * BS])]);
         assert_eq!(index.fullness(&["a"]), vec![500]);
+        // A resync forgets what the engine holds, not that it was full: its next eviction says
+        // so again.
+        index.clear_endpoint("a");
+        assert_eq!(index.fullness(&["a"]), vec![0]);
+        index.apply("a", &[removed(&[77])]);
+        assert_eq!(index.fullness(&["a"]), vec![1000]);
         // A forgotten endpoint starts over.
         index.forget_endpoint("a");
         index.apply("a", &[stored(1, None, &t)]);
