@@ -402,25 +402,37 @@ impl KvIndex {
         }));
     }
 
-    /// How full each of `endpoints` (labels) reports its KV cache, per mille: 1000 once it evicts
-    /// (an engine evicts only when its cache is full), else the blocks it holds over the most it
-    /// held when it last evicted. 0 for an endpoint that never evicted (its cache has room, or
-    /// llm-lb does not follow its events) or that the index does not know; an engine that
-    /// emptied its cache (`AllBlocksCleared`) fills up from 0 again. After a resync that forgot
-    /// an endpoint's blocks, its next eviction says it is full again.
-    pub fn fullness(&self, endpoints: &[&str]) -> Vec<u64> {
-        let inner = self.inner.lock();
+    /// [`KvIndex::matched`], and how full each of `endpoints` reports its KV cache, per mille:
+    /// 1000 once it evicts (an engine evicts only when its cache is full), else the blocks it
+    /// holds over the most it held when it last evicted. Fullness is 0 for an endpoint that never
+    /// evicted (its cache has room, or llm-lb does not follow its events) or that the index does
+    /// not know; an engine that emptied its cache (`AllBlocksCleared`) fills up from 0 again, and
+    /// after a resync that forgot an endpoint's blocks its next eviction says it is full again.
+    /// One lock and one lookup of each label for both.
+    pub fn matched_and_fullness(
+        &self,
+        keys: &[BlockKey],
+        endpoints: &[&str],
+    ) -> (Vec<usize>, Vec<u64>) {
+        let mut counts = Vec::new();
+        let mut inner = self.inner.lock();
+        inner.walk(keys, Instant::now(), &mut counts);
         endpoints
             .iter()
-            .map(|label| {
-                inner
-                    .labels
-                    .get(*label)
-                    .and_then(|&slot| inner.endpoints.get(slot as usize))
-                    .and_then(Option::as_ref)
-                    .map_or(0, Endpoint::fullness)
+            .map(|label| match inner.labels.get(*label) {
+                None => (0, 0),
+                Some(&slot) => (
+                    counts
+                        .binary_search_by_key(&slot, |(i, _)| *i)
+                        .map_or(0, |at| counts[at].1),
+                    inner
+                        .endpoints
+                        .get(slot as usize)
+                        .and_then(Option::as_ref)
+                        .map_or(0, Endpoint::fullness),
+                ),
             })
-            .collect()
+            .unzip()
     }
 
     /// Forget every block and prediction of `endpoint` (it keeps its slot).
@@ -880,35 +892,39 @@ mod tests {
         assert_eq!(done.unknown_parent, 1);
     }
 
+    fn full(index: &KvIndex, labels: &[&str]) -> Vec<u64> {
+        index.matched_and_fullness(&[], labels).1
+    }
+
     #[test]
     fn an_engine_is_full_once_it_evicts_and_empty_after_a_clear() {
         let index = KvIndex::new("p", DEFAULT_CAPACITY);
         let t = tokens(4 * BS, 3);
         index.apply("a", &[stored(1, None, &t)]);
         // Four blocks held, none evicted yet: the cache may have room.
-        assert_eq!(index.fullness(&["a", "b"]), vec![0, 0]);
+        assert_eq!(full(&index, &["a", "b"]), vec![0, 0]);
         // Evicting one block to store another says the cache holds four.
         let u = tokens(BS, 4);
         index.apply("a", &[removed(&[4]), stored(9, None, &u)]);
-        assert_eq!(index.fullness(&["a"]), vec![1000]);
+        assert_eq!(full(&index, &["a"]), vec![1000]);
         // While it evicts it is full, whatever the index still knows of it.
         index.apply("a", &[removed(&[3, 2])]);
-        assert_eq!(index.fullness(&["a"]), vec![1000]);
+        assert_eq!(full(&index, &["a"]), vec![1000]);
         // An emptied cache fills up from nothing, against the size it had.
         index.apply("a", &[KvEvent::AllBlocksCleared]);
-        assert_eq!(index.fullness(&["a"]), vec![0]);
+        assert_eq!(full(&index, &["a"]), vec![0]);
         index.apply("a", &[stored(1, None, &t[..2 * BS])]);
-        assert_eq!(index.fullness(&["a"]), vec![500]);
+        assert_eq!(full(&index, &["a"]), vec![500]);
         // A resync forgets what the engine holds, not that it was full: its next eviction says
         // so again.
         index.clear_endpoint("a");
-        assert_eq!(index.fullness(&["a"]), vec![0]);
+        assert_eq!(full(&index, &["a"]), vec![0]);
         index.apply("a", &[removed(&[77])]);
-        assert_eq!(index.fullness(&["a"]), vec![1000]);
+        assert_eq!(full(&index, &["a"]), vec![1000]);
         // A forgotten endpoint starts over.
         index.forget_endpoint("a");
         index.apply("a", &[stored(1, None, &t)]);
-        assert_eq!(index.fullness(&["a"]), vec![0]);
+        assert_eq!(full(&index, &["a"]), vec![0]);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! - **One cost.** For candidate *e*:
 //!   `(prefillWeight + evictionWeight × full(e)) × uncached(e) + loadWeight × load(e)`,
 //!   where `uncached(e)` is the prompt tokens not in *e*'s cache, `full(e)` how full *e*'s cache
-//!   is by its KV events (0 to 1, [`KvIndex::fullness`]: on a full cache each uncached token
+//!   is by its KV events (0 to 1, [`KvIndex::matched_and_fullness`]: on a full cache each uncached token
 //!   evicts a cached one, which may be needed again), and `load(e)` the tokens in flight
 //!   on *e* over every gateway replica (each request counts its uncached prompt tokens until the
 //!   first byte of its answer, and `decodeTokens`, or its `max_tokens` when smaller, until its
@@ -144,7 +144,7 @@ impl Policy for KvAware {
     async fn pick(&self, input: PickInput<'_>) -> Result<Pick, PolicyError> {
         let labels = input.candidate_labels()?;
         let (prompt, keys) = self.keys(&input);
-        let matched = self.index.matched(&keys, &labels);
+        let (matched, fullness) = self.index.matched_and_fullness(&keys, &labels);
         let routed = self.index.matched_routed(&keys, &labels);
         let bs = self.settings.block_size as u64;
         // Blocks held count whole; blocks llm-lb routed there and the engine evicted since
@@ -159,7 +159,6 @@ impl Policy for KvAware {
             })
             .collect();
         // An uncached token costs its prefill, and on a full cache the token it evicts.
-        let fullness = self.index.fullness(&labels);
         let base: Vec<u64> = uncached
             .iter()
             .zip(&fullness)

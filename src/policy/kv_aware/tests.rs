@@ -257,7 +257,12 @@ async fn uncached_tokens_cost_more_on_a_full_cache() {
         index.apply(&label(1), &[stored(&other(81_000), 810)]);
         index.apply(&label(2), &[stored(&other(70_000), 700), removed(700)]);
         index.apply(&label(2), &[KvEvent::AllBlocksCleared]);
-        assert_eq!(index.fullness(&[&label(0), &label(1), &label(2)])[1], 1000);
+        assert_eq!(
+            index
+                .matched_and_fullness(&[], &[&label(0), &label(1), &label(2)])
+                .1[1],
+            1000
+        );
         // Endpoint 0 is busy with 1000 uncached prompt tokens and 128 of decoding.
         let busy = pick(&p, &filler, &[EndpointId::new(0)]).await;
         let two = [EndpointId::new(0), EndpointId::new(1)];
