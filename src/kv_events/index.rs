@@ -393,13 +393,11 @@ impl KvIndex {
         let mut counts = Vec::new();
         let mut inner = self.inner.lock();
         inner.walk(keys, now, &mut counts);
-        out.extend(endpoints.iter().map(|label| {
-            inner.labels.get(*label).map_or(0, |index| {
-                counts
-                    .binary_search_by_key(index, |(i, _)| *i)
-                    .map_or(0, |at| counts[at].1)
-            })
-        }));
+        out.extend(
+            endpoints
+                .iter()
+                .map(|label| inner.lookup(&counts, label).map_or(0, |(_, n)| n)),
+        );
     }
 
     /// [`KvIndex::matched`], and how full each of `endpoints` reports its KV cache, per mille:
@@ -419,18 +417,11 @@ impl KvIndex {
         inner.walk(keys, Instant::now(), &mut counts);
         endpoints
             .iter()
-            .map(|label| match inner.labels.get(*label) {
-                None => (0, 0),
-                Some(&slot) => (
-                    counts
-                        .binary_search_by_key(&slot, |(i, _)| *i)
-                        .map_or(0, |at| counts[at].1),
-                    inner
-                        .endpoints
-                        .get(slot as usize)
-                        .and_then(Option::as_ref)
-                        .map_or(0, Endpoint::fullness),
-                ),
+            .map(|label| {
+                inner.lookup(&counts, label).map_or((0, 0), |(slot, n)| {
+                    let endpoint = inner.endpoints.get(slot as usize).and_then(Option::as_ref);
+                    (n, endpoint.map_or(0, Endpoint::fullness))
+                })
             })
             .unzip()
     }
@@ -499,6 +490,16 @@ impl Inner {
         };
         self.labels.insert(label.to_string(), slot);
         slot
+    }
+
+    /// `label`'s slot and its leading-blocks count in `counts` (from [`Inner::walk`]), if the
+    /// index knows the endpoint.
+    fn lookup(&self, counts: &[(u32, usize)], label: &str) -> Option<(u32, usize)> {
+        let slot = *self.labels.get(label)?;
+        let n = counts
+            .binary_search_by_key(&slot, |(i, _)| *i)
+            .map_or(0, |at| counts[at].1);
+        Some((slot, n))
     }
 
     fn endpoint(&mut self, slot: u32) -> Option<&mut Endpoint> {

@@ -16,11 +16,11 @@
 //! - **One cost.** For candidate *e*:
 //!   `(prefillWeight + evictionWeight × full(e)) × uncached(e) + loadWeight × load(e)`,
 //!   where `uncached(e)` is the prompt tokens not in *e*'s cache, `full(e)` how full *e*'s cache
-//!   is by its KV events (0 to 1, [`KvIndex::matched_and_fullness`]: on a full cache each uncached token
-//!   evicts a cached one, which may be needed again), and `load(e)` the tokens in flight
-//!   on *e* over every gateway replica (each request counts its uncached prompt tokens until the
-//!   first byte of its answer, and `decodeTokens`, or its `max_tokens` when smaller, until its
-//!   end), kept in the store. The store picks the least cost and counts the request in
+//!   is by its KV events (0 to 1, [`KvIndex::matched_and_fullness`]: on a full cache each
+//!   uncached token evicts a cached one, which may be needed again), and `load(e)` the tokens in
+//!   flight on *e* over every gateway replica (each request counts its uncached prompt tokens
+//!   until the first byte of its answer, and `decodeTokens`, or its `max_tokens` when smaller,
+//!   until its end), kept in the store. The store picks the least cost and counts the request in
 //!   the same round trip ([`crate::store::InflightStore::acquire_cost`]); candidates within
 //!   `tieTolerance` of the least are chosen among at random so that bursts do not herd.
 //!
