@@ -38,12 +38,12 @@ fn kv_aware_needs_no_other_key_and_names_bad_ones() {
     let (ok, text) = check("", "[\"127.0.0.1:8001\", \"127.0.0.1:8002\"]");
     assert!(ok, "{text}");
     let (ok, text) = check(
-        "    lb_config: {blockSize: 32, prefillWeight: 1.5, loadWeight: 0.5, decodeTokens: 64, tieTolerance: 0.1, predictedTtlMs: 500, routedWeight: 0.25, evictionWeight: 2, kvIndexBlocks: 1000, kvEventsTopic: kv}\n",
+        "    lb_config: {blockSize: 32, prefillWeight: 1.5, loadWeight: 0.5, decodeTokens: 64, tieTolerance: 0.1, predictedTtlMs: 500, routedWeight: 0.25, evictionWeight: 2, queueWeight: 0.5, kvIndexBlocks: 1000, kvEventsTopic: kv}\n",
         "[{address: \"127.0.0.1:8001\", kv_events: \"tcp://127.0.0.1:5557\"}]",
     );
     assert!(ok, "{text}");
     let (ok, text) = check(
-        "    lb_config: {blockSize: 0, tieTolerance: 2, routedWeight: 1.5, evictionWeight: -1, tokenizer: /nonexistent}\n",
+        "    lb_config: {blockSize: 0, tieTolerance: 2, routedWeight: 1.5, evictionWeight: -1, queueWeight: -1, tokenizer: /nonexistent}\n",
         "[{address: \"127.0.0.1:8001\", kv_events: \"http://127.0.0.1:5557\"}]",
     );
     assert!(!ok, "{text}");
@@ -52,6 +52,7 @@ fn kv_aware_needs_no_other_key_and_names_bad_ones() {
         "tieTolerance",
         "routedWeight",
         "evictionWeight",
+        "queueWeight",
         "tokenizer",
         "kv_events",
         "tcp://host:port",
@@ -470,5 +471,64 @@ async fn with_the_models_tokenizer_a_chat_matches_the_engines_events() {
                 "approximate tokens matched the engine's events"
             );
         }
+    }
+}
+
+/// With `queueWeight`, the engines' own queues are scraped and weighed: an engine whose queue
+/// llm-lb did not fill (its count of that engine is zero) is avoided while it queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_queue_llm_lb_did_not_fill_is_avoided() {
+    // One request at a time, 20 ms a token: 300 tokens keep a seat 6 s.
+    let cfg = vllm_sim::SimConfig {
+        model: MODEL.to_string(),
+        max_num_seqs: 1,
+        itl_ms: 20.0,
+        time_scale: 1.0,
+        ..vllm_sim::SimConfig::default()
+    };
+    let mut sims = Vec::new();
+    for _ in 0..2 {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        sims.push((addr, vllm_sim::spawn(cfg.clone(), addr).await.expect("sim")));
+    }
+    let busy = sims[0].0;
+    let proxy = Proxy::start(&format!(
+        "expose_endpoint_header: true\npools:\n  - name: kv\n    models: [\"*\"]\n    endpoints: [\"{}\", \"{}\"]\n    metrics: {{interval_ms: 100}}\n    lb_policy: kv_aware\n    lb_config: {{queueWeight: 1}}\n",
+        sims[0].0, sims[1].0
+    ));
+    // Traffic that bypasses llm-lb: three long requests straight to the first engine, one
+    // running and two waiting.
+    let client = reqwest::Client::new();
+    let direct: Vec<_> = (0..3u32)
+        .map(|i| {
+            let (client, url) = (client.clone(), format!("http://{busy}/v1/completions"));
+            tokio::spawn(async move {
+                let ids: Vec<u32> = (0..64).map(|t| 800_000 + i * 64 + t).collect();
+                client
+                    .post(url)
+                    .json(&serde_json::json!({"model": MODEL, "prompt": ids, "max_tokens": 300}))
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    wait_at_least(
+        &proxy,
+        "llmlb_engine_waiting",
+        &[("pool", "kv"), ("endpoint", &busy.to_string())],
+        2.0,
+    )
+    .await;
+    // Ten new prompts through llm-lb, one at a time: none goes to the queueing engine (at
+    // equal counts and nothing cached, either would do without its queue).
+    let url = proxy.url("/v1/completions");
+    for i in 0..10u32 {
+        let ids: Vec<u32> = (0..64).map(|t| i * 64 + t).collect();
+        let (endpoint, reason, _) = complete(&client, &url, &ids).await;
+        assert_ne!(endpoint, busy.to_string(), "request {i} ({reason})");
+    }
+    for d in direct {
+        d.abort();
     }
 }

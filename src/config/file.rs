@@ -305,6 +305,9 @@ pub struct LbConfigFile {
     /// `kv_aware`: extra cost of an uncached prompt token on an engine whose KV cache is full
     /// (default 1.0).
     pub evictionWeight: Option<f64>,
+    /// `kv_aware`: extra load of an endpoint per request its engine reports waiting, in requests
+    /// like the one placed (default 0: not scraped).
+    pub queueWeight: Option<f64>,
     /// `kv_aware`: relative cost difference treated as a tie (default 0.05).
     pub tieTolerance: Option<f64>,
     /// `kv_aware`: lifetime of predicted index entries (ms, default 2000).

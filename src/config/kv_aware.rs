@@ -37,6 +37,13 @@ pub struct KvAwareSettings {
     /// its holder onto a full engine then needs a bigger difference in load, and new content
     /// goes preferably to an engine with room (one that just emptied its cache).
     pub eviction_per_mille: u64,
+    /// The engine's own queue, scraped from its metrics (the pool's `metrics`): each request it
+    /// reports waiting adds this much, per mille, of the placed request's least load to the
+    /// endpoint's cost (`queueWeight`, default 0: not scraped). It sees what llm-lb's own count
+    /// does not, such as traffic that bypasses llm-lb; where llm-lb routes everything, it
+    /// moves content off engines that queue for KV-cache room, which costs hit rate on shared
+    /// content (docs/benchmarks.md).
+    pub queue_per_mille: u64,
     /// Costs within this per mille of the least are near-ties, chosen among at random
     /// (`tieTolerance`, default 0.05).
     pub tie_per_mille: u64,
@@ -67,6 +74,7 @@ impl Default for KvAwareSettings {
             decode_tokens: 128,
             routed_per_mille: 500,
             eviction_per_mille: 1000,
+            queue_per_mille: 0,
             tie_per_mille: 50,
             predicted_ttl: Duration::from_millis(2000),
             guess_ttl: PrefixSettings::default().ttl,
@@ -156,6 +164,13 @@ impl KvAwareSettings {
                 "evictionWeight",
                 c.evictionWeight,
                 d.eviction_per_mille,
+                1000.0,
+                &mut bad,
+            ),
+            queue_per_mille: per_mille(
+                "queueWeight",
+                c.queueWeight,
+                d.queue_per_mille,
                 1000.0,
                 &mut bad,
             ),

@@ -360,7 +360,7 @@ fn both<A, B>(
 }
 
 /// Every `lb_config` key as `(name, present in c, who reads it)`.
-pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 54] {
+pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 55] {
     use KeyUse::{Nobody, Policies, Redis, Store};
     const KV: KeyUse = Policies(&[PolicyKind::KvAware]);
     // The lifetime and load guard of prefix, session and response keys.
@@ -410,6 +410,7 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 54] {
         decodeTokens,
         routedWeight,
         evictionWeight,
+        queueWeight,
         tieTolerance,
         predictedTtlMs,
         kvIndexBlocks,
@@ -482,6 +483,7 @@ pub fn key_users(c: &LbConfigFile) -> [(&'static str, bool, KeyUse); 54] {
         ("decodeTokens", decodeTokens.is_some(), KV),
         ("routedWeight", routedWeight.is_some(), KV),
         ("evictionWeight", evictionWeight.is_some(), KV),
+        ("queueWeight", queueWeight.is_some(), KV),
         ("tieTolerance", tieTolerance.is_some(), KV),
         ("predictedTtlMs", predictedTtlMs.is_some(), KV),
         ("kvIndexBlocks", kvIndexBlocks.is_some(), KV),

@@ -91,7 +91,10 @@ pub fn build(
                 .clone()
                 .ok_or_else(|| "kv_aware needs a KV index".to_owned())?;
             let tokenizer = deps.tokenizer.clone().unwrap_or(Tokenizer::Approximate);
-            Arc::new(KvAware::new(counts()?, index, tokenizer, kv.clone()))
+            Arc::new(
+                KvAware::new(counts()?, index, tokenizer, kv.clone())
+                    .with_board(deps.board.clone()),
+            )
         }
         PolicySettings::Custom(custom) => registry.build(
             &custom.name,

@@ -1,8 +1,8 @@
 //! The state a pool's policy reads, built per generation: shared counts in the store the
 //! configuration names (carried over from the previous generation when the pool keeps its name
 //! and store, so counts and the prefix index survive reloads), an engine-metrics board for
-//! `least_busy`, and for `kv_aware` the index of cached blocks (carried over like the counts) and
-//! the model's tokenizer (loaded from disk).
+//! `least_busy`, `endpoint_metrics` and `kv_aware`'s engine queues, and for `kv_aware` the index
+//! of cached blocks (carried over like the counts) and the model's tokenizer (loaded from disk).
 
 use std::sync::Arc;
 
@@ -41,6 +41,8 @@ pub fn build(
             MetricPolicy::Default(_) => None,
             MetricPolicy::Least(target) | MetricPolicy::Most(target) => Some(target.clone()),
         }),
+        // `kv_aware` reads its engines' own queues unless told not to.
+        PolicySettings::KvAware(_, kv) if kv.queue_per_mille > 0 => board(None),
         PolicySettings::RoundRobin
         | PolicySettings::Random
         | PolicySettings::GlobalLeastRequest(_)

@@ -20,7 +20,10 @@
 //!   uncached token evicts a cached one, which may be needed again), and `load(e)` the tokens in
 //!   flight on *e* over every gateway replica (each request counts its uncached prompt tokens
 //!   until the first byte of its answer, and `decodeTokens`, or its `max_tokens` when smaller,
-//!   until its end), kept in the store. The store picks the least cost and counts the request in
+//!   until its end), kept in the store. With `queueWeight` (default 0) the engines' own queues
+//!   are scraped too ([`MetricsBoard`]): each request an engine reports waiting adds that much
+//!   of a request like this one to its cost, for what llm-lb's count does not see (traffic that
+//!   bypasses it). The store picks the least cost and counts the request in
 //!   the same round trip ([`crate::store::InflightStore::acquire_cost`]); candidates within
 //!   `tieTolerance` of the least are chosen among at random so that bursts do not herd.
 //!
@@ -45,6 +48,7 @@ mod tokens;
 pub use tokens::{EngineTokenizer, Tokenizer};
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 
@@ -53,6 +57,7 @@ use super::{Pick, PickInput, Policy, PolicyError};
 use crate::config::{KvAwareSettings, PolicyKind, PrefixSettings};
 use crate::kv_blocks::{chain_keys, BlockKey};
 use crate::kv_events::KvIndex;
+use crate::scrape::MetricsBoard;
 use crate::store::{CostQuery, PoolCounts, Skip};
 use crate::telemetry;
 
@@ -65,6 +70,7 @@ pub struct KvAware {
     index: Arc<KvIndex>,
     tokenizer: Tokenizer,
     settings: KvAwareSettings,
+    board: Option<Arc<MetricsBoard>>,
 }
 
 impl KvAware {
@@ -80,7 +86,30 @@ impl KvAware {
             index,
             tokenizer,
             settings,
+            board: None,
         }
+    }
+
+    /// Read the engines' own queues from `board` (scraped in the background), if any.
+    pub fn with_board(mut self, board: Option<Arc<MetricsBoard>>) -> Self {
+        self.board = board;
+        self
+    }
+
+    /// The requests each candidate's engine reports waiting, by its last fresh scrape (0 when
+    /// unknown or not scraped).
+    fn queued(&self, input: &PickInput<'_>) -> Vec<u64> {
+        let now = Instant::now();
+        input
+            .candidates
+            .iter()
+            .map(|c| {
+                self.board
+                    .as_ref()
+                    .and_then(|b| b.view(c.index(), now))
+                    .map_or(0, |k| k.snapshot.metrics.waiting)
+            })
+            .collect()
     }
 
     /// The prompt's token count and block keys. A load-only request (embeddings, rerank) has no
@@ -174,6 +203,18 @@ impl Policy for KvAware {
             .map(|u| u.saturating_add(decode).max(1))
             .collect();
         let least_weight = weights.iter().copied().min().unwrap_or(1);
+        // Each request an engine reports waiting counts like one more such request.
+        let queued = self.queued(&input);
+        let queue_cost = |q: u64| {
+            q.saturating_mul(least_weight)
+                .saturating_mul(self.settings.queue_per_mille)
+                / 1000
+        };
+        let base: Vec<u64> = base
+            .iter()
+            .zip(&queued)
+            .map(|(b, q)| b.saturating_add(queue_cost(*q)))
+            .collect();
         let sessions = PrefixSettings {
             guard: self.settings.session_guard,
             ttl: self.settings.guess_ttl,
@@ -195,7 +236,7 @@ impl Policy for KvAware {
                 let cost = base[i]
                     + (load.saturating_sub(weights[i])) * self.settings.load_per_mille / 1000;
                 log::debug!(
-                    "pool {pool}: kv_aware prompt={prompt} tokens, {} blocks; candidates {labels:?} matched blocks {matched:?} uncached {uncached:?} fullness {fullness:?}; chose {} (cost {cost}, load after {load})",
+                    "pool {pool}: kv_aware prompt={prompt} tokens, {} blocks; candidates {labels:?} matched blocks {matched:?} uncached {uncached:?} fullness {fullness:?} queued {queued:?}; chose {} (cost {cost}, load after {load})",
                     keys.len(),
                     labels[i],
                 );

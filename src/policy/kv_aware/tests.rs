@@ -294,3 +294,48 @@ async fn uncached_tokens_cost_more_on_a_full_cache() {
         released(&p).await;
     }
 }
+
+#[tokio::test]
+async fn an_engine_queue_counts_as_load_when_scraped() {
+    let labels = (0..3).map(label).collect();
+    let board = Arc::new(MetricsBoard::new("p", labels, Duration::from_secs(60)));
+    let waiting = |i: usize, n: u64| {
+        let m = crate::scrape::EndpointMetrics {
+            waiting: n,
+            ..Default::default()
+        };
+        board.publish(i, m, std::time::Instant::now(), 0);
+    };
+    let (request, tokens) = tokens_prompt(64, 0);
+    for queue_per_mille in [0, 1000] {
+        let (p, index) = policy(KvAwareSettings {
+            tie_per_mille: 0,
+            queue_per_mille,
+            ..KvAwareSettings::default()
+        });
+        let p = p.with_board(Some(board.clone()));
+        // Endpoint 0 holds half the prompt; its engine reports nothing waiting: it is chosen.
+        index.apply(&label(0), &[stored(&tokens[..32], 1)]);
+        waiting(0, 0);
+        let hit = pick(&p, &request, &ids(3)).await;
+        assert_eq!((hit.endpoint, hit.reason), (EndpointId::new(0), "kv_hit"));
+        hit.lease.expect("lease").release(Outcome::Completed);
+        released(&p).await;
+        // Its engine then reports a request waiting that llm-lb did not send (its own count is
+        // zero): counted like one more request such as this one (160 tokens at endpoint 0), it
+        // outweighs the 32 cached tokens.
+        waiting(0, 1);
+        let chosen = pick(&p, &request, &ids(3)).await;
+        if queue_per_mille == 0 {
+            assert_eq!(
+                (chosen.endpoint, chosen.reason),
+                (EndpointId::new(0), "kv_hit")
+            );
+        } else {
+            assert_ne!(chosen.endpoint, EndpointId::new(0));
+            assert_eq!(chosen.reason, "kv_load");
+        }
+        chosen.lease.expect("lease").release(Outcome::Completed);
+        released(&p).await;
+    }
+}
