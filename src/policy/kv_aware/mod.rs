@@ -26,6 +26,10 @@
 //!   bypasses it). The store picks the least cost and counts the request in
 //!   the same round trip ([`crate::store::InflightStore::acquire_cost`]); candidates within
 //!   `tieTolerance` of the least are chosen among at random so that bursts do not herd.
+//! - **New content.** A prompt that costs the same on every candidate (none holds more of it)
+//!   goes to the candidates with the fewest requests in flight from this replica, by the cost
+//!   among those ([`spread_new_content`]): it commits a conversation to an engine, and a token
+//!   count swings with every prefill.
 //!
 //! - **Sessions and stored responses.** A request that names a session (the pool's
 //!   `session_affinity`) goes where the session's last request went, in the same round trip
@@ -55,6 +59,7 @@ use async_trait::async_trait;
 use super::local::{local_least, outcome_reason, request_lease_units, sticky};
 use super::{Pick, PickInput, Policy, PolicyError};
 use crate::config::{KvAwareSettings, PolicyKind, PrefixSettings};
+use crate::endpoint::EndpointView;
 use crate::kv_blocks::{chain_keys, BlockKey};
 use crate::kv_events::KvIndex;
 use crate::scrape::MetricsBoard;
@@ -140,6 +145,33 @@ fn decode_tokens(request: &crate::request::LlmRequest, default: u64) -> u64 {
     asked.map_or(default, |n| n.min(default))
 }
 
+/// Cost added to a candidate ruled out before the load is weighed: more than any cost.
+const RULED_OUT: u64 = 1 << 40;
+
+/// New content — a prompt every candidate would prefill alike, at the same cost — commits a
+/// conversation (or a shared document) to an engine for as long as it is cached there: it goes
+/// to the candidates with the fewest requests in flight from this replica (each one a context
+/// its engine holds), the others being ruled out, and by the cost among those. Tokens in flight
+/// would place it by whichever engine happens not to be prefilling at that instant.
+fn spread_new_content(input: &PickInput<'_>, base: &mut [u64]) {
+    let inflight: Vec<u64> = input
+        .candidates
+        .iter()
+        .map(|c| {
+            input
+                .endpoints
+                .get(c.index())
+                .map_or(0, EndpointView::inflight)
+        })
+        .collect();
+    let least = inflight.iter().copied().min().unwrap_or(0);
+    for (b, n) in base.iter_mut().zip(&inflight) {
+        if *n > least {
+            *b = b.saturating_add(RULED_OUT);
+        }
+    }
+}
+
 /// Each candidate's cached blocks, the chosen one's reason.
 fn reason(matched: &[usize], chosen: usize) -> &'static str {
     let best = matched.iter().copied().max().unwrap_or(0);
@@ -210,11 +242,14 @@ impl Policy for KvAware {
                 .saturating_mul(self.settings.queue_per_mille)
                 / 1000
         };
-        let base: Vec<u64> = base
+        let mut base: Vec<u64> = base
             .iter()
             .zip(&queued)
             .map(|(b, q)| b.saturating_add(queue_cost(*q)))
             .collect();
+        if base.iter().all(|b| *b == base[0]) {
+            spread_new_content(&input, &mut base);
+        }
         let sessions = PrefixSettings {
             guard: self.settings.session_guard,
             ttl: self.settings.guess_ttl,

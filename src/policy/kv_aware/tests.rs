@@ -339,3 +339,44 @@ async fn an_engine_queue_counts_as_load_when_scraped() {
         released(&p).await;
     }
 }
+
+#[tokio::test]
+async fn new_content_goes_where_fewest_requests_are_in_flight() {
+    let (p, index) = policy(KvAwareSettings {
+        tie_per_mille: 0,
+        ..KvAwareSettings::default()
+    });
+    // Endpoint 0 is prefilling one long prompt (its view is not counted here: 0 requests);
+    // endpoints 1 and 2 each run one request, in no token count.
+    let (long, _) = tokens_prompt(2048, 90_000);
+    let prefilling = pick(&p, &long, &[EndpointId::new(0)]).await;
+    let endpoints = views(&[1; 3]);
+    endpoints[1].add_inflight(1);
+    endpoints[2].add_inflight(1);
+    let place = |request: LlmRequest| {
+        let (p, endpoints) = (&p, &endpoints);
+        async move {
+            let candidates = ids(3);
+            p.pick(PickInput {
+                request: &request,
+                endpoints,
+                candidates: &candidates,
+            })
+            .await
+            .expect("pick")
+        }
+    };
+    // A new prompt goes to endpoint 0, whatever its tokens in flight.
+    let (fresh, _) = tokens_prompt(256, 0);
+    let new = place(fresh).await;
+    assert_eq!((new.endpoint, new.reason), (EndpointId::new(0), "kv_miss"));
+    // A prompt endpoint 2 holds is not new: the cost decides, and it goes there.
+    let (held, tokens) = tokens_prompt(256, 5_000);
+    index.apply(&label(2), &[stored(&tokens, 1)]);
+    let hit = place(held).await;
+    assert_eq!((hit.endpoint, hit.reason), (EndpointId::new(2), "kv_hit"));
+    for l in [prefilling.lease, new.lease, hit.lease] {
+        l.expect("lease").release(Outcome::Completed);
+    }
+    released(&p).await;
+}
