@@ -134,10 +134,9 @@ pub(crate) fn outcome_reason(reasons: Reasons, outcome: PrefixOutcome) -> &'stat
     }
 }
 
-/// The candidate with the fewest requests in flight from this replica (ties at random): the
-/// fallback of the store policies.
-pub(crate) fn local_least(input: &PickInput<'_>, max: Option<u64>) -> Result<Pick, PolicyError> {
-    let counts: Vec<u64> = input
+/// Each candidate's requests in flight from this replica (`u64::MAX` for one not in the pool).
+pub(crate) fn local_inflight(input: &PickInput<'_>) -> Vec<u64> {
+    input
         .candidates
         .iter()
         .map(|c| {
@@ -146,7 +145,13 @@ pub(crate) fn local_least(input: &PickInput<'_>, max: Option<u64>) -> Result<Pic
                 .get(c.index())
                 .map_or(u64::MAX, |e| e.inflight())
         })
-        .collect();
+        .collect()
+}
+
+/// The candidate with the fewest requests in flight from this replica (ties at random): the
+/// fallback of the store policies.
+pub(crate) fn local_least(input: &PickInput<'_>, max: Option<u64>) -> Result<Pick, PolicyError> {
+    let counts = local_inflight(input);
     if counts.is_empty() {
         return Err(PolicyError::Unavailable("no candidates".into()));
     }

@@ -28,7 +28,7 @@
 //!   `tieTolerance` of the least are chosen among at random so that bursts do not herd.
 //! - **New content.** A prompt that costs the same on every candidate (none holds more of it)
 //!   goes to the candidates with the fewest requests in flight from this replica, by the cost
-//!   among those ([`spread_new_content`]): it commits a conversation to an engine, and a token
+//!   among those: it commits a conversation to an engine, and a token
 //!   count swings with every prefill.
 //!
 //! - **Sessions and stored responses.** A request that names a session (the pool's
@@ -56,10 +56,9 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::local::{local_least, outcome_reason, request_lease_units, sticky};
+use super::local::{local_inflight, local_least, outcome_reason, request_lease_units, sticky};
 use super::{Pick, PickInput, Policy, PolicyError};
 use crate::config::{KvAwareSettings, PolicyKind, PrefixSettings};
-use crate::endpoint::EndpointView;
 use crate::kv_blocks::{chain_keys, BlockKey};
 use crate::kv_events::KvIndex;
 use crate::scrape::MetricsBoard;
@@ -154,16 +153,7 @@ const RULED_OUT: u64 = 1 << 40;
 /// its engine holds), the others being ruled out, and by the cost among those. Tokens in flight
 /// would place it by whichever engine happens not to be prefilling at that instant.
 fn spread_new_content(input: &PickInput<'_>, base: &mut [u64]) {
-    let inflight: Vec<u64> = input
-        .candidates
-        .iter()
-        .map(|c| {
-            input
-                .endpoints
-                .get(c.index())
-                .map_or(0, EndpointView::inflight)
-        })
-        .collect();
+    let inflight = local_inflight(input);
     let least = inflight.iter().copied().min().unwrap_or(0);
     for (b, n) in base.iter_mut().zip(&inflight) {
         if *n > least {
