@@ -28,8 +28,8 @@
 //!   `tieTolerance` of the least are chosen among at random so that bursts do not herd.
 //! - **New content.** A prompt that costs the same on every candidate (none holds more of it)
 //!   goes to the candidates with the fewest requests in flight from this replica, by the cost
-//!   among those: it commits a conversation to an engine, and a token
-//!   count swings with every prefill.
+//!   among those: it commits a conversation to an engine, and a token count swings with every
+//!   prefill.
 //!
 //! - **Sessions and stored responses.** A request that names a session (the pool's
 //!   `session_affinity`) goes where the session's last request went, in the same round trip
