@@ -210,7 +210,7 @@ impl Policy for KvAware {
             })
             .collect();
         // An uncached token costs its prefill, and on a full cache the token it evicts.
-        let base: Vec<u64> = uncached
+        let mut base: Vec<u64> = uncached
             .iter()
             .zip(&fullness)
             .map(|(u, f)| {
@@ -232,11 +232,9 @@ impl Policy for KvAware {
                 .saturating_mul(self.settings.queue_per_mille)
                 / 1000
         };
-        let mut base: Vec<u64> = base
-            .iter()
-            .zip(&queued)
-            .map(|(b, q)| b.saturating_add(queue_cost(*q)))
-            .collect();
+        for (b, q) in base.iter_mut().zip(&queued) {
+            *b = b.saturating_add(queue_cost(*q));
+        }
         if base.iter().all(|b| *b == base[0]) {
             spread_new_content(&input, &mut base);
         }
