@@ -16,6 +16,11 @@ Called by scripts/bench-*.sh; usable by hand on the files they leave in bench/re
                                           (every run with its within-round ratios, per-target
                                           medians, and the run's provenance)
   bench-report.py collect-micro ...       criterion estimates -> bench/results/micro.{json,csv}
+  bench-report.py losses --dir DIR --scenario S   where each policy's cache hits were lost in
+                                          a multi-turn scenario, from the raw AIPerf records: the
+                                          tokens of each turn's previous context (prompt + reply)
+                                          not found cached, in points of all prompt tokens, split
+                                          between the sessions of the opening burst and later ones
   bench-report.py render [--strict]       tables and plots -> docs/benchmarks.md, docs/img/*.png,
                                           README's headline block; warns loudly when overhead.json,
                                           routing.json or kv.json has no stamp, was measured on a
@@ -1290,6 +1295,64 @@ def cmd_render(_a):
     return 0
 
 
+def turn_losses(path, wave_secs):
+    """(client-side hit rate, lost in the opening burst, lost later), in points of the run's
+    prompt tokens: a turn loses the full blocks of its previous turn's prompt and reply that it
+    did not find cached. Sessions whose first request started within `wave_secs` of the run's
+    first request form the opening burst."""
+    sessions = {}
+    for line in read_text(path).splitlines():
+        if not line.strip():
+            continue
+        d = json.loads(line)
+        md, mt = d.get("metadata", {}), d.get("metrics", {})
+        value = lambda k: (mt.get(k) or {}).get("value", 0) or 0
+        turn = (value("usage_prompt_tokens"), value("usage_prompt_cache_read_tokens"),
+                value("usage_completion_tokens"), md.get("request_start_ns", 0))
+        sessions.setdefault(md.get("conversation_id"), {})[md.get("turn_index", 0)] = turn
+    starts = [t[3] for turns in sessions.values() for t in turns.values()]
+    if not starts:
+        return None
+    t0 = min(starts)
+    prompt = sum(t[0] for turns in sessions.values() for t in turns.values())
+    cached = sum(t[1] for turns in sessions.values() for t in turns.values())
+    burst = later = 0
+    for turns in sessions.values():
+        in_burst = min(t[3] for t in turns.values()) - t0 < wave_secs * 1e9
+        for i, (p, c, _, _) in turns.items():
+            prev = turns.get(i - 1)
+            if prev is None:
+                continue
+            lost = max(0, (min(p, prev[0] + prev[2]) // BLOCK) * BLOCK - c)
+            if in_burst:
+                burst += lost
+            else:
+                later += lost
+    scale = 100.0 / prompt if prompt else 0.0
+    return cached * scale, burst * scale, later * scale
+
+
+def cmd_losses(a):
+    runs = {}
+    pattern = os.path.join(a.dir, "raw", f"{a.scenario}-*-r*", "profile_export.jsonl*")
+    for path in sorted(glob.glob(pattern)):
+        run = os.path.basename(os.path.dirname(path))
+        label, _, rnd = run[len(a.scenario) + 1:].rpartition("-r")
+        got = turn_losses(path, a.wave_secs)
+        if got is not None:
+            runs.setdefault(label, []).append((int(rnd), got))
+    if not runs:
+        print(f"no raw records for scenario {a.scenario} under {a.dir}/raw", file=sys.stderr)
+        return 1
+    print(f"| {a.scenario} | hit rate (client) | lost, opening burst | lost, later sessions |")
+    print("|---|---:|---:|---:|")
+    for label, rows in sorted(runs.items()):
+        rows.sort()
+        cells = [", ".join(f"{r[1][k]:.1f}" for r in rows) for k in range(3)]
+        print(f"| {label} | {cells[0]} % | {cells[1]} | {cells[2]} |")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1325,6 +1388,11 @@ def main():
     m = sub.add_parser("collect-micro")
     m.add_argument("--criterion", required=True)
     m.add_argument("--stamp", help="provenance stamp (bench_stamp) to carry into micro.json")
+    lo = sub.add_parser("losses")
+    lo.add_argument("--dir", required=True, help="a results directory with raw/ (bench/results/kv)")
+    lo.add_argument("--scenario", required=True)
+    lo.add_argument("--wave-secs", type=float, default=1.0,
+                    help="sessions started this close to the first request form the opening burst")
     r = sub.add_parser("render")
     r.add_argument("--strict", action="store_true",
                    help="refuse (exit 1, nothing written) when a results file's provenance is "
@@ -1335,6 +1403,7 @@ def main():
         "summarize-routing": cmd_summarize_routing,
         "collect-overhead": cmd_collect_overhead,
         "collect-micro": cmd_collect_micro,
+        "losses": cmd_losses,
         "render": cmd_render,
     }[a.cmd]
     return fn(a) or 0

@@ -31,7 +31,8 @@ pub struct KvAwareSettings {
     /// where it was placed when no engine holds it any more, instead of going wherever load
     /// says and being cached everywhere in turn.
     pub routed_per_mille: u64,
-    /// On an endpoint whose KV events say its cache is full, each uncached prompt token also
+    /// On an endpoint whose KV events say its cache is full (or that has not evicted yet, its
+    /// size unknown), each uncached prompt token also
     /// evicts a cached one, which may be needed again: it costs this much more, per mille, in
     /// proportion to how full the cache is (`evictionWeight`, default 1.0). Moving content off
     /// its holder onto a full engine then needs a bigger difference in load, and new content

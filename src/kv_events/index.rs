@@ -132,6 +132,9 @@ struct Endpoint {
     /// Whether the engine evicted since its blocks were last cleared (by the engine, or by a
     /// resync that forgot them): then its cache is full, whatever the index still knows of it.
     evicting: bool,
+    /// Whether the engine sent events: until it first evicts its cache's size is unknown, and
+    /// it counts as full.
+    reports: bool,
 }
 
 impl Endpoint {
@@ -142,14 +145,18 @@ impl Endpoint {
             predictions: VecDeque::new(),
             full_at: 0,
             evicting: false,
+            reports: false,
         }
     }
 
     /// How full the engine's cache is, per mille: all of it while it evicts, else the blocks it
-    /// holds over [`Endpoint::full_at`] (0 before it ever evicted).
+    /// holds over [`Endpoint::full_at`]. Before it ever evicted its size is unknown: an engine
+    /// that sends events counts as full (caches fill within seconds under load, and a copy made
+    /// while they fill is still there when they do), one that does not as empty.
     fn fullness(&self) -> u64 {
         match self.full_at {
             _ if self.evicting => 1000,
+            0 if self.reports => 1000,
             0 => 0,
             full => (self.by_engine.len().min(full) * 1000 / full) as u64,
         }
@@ -297,6 +304,9 @@ impl KvIndex {
             let mut inner = self.inner.lock();
             let slot = inner.slot_index(endpoint);
             inner.sweep(slot, now);
+            if let Some(ep) = inner.endpoint(slot) {
+                ep.reports = true;
+            }
             let mut keys = Vec::new();
             let mut evicted = 0;
             for event in events {
@@ -402,10 +412,12 @@ impl KvIndex {
 
     /// [`KvIndex::matched`], and how full each of `endpoints` reports its KV cache, per mille:
     /// 1000 once it evicts (an engine evicts only when its cache is full), else the blocks it
-    /// holds over the most it held when it last evicted. Fullness is 0 for an endpoint that never
-    /// evicted (its cache has room, or llm-lb does not follow its events) or that the index does
-    /// not know; an engine that emptied its cache (`AllBlocksCleared`) fills up from 0 again, and
-    /// after a resync that forgot an endpoint's blocks its next eviction says it is full again.
+    /// holds over the most it held when it last evicted. An engine that sent events but never
+    /// evicted counts as full (its size is unknown, and under load it fills within seconds);
+    /// fullness is 0 for an endpoint whose events llm-lb does not follow or that the index does
+    /// not know. An engine that emptied its cache (`AllBlocksCleared`) after it evicted fills up
+    /// from 0 again, and after a resync that forgot an endpoint's blocks its next eviction says
+    /// it is full again.
     /// One lock and one lookup of each label for both.
     pub fn matched_and_fullness(
         &self,
@@ -901,9 +913,11 @@ mod tests {
     fn an_engine_is_full_once_it_evicts_and_empty_after_a_clear() {
         let index = KvIndex::new("p", DEFAULT_CAPACITY);
         let t = tokens(4 * BS, 3);
-        index.apply("a", &[stored(1, None, &t)]);
-        // Four blocks held, none evicted yet: the cache may have room.
+        // An endpoint the index does not know counts as empty.
         assert_eq!(full(&index, &["a", "b"]), vec![0, 0]);
+        index.apply("a", &[stored(1, None, &t)]);
+        // Four blocks held, none evicted yet: the cache's size is unknown, it counts as full.
+        assert_eq!(full(&index, &["a", "b"]), vec![1000, 0]);
         // Evicting one block to store another says the cache holds four.
         let u = tokens(BS, 4);
         index.apply("a", &[removed(&[4]), stored(9, None, &u)]);
@@ -922,10 +936,11 @@ mod tests {
         assert_eq!(full(&index, &["a"]), vec![0]);
         index.apply("a", &[removed(&[77])]);
         assert_eq!(full(&index, &["a"]), vec![1000]);
-        // A forgotten endpoint starts over.
+        // A forgotten endpoint starts over: its size unknown again.
         index.forget_endpoint("a");
-        index.apply("a", &[stored(1, None, &t)]);
         assert_eq!(full(&index, &["a"]), vec![0]);
+        index.apply("a", &[stored(1, None, &t)]);
+        assert_eq!(full(&index, &["a"]), vec![1000]);
     }
 
     #[test]

@@ -89,9 +89,11 @@ async fn a_conversation_comes_back_to_the_endpoint_that_holds_it() {
 
 #[tokio::test]
 async fn load_in_tokens_outweighs_a_short_cached_prefix() {
+    // Only endpoint 0 sends events (so it counts as full): no eviction cost, prefill and load.
     let (p, index) = policy(KvAwareSettings {
         tie_per_mille: 0,
         decode_tokens: 128,
+        eviction_per_mille: 0,
         ..KvAwareSettings::default()
     });
     // Endpoint 0's engine holds the first 32 tokens of a 64-token prompt.
@@ -296,6 +298,33 @@ async fn uncached_tokens_cost_more_on_a_full_cache() {
 }
 
 #[tokio::test]
+async fn a_copy_costs_its_eviction_before_the_cache_size_is_known() {
+    // Both engines send events and neither has evicted yet: their caches count as full, so a
+    // copy of what endpoint 0 holds costs what it will evict once they fill.
+    let (p, index) = policy(KvAwareSettings {
+        tie_per_mille: 0,
+        ..KvAwareSettings::default()
+    });
+    let (request, tokens) = tokens_prompt(1536, 0);
+    let (filler, _) = tokens_prompt(1000, 50_000);
+    index.apply(&label(0), &[stored(&tokens[..1024], 1)]);
+    index.apply(&label(1), &[stored(&tokens_prompt(64, 80_000).1, 800)]);
+    // Endpoint 0 is busy with 1000 uncached prompt tokens and 128 of decoding: 512 uncached
+    // there cost 1024 + 1128, 1536 on the idle engine 3072. Counted as empty, the copy would
+    // cost 1536 against 512 + 1128, and the document would be cached twice.
+    let busy = pick(&p, &filler, &[EndpointId::new(0)]).await;
+    let chosen = pick(&p, &request, &ids(2)).await;
+    assert_eq!(
+        (chosen.endpoint, chosen.reason),
+        (EndpointId::new(0), "kv_hit")
+    );
+    for l in [busy.lease, chosen.lease] {
+        l.expect("lease").release(Outcome::Completed);
+    }
+    released(&p).await;
+}
+
+#[tokio::test]
 async fn an_engine_queue_counts_as_load_when_scraped() {
     let labels = (0..3).map(label).collect();
     let board = Arc::new(MetricsBoard::new("p", labels, Duration::from_secs(60)));
@@ -308,9 +337,11 @@ async fn an_engine_queue_counts_as_load_when_scraped() {
     };
     let (request, tokens) = tokens_prompt(64, 0);
     for queue_per_mille in [0, 1000] {
+        // Only endpoint 0 sends events (so it counts as full): no eviction cost, the queue alone.
         let (p, index) = policy(KvAwareSettings {
             tie_per_mille: 0,
             queue_per_mille,
+            eviction_per_mille: 0,
             ..KvAwareSettings::default()
         });
         let p = p.with_board(Some(board.clone()));
