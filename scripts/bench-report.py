@@ -20,7 +20,9 @@ Called by scripts/bench-*.sh; usable by hand on the files they leave in bench/re
                                           a multi-turn scenario, from the raw AIPerf records: the
                                           tokens of each turn's previous context (prompt + reply)
                                           not found cached, in points of all prompt tokens, split
-                                          between the sessions of the opening burst and later ones
+                                          between the sessions of the opening burst and later ones,
+                                          and (kv_aware, from the picks.log.gz a run keeps) what
+                                          the index held on the chosen endpoint at the pick
   bench-report.py render [--strict]       tables and plots -> docs/benchmarks.md, docs/img/*.png,
                                           README's headline block; warns loudly when overhead.json,
                                           routing.json or kv.json has no stamp, was measured on a
@@ -386,6 +388,10 @@ def cmd_collect_routing(a):
             write_gz(os.path.join(a.raw, f"sim{i}.metrics.gz"), text)
         for i, text in enumerate(admin_texts):
             write_gz(os.path.join(a.raw, f"llm-lb{i}.metrics.gz"), text)
+        picks_kept = [l for log in (a.pick_logs or []) if os.path.exists(log)
+                      for l in read_text(log).splitlines(keepends=True) if PICK_LINE.search(l)]
+        if picks_kept:
+            write_gz(os.path.join(a.raw, "picks.log.gz"), "".join(picks_kept))
         out["raw"] = os.path.relpath(a.raw, ROOT) if os.path.abspath(a.raw).startswith(ROOT + os.sep) else a.raw
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     json.dump(out, open(a.out, "w"), indent=1)
@@ -1295,11 +1301,55 @@ def cmd_render(_a):
     return 0
 
 
-def turn_losses(path, wave_secs):
-    """(client-side hit rate, lost in the opening burst, lost later), in points of the run's
-    prompt tokens: a turn loses the full blocks of its previous turn's prompt and reply that it
-    did not find cached. Sessions whose first request started within `wave_secs` of the run's
-    first request form the opening burst."""
+# One kv_aware pick in llm-lb's debug log (RUST_LOG llm_lb::policy::kv_aware=debug).
+PICK_LINE = re.compile(
+    r"^\[(\S+?)Z? DEBUG .*kv_aware prompt=(\d+) tokens.*candidates \[([^\]]*)\] matched blocks "
+    r"\[([^\]]*)\].* chose (\S+) \(cost")
+
+
+def read_picks(path):
+    """kv_aware's picks in a pick log: (unix time, prompt tokens, blocks the index said the
+    chosen endpoint held)."""
+    picks = []
+    for line in read_text(path).splitlines():
+        m = PICK_LINE.search(line)
+        if not m:
+            continue
+        stamp, prompt, candidates, matched, chosen = m.groups()
+        labels = [c.strip().strip('"') for c in candidates.split(",")]
+        blocks = [int(x) for x in matched.split(",")]
+        if chosen not in labels or len(blocks) != len(labels):
+            continue
+        when = datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.timezone.utc)
+        picks.append((when.timestamp(), int(prompt), blocks[labels.index(chosen)]))
+    return picks
+
+
+def held_at_pick(turns, picks):
+    """For each turn (start ns, prompt tokens) the blocks the index said its endpoint held
+    when it was picked, or None: each turn is matched to the unused pick of the same prompt
+    length closest in time (within 0.2 s)."""
+    free = sorted(picks)
+    held = []
+    for start_ns, prompt in turns:
+        start = start_ns / 1e9
+        near = [i for i, p in enumerate(free) if p[1] == prompt and abs(p[0] - start) <= 0.2]
+        if not near:
+            held.append(None)
+            continue
+        i = min(near, key=lambda i: abs(free[i][0] - start))
+        held.append(free.pop(i)[2])
+    return held
+
+
+def turn_losses(path, wave_secs, picks=None):
+    """(client-side hit rate, lost in the opening burst, lost later, lost although the index
+    held it at the pick), in points of the run's prompt tokens: a turn loses the full blocks of
+    its previous turn's prompt and reply that it did not find cached. Sessions whose first
+    request started within `wave_secs` of the run's first request form the opening burst. The
+    last figure (None without `picks`, kv_aware's picks from read_picks) counts the lost tokens
+    that the chosen endpoint held by the index when the turn was routed: evicted by the engine
+    after the pick."""
     sessions = {}
     for line in read_text(path).splitlines():
         if not line.strip():
@@ -1307,29 +1357,35 @@ def turn_losses(path, wave_secs):
         d = json.loads(line)
         md, mt = d.get("metadata", {}), d.get("metrics", {})
         value = lambda k: (mt.get(k) or {}).get("value", 0) or 0
-        turn = (value("usage_prompt_tokens"), value("usage_prompt_cache_read_tokens"),
-                value("usage_completion_tokens"), md.get("request_start_ns", 0))
+        turn = [value("usage_prompt_tokens"), value("usage_prompt_cache_read_tokens"),
+                value("usage_completion_tokens"), md.get("request_start_ns", 0), None]
         sessions.setdefault(md.get("conversation_id"), {})[md.get("turn_index", 0)] = turn
-    starts = [t[3] for turns in sessions.values() for t in turns.values()]
-    if not starts:
+    every = sorted((t for turns in sessions.values() for t in turns.values()), key=lambda t: t[3])
+    if not every:
         return None
-    t0 = min(starts)
-    prompt = sum(t[0] for turns in sessions.values() for t in turns.values())
-    cached = sum(t[1] for turns in sessions.values() for t in turns.values())
-    burst = later = 0
+    if picks:
+        for t, held in zip(every, held_at_pick([(t[3], t[0]) for t in every], picks)):
+            t[4] = held
+    t0 = every[0][3]
+    prompt = sum(t[0] for t in every)
+    cached = sum(t[1] for t in every)
+    burst = later = after = 0
     for turns in sessions.values():
         in_burst = min(t[3] for t in turns.values()) - t0 < wave_secs * 1e9
-        for i, (p, c, _, _) in turns.items():
+        for i, (p, c, _, _, held) in turns.items():
             prev = turns.get(i - 1)
             if prev is None:
                 continue
-            lost = max(0, (min(p, prev[0] + prev[2]) // BLOCK) * BLOCK - c)
+            context = (min(p, prev[0] + prev[2]) // BLOCK) * BLOCK
+            lost = max(0, context - c)
             if in_burst:
                 burst += lost
             else:
                 later += lost
+            if held is not None:
+                after += max(0, min(held * BLOCK, context) - c)
     scale = 100.0 / prompt if prompt else 0.0
-    return cached * scale, burst * scale, later * scale
+    return cached * scale, burst * scale, later * scale, (after * scale if picks else None)
 
 
 def cmd_losses(a):
@@ -1338,18 +1394,22 @@ def cmd_losses(a):
     for path in sorted(glob.glob(pattern)):
         run = os.path.basename(os.path.dirname(path))
         label, _, rnd = run[len(a.scenario) + 1:].rpartition("-r")
-        got = turn_losses(path, a.wave_secs)
+        pick_log = os.path.join(os.path.dirname(path), "picks.log.gz")
+        picks = read_picks(pick_log) if os.path.exists(pick_log) else None
+        got = turn_losses(path, a.wave_secs, picks)
         if got is not None:
             runs.setdefault(label, []).append((int(rnd), got))
     if not runs:
         print(f"no raw records for scenario {a.scenario} under {a.dir}/raw", file=sys.stderr)
         return 1
-    print(f"| {a.scenario} | hit rate (client) | lost, opening burst | lost, later sessions |")
-    print("|---|---:|---:|---:|")
+    print(f"| {a.scenario} | hit rate (client) | lost, opening burst | lost, later sessions "
+          "| lost, held by the index at the pick |")
+    print("|---|---:|---:|---:|---:|")
     for label, rows in sorted(runs.items()):
         rows.sort()
-        cells = [", ".join(f"{r[1][k]:.1f}" for r in rows) for k in range(3)]
-        print(f"| {label} | {cells[0]} % | {cells[1]} | {cells[2]} |")
+        cells = [", ".join("—" if r[1][k] is None else f"{r[1][k]:.1f}" for r in rows)
+                 for k in range(4)]
+        print(f"| {label} | {cells[0]} % | {cells[1]} | {cells[2]} | {cells[3]} |")
     return 0
 
 
@@ -1374,6 +1434,8 @@ def main():
     c.add_argument("--command", default="", help="the command that ran the benchmark")
     c.add_argument("--stamp", help="the run's provenance stamp (stamp.json), copied into the result")
     c.add_argument("--raw", help="keep AIPerf's exports and the /metrics snapshots here, gzipped")
+    c.add_argument("--pick-logs", nargs="*", default=[],
+                   help="llm-lb logs whose kv_aware pick lines (debug level) --raw keeps as picks.log.gz")
     s = sub.add_parser("summarize-routing")
     s.add_argument("--dir", required=True)
     s.add_argument("--elapsed", type=float, default=0)

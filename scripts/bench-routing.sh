@@ -119,6 +119,9 @@ RESULTS="$ROOT/bench/results/$SET"
 WORK="$ROOT/bench/work/$SET"
 # The exact command: every knob set in the environment, then the script.
 COMMAND=$(bench_command "$0" ROUTING_ LLMLB_VENV LLMLB_SGL_VENV BENCH_RUST_LOG)
+# The KV set logs every kv_aware pick (one debug line a request): each run keeps them in its raw
+# directory (picks.log.gz), for `bench-report.py losses` to tell what the index held at the pick.
+if [ "$SET" = kv ]; then BENCH_RUST_LOG="${BENCH_RUST_LOG:-warn,llm_lb::policy::kv_aware=debug}"; fi
 
 trap bench_cleanup EXIT
 trap 'exit 130' INT TERM
@@ -392,6 +395,7 @@ run_one() {
         --command "$COMMAND" --stamp "$RESULTS/stamp.json" --raw "$RESULTS/raw/$scenario-$label-r$round" \
         --scenario "$scenario" --label "$label" --policy "$policy" --replicas "$replicas" \
         --store "$store" --round "$round" --wall-start "$t0" --wall-end "$t1" \
+        --pick-logs "$RUN_DIR"/llm-lb*.log \
         --sims "${SIM_URLS[@]}" --admins "${ADMINS[@]}" --out "$RESULTS/$scenario-$label-r$round.json"
     local pid
     for pid in "${ROUTER_PIDS[@]}" "${SIM_PIDS[@]}"; do bench_stop "$pid" 10; done
