@@ -23,6 +23,8 @@ Called by scripts/bench-*.sh; usable by hand on the files they leave in bench/re
                                           between the sessions of the opening burst and later ones,
                                           and (kv_aware, from the picks.log.gz a run keeps) what
                                           the index held on the chosen endpoint at the pick
+  bench-report.py sessions --dir DIR --run R   one kv_aware run's sessions in start order: the
+                                          endpoint each went to, the tokens each turn lost
   bench-report.py render [--strict]       tables and plots -> docs/benchmarks.md, docs/img/*.png,
                                           README's headline block; warns loudly when overhead.json,
                                           routing.json or kv.json has no stamp, was measured on a
@@ -1321,7 +1323,7 @@ PICK_LINE = re.compile(
 
 def read_picks(path):
     """kv_aware's picks in a pick log: (unix time, prompt tokens, blocks the index said the
-    chosen endpoint held)."""
+    chosen endpoint held, the chosen endpoint)."""
     picks = []
     for line in read_text(path).splitlines():
         m = PICK_LINE.search(line)
@@ -1333,35 +1335,15 @@ def read_picks(path):
         if chosen not in labels or len(blocks) != len(labels):
             continue
         when = datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.timezone.utc)
-        picks.append((when.timestamp(), int(prompt), blocks[labels.index(chosen)]))
+        picks.append((when.timestamp(), int(prompt), blocks[labels.index(chosen)], chosen))
     return picks
 
 
-def held_at_pick(turns, picks):
-    """For each turn (start ns, prompt tokens) the blocks the index said its endpoint held
-    when it was picked, or None: each turn is matched to the unused pick of the same prompt
-    length closest in time (within 0.2 s)."""
-    free = sorted(picks)
-    held = []
-    for start_ns, prompt in turns:
-        start = start_ns / 1e9
-        near = [i for i, p in enumerate(free) if p[1] == prompt and abs(p[0] - start) <= 0.2]
-        if not near:
-            held.append(None)
-            continue
-        i = min(near, key=lambda i: abs(free[i][0] - start))
-        held.append(free.pop(i)[2])
-    return held
-
-
-def turn_losses(path, wave_secs, picks=None):
-    """(client-side hit rate, lost in the opening burst, lost later, lost although the index
-    held it at the pick), in points of the run's prompt tokens: a turn loses the full blocks of
-    its previous turn's prompt and reply that it did not find cached. Sessions whose first
-    request started within `wave_secs` of the run's first request form the opening burst. The
-    last figure (None without `picks`, kv_aware's picks from read_picks) counts the lost tokens
-    that the chosen endpoint held by the index when the turn was routed: evicted by the engine
-    after the pick."""
+def read_turns(path, picks=None):
+    """A run's turns from AIPerf's records, by session: {conversation: {turn: [prompt tokens,
+    cached tokens, completion tokens, start ns, pick]}}, and every turn by start time. With
+    `picks` (read_picks), each turn gets the unused pick of the same prompt length closest in
+    time (within 0.2 s), or None."""
     sessions = {}
     for line in read_text(path).splitlines():
         if not line.strip():
@@ -1373,31 +1355,79 @@ def turn_losses(path, wave_secs, picks=None):
                 value("usage_completion_tokens"), md.get("request_start_ns", 0), None]
         sessions.setdefault(md.get("conversation_id"), {})[md.get("turn_index", 0)] = turn
     every = sorted((t for turns in sessions.values() for t in turns.values()), key=lambda t: t[3])
+    free = sorted(picks or [])
+    for t in every if picks else []:
+        start = t[3] / 1e9
+        near = [i for i, p in enumerate(free) if p[1] == t[0] and abs(p[0] - start) <= 0.2]
+        if near:
+            t[4] = free.pop(min(near, key=lambda i: abs(free[i][0] - start)))
+    return sessions, every
+
+
+def turn_lost(turns, i):
+    """(tokens of turn i's previous context — the previous prompt and reply, in full blocks —
+    and how many of them it did not find cached), or None for a first turn."""
+    prev = turns.get(i - 1)
+    if prev is None:
+        return None
+    p, c = turns[i][0], turns[i][1]
+    context = (min(p, prev[0] + prev[2]) // BLOCK) * BLOCK
+    return context, max(0, context - c)
+
+
+def turn_losses(path, wave_secs, picks=None):
+    """(client-side hit rate, lost in the opening burst, lost later, lost although the index
+    held it at the pick), in points of the run's prompt tokens: a turn loses the full blocks of
+    its previous turn's prompt and reply that it did not find cached. Sessions whose first
+    request started within `wave_secs` of the run's first request form the opening burst. The
+    last figure (None without `picks`, kv_aware's picks from read_picks) counts the lost tokens
+    that the chosen endpoint held by the index when the turn was routed: evicted by the engine
+    after the pick."""
+    sessions, every = read_turns(path, picks)
     if not every:
         return None
-    if picks:
-        for t, held in zip(every, held_at_pick([(t[3], t[0]) for t in every], picks)):
-            t[4] = held
     t0 = every[0][3]
     prompt = sum(t[0] for t in every)
     cached = sum(t[1] for t in every)
     burst = later = after = 0
     for turns in sessions.values():
         in_burst = min(t[3] for t in turns.values()) - t0 < wave_secs * 1e9
-        for i, (p, c, _, _, held) in turns.items():
-            prev = turns.get(i - 1)
-            if prev is None:
+        for i, turn in turns.items():
+            got = turn_lost(turns, i)
+            if got is None:
                 continue
-            context = (min(p, prev[0] + prev[2]) // BLOCK) * BLOCK
-            lost = max(0, context - c)
+            context, lost = got
             if in_burst:
                 burst += lost
             else:
                 later += lost
-            if held is not None:
-                after += max(0, min(held * BLOCK, context) - c)
+            if turn[4] is not None:
+                after += max(0, min(turn[4][2] * BLOCK, context) - turn[1])
     scale = 100.0 / prompt if prompt else 0.0
     return cached * scale, burst * scale, later * scale, (after * scale if picks else None)
+
+
+def cmd_sessions(a):
+    """One run's sessions in the order they started: where kv_aware sent them and what each
+    turn lost, from the raw records and the picks the run kept."""
+    run = os.path.join(a.dir, "raw", a.run)
+    pick_log = os.path.join(run, "picks.log.gz")
+    if not os.path.exists(pick_log):
+        print(f"no picks.log.gz in {run} (only kv_aware runs of the KV set keep one)", file=sys.stderr)
+        return 1
+    sessions, every = read_turns(os.path.join(run, "profile_export.jsonl"), read_picks(pick_log))
+    if not every:
+        print(f"no records in {run}", file=sys.stderr)
+        return 1
+    t0 = every[0][3]
+    print("| session | start (s) | endpoint | tokens lost by turn |")
+    print("|---|---:|---|---|")
+    for conv, turns in sorted(sessions.items(), key=lambda kv: min(t[3] for t in kv[1].values())):
+        start = (min(t[3] for t in turns.values()) - t0) / 1e9
+        where = sorted({t[4][3] for t in turns.values() if t[4] is not None}) or ["?"]
+        lost = [str(turn_lost(turns, i)[1]) for i in sorted(turns) if i > 0 and i - 1 in turns]
+        print(f"| {conv} | {start:.2f} | {', '.join(where)} | {' '.join(lost)} |")
+    return 0
 
 
 def cmd_losses(a):
@@ -1467,6 +1497,9 @@ def main():
     lo.add_argument("--scenario", required=True)
     lo.add_argument("--wave-secs", type=float, default=1.0,
                     help="sessions started this close to the first request form the opening burst")
+    se = sub.add_parser("sessions")
+    se.add_argument("--dir", required=True, help="a results directory with raw/ (bench/results/kv)")
+    se.add_argument("--run", required=True, help="a kv_aware run, e.g. evict-kv_aware_events-r3")
     r = sub.add_parser("render")
     r.add_argument("--strict", action="store_true",
                    help="refuse (exit 1, nothing written) when a results file's provenance is "
@@ -1478,6 +1511,7 @@ def main():
         "collect-overhead": cmd_collect_overhead,
         "collect-micro": cmd_collect_micro,
         "losses": cmd_losses,
+        "sessions": cmd_sessions,
         "render": cmd_render,
     }[a.cmd]
     return fn(a) or 0

@@ -32,11 +32,11 @@ pub struct KvAwareSettings {
     /// says and being cached everywhere in turn.
     pub routed_per_mille: u64,
     /// On an endpoint whose KV events say its cache is full (or that has not evicted yet, its
-    /// size unknown), each uncached prompt token also
-    /// evicts a cached one, which may be needed again: it costs this much more, per mille, in
-    /// proportion to how full the cache is (`evictionWeight`, default 1.0). Moving content off
-    /// its holder onto a full engine then needs a bigger difference in load, and new content
-    /// goes preferably to an engine with room (one that just emptied its cache).
+    /// size unknown), each uncached prompt token also evicts a cached one, which may be needed
+    /// again: it costs this much more, per mille, in proportion to how full the cache is
+    /// (`evictionWeight`, default 1.0). Moving content off its holder onto a full engine then
+    /// needs a bigger difference in load, and new content goes preferably to an engine with
+    /// room (one that just emptied its cache).
     pub eviction_per_mille: u64,
     /// The engine's own queue, scraped from its metrics (the pool's `metrics`): each request it
     /// reports waiting adds this much, per mille, of the placed request's least load to the
