@@ -59,6 +59,9 @@
 #                       may, and bench-report.py says so when it renders the page)
 #   ROUTING_NO_REPORT=1 do not regenerate docs/benchmarks.md
 #   LLMLB_VENV, LLMLB_SGL_VENV  Python venvs (default target/py-venv, target/sgl-venv)
+#   BENCH_RUST_LOG      llm-lb's RUST_LOG (default warn; in the kv set
+#                       warn,llm_lb::policy::kv_aware=debug, whose pick lines each kv_aware run
+#                       keeps as raw/<run>/picks.log.gz for `bench-report.py losses` and `sessions`)
 # Results (bench/results/kv/ and kv.{json,csv} for ROUTING_SET=kv):
 #   bench/results/routing/stamp.json   provenance of the invocation, written before the first run
 #                       and checked after the last: commit, whether the tree had uncommitted
