@@ -25,12 +25,14 @@
 # "kv-*" blocks of docs/benchmarks.md): the simulators tokenize with SmolLM2's real tokenizer
 # (scripts/engine.sh) and publish vLLM's KV-cache events; policies prefix_cache, kv_aware without
 # events (its own predictions), kv_aware with events, the SGLang router's cache_aware and
-# global_least_request. Scenarios (default "evict reset seed unique replicas"):
+# global_least_request. Scenarios (default "evict reset docs docs_reset seed unique replicas"):
 #   evict     long multi-turn sessions on caches too small to keep them (eviction pressure):
 #             60 sessions x 5 turns, ~1000 input tokens per turn, 200 output, concurrency 20,
 #             2048 KV blocks (32k tokens) per server (1024 thrashes for every policy alike)
 #   reset     evict, and each simulator in turn empties its prefix cache during the run, as an
 #             engine restart does (vLLM's POST /reset_prefix_cache, running requests preempted)
+#   evict_varied  (not in the default) evict with sessions of varied length (5 turns on average,
+#             standard deviation 2), so that sessions started together do not end together
 #   docs      shared documents under eviction: 80 sessions x 4 turns, each opening with one of 16
 #             documents of 2000 tokens (AIPerf --num-prefix-prompts) and going on with its own
 #             questions (~300 tokens) and answers (~150), concurrency 24, ROUTING_DOCS_KV_BLOCKS
@@ -50,7 +52,7 @@
 #                       sglang_cache_aware (default: all)
 #   ROUTING_SESSIONS    sessions of the seed workload (default 60)
 #   ROUTING_SET         routing (default) or kv (see above)
-#   ROUTING_EVICT_KV_BLOCKS  KV blocks per server in the evict and reset scenarios (default 2048)
+#   ROUTING_EVICT_KV_BLOCKS  KV blocks per server in the evict, reset and evict_varied scenarios (default 2048)
 #   ROUTING_DOCS_KV_BLOCKS   KV blocks per server in the docs and docs_reset scenarios (default 1024)
 #   ROUTING_KV_CONFIG   more lb_config keys for kv_aware, e.g. "loadWeight: 0.5, decodeTokens: 32"
 #   ROUTING_APPEND=1    keep the results of the scenarios not run now (by default every earlier
@@ -100,8 +102,8 @@ case "$SET" in
         SCENARIOS="${ROUTING_SCENARIOS:-$KNOWN_SCENARIOS}"
         POLICIES="${ROUTING_POLICIES:-round_robin global_least_request prefix_cache least_busy sglang_cache_aware}" ;;
     kv)
-        KNOWN_SCENARIOS="evict reset docs docs_reset seed unique replicas"
-        SCENARIOS="${ROUTING_SCENARIOS:-$KNOWN_SCENARIOS}"
+        KNOWN_SCENARIOS="evict reset docs docs_reset seed unique replicas evict_varied"
+        SCENARIOS="${ROUTING_SCENARIOS:-evict reset docs docs_reset seed unique replicas}"
         POLICIES="${ROUTING_POLICIES:-global_least_request prefix_cache kv_aware kv_aware_events sglang_cache_aware}" ;;
     *) echo "ROUTING_SET must be routing or kv" >&2; exit 2 ;;
 esac
@@ -295,6 +297,10 @@ scenario_args() {
             echo "--isl 1000 --isl-stddev 200 --osl 200 --osl-stddev 50 \
                 --conversation-num 60 --conversation-turn-mean 5 --conversation-turn-stddev 0 \
                 --conversation-turn-delay-mean 0 --concurrency 20" ;;
+        evict_varied)
+            echo "--isl 1000 --isl-stddev 200 --osl 200 --osl-stddev 50 \
+                --conversation-num 60 --conversation-turn-mean 5 --conversation-turn-stddev 2 \
+                --conversation-turn-delay-mean 0 --concurrency 20" ;;
         docs | docs_reset)
             echo "--num-prefix-prompts 16 --prefix-prompt-length 2000 --isl 300 --isl-stddev 60 \
                 --osl 150 --osl-stddev 40 --conversation-num 80 --conversation-turn-mean 4 \
@@ -323,7 +329,7 @@ scenario_args() {
 scenario_runs() {
     local p
     case "$SET:$1" in
-        kv:evict | kv:reset | kv:docs | kv:docs_reset)
+        kv:evict | kv:reset | kv:evict_varied | kv:docs | kv:docs_reset)
             for p in $POLICIES; do
                 case "$p" in
                     kv_aware_events) echo "$p kv_aware 1 embedded" ;;
@@ -359,7 +365,7 @@ run_one() {
     step "[$scenario] $label (round $round of $REPEATS)"
     local blocks=$KV_BLOCKS
     case "$scenario" in
-        evict | reset) blocks=${ROUTING_EVICT_KV_BLOCKS:-2048} ;;
+        evict | reset | evict_varied) blocks=${ROUTING_EVICT_KV_BLOCKS:-2048} ;;
         docs | docs_reset) blocks=${ROUTING_DOCS_KV_BLOCKS:-1024} ;;
     esac
     start_sims "$blocks"
