@@ -470,7 +470,8 @@ def cmd_summarize_routing(a):
         for t in trees if t["commit"]
     ):
         summary["runs_from_other_trees"] = True
-    prev = os.path.join(RESULTS, f"{a.set}.json")
+    name = a.name or a.set
+    prev = os.path.join(RESULTS, f"{name}.json")
     if os.path.exists(prev):
         # Keep the timing of scenarios that this invocation did not run.
         try:
@@ -496,11 +497,11 @@ def cmd_summarize_routing(a):
     # Only scenarios whose runs are here: a stale timing would describe results that are gone.
     summary["elapsed_by_scenario"] = {k: v for k, v in elapsed_by.items() if k in {r["scenario"] for r in runs}}
     summary.pop("previous_elapsed_s", None)
-    json.dump(summary, open(os.path.join(RESULTS, f"{a.set}.json"), "w"), indent=1)
-    with open(os.path.join(RESULTS, f"{a.set}.csv"), "w", newline="") as f:
+    json.dump(summary, open(os.path.join(RESULTS, f"{name}.json"), "w"), indent=1)
+    with open(os.path.join(RESULTS, f"{name}.csv"), "w", newline="") as f:
         for line in provenance_lines(summary):
             f.write(f"# {line}\n")
-        for msg in routing_provenance_problems(summary, f"bench/results/{a.set}.json"):
+        for msg in routing_provenance_problems(summary, f"bench/results/{name}.json"):
             if "HEAD is" not in msg:
                 f.write(f"# warning: {msg}\n")
         w = csv.writer(f)
@@ -512,8 +513,8 @@ def cmd_summarize_routing(a):
                 + [("" if g(r) is None else round(g(r), 4)) for _, g in ROUTING_FIELDS]
                 + [r.get("commit") or "", "" if r.get("dirty") is None else int(bool(r["dirty"]))]
             )
-    print("wrote", os.path.relpath(os.path.join(RESULTS, f"{a.set}.json"), ROOT), f"and {a.set}.csv")
-    for msg in routing_provenance_problems(summary, f"bench/results/{a.set}.json"):
+    print("wrote", os.path.relpath(os.path.join(RESULTS, f"{name}.json"), ROOT), f"and {name}.csv")
+    for msg in routing_provenance_problems(summary, f"bench/results/{name}.json"):
         print(f"WARNING: {msg}", file=sys.stderr)
 
 
@@ -1485,6 +1486,7 @@ def main():
     s.add_argument("--kv-blocks", default="")
     s.add_argument("--repeats", default="1")
     s.add_argument("--set", default="routing", choices=sorted(BASELINE))
+    s.add_argument("--name", help="the summary's name, bench/results/<name>.{json,csv} (default: the set)")
     s.add_argument("--stamp", help="the invocation's provenance stamp (stamp.json)")
     o = sub.add_parser("collect-overhead")
     o.add_argument("--dir", required=True)

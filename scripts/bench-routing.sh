@@ -33,6 +33,12 @@
 #             engine restart does (vLLM's POST /reset_prefix_cache, running requests preempted)
 #   evict_varied  (not in the default) evict with sessions of varied length (5 turns on average,
 #             standard deviation 2), so that sessions started together do not end together
+#   chat      (not in the default) chat users who think between turns: 90 sessions of varied
+#             length (5 turns on average, standard deviation 2), ~1000 input tokens a turn (sd 300),
+#             200 output, 3 s between a reply and the next turn (sd 1.5 s), 24 sessions at once;
+#             evict's 2048 blocks per server. A waiting session's blocks are evicted before its
+#             next turn is routed, so the index knows it and a guess does not
+#   chat_reset  (not in the default) chat, with the resets of reset
 #   docs      shared documents under eviction: 80 sessions x 4 turns, each opening with one of 16
 #             documents of 2000 tokens (AIPerf --num-prefix-prompts) and going on with its own
 #             questions (~300 tokens) and answers (~150), concurrency 24, ROUTING_DOCS_KV_BLOCKS
@@ -59,6 +65,10 @@
 #                       run file, raw output and stamp of the set is deleted first, so that the
 #                       tables never mix runs of different commits; with ROUTING_APPEND=1 they
 #                       may, and bench-report.py says so when it renders the page)
+#   ROUTING_RESULTS     where the results go: bench/results/<name>/ and <name>.{json,csv}
+#                       (default: the set's name). Runs kept under another name stay out of the
+#                       tables of docs/benchmarks.md, e.g. ROUTING_RESULTS=kv-optional for the kv
+#                       set's optional scenarios, which the page quotes from there
 #   ROUTING_NO_REPORT=1 do not regenerate docs/benchmarks.md
 #   LLMLB_VENV, LLMLB_SGL_VENV  Python venvs (default target/py-venv, target/sgl-venv)
 #   BENCH_RUST_LOG      llm-lb's RUST_LOG (default warn; in the kv set
@@ -102,7 +112,7 @@ case "$SET" in
         SCENARIOS="${ROUTING_SCENARIOS:-$KNOWN_SCENARIOS}"
         POLICIES="${ROUTING_POLICIES:-round_robin global_least_request prefix_cache least_busy sglang_cache_aware}" ;;
     kv)
-        KNOWN_SCENARIOS="evict reset docs docs_reset seed unique replicas evict_varied"
+        KNOWN_SCENARIOS="evict reset docs docs_reset seed unique replicas evict_varied chat chat_reset"
         SCENARIOS="${ROUTING_SCENARIOS:-evict reset docs docs_reset seed unique replicas}"
         POLICIES="${ROUTING_POLICIES:-global_least_request prefix_cache kv_aware kv_aware_events sglang_cache_aware}" ;;
     *) echo "ROUTING_SET must be routing or kv" >&2; exit 2 ;;
@@ -120,8 +130,13 @@ LB_PORT=$((BASE + 80))
 SGL_PORT=$((BASE + 90))
 FRONT_PORT=$((BASE + 95))
 REDIS_PORT=$((BASE + 379))
-RESULTS="$ROOT/bench/results/$SET"
-WORK="$ROOT/bench/work/$SET"
+RESULTS_NAME="${ROUTING_RESULTS:-$SET}"
+case "$RESULTS_NAME" in
+    routing | kv) [ "$RESULTS_NAME" = "$SET" ] || { echo "ROUTING_RESULTS=$RESULTS_NAME is another set's" >&2; exit 2; } ;;
+    *[!a-z0-9_-]* | "") echo "ROUTING_RESULTS must be a name of lower-case letters, digits, - and _" >&2; exit 2 ;;
+esac
+RESULTS="$ROOT/bench/results/$RESULTS_NAME"
+WORK="$ROOT/bench/work/$RESULTS_NAME"
 # The exact command: every knob set in the environment, then the script.
 COMMAND=$(bench_command "$0" ROUTING_ LLMLB_VENV LLMLB_SGL_VENV BENCH_RUST_LOG)
 # The KV set logs every kv_aware pick (one debug line a request): each run keeps them in its raw
@@ -301,6 +316,10 @@ scenario_args() {
             echo "--isl 1000 --isl-stddev 200 --osl 200 --osl-stddev 50 \
                 --conversation-num 60 --conversation-turn-mean 5 --conversation-turn-stddev 2 \
                 --conversation-turn-delay-mean 0 --concurrency 20" ;;
+        chat | chat_reset)
+            echo "--isl 1000 --isl-stddev 300 --osl 200 --osl-stddev 50 \
+                --conversation-num 90 --conversation-turn-mean 5 --conversation-turn-stddev 2 \
+                --conversation-turn-delay-mean 3000 --conversation-turn-delay-stddev 1500 --concurrency 24" ;;
         docs | docs_reset)
             echo "--num-prefix-prompts 16 --prefix-prompt-length 2000 --isl 300 --isl-stddev 60 \
                 --osl 150 --osl-stddev 40 --conversation-num 80 --conversation-turn-mean 4 \
@@ -329,7 +348,7 @@ scenario_args() {
 scenario_runs() {
     local p
     case "$SET:$1" in
-        kv:evict | kv:reset | kv:evict_varied | kv:docs | kv:docs_reset)
+        kv:evict | kv:reset | kv:evict_varied | kv:chat | kv:chat_reset | kv:docs | kv:docs_reset)
             for p in $POLICIES; do
                 case "$p" in
                     kv_aware_events) echo "$p kv_aware 1 embedded" ;;
@@ -365,13 +384,13 @@ run_one() {
     step "[$scenario] $label (round $round of $REPEATS)"
     local blocks=$KV_BLOCKS
     case "$scenario" in
-        evict | reset | evict_varied) blocks=${ROUTING_EVICT_KV_BLOCKS:-2048} ;;
+        evict | reset | evict_varied | chat | chat_reset) blocks=${ROUTING_EVICT_KV_BLOCKS:-2048} ;;
         docs | docs_reset) blocks=${ROUTING_DOCS_KV_BLOCKS:-1024} ;;
     esac
     start_sims "$blocks"
     start_routers "$policy" "$replicas" "$store" "$label"
     local resetter=""
-    if [ "$scenario" = reset ] || [ "$scenario" = docs_reset ]; then
+    if [ "$scenario" = reset ] || [ "$scenario" = docs_reset ] || [ "$scenario" = chat_reset ]; then
         # Each simulator in turn drops its prefix cache, 10, 20 and 30 s into the run.
         (
             for i in 1 2 3; do
@@ -427,7 +446,7 @@ KV_BLOCKS_NOTE="$KV_BLOCKS"
 if [ "$SET" = kv ]; then
     KV_BLOCKS_NOTE="$KV_BLOCKS (evict and reset: ${ROUTING_EVICT_KV_BLOCKS:-2048}, docs and docs_reset: ${ROUTING_DOCS_KV_BLOCKS:-1024})"
 fi
-"$BENCH_PY" "$ROOT/scripts/bench-report.py" summarize-routing --dir "$RESULTS" --set "$SET" \
+"$BENCH_PY" "$ROOT/scripts/bench-report.py" summarize-routing --dir "$RESULTS" --set "$SET" --name "$RESULTS_NAME" \
     --stamp "$RESULTS/stamp.json" --elapsed "$ELAPSED" --time-scale "$TIME_SCALE" --kv-blocks "$KV_BLOCKS_NOTE" --repeats "$REPEATS"
 if [ "${ROUTING_NO_REPORT:-0}" != 1 ]; then
     "$BENCH_PY" "$ROOT/scripts/bench-report.py" render
