@@ -470,8 +470,8 @@ def cmd_summarize_routing(a):
         for t in trees if t["commit"]
     ):
         summary["runs_from_other_trees"] = True
-    name = a.name or a.set
-    prev = os.path.join(RESULTS, f"{name}.json")
+    out = a.name or a.set
+    prev = os.path.join(RESULTS, f"{out}.json")
     if os.path.exists(prev):
         # Keep the timing of scenarios that this invocation did not run.
         try:
@@ -497,11 +497,11 @@ def cmd_summarize_routing(a):
     # Only scenarios whose runs are here: a stale timing would describe results that are gone.
     summary["elapsed_by_scenario"] = {k: v for k, v in elapsed_by.items() if k in {r["scenario"] for r in runs}}
     summary.pop("previous_elapsed_s", None)
-    json.dump(summary, open(os.path.join(RESULTS, f"{name}.json"), "w"), indent=1)
-    with open(os.path.join(RESULTS, f"{name}.csv"), "w", newline="") as f:
+    json.dump(summary, open(os.path.join(RESULTS, f"{out}.json"), "w"), indent=1)
+    with open(os.path.join(RESULTS, f"{out}.csv"), "w", newline="") as f:
         for line in provenance_lines(summary):
             f.write(f"# {line}\n")
-        for msg in routing_provenance_problems(summary, f"bench/results/{name}.json"):
+        for msg in routing_provenance_problems(summary, f"bench/results/{out}.json"):
             if "HEAD is" not in msg:
                 f.write(f"# warning: {msg}\n")
         w = csv.writer(f)
@@ -513,8 +513,8 @@ def cmd_summarize_routing(a):
                 + [("" if g(r) is None else round(g(r), 4)) for _, g in ROUTING_FIELDS]
                 + [r.get("commit") or "", "" if r.get("dirty") is None else int(bool(r["dirty"]))]
             )
-    print("wrote", os.path.relpath(os.path.join(RESULTS, f"{name}.json"), ROOT), f"and {name}.csv")
-    for msg in routing_provenance_problems(summary, f"bench/results/{name}.json"):
+    print("wrote", os.path.relpath(os.path.join(RESULTS, f"{out}.json"), ROOT), f"and {out}.csv")
+    for msg in routing_provenance_problems(summary, f"bench/results/{out}.json"):
         print(f"WARNING: {msg}", file=sys.stderr)
 
 
