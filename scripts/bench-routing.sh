@@ -390,7 +390,7 @@ run_one() {
     start_sims "$blocks"
     start_routers "$policy" "$replicas" "$store" "$label"
     local resetter=""
-    if [ "$scenario" = reset ] || [ "$scenario" = docs_reset ] || [ "$scenario" = chat_reset ]; then
+    if [[ "$scenario" == *reset ]]; then
         # Each simulator in turn drops its prefix cache, 10, 20 and 30 s into the run.
         (
             for i in 1 2 3; do
